@@ -1,0 +1,13 @@
+"""NPO Suite: ComfyUI entry point (V3 `comfy_entrypoint`), and nothing else.
+
+When imported as the `npo_suite` package (CLI, tests, Forge), nothing ComfyUI-specific is
+imported: the node modules load lazily, only when ComfyUI calls the entry point.
+"""
+
+__version__ = "0.1.0"
+
+
+async def comfy_entrypoint():
+    from .nodes import NPOSuiteExtension
+
+    return NPOSuiteExtension()
