@@ -1,0 +1,99 @@
+"""The small protocol every training backend exposes (diffusers now, ComfyUI later).
+
+Methods (`trainer/methods.py`) talk to the network only through this protocol, so the same
+method code runs on a diffusers SD1.x/SDXL model, on the embedded digits world and on a model
+that ComfyUI loaded. Adapters are named LoRA adapters on ONE network (never a second copy):
+  "policy"  the trainable LoRA
+  None      the base network, every adapter off (the frozen reference of plain DPO)
+  "ref"     a reference LoRA (reference-update of "Rethinking DPO"), frozen between updates
+  "ema"     an EMA teacher LoRA (Self-NPO / TDFT)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass
+class Cond:
+    """Conditioning for a batch of rows.
+
+    hidden: [B, L, D] text-encoder hidden states (SDXL: both encoders concatenated).
+    added:  SDXL added conditioning {"text_embeds": [B, P], "time_ids": [B, 6]}; empty for SD1.x.
+    """
+
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def index(self, rows) -> "Cond":
+        return Cond(self.hidden[rows], {k: v[rows] for k, v in self.added.items()})
+
+    def to(self, *args, **kwargs) -> "Cond":
+        return Cond(self.hidden.to(*args, **kwargs), {k: v.to(*args, **kwargs) for k, v in self.added.items()})
+
+    def repeat(self, n: int) -> "Cond":
+        """[B] -> [n*B], the whole batch repeated n times (row order: copy 0 rows, copy 1 rows, ...)."""
+        return Cond(self.hidden.repeat(n, *([1] * (self.hidden.ndim - 1))),
+                    {k: v.repeat(n, *([1] * (v.ndim - 1))) for k, v in self.added.items()})
+
+    @staticmethod
+    def cat(conds: Sequence["Cond"]) -> "Cond":
+        keys = conds[0].added.keys()
+        return Cond(torch.cat([c.hidden for c in conds]), {k: torch.cat([c.added[k] for c in conds]) for k in keys})
+
+    @staticmethod
+    def where(mask: torch.Tensor, a: "Cond", b: "Cond") -> "Cond":
+        """Row-wise select: rows where mask[B] is True come from `a`, others from `b`."""
+        def sel(x, y):
+            return torch.where(mask.reshape(-1, *([1] * (x.ndim - 1))).to(x.device), x, y)
+        return Cond(sel(a.hidden, b.hidden), {k: sel(a.added[k], b.added[k]) for k in a.added})
+
+
+@runtime_checkable
+class Backend(Protocol):
+    family: str  # "sd1", "sdxl", "world"
+    prediction_type: str  # of the underlying network: "epsilon" or "v_prediction"
+    abar: torch.Tensor  # [T] float64, alphas_cumprod of the model's own schedule
+    device: torch.device
+
+    @property
+    def num_train_timesteps(self) -> int: ...
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Text conditioning for each prompt (SDXL: with default size conditioning)."""
+
+    def null_cond(self, batch_size: int) -> Cond:
+        """The encoded empty prompt, exactly what the model saw under CFG dropout, repeated."""
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, h, w] (identity in pixel space)."""
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """scaled latents -> pixels in [-1, 1]."""
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, adapter: str | None = "policy") -> torch.Tensor:
+        """eps prediction [B, C, h, w] of the network with only `adapter` active (None: base).
+
+        v-prediction networks are converted to eps here. Gradients flow only when
+        adapter == "policy" and grad is enabled; other adapters are frozen.
+        """
+
+    def add_adapter(self, name: str, init_from: str | None = "policy") -> None:
+        """Create a frozen adapter `name` (a copy of `init_from`'s weights, or zero-init if None)."""
+
+    def copy_adapter(self, src: str, dst: str) -> None:
+        """dst <- src, weights only."""
+
+    def ema_update(self, dst: str, src: str, decay: float) -> None:
+        """dst <- decay * dst + (1 - decay) * src."""
+
+    def reset_adapter(self, name: str) -> None:
+        """Zero the adapter's effect (up-projections to zero): it then equals the base network."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The policy LoRA parameters, the only ones the optimizer sees."""
