@@ -1,0 +1,112 @@
+"""Golden values (computed by hand in the comments), the λ=1 identity, the BDPO bound, gradients."""
+import math
+
+import pytest
+import torch
+
+from npo_suite.trainer.losses import (LOSSES, bdpo_loss, bdpo_m_mix, ddspo_loss, dpo_loss, implicit_accuracy,
+                                      per_sample_mse)
+
+
+def t(*v):
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def softplus(x):  # -logsigmoid(x) = log(1 + e^-x)
+    return math.log1p(math.exp(-x))
+
+
+def test_dpo_golden():
+    # beta = 100 -> s = beta/2 = 50
+    # row 0: m_w = 50*0.10 - 50*0.12 = -1 ; m_l = 50*0.20 - 50*0.18 = 1 ; logit = -(-1 - 1) = 2
+    # row 1: m_w = 50*0.30 - 50*0.20 = 5  ; m_l = 50*0.10 - 50*0.20 = -5; logit = -(5 + 5) = -10
+    out = dpo_loss(t(0.10, 0.30), t(0.20, 0.10), t(0.12, 0.20), t(0.18, 0.20), beta=100)
+    assert torch.allclose(out.logit, t(2.0, -10.0), atol=1e-9)
+    # loss = log(1 + e^-2) = 0.126928..., log(1 + e^10) = 10.0000454
+    assert torch.allclose(out.per_sample, t(softplus(2.0), softplus(-10.0)), atol=1e-9)
+    assert math.isclose(out.per_sample[0].item(), 0.12692801104297263, rel_tol=1e-9)
+    assert math.isclose(out.loss.item(), (0.12692801104297263 + 10.000045398899218) / 2, rel_tol=1e-9)
+    assert implicit_accuracy(out.logit).item() == 0.5
+
+
+def test_dpo_weight_scales_logit():
+    # w(t) = [2, 0.5] multiplies s: logits 2*2 = 4 and -10*0.5 = -5
+    out = dpo_loss(t(0.10, 0.30), t(0.20, 0.10), t(0.12, 0.20), t(0.18, 0.20), beta=100, weight=t(2.0, 0.5))
+    assert torch.allclose(out.logit, t(4.0, -5.0), atol=1e-9)
+
+
+def test_bdpo_golden():
+    # beta = 2 -> s = 1, lam = 0.5
+    # winner: d_pol = d_ref = 1 -> m_w = 0
+    # loser: d_pol = 2, d_ref = 1: m_mix = -log(0.5 e^-2 + 0.5 e^-1) - 1
+    #      = -log(0.5*0.135335 + 0.5*0.367879) - 1 = -log(0.251607) - 1 = 1.379885 - 1 = 0.379885
+    # logit = -(0 - 0.379885) = 0.379885 ; loss = log(1 + e^-0.379885) = log(1.683939) = 0.521136
+    expected_m_mix = -math.log(0.5 * math.exp(-2) + 0.5 * math.exp(-1)) - 1
+    assert math.isclose(expected_m_mix, 0.379885, abs_tol=1e-6)
+    out = bdpo_loss(t(1.0), t(2.0), t(1.0), t(1.0), beta=2, lam=0.5)
+    assert math.isclose(out.logit.item(), expected_m_mix, rel_tol=1e-9)
+    assert math.isclose(out.loss.item(), 0.521136, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [None, t(1.0, 2.0, 0.5, 1.7)])
+def test_bdpo_lambda_one_is_dpo_exactly(weight):
+    g = torch.Generator().manual_seed(0)
+    m = [torch.rand(4, generator=g, dtype=torch.float64) * 0.2 for _ in range(4)]
+    d = dpo_loss(*m, beta=5000, weight=weight)
+    b = bdpo_loss(*m, beta=5000, lam=1.0, weight=weight)
+    assert torch.equal(d.logit, b.logit) and torch.equal(d.loss, b.loss)
+    # and lambda -> 1 approaches it continuously where d_pol - d_ref is moderate (here |d| < 1: beta = 2)
+    near = bdpo_loss(*m, beta=2, lam=1 - 1e-9, weight=weight)
+    assert torch.allclose(near.logit, dpo_loss(*m, beta=2, weight=weight).logit, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.9, 0.99])
+def test_m_mix_bound_random_and_extreme(lam):
+    g = torch.Generator().manual_seed(1)
+    # d = s * mse with s = 5000/2 and mse up to ~8: d spans 0 .. 2e4, plus a few extreme rows
+    d_pol = torch.cat([torch.rand(1000, generator=g) * 2e4, torch.tensor([0.0, 1e4, 0.0, 3e4, 1e-3])])
+    d_ref = torch.cat([torch.rand(1000, generator=g) * 2e4, torch.tensor([1e4, 0.0, 0.0, 3e4, 2e4])])
+    d_pol.requires_grad_(True)
+    m_mix = bdpo_m_mix(d_pol, d_ref, lam)
+    assert torch.isfinite(m_mix).all()
+    assert (m_mix <= -math.log(1 - lam) + 1e-3).all()  # float32 at 3e4: a few ulps
+    m_mix.sum().backward()
+    assert torch.isfinite(d_pol.grad).all()
+    # the pull on the loser is bounded: the loss with a huge loser error stays >= log(1 + (1-lam))
+    out = bdpo_loss(t(0.1), t(100.0), t(0.1), t(0.1), beta=5000, lam=lam)
+    assert out.loss.item() >= math.log1p(1 - lam) - 1e-9
+    assert dpo_loss(t(0.1), t(100.0), t(0.1), t(0.1), beta=5000).loss.item() < 1e-12  # DPO: unbounded
+
+
+def test_ddspo_golden():
+    # beta = 100 -> s = 50; logit = -50*(0.01 - 0.03) = 1 ; loss = log(1 + e^-1) = 0.3132617
+    out = ddspo_loss(t(0.01), t(0.03), beta=100)
+    assert math.isclose(out.logit.item(), 1.0, rel_tol=1e-9)
+    assert math.isclose(out.loss.item(), 0.31326168751822286, rel_tol=1e-9)
+
+
+def test_gradients_dpo_golden():
+    # d loss / d mse_pol_w = s * sigmoid(-logit) / B ; logit = 2, s = 50, B = 1 -> 50 * 0.1192029 = 5.960146
+    m = [t(0.10), t(0.20), t(0.12), t(0.18)]
+    for x in m:
+        x.requires_grad_(True)
+    dpo_loss(*m, beta=100).loss.backward()
+    g = 50 / (1 + math.exp(2))
+    assert math.isclose(m[0].grad.item(), g, rel_tol=1e-9)
+    assert math.isclose(m[1].grad.item(), -g, rel_tol=1e-9)
+    assert math.isclose(m[2].grad.item(), -g, rel_tol=1e-9)
+    assert math.isclose(m[3].grad.item(), g, rel_tol=1e-9)
+
+
+def test_half_precision_inputs_are_promoted():
+    out = dpo_loss(*(torch.full((2,), v, dtype=torch.float16) for v in (0.1, 0.2, 0.12, 0.18)), beta=5000)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+def test_per_sample_mse_and_registry():
+    a = torch.zeros(2, 1, 2, 2)
+    b = torch.tensor([1.0, 3.0]).reshape(2, 1, 1, 1).expand(2, 1, 2, 2)
+    assert torch.equal(per_sample_mse(a, b), torch.tensor([1.0, 9.0]))
+    assert set(LOSSES) == {"dpo", "bdpo", "ddspo"}
+    with pytest.raises(ValueError, match="lambda"):
+        bdpo_m_mix(t(1.0), t(1.0), 0.0)

@@ -1,0 +1,248 @@
+"""Methods composed with a fake protocol backend (tests/methods_fake_backend.py)."""
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from npo_suite.trainer.backends.base import Cond
+from npo_suite.trainer.methods import METHODS, MethodConfig, PairBatch, PromptBatch, StepOut
+
+sys.path.insert(0, str(Path(__file__).parent))
+from methods_fake_backend import FakeBackend  # noqa: E402
+
+B = 3
+PROMPTS = ["a red fox on a snowy hill", "two cats playing chess at night", "an old lighthouse in a storm"]
+PAIR_KEYS = {"loss", "implicit_acc", "mse/policy_w", "mse/policy_l", "mse/ref_w", "mse/ref_l", "llr/winner", "logit/mean"}
+
+
+def latents(seed):
+    return torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def pair_batch(be, swap=False):
+    w, l = latents(1), latents(2)
+    if swap:
+        w, l = l, w
+    return PairBatch(w, l, be.encode_prompts(PROMPTS), list(PROMPTS))
+
+
+def prompt_batch(be, with_latents=True, latents_l=None):
+    return PromptBatch(list(PROMPTS), be.encode_prompts(PROMPTS), latents=latents(3) if with_latents else None,
+                       latents_l=latents_l, latent_shape=(4, 8, 8))
+
+
+def batch_for(method, be):
+    return pair_batch(be) if method.data_kind == "pairs" else prompt_batch(be)
+
+
+def run(name, be, batch, cfg=None, seed=0):
+    cfg = cfg or MethodConfig(method=name)
+    return METHODS[name].compute(be, batch, cfg, torch.Generator().manual_seed(seed))
+
+
+def fresh(**kw):
+    """A backend whose policy LoRA is non-zero (so policy != reference)."""
+    return FakeBackend(seed=0, lora_init_scale=0.3, **kw)
+
+
+def test_registry_and_config():
+    assert list(METHODS) == ["dpo", "npo", "bdpo", "snpo", "snpo_naive", "tdft", "ddspo"]
+    assert {m.data_kind for m in METHODS.values()} == {"pairs", "images_or_prompts", "prompts_with_winners"}
+    assert all(f.metadata.get("help") for f in fields(MethodConfig))
+    cfg = MethodConfig()
+    assert (cfg.beta, cfg.lam, cfg.snpo_p, cfg.ddspo_beta, cfg.ref_bound) == (5000.0, 0.9, 0.5, 16000.0, 0.005)
+    for bad, match in [(dict(method="ipo"), "method"), (dict(lam=0.0), "lam"), (dict(snpo_p=1.5), "snpo_p"),
+                       (dict(timestep_sampler="cosine"), "timestep_sampler"), (dict(tdft_teacher="x"), "tdft_teacher"),
+                       (dict(ddspo_rewriter="local_lm"), "ddspo_rewriter_path"), (dict(ema_decay=1.0), "ema_decay"),
+                       (dict(ref_on_exceed="stop"), "ref_on_exceed"), (dict(ddspo_min_frac=0.8), "ddspo_min_frac")]:
+        with pytest.raises(ValueError, match=match):
+            MethodConfig(**bad)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_finite_and_grads_only_on_policy(name):
+    be = fresh()
+    method = METHODS[name]
+    cfg = MethodConfig(method=name, timestep_sampler="gamma_bins", timestep_weight="snr_reward_scale")
+    method.setup(be, cfg)
+    out = method.compute(be, batch_for(method, be), cfg, torch.Generator().manual_seed(0))
+    assert isinstance(out, StepOut) and out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert all(torch.isfinite(v) and v.ndim == 0 and not v.requires_grad for v in out.metrics.values())
+    assert "loss" in out.metrics
+    if method.data_kind != "images_or_prompts":
+        assert PAIR_KEYS <= set(out.metrics)
+    out.loss.backward()
+    grads = [p.grad for p in be.trainable_parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(not p.requires_grad for p in be.base_params)
+    for a, params in be.adapters.items():
+        if a != "policy":
+            assert all(p.grad is None and not p.requires_grad for p in params.values())
+
+
+@pytest.mark.parametrize("name", ["dpo", "npo", "bdpo", "snpo", "snpo_naive"])
+def test_pair_methods_one_batched_policy_forward(name):
+    be = fresh()
+    run(name, be, pair_batch(be))
+    assert be.calls == [("policy", 2 * B, True), (None, 2 * B, False)]
+
+
+def test_npo_is_dpo_on_swapped_pairs():
+    be = fresh()
+    a, b = run("npo", be, pair_batch(be)), run("dpo", be, pair_batch(be, swap=True))
+    assert torch.equal(a.loss, b.loss) and a.metrics["logit/mean"] == b.metrics["logit/mean"]
+    assert not torch.equal(a.loss, run("dpo", be, pair_batch(be)).loss)
+
+
+def test_snpo_p0_is_bdpo_and_naive_is_lambda_one():
+    be = fresh()
+    batch = pair_batch(be)
+    snpo = run("snpo", be, batch, MethodConfig(method="snpo", snpo_p=0.0))
+    bdpo = run("bdpo", be, batch, MethodConfig(method="bdpo"))
+    assert torch.equal(snpo.loss, bdpo.loss) and snpo.metrics["snpo/null_frac"] == 0
+    for p in (0.0, 0.5, 1.0):
+        naive = run("snpo_naive", be, batch, MethodConfig(method="snpo_naive", snpo_p=p, lam=0.9))
+        lam1 = run("snpo", be, batch, MethodConfig(method="snpo", snpo_p=p, lam=1.0))
+        assert torch.equal(naive.loss, lam1.loss)
+    # lambda = 1 BDPO is DPO
+    assert torch.equal(run("bdpo", be, batch, MethodConfig(method="bdpo", lam=1.0)).loss, run("dpo", be, batch).loss)
+
+
+def test_snpo_p1_is_bdpo_on_null_cond_and_swapped_pair():
+    be = fresh()
+    snpo = run("snpo", be, pair_batch(be), MethodConfig(method="snpo", snpo_p=1.0))
+    swapped = pair_batch(be, swap=True)
+    null_batch = replace(swapped, cond=be.null_cond(B))
+    bdpo = run("bdpo", be, null_batch, MethodConfig(method="bdpo"))
+    assert torch.allclose(snpo.loss, bdpo.loss, rtol=1e-6) and snpo.metrics["snpo/null_frac"] == 1
+
+
+def test_snpo_branch_frequency_and_mixed_rows():
+    be = fresh()
+    big = PairBatch(torch.randn(400, 4, 8, 8), torch.randn(400, 4, 8, 8), be.encode_prompts(["a cat"] * 400))
+    out = run("snpo", be, big, MethodConfig(method="snpo", snpo_p=0.3), seed=1)
+    assert abs(out.metrics["snpo/null_frac"].item() - 0.3) < 0.08  # sd 0.023
+    assert [c for c in be.calls if c[0] == "policy"] == [("policy", 800, True)]
+
+
+def test_reference_adapter_under_reference_update():
+    be = fresh()
+    cfg = MethodConfig(method="dpo", ref_update_every=16)
+    assert METHODS["dpo"].extra_adapters(cfg) == ("ref",) and METHODS["tdft"].extra_adapters(cfg) == ("ema",)
+    METHODS["dpo"].setup(be, cfg)
+    be.calls.clear()
+    METHODS["dpo"].compute(be, pair_batch(be), cfg, torch.Generator().manual_seed(0))
+    assert be.calls == [("policy", 2 * B, True), ("ref", 2 * B, False)]
+
+
+@pytest.mark.parametrize("teacher,rows", [("uncond", B), ("low_cfg", 2 * B), ("few_steps", 2 * B)])
+def test_tdft_calls_and_ema_moves(teacher, rows):
+    be = fresh()
+    cfg = MethodConfig(method="tdft", tdft_teacher=teacher, tdft_k=3, ema_decay=0.9)
+    m = METHODS["tdft"]
+    m.setup(be, cfg)
+    be.calls.clear()
+    out = m.compute(be, prompt_batch(be), cfg, torch.Generator().manual_seed(0))
+    # K rollout steps + 1 Tweedie evaluation of the teacher, no grad; one student forward with grad
+    assert be.calls == [("ema", rows, False)] * 4 + [("policy", B, True)]
+    assert torch.isfinite(out.loss) and out.metrics["tdft/s_mean"] > out.metrics["tdft/t_mean"]
+    out.loss.backward()
+    ema_before = {k: v.clone() for k, v in be.adapters["ema"].items()}
+    with torch.no_grad():
+        for p in be.trainable_parameters():
+            p -= 0.1 * p.grad
+    m.after_step(be, cfg)
+    for k, v in be.adapters["ema"].items():
+        expected = ema_before[k] + (1 - 0.9) * (be.adapters["policy"][k].detach() - ema_before[k])
+        assert torch.allclose(v, expected, atol=1e-6)
+    assert any(not torch.equal(be.adapters["ema"][k], ema_before[k]) for k in ema_before)
+
+
+def test_tdft_from_pure_noise_needs_latent_shape():
+    be = fresh()
+    cfg = MethodConfig(method="tdft")
+    METHODS["tdft"].setup(be, cfg)
+    out = METHODS["tdft"].compute(be, prompt_batch(be, with_latents=False), cfg, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="latent_shape"):
+        METHODS["tdft"].compute(be, PromptBatch(PROMPTS, be.encode_prompts(PROMPTS)), cfg)
+
+
+def test_ddspo_uses_perturbed_prompts_for_loser_targets():
+    be = fresh()
+    cfg = MethodConfig(method="ddspo")
+    batch = prompt_batch(be, latents_l=latents(4))
+    be.encoded.clear()
+    be.calls.clear()
+    a = run("ddspo", be, batch, cfg)
+    assert be.calls == [("policy", 2 * B, True), (None, 3 * B, False)]
+    (neg_prompts,) = be.encoded  # exactly one encode: the degraded prompts
+    for neg, p in zip(neg_prompts, PROMPTS):
+        assert neg != p and neg and set(neg.split()) <= set(p.split())
+    # the same c- given as a precomputed neg_cond gives the same loss (t and eps are drawn first)
+    b = run("ddspo", be, replace(batch, neg_cond=be.encode_prompts(neg_prompts)), cfg)
+    assert torch.equal(a.loss, b.loss)
+    # with c- = c the loser target is the reference's own prediction: a different loss
+    c = run("ddspo", be, replace(batch, neg_cond=batch.cond), cfg)
+    assert not torch.allclose(a.loss, c.loss)
+    assert c.metrics["mse/ref_l"] == 0  # mse(eps_ref(x_l, c), eps_ref(x_l, c))
+
+
+def test_wrong_batch_type_is_a_clear_error():
+    be = fresh()
+    with pytest.raises(TypeError, match="PairBatch"):
+        run("dpo", be, prompt_batch(be))
+    with pytest.raises(ValueError, match="winner latents"):
+        run("ddspo", be, prompt_batch(be, with_latents=False))
+    with pytest.raises(ValueError, match="differ in shape"):
+        PairBatch(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 4, 4), Cond(torch.zeros(2, 3, 8)))
+
+
+# ---------------------------------------------------------------- a real tiny diffusers UNet + peft
+
+def _diffusers_backend(sd15_dir):
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+
+    from npo_suite.trainer.backends.diffusers import DiffusersBackend
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_dir, safety_checker=None, requires_safety_checker=False)
+    be = DiffusersBackend.from_pipeline(pipe)
+    with torch.no_grad():  # a non-zero policy LoRA, so that policy != reference
+        for p in be.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    return be
+
+
+def _real_batch(be, kind):
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(2)]
+    cond = be.encode_prompts(["a cat", "a red dog"])
+    if kind == "pairs":
+        return PairBatch(x[0], x[1], cond, ["a cat", "a red dog"])
+    return PromptBatch(["a cat", "a red dog"], cond, latents=x[0], latent_shape=(4, 8, 8))
+
+
+@pytest.mark.slow
+def test_every_method_on_a_real_tiny_unet(sd15_dir):
+    be = _diffusers_backend(sd15_dir)
+    unet_params = dict(be.unet.named_parameters())
+    trainable = {id(p) for p in be.trainable_parameters()}
+    for name in ("snpo", "tdft", "ddspo"):  # one per data kind (the fake-backend tests cover the rest)
+        method = METHODS[name]
+        cfg = MethodConfig(method=name, tdft_k=1, snpo_p=0.5)
+        if not all(a in be.adapters for a in method.extra_adapters(cfg)):
+            method.setup(be, cfg)
+        out = method.compute(be, _real_batch(be, method.data_kind), cfg, torch.Generator().manual_seed(0))
+        assert torch.isfinite(out.loss), name
+        be.unet.zero_grad(set_to_none=True)
+        out.loss.backward()
+        with_grad = {id(p) for p in unet_params.values() if p.grad is not None}
+        assert with_grad and with_grad <= trainable, name
+        method.after_step(be, cfg)
+    batch = _real_batch(be, "pairs")
+    snpo = METHODS["snpo"].compute(be, batch, MethodConfig(method="snpo", snpo_p=0.0), torch.Generator().manual_seed(3))
+    bdpo = METHODS["bdpo"].compute(be, batch, MethodConfig(method="bdpo"), torch.Generator().manual_seed(3))
+    assert torch.allclose(snpo.loss, bdpo.loss, rtol=1e-5)

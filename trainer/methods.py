@@ -1,0 +1,475 @@
+"""Training methods: each composes backend forwards (the `Backend` protocol only) with a pure loss.
+
+One registry, `METHODS` (name -> Method); the loop does, for any method,
+    method.setup(backend, cfg)                       # extra adapters ("ema", "ref")
+    out = method.compute(backend, batch, cfg, gen)   # StepOut(loss, metrics)
+    out.loss.backward(); optimizer.step()
+    method.after_step(backend, cfg)                  # EMA teacher update (no-op for most)
+and never branches on a method's name. Conventions (METHODS.md): a pair shares one t and one
+eps; the policy forward of winner + loser is ONE batched call [2B]; the reference forward is
+no-grad, with adapter None (the base network) or "ref" when reference update is on.
+
+RNG order inside `compute` (so that equal seeds give equal draws across methods): timesteps,
+then noise, then method-specific draws (SNPO branch, prompt-perturbation seeds, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS, add_noise, eps_to_x0, gather
+from .backends.base import Backend, Cond
+from .ddspo import REWRITERS, PromptRewriter, build_rewriter, ddspo_margins
+from .losses import LossOut, bdpo_loss, ddspo_loss, dpo_loss, implicit_accuracy, per_sample_mse
+from .reference import ON_EXCEED
+from .tdft import FULL_SIM_STEPS, TDFT_TEACHERS, X0_LOSSES, renoise, truncated_rollout, tweedie_x0, x0_distance
+
+
+# ---------------------------------------------------------------- config
+
+def _h(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class MethodConfig:
+    """Every method hyper-parameter (the trainer's TrainConfig inherits from this)."""
+
+    method: str = _h("training method, one of METHODS: dpo, npo, bdpo, snpo, snpo_naive, tdft, ddspo", default="dpo")
+    beta: float = _h("DPO-family beta, Diffusion-DPO's own convention: logit = -(beta/2)*(m_w - m_l); paper "
+                     "values 2000..5000 for SD1.5/SDXL (the diffusers example's beta' is beta/2)", default=5000.0)
+    lam: float = _h("BDPO/SNPO mixing lambda in (0, 1]; the loser's pull is bounded by -log(1-lambda); "
+                    "1 = plain DPO", default=0.9)
+    snpo_p: float = _h("SNPO probability of the null branch (null cond, pair swapped) per pair", default=0.5)
+    timestep_sampler: str = _h("timestep sampler: " + ", ".join(TIMESTEP_SAMPLERS), default="uniform")
+    timestep_gamma: float = _h("gamma_bins: P(bin k) ~ gamma^k, k=0 the noisiest bin", default=0.9)
+    timestep_bins: int = _h("gamma_bins: number of bins over [0, T)", default=10)
+    timestep_weight: str = _h("per-timestep loss scale w(t): " + ", ".join(TIMESTEP_WEIGHTS), default="none")
+    tdft_k: int = _h("TDFT: teacher solver steps K of the truncated rollout (seed 002 default 5)", default=5)
+    tdft_teacher: str = _h("TDFT teacher weakening: " + ", ".join(TDFT_TEACHERS), default="uncond")
+    tdft_cfg: float = _h("TDFT: guidance scale of the low_cfg / few_steps teachers", default=1.5)
+    tdft_loss: str = _h("TDFT x0 distance: " + ", ".join(X0_LOSSES), default="l2")
+    tdft_stride: int = _h("TDFT: timesteps per teacher step when starting from a real latent; 0 = T // 25 "
+                          "(the paper's 25-step full simulation)", default=0)
+    ema_decay: float = _h("TDFT: EMA decay of the teacher adapter", default=0.999)
+    ddspo_beta: float = _h("DDSPO beta (same beta/2 convention); paper 16000 for SD1.x/SDXL", default=16000.0)
+    ddspo_min_frac: float = _h("DDSPO: minimum fraction of words removed from the prompt", default=0.4)
+    ddspo_max_frac: float = _h("DDSPO: maximum fraction of words removed from the prompt", default=0.7)
+    ddspo_rewriter: str = _h("DDSPO degraded-prompt rewriter: " + ", ".join(REWRITERS), default="drop_words")
+    ddspo_rewriter_path: str | None = _h("DDSPO local_lm rewriter: local transformers causal-LM folder", default=None)
+    ref_update_every: int = _h("reference update period tau in optimizer steps (16/32/64 in seed 004); 0 = off",
+                               default=0)
+    ref_bound: float = _h("reference divergence bound delta (per-element mse scale, see trainer/reference.py); "
+                          "0.005 SD1.5, 0.002 SDXL", default=0.005)
+    ref_on_exceed: str = _h("when the bound is exceeded: freeze (keep the last reference) or reinit (reset it to "
+                            "the base model)", default="freeze")
+    ref_probe_size: int = _h("reference update: winners of the batch used to estimate the divergence", default=4)
+    ref_probe_timesteps: int = _h("reference update: timesteps per winner in the divergence estimate", default=4)
+
+    def __post_init__(self) -> None:
+        errors = []
+
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                errors.append(msg)
+
+        check(self.method in METHODS, f"method {self.method!r} is not one of {list(METHODS)}")
+        check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        check(0 < self.lam <= 1, f"lam must be in (0, 1], got {self.lam}")
+        check(0 <= self.snpo_p <= 1, f"snpo_p must be in [0, 1], got {self.snpo_p}")
+        check(self.timestep_sampler in TIMESTEP_SAMPLERS,
+              f"timestep_sampler {self.timestep_sampler!r} is not one of {list(TIMESTEP_SAMPLERS)}")
+        check(0 < self.timestep_gamma <= 1, f"timestep_gamma must be in (0, 1], got {self.timestep_gamma}")
+        check(self.timestep_bins >= 1, f"timestep_bins must be >= 1, got {self.timestep_bins}")
+        check(self.timestep_weight in TIMESTEP_WEIGHTS,
+              f"timestep_weight {self.timestep_weight!r} is not one of {list(TIMESTEP_WEIGHTS)}")
+        check(self.tdft_k >= 1, f"tdft_k must be >= 1, got {self.tdft_k}")
+        check(self.tdft_teacher in TDFT_TEACHERS, f"tdft_teacher {self.tdft_teacher!r} is not one of {list(TDFT_TEACHERS)}")
+        check(self.tdft_cfg >= 0, f"tdft_cfg must be >= 0, got {self.tdft_cfg}")
+        check(self.tdft_loss in X0_LOSSES, f"tdft_loss {self.tdft_loss!r} is not one of {list(X0_LOSSES)}")
+        check(self.tdft_stride >= 0, f"tdft_stride must be >= 0, got {self.tdft_stride}")
+        check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check(self.ddspo_beta > 0, f"ddspo_beta must be > 0, got {self.ddspo_beta}")
+        check(0 <= self.ddspo_min_frac <= self.ddspo_max_frac <= 1,
+              f"need 0 <= ddspo_min_frac <= ddspo_max_frac <= 1, got {self.ddspo_min_frac}, {self.ddspo_max_frac}")
+        check(self.ddspo_rewriter in REWRITERS, f"ddspo_rewriter {self.ddspo_rewriter!r} is not one of {list(REWRITERS)}")
+        check(self.ddspo_rewriter != "local_lm" or bool(self.ddspo_rewriter_path),
+              "ddspo_rewriter 'local_lm' needs ddspo_rewriter_path (a local model folder)")
+        check(self.ref_update_every >= 0, f"ref_update_every must be >= 0 (0 = off), got {self.ref_update_every}")
+        check(self.ref_bound > 0, f"ref_bound must be > 0, got {self.ref_bound}")
+        check(self.ref_on_exceed in ON_EXCEED, f"ref_on_exceed {self.ref_on_exceed!r} is not one of {list(ON_EXCEED)}")
+        check(self.ref_probe_size >= 1, f"ref_probe_size must be >= 1, got {self.ref_probe_size}")
+        check(self.ref_probe_timesteps >= 1, f"ref_probe_timesteps must be >= 1, got {self.ref_probe_timesteps}")
+        if errors:
+            raise ValueError("invalid method config: " + "; ".join(errors))
+
+
+def method_config_help() -> dict[str, str]:
+    """field name -> help text (for the CLI generator and docs)."""
+    return {f.name: f.metadata.get("help", "") for f in fields(MethodConfig)}
+
+
+# ---------------------------------------------------------------- batches and outputs
+
+@dataclass
+class PairBatch:
+    """Preference pairs: latents_w/latents_l [B, C, h, w] clean latents, cond [B], prompts (B or empty)."""
+
+    latents_w: torch.Tensor
+    latents_l: torch.Tensor
+    cond: Cond
+    prompts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.latents_w.shape != self.latents_l.shape:
+            raise ValueError(f"PairBatch: winner latents {tuple(self.latents_w.shape)} and loser latents "
+                             f"{tuple(self.latents_l.shape)} differ in shape")
+        if len(self.cond) != self.latents_w.shape[0]:
+            raise ValueError(f"PairBatch: {len(self.cond)} conditioning rows for {self.latents_w.shape[0]} pairs")
+        if self.prompts and len(self.prompts) != self.latents_w.shape[0]:
+            raise ValueError(f"PairBatch: {len(self.prompts)} prompts for {self.latents_w.shape[0]} pairs")
+
+
+@dataclass
+class PromptBatch:
+    """Prompts (with optional images): cond [B]; latents [B, C, h, w] real images or None (pure noise:
+    then TDFT needs `latent_shape` = (C, h, w)); latents_l [B, C, h, w] DDSPO loser images (efficient
+    variant: another prompt's image) or None; neg_cond [B] a precomputed degraded-prompt cond or None."""
+
+    prompts: list[str]
+    cond: Cond
+    latents: torch.Tensor | None = None
+    latents_l: torch.Tensor | None = None
+    neg_cond: Cond | None = None
+    latent_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        B = len(self.cond)
+        if self.prompts and len(self.prompts) != B:
+            raise ValueError(f"PromptBatch: {len(self.prompts)} prompts for {B} conditioning rows")
+        for name in ("latents", "latents_l"):
+            x = getattr(self, name)
+            if x is not None and x.shape[0] != B:
+                raise ValueError(f"PromptBatch: {name} has {x.shape[0]} rows for {B} conditioning rows")
+        if self.latents is not None and self.latents_l is not None and self.latents.shape != self.latents_l.shape:
+            raise ValueError(f"PromptBatch: latents {tuple(self.latents.shape)} and latents_l "
+                             f"{tuple(self.latents_l.shape)} differ in shape")
+        if self.neg_cond is not None and len(self.neg_cond) != B:
+            raise ValueError(f"PromptBatch: neg_cond has {len(self.neg_cond)} rows for {B}")
+
+
+@dataclass
+class StepOut:
+    """loss: scalar with grad (policy adapter only); metrics: detached scalars under namespaced keys."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def _gdev(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
+    return generator.device if generator is not None else fallback
+
+
+def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """N(0, I) of `shape` drawn from `generator` (on its device), returned on like's device/dtype."""
+    return torch.randn(tuple(shape), generator=generator, device=_gdev(generator, like.device)).to(like)
+
+
+def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=_gdev(generator, device), dtype=torch.float64).to(device)
+
+
+def sample_timesteps(backend: Backend, cfg: MethodConfig, n: int, generator: torch.Generator | None,
+                     device: torch.device, T: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [n] (long) from TIMESTEP_SAMPLERS[cfg.timestep_sampler] over [0, T) and w(t) [n] (float32)."""
+    T = backend.num_train_timesteps if T is None else T
+    t = TIMESTEP_SAMPLERS[cfg.timestep_sampler](n, T, generator, gamma=cfg.timestep_gamma, bins=cfg.timestep_bins)
+    w = TIMESTEP_WEIGHTS[cfg.timestep_weight](t, backend.abar)
+    return t.to(device), w.to(device=device, dtype=torch.float32)
+
+
+@dataclass
+class PairMSE:
+    """Per-sample mse [B] of the policy and the reference on the (effective) winner and loser."""
+
+    pol_w: torch.Tensor
+    pol_l: torch.Tensor
+    ref_w: torch.Tensor
+    ref_l: torch.Tensor
+
+
+def pair_mses(backend: Backend, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: Cond, t: torch.Tensor,
+              eps: torch.Tensor, ref_adapter: str | None) -> PairMSE:
+    """Noise both images with the SAME t and eps; one policy forward [2B], one no-grad reference forward [2B]."""
+    B = x0_w.shape[0]
+    x0 = torch.cat([x0_w, x0_l])  # [2B, C, h, w]
+    eps2 = torch.cat([eps, eps])  # [2B, C, h, w]
+    t2 = torch.cat([t, t])  # [2B]
+    x_t = add_noise(x0, eps2, gather(backend.abar, t2, x0))  # [2B, C, h, w]
+    c2 = cond.repeat(2)
+    mse_pol = per_sample_mse(backend.predict_eps(x_t, t2, c2, "policy"), eps2)  # [2B]
+    with torch.no_grad():
+        mse_ref = per_sample_mse(backend.predict_eps(x_t, t2, c2, ref_adapter), eps2)  # [2B]
+    return PairMSE(mse_pol[:B], mse_pol[B:], mse_ref[:B], mse_ref[B:])
+
+
+def preference_metrics(out: LossOut, m: PairMSE, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The metrics every preference method logs (METHODS.md "Log every step")."""
+    return {
+        "loss": out.loss.detach(),
+        "implicit_acc": implicit_accuracy(out.logit),
+        "mse/policy_w": m.pol_w.detach().mean(),
+        "mse/policy_l": m.pol_l.detach().mean(),
+        "mse/ref_w": m.ref_w.detach().mean(),
+        "mse/ref_l": m.ref_l.detach().mean(),
+        "llr/winner": (m.pol_w - m.ref_w).detach().mean(),
+        "logit/mean": out.logit.detach().mean(),
+        "t/mean": t.float().mean(),
+    }
+
+
+def _require(batch, kind: type, method: str):
+    if not isinstance(batch, kind):
+        raise TypeError(f"method {method!r} expects a {kind.__name__}, got {type(batch).__name__}")
+    return batch
+
+
+# ---------------------------------------------------------------- methods
+
+class Method:
+    """Base: a name, the data it needs, the adapters it adds, and `compute` (see module docstring)."""
+
+    name: str = ""
+    data_kind: ClassVar[str] = "pairs"  # "pairs" | "images_or_prompts" | "prompts_with_winners"
+    adapters: tuple[str, ...] = ()  # extra adapters this method always needs
+    uses_reference: bool = True  # runs a frozen reference forward (reference update applies to it)
+    swap: bool = False  # train on the pair swapped (NPO)
+
+    def extra_adapters(self, cfg: MethodConfig) -> tuple[str, ...]:
+        """Adapters to create besides "policy": own ones, plus "ref" when reference update is on."""
+        ref = ("ref",) if self.uses_reference and cfg.ref_update_every > 0 else ()
+        return self.adapters + ref
+
+    def reference_adapter(self, cfg: MethodConfig) -> str | None:
+        """The frozen reference: the base network (None), or "ref" under reference update."""
+        return "ref" if self.uses_reference and cfg.ref_update_every > 0 else None
+
+    def setup(self, backend: Backend, cfg: MethodConfig) -> None:
+        """Create the extra adapters as frozen copies of the (freshly initialised) policy."""
+        for name in self.extra_adapters(cfg):
+            backend.add_adapter(name, init_from="policy")
+
+    def after_step(self, backend: Backend, cfg: MethodConfig) -> None:
+        """Called by the loop after every optimizer step."""
+
+    def compute(self, backend: Backend, batch, cfg: MethodConfig, generator: torch.Generator | None = None) -> StepOut:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class PairMethod(Method):
+    """Diffusion-DPO (seed 000 §3.3), NPO = DPO on swapped pairs (seed 001 §3), and the Diff-BDPO
+    upper bound (seed 000 eq. 18–21) when `bounded`; `lam` overrides cfg.lam (1.0: naive)."""
+
+    data_kind = "pairs"
+
+    def __init__(self, name: str, *, swap: bool = False, bounded: bool = False, lam: float | None = None):
+        self.name, self.swap, self.bounded, self.lam = name, swap, bounded, lam
+
+    def route(self, backend: Backend, batch: PairBatch, cfg: MethodConfig, generator) -> tuple[torch.Tensor, Cond, dict]:
+        """Per-row branch: (null_row [B] bool, cond [B], extra metrics). Plain methods: all conditional."""
+        B = batch.latents_w.shape[0]
+        return torch.zeros(B, dtype=torch.bool, device=batch.latents_w.device), batch.cond, {}
+
+    def loss(self, m: PairMSE, cfg: MethodConfig, w: torch.Tensor) -> LossOut:
+        if not self.bounded:
+            return dpo_loss(m.pol_w, m.pol_l, m.ref_w, m.ref_l, beta=cfg.beta, weight=w)
+        lam = cfg.lam if self.lam is None else self.lam
+        return bdpo_loss(m.pol_w, m.pol_l, m.ref_w, m.ref_l, beta=cfg.beta, lam=lam, weight=w)
+
+    def compute(self, backend: Backend, batch: PairBatch, cfg: MethodConfig, generator: torch.Generator | None = None) -> StepOut:
+        _require(batch, PairBatch, self.name)
+        x_w, x_l = batch.latents_w, batch.latents_l  # [B, C, h, w] each
+        B, device = x_w.shape[0], x_w.device
+        t, w = sample_timesteps(backend, cfg, B, generator, device)  # [B], [B]
+        eps = _randn(x_w.shape, generator, x_w)  # [B, C, h, w], shared by the pair
+        null_row, cond, extra = self.route(backend, batch, cfg, generator)
+        flip = (null_row ^ self.swap).reshape(-1, *([1] * (x_w.ndim - 1)))  # [B, 1, 1, 1]
+        win, lose = torch.where(flip, x_l, x_w), torch.where(flip, x_w, x_l)
+        m = pair_mses(backend, win, lose, cond, t, eps, self.reference_adapter(cfg))
+        out = self.loss(m, cfg, w)
+        return StepOut(out.loss, {**preference_metrics(out, m, t), **extra})
+
+
+class SNPOMethod(PairMethod):
+    """Diff-SNPO, seed 000 eq. 22–23: per pair Y ~ Bernoulli(p); Y = 1 -> null cond and the pair
+    swapped, else cond and the labelled pair; BDPO bound on the drawn branch; both branches of a
+    batch in one forward (row-wise Cond.where)."""
+
+    def __init__(self, name: str, *, lam: float | None = None):
+        super().__init__(name, swap=False, bounded=True, lam=lam)
+
+    def route(self, backend, batch, cfg, generator):
+        B = batch.latents_w.shape[0]
+        null_row = _rand(B, generator, batch.latents_w.device) < cfg.snpo_p  # [B] bool, Y = 1
+        null = backend.null_cond(B).to(batch.cond.hidden.device)
+        cond = Cond.where(null_row, null, batch.cond)  # [B] rows
+        return null_row, cond, {"snpo/null_frac": null_row.float().mean()}
+
+
+class TDFTMethod(Method):
+    """Self-NPO truncated diffusion fine-tuning, seed 002 eq. 14–17 (METHODS.md "Self-NPO").
+
+    1. t ~ sampler over [0, T−1); from a real latent noised to t' = min(T−1, t + K·stride) — or
+       pure noise at t' = T−1 (no latents, or the few_steps teacher) — K DDIM steps of the EMA
+       teacher (weakened, TDFT_TEACHERS) reach x_t.
+    2. Tweedie target x0_hat from the teacher at (x_t, t).
+    3. s ~ U{t+1, ..., T−1}; x_s = renoise(x_t, t -> s) (eq. 16).
+    4. loss = mean_B w(s)·dist(x0_θ(x_s, s, c), x0_hat) (eq. 17), dist = L2 or Huber.
+    The teacher is the "ema" adapter; `after_step` moves it toward the policy by (1 − decay).
+    """
+
+    data_kind = "images_or_prompts"
+    adapters = ("ema",)
+    uses_reference = False
+
+    def __init__(self, name: str = "tdft"):
+        self.name = name
+
+    @staticmethod
+    def teacher_fn(backend: Backend, cfg: MethodConfig, cond: Cond):
+        """eps(x, t) of the EMA teacher, weakened as cfg.tdft_teacher says (no grad)."""
+        spec = TDFT_TEACHERS[cfg.tdft_teacher]
+        null = backend.null_cond(len(cond)).to(cond.hidden.device)
+        if not spec.guided:
+            return lambda x, t: backend.predict_eps(x, t, null, "ema")
+        both = Cond.cat([null, cond])  # [2B]
+
+        def guided(x, t):
+            e = backend.predict_eps(torch.cat([x, x]), torch.cat([t, t]), both, "ema")  # [2B, C, h, w]
+            e_u, e_c = e.chunk(2)
+            return e_u + cfg.tdft_cfg * (e_c - e_u)
+        return guided
+
+    def compute(self, backend: Backend, batch: PromptBatch, cfg: MethodConfig, generator: torch.Generator | None = None) -> StepOut:
+        _require(batch, PromptBatch, self.name)
+        cond, T, abar = batch.cond, backend.num_train_timesteps, backend.abar
+        B = len(cond)
+        like = batch.latents if batch.latents is not None else cond.hidden
+        device = like.device
+        if batch.latents is None and batch.latent_shape is None:
+            raise ValueError("tdft: a PromptBatch without latents needs latent_shape (C, h, w) to start from noise")
+        shape = (B, *batch.latent_shape) if batch.latents is None else tuple(batch.latents.shape)
+        t, _ = sample_timesteps(backend, cfg, B, generator, device, T=T - 1)  # [B] in [0, T-2]
+        s = t + 1 + (_rand(B, generator, device) * (T - 1 - t)).long().clamp(max=T - 2 - t)  # [B] in [t+1, T-1]
+        eps_start = _randn(shape, generator, like)  # [B, C, h, w]
+        eps_s = _randn(shape, generator, like)  # [B, C, h, w]
+        spec = TDFT_TEACHERS[cfg.tdft_teacher]
+        with torch.no_grad():
+            if spec.from_noise or batch.latents is None:
+                t_start, x_start = torch.full_like(t, T - 1), eps_start
+            else:
+                stride = cfg.tdft_stride or max(1, T // FULL_SIM_STEPS)
+                t_start = (t + cfg.tdft_k * stride).clamp(max=T - 1)
+                x_start = add_noise(batch.latents, eps_start, gather(abar, t_start, batch.latents))
+            teacher = self.teacher_fn(backend, cfg, cond)
+            x_t = truncated_rollout(teacher, x_start, t_start, t, cfg.tdft_k, abar)  # [B, C, h, w]
+            x0_hat = tweedie_x0(x_t, teacher(x_t, t), gather(abar, t, x_t))  # [B, C, h, w]
+            x_s = renoise(x_t, t, s, abar, eps_s)  # [B, C, h, w]
+        eps_student = backend.predict_eps(x_s, s, cond, "policy")  # [B, C, h, w]
+        x0_student = eps_to_x0(eps_student, x_s, gather(abar, s, x_s))
+        dist = x0_distance(x0_student, x0_hat, cfg.tdft_loss)  # [B]
+        w = TIMESTEP_WEIGHTS[cfg.timestep_weight](s, abar).to(dist)  # [B]
+        loss = (w * dist).mean()
+        return StepOut(loss, {
+            "loss": loss.detach(),
+            "tdft/x0_loss": dist.detach().mean(),
+            "tdft/t_mean": t.float().mean(),
+            "tdft/s_mean": s.float().mean(),
+            "tdft/target_std": x0_hat.float().std(),
+        })
+
+    def after_step(self, backend: Backend, cfg: MethodConfig) -> None:
+        backend.ema_update("ema", "policy", cfg.ema_decay)
+
+
+class DDSPOMethod(Method):
+    """DDSPO, seed 003 eq. 4–5 (METHODS.md "DDSPO"): targets from the frozen reference under c
+    (winner) and c⁻ (loser); logit = −(β/2)·w(t)·(m_w − m_l), β = cfg.ddspo_beta.
+
+    c⁻ is batch.neg_cond when the data layer provides it, else the configured rewriter applied to
+    batch.prompts (seeds drawn from the generator) and encoded with backend.encode_prompts. The
+    loser image is batch.latents_l (efficient variant: another prompt's image), else the winner
+    itself (then x_t^l = x_t^w and only the prompt differs). Forwards: policy [2B], reference [3B].
+    """
+
+    data_kind = "prompts_with_winners"
+
+    def __init__(self, name: str = "ddspo"):
+        self.name = name
+        self._rewriters: dict[tuple, PromptRewriter] = {}
+
+    def rewriter(self, cfg: MethodConfig) -> PromptRewriter:
+        key = (cfg.ddspo_rewriter, cfg.ddspo_min_frac, cfg.ddspo_max_frac, cfg.ddspo_rewriter_path)
+        if key not in self._rewriters:
+            self._rewriters[key] = build_rewriter(cfg.ddspo_rewriter, cfg.ddspo_min_frac, cfg.ddspo_max_frac,
+                                                  cfg.ddspo_rewriter_path)
+        return self._rewriters[key]
+
+    def setup(self, backend: Backend, cfg: MethodConfig) -> None:
+        super().setup(backend, cfg)
+        self.rewriter(cfg)  # load a local LM now, not at the first step
+
+    def degraded_prompts(self, prompts: list[str], cfg: MethodConfig, generator: torch.Generator | None) -> list[str]:
+        gen_device = _gdev(generator, torch.device("cpu"))
+        seeds = torch.randint(0, 2 ** 62, (len(prompts),), generator=generator, device=gen_device).tolist()
+        return self.rewriter(cfg)(prompts, seeds)
+
+    def compute(self, backend: Backend, batch: PromptBatch, cfg: MethodConfig, generator: torch.Generator | None = None) -> StepOut:
+        _require(batch, PromptBatch, self.name)
+        if batch.latents is None:
+            raise ValueError("ddspo needs winner latents (PromptBatch.latents): generate them with ddspo-prepare")
+        x_w = batch.latents  # [B, C, h, w]
+        x_l = batch.latents_l if batch.latents_l is not None else x_w  # [B, C, h, w]
+        B, device = x_w.shape[0], x_w.device
+        t, w = sample_timesteps(backend, cfg, B, generator, device)  # [B], [B]
+        eps = _randn(x_w.shape, generator, x_w)  # [B, C, h, w]
+        if batch.neg_cond is not None:
+            neg = batch.neg_cond
+        elif batch.prompts:
+            neg = backend.encode_prompts(self.degraded_prompts(list(batch.prompts), cfg, generator))
+        else:
+            raise ValueError("ddspo needs prompts (to degrade) or a precomputed neg_cond in the batch")
+        neg = neg.to(batch.cond.hidden.device)
+        abar_t = gather(backend.abar, t, x_w)
+        x_t = torch.cat([add_noise(x_w, eps, abar_t), add_noise(x_l, eps, abar_t)])  # [2B, C, h, w]
+        t2 = torch.cat([t, t])  # [2B]
+        eps_pol = backend.predict_eps(x_t, t2, batch.cond.repeat(2), "policy")  # [2B, C, h, w]
+        with torch.no_grad():
+            x_ref = torch.cat([x_t, x_t[B:]])  # [3B]: x_w, x_l, x_l
+            c_ref = Cond.cat([batch.cond, neg, batch.cond])  # [3B]: c, c⁻, c
+            eps_ref = backend.predict_eps(x_ref, torch.cat([t, t, t]), c_ref, self.reference_adapter(cfg))
+        e_w_c, e_l_neg, e_l_c = eps_ref.chunk(3)  # [B, C, h, w] each
+        mg = ddspo_margins(eps_pol[:B], eps_pol[B:], e_w_c, e_l_neg, e_l_c)
+        out = ddspo_loss(mg.m_w, mg.m_l, beta=cfg.ddspo_beta, weight=w)
+        m = PairMSE(pol_w=mg.m_w, pol_l=mg.mse_pol_l, ref_w=torch.zeros_like(mg.m_w), ref_l=mg.mse_ref_l)
+        return StepOut(out.loss, {**preference_metrics(out, m, t),
+                                  "ddspo/m_w": mg.m_w.detach().mean(), "ddspo/m_l": mg.m_l.detach().mean()})
+
+
+# The one registry of methods: CLI choices, node dropdowns and tests read its keys.
+METHODS: dict[str, Method] = {
+    "dpo": PairMethod("dpo"),
+    "npo": PairMethod("npo", swap=True),
+    "bdpo": PairMethod("bdpo", bounded=True),
+    "snpo": SNPOMethod("snpo"),
+    "snpo_naive": SNPOMethod("snpo_naive", lam=1.0),
+    "tdft": TDFTMethod("tdft"),
+    "ddspo": DDSPOMethod("ddspo"),
+}
