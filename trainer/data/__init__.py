@@ -1,1 +1,12 @@
+"""Training data: sources -> transforms -> latent/text cache -> datasets, sampler, collates.
 
+  records.py        PairRecord, PromptRecord, DataSummary (skip counters), load_image
+  pairs.py          Pick-a-Pic parquet / HF, JSONL and folder pair sources (`open_pairs`)
+  prompts.py        prompt files and captioned image folders (`open_prompts`)
+  transforms.py     ImageTransform (resize, center/random crop, flip, SDXL size conditioning)
+  cache.py          LatentCache: latents + text embeddings on disk, encoded once
+  dataset.py        PairDataset, PromptDataset, ResumableSampler, collate_pairs, collate_prompts
+  ddspo_prepare.py  the `ddspo-prepare` command and DdspoDataset
+
+See docs/data.md. Submodules are imported explicitly (nothing heavy is imported here).
+"""

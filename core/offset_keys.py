@@ -1,0 +1,309 @@
+"""Module-name maps for weight offsets: diffusers paths, LDM (sgm/CompVis) paths, kohya names.
+
+An offset file names a module in one of three spellings; `offsets.py` resolves every key to the
+*diffusers module path* of its component (the key of `Offset.unet` / `Offset.text_encoders`):
+
+  diffusers  "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+  LDM        "input_blocks.4.1.transformer_blocks.0.attn1.to_q"   (ComfyUI `diffusion_model.*`,
+             kohya sd-scripts SDXL, original `model.diffusion_model.*` checkpoints)
+  kohya      either of the above with every '.' replaced by '_' ("lora_unet_input_blocks_4_1_...")
+
+The underscore spelling is ambiguous (`to_q` is one name, `to_out_0` is `to_out.0`), so it is never
+parsed: it is looked up in a table built from the real module names of the target network
+(`Target.from_module`) or, when no model is given, of the standard SD1.5 / SDXL architectures
+instantiated on the `meta` device (`Target.standard`, no memory, no download).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+FAMILY_NAMES = {"sd1": "SD1.x", "sdxl": "SDXL"}
+
+# Standard architectures (the published configs of runwayml/stable-diffusion-v1-5 and
+# stabilityai/stable-diffusion-xl-base-1.0), used when the caller gives no model.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768)
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+
+# LDM ResBlock sub-module names -> diffusers ResnetBlock2D names.
+_RESNET_LDM = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_RESNET_DIFFUSERS = {v: k for k, v in _RESNET_LDM.items()}
+
+
+def _cfg_get(config, name, default=None):
+    return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
+
+
+def unet_block_prefixes(config) -> dict[str, str]:
+    """diffusers block prefix -> LDM block prefix for a UNet2DConditionModel config.
+
+    The numbering follows the LDM UNet (openaimodel.py): `input_blocks.0` is conv_in, then per
+    down block `layers_per_block` entries (`.0` resnet, `.1` transformer) and one downsampler
+    (`.0.op`); `middle_block` = resnet, transformer, resnet; per up block `layers_per_block + 1`
+    entries, the upsampler sitting after the last resnet/transformer of the block.
+    """
+    down = list(_cfg_get(config, "down_block_types"))
+    up = list(_cfg_get(config, "up_block_types"))
+    lpb = _cfg_get(config, "layers_per_block")
+    lpb_down = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * len(down)
+    lpb_up = list(reversed(lpb_down))
+    m: dict[str, str] = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+                         "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+                         "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+                         "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+                         "mid_block.resnets.1": "middle_block.2"}
+    n = 1
+    for i, kind in enumerate(down):
+        for j in range(lpb_down[i]):
+            m[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{n}.0"
+            if "Attn" in kind:
+                m[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{n}.1"
+            n += 1
+        if i < len(down) - 1:
+            m[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{n}.0.op"
+            n += 1
+    n = 0
+    for i, kind in enumerate(up):
+        for j in range(lpb_up[i] + 1):
+            m[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{n}.0"
+            if "Attn" in kind:
+                m[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{n}.1"
+            if j == lpb_up[i] and i < len(up) - 1:
+                m[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{n}.{2 if 'Attn' in kind else 1}.conv"
+            n += 1
+    return m
+
+
+def diffusers_to_ldm(path: str, prefixes: dict[str, str]) -> str | None:
+    """LDM module path of a diffusers UNet module path, or None if it has no LDM counterpart."""
+    parts = path.split(".")
+    for k in range(len(parts), 0, -1):
+        head = ".".join(parts[:k])
+        if head in prefixes:
+            rest = ".".join(parts[k:])
+            if ".resnets." in head and rest:
+                rest = _RESNET_DIFFUSERS.get(rest, rest)
+            return prefixes[head] + ("." + rest if rest else "")
+    return None
+
+
+def ldm_to_diffusers(path: str, inverse_prefixes: dict[str, str]) -> str | None:
+    """diffusers module path of an LDM UNet module path (`inverse_prefixes`: LDM -> diffusers
+    block prefixes, i.e. `unet_block_prefixes` inverted), or None."""
+    parts = path.split(".")
+    for k in range(len(parts), 0, -1):
+        head = ".".join(parts[:k])
+        if head in inverse_prefixes:
+            d = inverse_prefixes[head]
+            rest = ".".join(parts[k:])
+            if ".resnets." in d and rest:
+                for ldm_name, dn in _RESNET_LDM.items():
+                    if rest == ldm_name or rest.startswith(ldm_name + "."):
+                        rest = dn + rest[len(ldm_name):]
+                        break
+            return d + ("." + rest if rest else "")
+    return None
+
+
+@dataclass
+class Target:
+    """The module names (and weight shapes, when known) of one component of a network.
+
+    `shapes[path]` is the weight shape of module `path`, or None when only the name is known.
+    `ldm` maps LDM module paths to diffusers paths (UNet only); `flat` maps the kohya underscore
+    spelling of both to diffusers paths.
+    """
+
+    component: str
+    shapes: dict[str, tuple | None]
+    ldm: dict[str, str] = field(default_factory=dict)
+    flat: dict[str, str] = field(default_factory=dict)
+    family: str | None = None
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.flat:
+            self.flat = {p.replace(".", "_"): p for p in self.shapes}
+            self.flat.update({p.replace(".", "_"): d for p, d in self.ldm.items()})
+
+    def to_ldm(self) -> dict[str, str]:
+        return {d: p for p, d in self.ldm.items()}
+
+    def without_shapes(self) -> "Target":
+        return Target(self.component, dict.fromkeys(self.shapes), self.ldm, self.flat, self.family, self.source)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, component: str, family: str | None = None, source: str = "") -> "Target":
+        """Names and shapes of every module of `module` that owns a `weight` parameter.
+
+        PEFT-injected layers are seen through: `x.to_q.base_layer` is reported as `x.to_q`.
+        """
+        shapes: dict[str, tuple | None] = {}
+        for name, mod in module.named_modules():
+            w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
+            if w is None:
+                continue
+            name = strip_peft_name(name)
+            if ".lora_" in f".{name}" or name.endswith(("lora_A", "lora_B")):
+                continue
+            if component != "unet":
+                name = canonical_te_path(name)
+            shapes[name] = tuple(w.shape)
+        ldm = {}
+        config = getattr(module, "config", None)
+        if component == "unet" and config is not None and _cfg_get(config, "down_block_types") is not None:
+            prefixes = unet_block_prefixes(config)
+            ldm = {l: p for p in shapes if (l := diffusers_to_ldm(p, prefixes)) is not None}
+            family = family or unet_family(config)
+        return cls(component, shapes, ldm, family=family, source=source or type(module).__name__)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], component: str, config=None, source: str = "state dict") -> "Target":
+        shapes = {k[: -len(".weight")]: tuple(v.shape) for k, v in sd.items() if k.endswith(".weight")}
+        ldm = {}
+        if component == "unet":
+            prefixes = unet_block_prefixes(config or _guess_unet_config(shapes))
+            ldm = {l: p for p in shapes if (l := diffusers_to_ldm(p, prefixes)) is not None}
+        return cls(component, shapes, ldm, family=unet_family(config) if config else None, source=source)
+
+    @staticmethod
+    def standard(family: str, component: str) -> "Target":
+        """Target of the standard SD1.5 / SDXL architecture (built on the meta device, cached)."""
+        return _standard_target(family, component)
+
+
+def strip_peft_name(name: str) -> str:
+    """Module path without PEFT wrappers: 'base_model.model.x.to_q.base_layer' -> 'x.to_q'."""
+    for pre in ("base_model.model.",):
+        if name.startswith(pre):
+            name = name[len(pre):]
+    if name.endswith(".base_layer"):
+        name = name[: -len(".base_layer")]
+    return name.replace(".base_layer.", ".")
+
+
+def canonical_te_path(name: str) -> str:
+    """Text-encoder module path as transformers 4.x names it ('text_model.encoder...').
+
+    transformers 5 flattened `CLIPTextModel` (no `text_model.` level) but not
+    `CLIPTextModelWithProjection`; offsets always use the 4.x spelling that every LoRA file uses.
+    """
+    if name.startswith("text_model.") or name in ("text_model", "text_projection") or not name:
+        return name
+    return "text_model." + name
+
+
+def unet_family(config) -> str:
+    """'sdxl' for a UNet with SDXL's text_time added conditioning, else 'sd1'."""
+    return "sdxl" if _cfg_get(config, "addition_embed_type") == "text_time" else "sd1"
+
+
+def _guess_unet_config(shapes: dict) -> dict:
+    """Block layout of a UNet given only its diffusers-named weights (for LDM name maps)."""
+    n_down = 1 + max((int(p.split(".")[1]) for p in shapes if p.startswith("down_blocks.")), default=0)
+    n_up = 1 + max((int(p.split(".")[1]) for p in shapes if p.startswith("up_blocks.")), default=0)
+    lpb = 1 + max((int(p.split(".")[3]) for p in shapes if p.startswith("down_blocks.0.resnets.")), default=0)
+    down = tuple("CrossAttnDownBlock2D" if any(p.startswith(f"down_blocks.{i}.attentions.") for p in shapes)
+                  else "DownBlock2D" for i in range(n_down))
+    up = tuple("CrossAttnUpBlock2D" if any(p.startswith(f"up_blocks.{i}.attentions.") for p in shapes)
+               else "UpBlock2D" for i in range(n_up))
+    return dict(down_block_types=down, up_block_types=up, layers_per_block=lpb,
+                addition_embed_type="text_time" if "add_embedding.linear_1" in shapes else None)
+
+
+@lru_cache(maxsize=8)
+def _standard_target(family: str, component: str) -> Target:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"unknown model family {family!r} (expected one of {sorted(FAMILY_NAMES)})")
+    with torch.device("meta"):
+        if component == "unet":
+            module = UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD15_UNET))
+        elif component == "te1":
+            module = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        elif component == "te2" and family == "sdxl":
+            module = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
+        else:
+            raise ValueError(f"{FAMILY_NAMES[family]} has no component {component!r}")
+    return Target.from_module(module, component, family=family, source=f"standard {FAMILY_NAMES[family]}")
+
+
+def targets_from_base(base) -> dict[str, Target]:
+    """Targets per component from a pipeline, a UNet module, a dict of components, a UNet state
+    dict, or a diffusers folder (read from its config files on the meta device, no weights)."""
+    if base is None:
+        return {}
+    if isinstance(base, (str, os.PathLike)):
+        return _targets_from_dir(Path(base))
+    if isinstance(base, torch.nn.Module):
+        comp = "te1" if "CLIPText" in type(base).__name__ else "unet"
+        return {comp: Target.from_module(base, comp)}
+    if isinstance(base, dict) and base and all(isinstance(v, torch.Tensor) for v in base.values()):
+        from .offsets import normalize_unet_state_dict
+
+        return {"unet": Target.from_state_dict(normalize_unet_state_dict(base), "unet")}
+    if isinstance(base, dict):
+        out = {}
+        for comp, mod in base.items():
+            if mod is not None:
+                out[comp] = Target.from_module(mod, comp)
+        return out
+    out = {}
+    for attr, comp in (("unet", "unet"), ("text_encoder", "te1"), ("text_encoder_2", "te2")):
+        mod = getattr(base, attr, None)
+        if isinstance(mod, torch.nn.Module):
+            out[comp] = Target.from_module(mod, comp, source=f"{type(base).__name__}.{attr}")
+    if not out:
+        raise ValueError(f"base: cannot read module names from a {type(base).__name__} (expected a diffusers pipeline, "
+                         "a UNet2DConditionModel, a state dict, a dict of components or a diffusers folder)")
+    fam = out["unet"].family if "unet" in out else None
+    for t in out.values():
+        t.family = t.family or fam
+    return out
+
+
+def _targets_from_dir(root: Path) -> dict[str, Target]:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: base model folder not found")
+    out: dict[str, Target] = {}
+    ucfg = root / "unet" / "config.json"
+    if not ucfg.is_file():
+        raise FileNotFoundError(f"{root}: not a diffusers model folder (no unet/config.json)")
+    cfg = {k: v for k, v in json.loads(ucfg.read_text()).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        out["unet"] = Target.from_module(UNet2DConditionModel(**cfg), "unet", source=str(root))
+        for sub, comp in (("text_encoder", "te1"), ("text_encoder_2", "te2")):
+            tcfg = root / sub / "config.json"
+            if tcfg.is_file():
+                tc = CLIPTextConfig.from_json_file(str(tcfg))
+                arch = (json.loads(tcfg.read_text()).get("architectures") or ["CLIPTextModel"])[0]
+                cls = CLIPTextModelWithProjection if "Projection" in arch else CLIPTextModel
+                out[comp] = Target.from_module(cls(tc), comp, family=out["unet"].family, source=str(root))
+    return out

@@ -1,0 +1,112 @@
+"""`ddspo-prepare` on the tiny SD1.x model: resumable, deterministic, readable by DdspoDataset."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from npo_suite.trainer.backends.base import Cond
+from npo_suite.trainer.data.cache import LatentCache
+from npo_suite.trainer.data.dataset import ResumableSampler, collate_prompts
+from npo_suite.trainer.data.ddspo_prepare import (MANIFEST_NAME, PARTS_DIR, DdspoDataset, PrepareConfig, prepare,
+                                                  read_manifest)
+from npo_suite.trainer.data.prompts import PromptsFile
+
+PROMPTS = ["a photo of a red cat", "a blue car in the house", "a thick green tree",
+           "handwritten digit seven", "a neat painting of a dog"]
+
+
+def write_prompts(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(PROMPTS) + "\n")
+    return p
+
+
+def latents_by_id(out):
+    return {e["id"]: load_file(str(out / e["files"]["latents"])) for e in read_manifest(out)}
+
+
+@pytest.mark.slow
+def test_prepare_resume_equals_uninterrupted(tmp_path, sd15):
+    prompts = write_prompts(tmp_path)
+    cfg = PrepareConfig(model="tiny-sd15", steps=2, seed=3)
+    out = tmp_path / "run"
+    s1 = prepare(sd15, PromptsFile(prompts, verbose=False), out, cfg, batch_size=2, limit=3, verbose=False)
+    assert s1 == {"done": 3, "skipped_done": 0, "total": 3}
+    assert not (out / MANIFEST_NAME).exists() and len(list((out / PARTS_DIR).glob("part-*.jsonl"))) == 2
+    s2 = prepare(sd15, PromptsFile(prompts, verbose=False), out, cfg, batch_size=2, verbose=False)
+    assert s2 == {"done": 2, "skipped_done": 3, "total": 5}  # nothing redone
+    assert (out / MANIFEST_NAME).is_file() and not list((out / PARTS_DIR).glob("*.jsonl"))
+    s3 = prepare(sd15, PromptsFile(prompts, verbose=False), out, cfg, verbose=False)
+    assert s3 == {"done": 0, "skipped_done": 5, "total": 5}
+
+    entries = read_manifest(out)
+    assert [e["prompt"] for e in entries] == PROMPTS
+    for e in entries:
+        assert e["neg_prompt"] != e["prompt"] and set(e["neg_prompt"].split()) < set(e["prompt"].split())
+    once = tmp_path / "once"
+    prepare(sd15, PromptsFile(prompts, verbose=False), once, cfg, batch_size=1, verbose=False)
+    a, b = latents_by_id(out), latents_by_id(once)
+    assert a.keys() == b.keys() and len(a) == 5
+    for k in a:  # interrupted + resumed == uninterrupted (float batching aside: same numerics up to fp16)
+        assert a[k]["latents_w"].dtype == torch.float16 and a[k]["latents_w"].shape == (4, 8, 8)  # tiny model: 16 px, VAE factor 2
+        for name in ("latents_w", "latents_l"):
+            assert torch.allclose(a[k][name].float(), b[k][name].float(), atol=2e-2, rtol=1e-2)
+        assert not torch.equal(a[k]["latents_w"], a[k]["latents_l"])  # c⁻ changes the image
+    ws = torch.stack([v["latents_w"] for v in a.values()])
+    assert ws.float().std(0).mean() > 0  # different prompts/seeds, different images
+
+    with pytest.raises(ValueError, match="other settings"):
+        prepare(sd15, PromptsFile(prompts, verbose=False), out, PrepareConfig(model="tiny-sd15", steps=3, seed=3))
+
+
+def test_efficient_variant_and_dataset(tmp_path, sd15):
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join(json.dumps({"id": f"k{i}", "prompt": t, **({"neg_prompt": "blurry"} if i == 0 else {})})
+                           for i, t in enumerate(PROMPTS[:3])))
+    out = tmp_path / "eff"
+    prepare(sd15, PromptsFile(p, verbose=False), out, PrepareConfig(model="tiny", losers="none", steps=1),
+            verbose=False)
+    entries = read_manifest(out)
+    assert entries[0]["neg_prompt"] == "blurry"  # the record's own c⁻ wins over the rewriter
+    assert "latents_l" not in load_file(str(out / entries[0]["files"]["latents"]))
+
+    calls = []
+
+    def enc_prompts(prompts):
+        calls.append(list(prompts))
+        return Cond(torch.stack([torch.full((3, 4), float(len(q))) for q in prompts]))
+
+    cache = LatentCache(tmp_path / "cache", "tiny", None, enc_prompts)
+    with pytest.raises(ValueError, match="loser='other'"):
+        DdspoDataset(out, cache)[0]
+    ds = DdspoDataset(out, cache, loser="other", seed=1)
+    sampler = ResumableSampler(len(ds), seed=0, batch_size=3)
+    batch = collate_prompts([ds[k] for k in sampler])
+    assert batch.latents.shape == batch.latents_l.shape == (3, 4, 8, 8)
+    assert batch.neg_cond.hidden.shape == (3, 3, 4)
+    for i in range(3):  # the loser is always another prompt's winner
+        assert not torch.equal(batch.latents[i], batch.latents_l[i])
+        assert any(torch.equal(batch.latents_l[i], batch.latents[j]) for j in range(3))
+    n_calls = len(calls)
+    collate_prompts([ds[k] for k in sampler])  # next epoch: text conditioning from the cache
+    assert len(calls) == n_calls
+
+
+def test_cli_limit_then_resume(tmp_path, sd15_dir, capsys):
+    from npo_suite.cli import main
+
+    prompts = write_prompts(tmp_path)
+    out = tmp_path / "cli"
+    argv = ["ddspo-prepare", "--model", str(sd15_dir), "--prompts", str(prompts), "--out", str(out),
+            "--steps", "1", "--batch-size", "2", "--device", "cpu"]
+    assert main(argv + ["--limit", "2"]) == 0
+    assert "2 generated, 0 already done, 2 in" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "3 generated, 2 already done, 5 in" in capsys.readouterr().out
+    cfg = json.loads((out / "ddspo_config.json").read_text())
+    assert cfg["steps"] == 1 and cfg["losers"] == "generate"
+    with pytest.raises(FileNotFoundError, match="not a diffusers folder"):
+        main(["ddspo-prepare", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(out)])
