@@ -1,0 +1,295 @@
+"""`python -m npo_suite bench guidance`: what NPO guidance costs per sampling step.
+
+Three cases, one guidance step each (= the UNet work of one sampler step, batch B images):
+  cfg            plain CFG, positive LoRA eta merged into the weights once: one forward of 2B rows
+  npo_fast       NPO fast path (core.branch_lora): base weights + per-row eta / alpha*eta+beta*delta
+                 hooks, one forward of 2B rows
+  npo_two_model  NPO general path: two merged copies (theta+eta, theta+alpha*eta+beta*delta), two
+                 forwards of B rows each
+
+Time: one process holds ONE copy of the UNet and runs the three cases round-robin, step by step
+(so machine load affects them alike): cfg with eta merged in place (`core.offsets.applied`), the
+fast path with its hooks on, the two-model path as two forwards with each merged weight set in
+turn (merging is not timed: a real two-model setup keeps both copies resident). Reported: the
+median over `--steps` rounds after `--warmup` rounds (torch.cuda.synchronize on CUDA).
+Memory: each case runs once more in its own fresh process (spawn), with its real resident
+weights (cfg: one merged copy; fast: base + LoRA factors; two-model: two merged copies), for
+one warm-up and one step, so peaks do not leak between cases.
+  CUDA: torch.cuda.max_memory_allocated() (weights + LoRA factors + activations).
+  CPU:  peak RSS of the process (getrusage ru_maxrss) minus its RSS after imports, before the model
+        is built: weights + LoRA factors + activations + allocator slack. tracemalloc does not see
+        torch's allocations, hence RSS.
+Models: tiny SD1.x-shaped UNet by default; `--full-size` builds a random-init UNet2DConditionModel
+with SD1.5's config (configs/sd15/unet, 859.5M parameters) on meta and materialises it in place
+(no init pass), latent 32x32, batch 1.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+from pathlib import Path
+
+CASES = ("cfg", "npo_fast", "npo_two_model")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object (else a table)")
+    p.add_argument("--full-size", action="store_true", help="random-init SD1.5-sized UNet (860M params)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5 full size, 20 tiny)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case")
+    p.add_argument("--rank", type=int, default=32, help="rank of the random eta and delta LoRAs")
+    p.add_argument("--latent", type=int, default=None, help="latent side (default 32 full size, 16 tiny)")
+    p.add_argument("--batch", type=int, default=1, help="images per step (each case runs 2*batch rows)")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default float16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or 1)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _build_unet(cfg: dict, device, dtype):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .tiny_models import unet_config_sd15
+
+    if cfg["full_size"]:
+        config = UNet2DConditionModel.load_config(str(Path(__file__).resolve().parent / "configs" / "sd15" / "unet"))
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        unet = unet.to_empty(device=device)
+        if dtype != torch.float32:
+            unet = unet.to(dtype)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        with torch.no_grad():  # cheap init in place: matrices N(0, 0.02), norms weight 1, every bias 0
+            for m in unet.modules():
+                for pname, p in m.named_parameters(recurse=False):
+                    if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and pname == "weight":
+                        p.fill_(1.0)
+                    elif p.ndim == 1:
+                        p.zero_()
+                    else:
+                        p.copy_(torch.randn(p.shape, generator=g).mul_(0.02).to(dtype))
+    else:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**unet_config_sd15())
+        unet = unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)
+    return unet.eval().requires_grad_(False)
+
+
+def _random_lora(unet, rank: int, seed: int):
+    import torch
+
+    from .core.offset_types import LowRankDelta, Offset
+
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(LORA_TARGETS):
+            w = m.weight
+            down = torch.randn(rank, w.shape[1], generator=g) * 0.02
+            up = torch.randn(w.shape[0], rank, generator=g) * 0.02
+            if w.ndim == 4:  # SD1.5 proj_in/out are 1x1 convs
+                down, up = down[..., None, None], up[..., None, None]
+            deltas[name] = LowRankDelta(down=down, up=up, scale=1.0)
+    return Offset(unet=deltas)
+
+
+def _merge_inplace(unet, terms) -> None:
+    import torch
+
+    with torch.no_grad():
+        for offset, w in terms:
+            for name, d in offset.unet.items():
+                p = unet.get_submodule(name).weight
+                p.add_((w * d.dense(torch.float32)).reshape(p.shape).to(p.device, p.dtype))
+
+
+def _in_child(fn, *args):
+    """fn(*args) in a fresh spawned process; its result dict (errors re-raised here)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_child_main, args=(fn, args, q))
+    proc.start()
+    res = q.get()
+    proc.join()
+    if "error" in res:
+        raise RuntimeError(f"bench guidance: {fn.__name__}{args[:1]} failed: {res['error']}")
+    return res
+
+
+def _child_main(fn, args, queue) -> None:
+    try:
+        queue.put(fn(*args))
+    except BaseException as e:  # report the failure to the parent instead of hanging it
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _setup(cfg: dict):
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    device, dtype = torch.device(cfg["device"]), getattr(torch, cfg["dtype"])
+    unet = _build_unet(cfg, device, dtype)
+    eta, delta = _random_lora(unet, cfg["rank"], 1), _random_lora(unet, cfg["rank"], 2)
+    n = cfg["batch"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, cfg["latent"], cfg["latent"], generator=g).to(device, dtype)  # [B, 4, h, w]
+    hid = torch.randn(2 * n, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)  # [2B, 77, D]
+    return unet, eta, delta, x, hid, torch.tensor(500, device=device)
+
+
+def _groups(eta, delta, cfg):
+    return {"pos": [(eta, 1.0)], "neg": [(eta, cfg["alpha"]), (delta, cfg["beta"])]}
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_all(cfg: dict) -> dict:
+    """Round-robin timing of the three cases on one resident UNet."""
+    import torch
+
+    from .core.branch_lora import BranchOffsets
+    from .core.guidance import npo
+    from .core.offsets import applied
+
+    unet, eta, delta, x, hid, t = _setup(cfg)
+    n, dev = cfg["batch"], x.device
+    groups = _groups(eta, delta, cfg)
+    fast = BranchOffsets(unet, groups, rows=["pos"] * n + ["neg"] * n)
+
+    def fwd(xx, hh):
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = unet(xx, t, encoder_hidden_states=hh).sample
+        _sync(dev)
+        return out, time.perf_counter() - t0
+
+    times = {c: [] for c in CASES}
+    with torch.inference_mode():
+        for i in range(cfg["warmup"] + cfg["steps"]):
+            with applied(unet, groups["pos"]):
+                out, dt_cfg = fwd(torch.cat([x, x]), hid)
+                npo(*out.chunk(2), 7.5)
+            with fast:
+                out, dt_fast = fwd(torch.cat([x, x]), hid)
+                npo(*out.chunk(2), 7.5)
+            with applied(unet, groups["pos"]):
+                pos, dt_a = fwd(x, hid[:n])
+            with applied(unet, groups["neg"]):
+                neg, dt_b = fwd(x, hid[n:])
+            npo(pos, neg, 7.5)
+            if i >= cfg["warmup"]:
+                for c, v in zip(CASES, (dt_cfg, dt_fast, dt_a + dt_b)):
+                    times[c].append(v)
+    return {"times": times, "params": sum(p.numel() for p in unet.parameters()), "lora_modules": len(eta.unet)}
+
+
+def _memory(case: str, cfg: dict) -> dict:
+    """Peak memory of one case with its real resident weights (fresh process)."""
+    import copy
+
+    import diffusers  # noqa: F401  (imported before the RSS baseline: imports are not the case's memory)
+    import torch
+    from diffusers import UNet2DConditionModel  # noqa: F401
+
+    from . import tiny_models  # noqa: F401
+    from .core.branch_lora import branch_offsets
+    from .core.guidance import npo
+
+    diffusers.utils.logging.set_verbosity_error()
+    cuda = cfg["device"].startswith("cuda")
+    base_rss = _rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(cfg["device"])
+    unet, eta, delta, x, hid, t = _setup(cfg)
+    n = cfg["batch"]
+    groups = _groups(eta, delta, cfg)
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        if case == "cfg":
+            _merge_inplace(unet, groups["pos"])
+            step = lambda: npo(*unet(torch.cat([x, x]), t, encoder_hidden_states=hid).sample.chunk(2), 7.5)  # noqa: E731
+        elif case == "npo_fast":
+            stack.enter_context(branch_offsets(unet, groups, rows=["pos"] * n + ["neg"] * n))
+            step = lambda: npo(*unet(torch.cat([x, x]), t, encoder_hidden_states=hid).sample.chunk(2), 7.5)  # noqa: E731
+        else:
+            neg_model = copy.deepcopy(unet)
+            _merge_inplace(unet, groups["pos"])
+            _merge_inplace(neg_model, groups["neg"])
+            step = lambda: npo(unet(x, t, encoder_hidden_states=hid[:n]).sample,  # noqa: E731
+                               neg_model(x, t, encoder_hidden_states=hid[n:]).sample, 7.5)
+        step()
+        step()
+        _sync(x.device)
+    peak = torch.cuda.max_memory_allocated(cfg["device"]) if cuda else _peak_rss_bytes() - base_rss
+    return {"case": case, "peak_mem_bytes": int(peak)}
+
+
+def run(cfg: dict) -> dict:
+    """Timing (one process, round-robin) and memory (one fresh process per case); ratios against cfg."""
+    timing = _in_child(_time_all, cfg)
+    mem = {case: _in_child(_memory, case, cfg)["peak_mem_bytes"] for case in CASES}
+    med = {c: statistics.median(v) for c, v in timing["times"].items()}
+    return {
+        "device": cfg["device"], "dtype": cfg["dtype"], "full_size": cfg["full_size"], "threads": cfg["threads"],
+        "latent": cfg["latent"], "batch": cfg["batch"], "rank": cfg["rank"], "steps": cfg["steps"], "warmup": cfg["warmup"],
+        "memory_measure": "cuda max_memory_allocated" if cfg["device"].startswith("cuda") else "peak RSS delta (ru_maxrss - RSS after imports)",
+        "unet_params": timing["params"], "lora_modules": timing["lora_modules"],
+        "step_s": med, "step_s_all": timing["times"], "peak_mem_bytes": mem,
+        "npo_fast_over_cfg": med["npo_fast"] / med["cfg"],
+        "npo_two_model_over_cfg": med["npo_two_model"] / med["cfg"],
+        "mem_npo_fast_over_cfg": mem["npo_fast"] / mem["cfg"],
+        "mem_npo_two_model_over_cfg": mem["npo_two_model"] / mem["cfg"],
+    }
+
+
+def main(args) -> int:
+    full = bool(args.full_size)
+    dtype = args.dtype or ("float16" if str(args.device).startswith("cuda") else "float32")
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+    if (args.steps is not None and args.steps < 1) or args.warmup < 0 or args.rank < 1 or args.batch < 1:
+        raise ValueError("bench guidance: --steps, --rank and --batch must be >= 1 and --warmup >= 0")
+    cfg = {"full_size": full, "steps": args.steps or (5 if full else 20), "warmup": args.warmup, "rank": args.rank,
+           "latent": args.latent or (32 if full else 16), "batch": args.batch, "alpha": args.alpha, "beta": args.beta,
+           "device": str(args.device), "dtype": dtype, "threads": threads}
+    res = run(cfg)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"bench guidance on {res['device']} ({res['dtype']}, {res['threads']} threads), UNet {res['unet_params'] / 1e6:.1f}M params, "
+          f"latent {res['latent']}x{res['latent']}, batch {res['batch']}, LoRA rank {res['rank']} on {res['lora_modules']} modules")
+    print(f"{'case':<15}{'step (ms)':>12}{'peak mem (MiB)':>16}")
+    for k in CASES:
+        print(f"{k:<15}{res['step_s'][k] * 1e3:>12.1f}{res['peak_mem_bytes'][k] / 2**20:>16.1f}")
+    print(f"npo_fast_over_cfg={res['npo_fast_over_cfg']:.3f}  npo_two_model_over_cfg={res['npo_two_model_over_cfg']:.3f}  "
+          f"mem_npo_fast_over_cfg={res['mem_npo_fast_over_cfg']:.3f}  mem_npo_two_model_over_cfg={res['mem_npo_two_model_over_cfg']:.3f}")
+    return 0

@@ -1,0 +1,187 @@
+"""Load a model for sampling: a diffusers folder, a single-file checkpoint, or a pixel-space world.
+
+`load_model(path)` returns a `ModelBundle` (UNet, text encoder(s), tokenizer(s), VAE or None,
+scheduler, family, prediction type). Nothing is downloaded: single-file checkpoints are
+converted with the architecture configs shipped in `configs/sd15` and `configs/sdxl`, and the
+tokenizer (not stored in a single file) comes from a user folder (`tokenizer=`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+FAMILIES = ("sd1", "sdxl", "world")
+
+
+@dataclass
+class ModelBundle:
+    """Everything the sampler needs. vae is None for pixel-space models (latents ARE pixels)."""
+
+    unet: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    vae: torch.nn.Module | None
+    scheduler: object
+    family: str
+    prediction_type: str
+    source: str
+    force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: the null conditioning is zeros
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent cell (8 for SD VAEs, 1 in pixel space)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _load_tokenizer(path: str | os.PathLike, source: str):
+    from transformers import CLIPTokenizer
+
+    p = Path(path)
+    if not p.is_dir() or not ((p / "vocab.json").exists() or (p / "tokenizer.json").exists()):
+        raise FileNotFoundError(f"{source}: tokenizer folder {str(p)!r} has no vocab.json/tokenizer.json "
+                                f"(pass a CLIP tokenizer folder, e.g. the `tokenizer/` of a diffusers model)")
+    return CLIPTokenizer.from_pretrained(str(p))
+
+
+def _detect_single_file_family(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.") for k in keys):
+        return "sd1"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ValueError(f"{path}: an LDM checkpoint without text-encoder weights; pass family='sd1' or 'sdxl'")
+    raise ValueError(f"{path}: not an SD1.x/SDXL single-file checkpoint (no model.diffusion_model.* keys); "
+                     f"for a diffusers model pass its folder")
+
+
+def _from_folder(path: Path, family: str | None, dtype, device, tokenizer) -> ModelBundle:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    index = {}
+    if (path / "model_index.json").exists():
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    for sub in ("unet", "scheduler", "text_encoder"):
+        if not (path / sub).is_dir():
+            raise FileNotFoundError(f"{path}: not a diffusers model folder (missing {sub}/)")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)]
+    xl = (path / "text_encoder_2").is_dir()
+    if xl:
+        tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype))
+    if tokenizer is not None:
+        toks = [_load_tokenizer(tokenizer, str(path))] * len(tes)
+    else:
+        toks = [_load_tokenizer(path / "tokenizer", str(path))]
+        if xl:
+            toks.append(_load_tokenizer(path / ("tokenizer_2" if (path / "tokenizer_2").is_dir() else "tokenizer"), str(path)))
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if (path / "vae").is_dir() else None
+    detected = "world" if vae is None else ("sdxl" if xl else "sd1")
+    if family is not None and family != detected:
+        raise ValueError(f"{path}: looks like a {detected!r} model but family={family!r} was requested")
+    return _bundle(unet, tes, toks, vae, _load_scheduler(path / "scheduler"), detected, str(path), device,
+                   bool(index.get("force_zeros_for_empty_prompt", xl)))
+
+
+def _load_scheduler(folder: Path):
+    import diffusers
+
+    cfg_file = folder / "scheduler_config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{folder}: missing scheduler_config.json")
+    cls_name = json.loads(cfg_file.read_text(encoding="utf-8")).get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise ValueError(f"{cfg_file}: unknown scheduler class {cls_name!r}")
+    return cls.from_pretrained(str(folder))
+
+
+def _from_single_file(path: Path, family: str | None, dtype, device, tokenizer, config: str | None) -> ModelBundle:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if tokenizer is None:
+        raise ValueError(f"{path}: a single-file checkpoint holds no tokenizer; pass tokenizer=DIR (CLI: --tokenizer DIR), "
+                         f"a folder with the CLIP tokenizer's vocab.json and merges.txt")
+    tok = _load_tokenizer(tokenizer, str(path))
+    family = family or _detect_single_file_family(path)
+    if family not in ("sd1", "sdxl"):
+        raise ValueError(f"{path}: single-file checkpoints must be family 'sd1' or 'sdxl', got {family!r}")
+    cfg_dir = Path(config) if config else CONFIG_DIR / ("sdxl" if family == "sdxl" else "sd15")
+    if not (cfg_dir / "model_index.json").exists():
+        raise FileNotFoundError(f"{cfg_dir}: no model_index.json (config folder for {path})")
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(cfg_dir), tokenizer=tok, tokenizer_2=tok,
+                                                          torch_dtype=dtype, local_files_only=True)
+        tes = [pipe.text_encoder, pipe.text_encoder_2]
+    else:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(cfg_dir), tokenizer=tok, safety_checker=None,
+                                                        requires_safety_checker=False, torch_dtype=dtype, local_files_only=True)
+        tes = [pipe.text_encoder]
+    return _bundle(pipe.unet, tes, [tok] * len(tes), pipe.vae, pipe.scheduler, family, str(path), device, family == "sdxl")
+
+
+def _bundle(unet, tes, toks, vae, scheduler, family, source, device, zeros) -> ModelBundle:
+    for m in [unet, *tes, *([vae] if vae is not None else [])]:
+        m.to(device).eval().requires_grad_(False)
+    pred = getattr(scheduler.config, "prediction_type", "epsilon")
+    return ModelBundle(unet, list(tes), list(toks), vae, scheduler, family, pred, source, zeros)
+
+
+def load_model(path, *, family: str | None = None, dtype: torch.dtype = torch.float32, device="cpu", tokenizer=None,
+               allow_pickle: bool = False, config: str | None = None) -> ModelBundle:
+    """Load a diffusers folder, a single-file `.safetensors` (SD1.x/SDXL) or a pixel-space folder.
+
+    family: "sd1" / "sdxl" / "world" to check (folders) or force (single files); detected when None.
+    tokenizer: a CLIP tokenizer folder; required for single files, overrides a folder's own.
+    config: a diffusers folder of configs for a single file (default: the shipped SD1.5/SDXL ones).
+    Pickle checkpoints (.ckpt/.pt/.bin) are refused unless allow_pickle=True.
+    """
+    p = Path(path)
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r} (expected one of {FAMILIES})")
+    if not p.exists():
+        raise FileNotFoundError(f"model {str(p)!r} does not exist")
+    if p.is_dir():
+        return _from_folder(p, family, dtype, device, tokenizer)
+    suffix = p.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ValueError(f"{p}: pickle checkpoints ({suffix}) can run arbitrary code; convert it to .safetensors "
+                         f"or pass allow_pickle=True (CLI: --allow-pickle) if you trust the file")
+    if suffix not in (".safetensors", *PICKLE_SUFFIXES):
+        raise ValueError(f"{p}: unsupported model file type {suffix!r} (expected a diffusers folder or a .safetensors file)")
+    if suffix != ".safetensors":
+        # diffusers' single-file loader reads pickles with torch.load(weights_only=True).
+        if family is None:
+            raise ValueError(f"{p}: pass family='sd1' or 'sdxl' for a pickle checkpoint")
+        if tokenizer is None:
+            raise ValueError(f"{p}: a single-file checkpoint holds no tokenizer; pass tokenizer=DIR (CLI: --tokenizer DIR)")
+        return _from_single_file(p, family, dtype, device, tokenizer, config)
+    return _from_single_file(p, family, dtype, device, tokenizer, config)
+
+
+def model_fingerprint(bundle: ModelBundle) -> str:
+    """sha256 fingerprint of the UNet weights (core.offsets.model_hash: sampled values, cheap)."""
+    from .offsets import model_hash
+
+    return model_hash(bundle.unet)
