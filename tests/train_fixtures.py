@@ -1,0 +1,73 @@
+"""Helpers shared by the trainer tests (D2): tiny on-disk datasets and a base TrainConfig.
+
+Images are 16x16 random-colour PNGs (VAE latents 4x2x2 on the tiny models), so a step of the
+tiny UNet takes milliseconds and the whole data pipeline (JSONL -> PIL -> VAE -> cache ->
+resumable sampler -> collate) is exercised for real.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+RES = 16
+WORDS = ["cat", "dog", "tree", "house", "car", "person", "red", "blue"]
+
+
+def _png(path: Path, rng: np.random.Generator) -> str:
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(path)
+    return path.name
+
+
+def make_pairs(root, n: int = 8, seed: int = 0) -> Path:
+    """pairs.jsonl + PNGs under `root`; returns the JSONL path."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        lines.append({"id": f"p{i}", "prompt": f"a photo of a {WORDS[i % len(WORDS)]} {WORDS[(i * 3 + 1) % len(WORDS)]}",
+                      "chosen": _png(root / f"w{i}.png", rng), "rejected": _png(root / f"l{i}.png", rng)})
+    path = root / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def make_prompts(root, n: int = 8, seed: int = 0) -> Path:
+    """prompts.jsonl with one image each (TDFT starts from them, DDSPO uses them as winners)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = [{"id": f"q{i}", "prompt": f"a detailed painting of a red {WORDS[i % len(WORDS)]} with a tree",
+              "image": _png(root / f"i{i}.png", rng)} for i in range(n)]
+    path = root / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def data_for(method_name: str, root) -> Path:
+    """The data a method needs (its Method.data_kind)."""
+    from npo_suite.trainer.methods import METHODS
+
+    return make_pairs(Path(root) / "pairs") if METHODS[method_name].data_kind == "pairs" else make_prompts(Path(root) / "prompts")
+
+
+def tiny_cfg(model_dir, data_path, out, **overrides):
+    """A TrainConfig for the tiny models: 16 px, rank 2, a few steps, no validation."""
+    from npo_suite.trainer.config import TrainConfig
+
+    base = dict(model=str(model_dir), data_path=[str(data_path)], output_dir=str(out), resolution=RES, steps=2,
+                batch_size=2, lr=1e-3, lr_scheduler="constant", lora_rank=2, lora_alpha=2.0, log_every=1,
+                checkpoint_every=0, beta=5000.0, seed=0, cpu=True)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def load_pipe(path):
+    """A fresh, mutable copy of a saved tiny pipeline (SD1.x or SDXL)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(path))

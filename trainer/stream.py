@@ -1,0 +1,73 @@
+"""The trainer's batch stream: trainer/data's sources -> cache -> resumable sampler -> collate.
+
+`build_batches(cfg, backend, kind, rank, world_size)` returns an endless iterator of this
+process's micro-batches (`PairBatch` / `PromptBatch`) whose `state_dict()` is the sampler's data
+position (exact: no prefetching workers), so a checkpoint resumes on the very next pair.
+`kind` is the method's `data_kind`: "pairs" reads pair sources (JSONL, chosen/rejected folders,
+Pick-a-Pic parquet); the prompt kinds read prompts files or captioned image folders.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from .data.cache import LatentCache, fingerprint_modules
+from .data.dataset import PairDataset, PromptDataset, ResumableSampler, collate_pairs, collate_prompts
+from .data.pairs import open_pairs
+from .data.prompts import open_prompts
+from .data.transforms import ImageTransform
+
+
+class BatchStream:
+    """Endless micro-batches of `batch_size` keys from `sampler` (epochs roll over)."""
+
+    def __init__(self, dataset, sampler: ResumableSampler, collate, batch_size: int):
+        self.dataset, self.sampler, self.collate, self.batch_size = dataset, sampler, collate, batch_size
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def _key(self):
+        for _ in range(2):  # at most one epoch boundary per key
+            if self._it is None:
+                self._it = iter(self.sampler)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+        raise RuntimeError("data sampler yielded an empty epoch")
+
+    def __next__(self):
+        for _ in range(1000):
+            batch = self.collate([self.dataset[self._key()] for _ in range(self.batch_size)])
+            if batch is not None:  # a batch of only unreadable items is skipped (counted in the summary)
+                return batch
+        raise RuntimeError("1000 consecutive batches of unreadable items: check the data source")
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self._it = None
+
+
+def build_batches(cfg, backend, kind: str, rank: int = 0, world_size: int = 1) -> BatchStream:
+    if not cfg.data_path:
+        raise ValueError("config: `data_path` is empty; give a pairs/prompts file or folder")
+    opener = open_pairs if kind == "pairs" else open_prompts
+    records = [r for p in cfg.data_path for r in opener(p, verbose=rank == 0)]
+    transform = ImageTransform(cfg.resolution, cfg.crop, "random" if cfg.random_flip else "none", seed=cfg.seed)
+    encoders = [getattr(backend, "vae", None), *getattr(backend, "text_encoders", [])]
+    cache = LatentCache.from_backend(cfg.cache_dir or None, fingerprint_modules(*encoders, extra=backend.family),
+                                     backend, transform)
+    records = cache.fill(records, verbose=rank == 0)
+    if not records:
+        raise ValueError(f"data {cfg.data_path}: no usable records")
+    sampler = ResumableSampler(len(records), seed=cfg.seed, rank=rank, world_size=world_size, batch_size=cfg.batch_size)
+    if kind == "pairs":
+        return BatchStream(PairDataset(records, cache), sampler, collate_pairs, cfg.batch_size)
+    shape = tuple(backend.encode_images(torch.zeros(1, 3, cfg.resolution, cfg.resolution)).shape[1:])  # (C, h, w)
+    return BatchStream(PromptDataset(records, cache), sampler, partial(collate_prompts, latent_shape=shape), cfg.batch_size)

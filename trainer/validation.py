@@ -1,0 +1,234 @@
+"""Metrics log, validation images and curves, and the final LoRA file of a training run.
+
+Validation (every `validate_every` steps, main process): for each prompt x seed, one image of
+the base model (plain CFG) and one with the trained LoRA, sampled the way the LoRA is meant to
+be used (`ROLE_BRANCHES`):
+  positive (dpo, bdpo, ddspo)  CFG, LoRA on both branches
+  negative (npo, tdft)         NPO guidance (seed 001 §3.2): base on the conditional branch,
+                               LoRA on the unconditional branch (prompt ∅)
+  snpo                         SNPO sampling (seed 000 eq. 12-13): CFG of the LoRA model with ∅
+The sampler is a deterministic DDIM (η = 0) on `backend.predict_eps`, so it runs on every backend
+(diffusers, pixel-space world, ComfyUI) without a pipeline. Output: `validation/step_N.png`
+(rows: prompts; columns: seeds, base | LoRA), `curves.png` + `curves.csv` (loss, implicit
+accuracy, lr over steps).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.guidance import GUIDANCE
+from ..core.schedule import gather
+
+# role -> (adapter of the conditional branch, adapter of the unconditional branch ∅, combine)
+ROLE_BRANCHES: dict[str, tuple[str | None, str | None, str]] = {
+    "base": (None, None, "cfg"),
+    "positive": ("policy", "policy", "cfg"),
+    "negative": (None, "policy", "npo"),
+    "snpo": ("policy", "policy", "snpo"),
+}
+
+
+# Roles as the task fixes them; used only until trainer/methods.py gives every Method a `role`.
+DEFAULT_ROLES = {"dpo": "positive", "bdpo": "positive", "ddspo": "positive", "npo": "negative",
+                 "tdft": "negative", "snpo": "snpo", "snpo_naive": "snpo"}
+
+
+def method_role(method, cfg) -> str:
+    """The LoRA's role (metadata + sampling): `Method.role`, else DEFAULT_ROLES[cfg.method]."""
+    role = getattr(method, "role", None) or DEFAULT_ROLES.get(cfg.method)
+    if role not in ROLE_BRANCHES or role == "base":
+        raise ValueError(f"method {cfg.method!r} declares no usable role ({role!r}); expected positive, negative or snpo")
+    return role
+
+
+# ---------------------------------------------------------------------------- metrics log
+class MetricsLog:
+    """`metrics.csv` (one row per logged step, columns = union of keys) + TensorBoard when installed."""
+
+    def __init__(self, out: Path, enabled: bool = True, resume_step: int = 0):
+        self.path, self.enabled = Path(out) / "metrics.csv", enabled
+        self.rows: list[dict[str, Any]] = []
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.is_file():  # resume: keep the rows up to the checkpoint, drop the rest
+            with open(self.path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if resume_step and int(r["step"]) <= resume_step]
+        self._rewrite()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def _columns(self) -> list[str]:
+        cols = ["step"]
+        for r in self.rows:
+            cols += [k for k in r if k not in cols]
+        return cols
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(".metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self._columns())
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **metrics}
+        grew = any(k not in self._columns() for k in row)
+        self.rows.append(row)
+        if grew:
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self._columns()).writerow(row)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        pts = [(int(r["step"]), float(r[key])) for r in self.rows if r.get(key) not in (None, "")]
+        return [s for s, _ in pts], [v for _, v in pts]
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def ddim_sample(backend, cond, null, noise: torch.Tensor, steps: int, w: float, branches) -> torch.Tensor:
+    """Deterministic DDIM (Song et al. 2021, eq. 12, η = 0) with guidance `branches` (ROLE_BRANCHES)."""
+    a_cond, a_null, combine = branches[0], branches[1], GUIDANCE[branches[2]]
+    T = backend.num_train_timesteps
+    ts = torch.linspace(T - 1, 0, steps).round().long()  # [steps], descending
+    x = noise
+    for i, t in enumerate(ts):
+        tt = t.repeat(x.shape[0]).to(x.device)
+        eps = combine(backend.predict_eps(x, tt, cond, a_cond), backend.predict_eps(x, tt, null, a_null), w)
+        a_t = gather(backend.abar, tt, x)
+        a_prev = gather(backend.abar, ts[i + 1].repeat(x.shape[0]), x) if i + 1 < steps else torch.ones_like(a_t)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Tweedie x0 estimate
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+def _to_uint8(px: torch.Tensor):
+    import numpy as np
+
+    img = ((px.clamp(-1, 1) + 1) * 127.5).round().byte().cpu()  # [B, C, H, W]
+    if img.shape[1] == 1:
+        img = img.repeat(1, 3, 1, 1)
+    return np.ascontiguousarray(img[:, :3].permute(0, 2, 3, 1).numpy())
+
+
+def validation_grid(cfg, backend, role: str) -> "Image":
+    """rows = prompts, columns = seed x (base, LoRA)."""
+    from PIL import Image
+
+    shape = backend.encode_images(torch.zeros(1, 3, cfg.resolution, cfg.resolution)).shape[1:]  # [C, h, w]
+    tiles = []
+    for prompt in cfg.validation_prompts:
+        cond, null = backend.encode_prompts([prompt]), backend.null_cond(1)
+        for seed in cfg.validation_seeds:
+            g = torch.Generator().manual_seed(int(seed))
+            noise = torch.randn((1, *shape), generator=g).to(backend.device)  # [1, C, h, w]
+            for branches in (ROLE_BRANCHES["base"], ROLE_BRANCHES[role]):
+                x = ddim_sample(backend, cond, null, noise, cfg.validation_sample_steps, cfg.validation_guidance, branches)
+                tiles.append(_to_uint8(backend.decode_latents(x))[0])
+    h, w = tiles[0].shape[:2]
+    cols = 2 * len(cfg.validation_seeds)
+    grid = Image.new("RGB", (cols * w, len(cfg.validation_prompts) * h))
+    for i, tile in enumerate(tiles):
+        grid.paste(Image.fromarray(tile), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def plot_curves(log: MetricsLog, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "implicit_acc", "lr") if log.series(k)[0]]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.plot(*log.series(k))
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    tmp = out / ".curves.png.tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out / "curves.png")
+    with open(out / ".curves.csv.tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", *keys])
+        series = {k: dict(zip(*log.series(k))) for k in keys}
+        for s in sorted({s for k in keys for s in series[k]}):
+            w.writerow([s, *[series[k].get(s, "") for k in keys]])
+    os.replace(out / ".curves.csv.tmp", out / "curves.csv")
+
+
+def validate(cfg, backend, method, step: int, out: Path, log: MetricsLog) -> Path:
+    """Write validation/step_N.png and the curves; returns the grid path."""
+    vdir = Path(out) / "validation"
+    vdir.mkdir(parents=True, exist_ok=True)
+    path = vdir / f"step_{step:06d}.png"
+    tmp = vdir / f".step_{step:06d}.tmp.png"
+    validation_grid(cfg, backend, method_role(method, cfg)).save(tmp)
+    os.replace(tmp, path)
+    plot_curves(log, Path(out))
+    return path
+
+
+# ---------------------------------------------------------------------------- final LoRA
+def base_model_hash(cfg, backend) -> str:
+    from ..core import offsets
+
+    try:
+        return str(offsets.model_hash(backend.unet))
+    except Exception as e:  # noqa: BLE001 - metadata must not stop a finished run from saving
+        return f"unknown ({type(e).__name__})"
+
+
+def lora_metadata(cfg, backend, method, step: int) -> dict[str, str]:
+    """Safetensors metadata of the trained LoRA (ARCHITECTURE.md "Output")."""
+    meta = {
+        "npo_suite.role": method_role(method, cfg),
+        "npo_suite.method": cfg.method,
+        "npo_suite.beta": str(getattr(cfg, "beta", "")),
+        "npo_suite.lambda": str(getattr(cfg, "lam", getattr(cfg, "bdpo_lambda", ""))),
+        "npo_suite.base_model_hash": base_model_hash(cfg, backend),
+        "npo_suite.base_model": os.path.basename(str(cfg.model).rstrip("/")) if cfg.model else "",
+        "npo_suite.steps": str(step),
+        "npo_suite.effective_batch": str(cfg.effective_batch),
+        "npo_suite.lr": str(cfg.lr),
+    }
+    meta.update({f"npo_suite.{k}": v for k, v in getattr(backend, "lora_metadata", dict)().items()})
+    return meta
+
+
+def save_lora(cfg, backend, method, step: int, out: Path) -> Path:
+    """The policy LoRA via core.offsets (kohya format by default; save_offset writes atomically)."""
+    from ..core.offset_types import Offset
+    from ..core.offsets import offset_from_peft, save_offset
+
+    offset = Offset(unet=offset_from_peft(backend.unet, "policy", "unet"))
+    path = Path(out) / f"{cfg.lora_name}.safetensors"
+    save_offset(offset, path, format=cfg.save_format, metadata=lora_metadata(cfg, backend, method, step),
+                base=backend.unet)
+    return path
