@@ -246,3 +246,12 @@ def test_every_method_on_a_real_tiny_unet(sd15_dir):
     snpo = METHODS["snpo"].compute(be, batch, MethodConfig(method="snpo", snpo_p=0.0), torch.Generator().manual_seed(3))
     bdpo = METHODS["bdpo"].compute(be, batch, MethodConfig(method="bdpo"), torch.Generator().manual_seed(3))
     assert torch.allclose(snpo.loss, bdpo.loss, rtol=1e-5)
+
+
+def test_roles_declared_by_the_methods():
+    """The saved LoRA's role comes from the method: NPO/TDFT give negative offsets, SNPO one for both branches."""
+    from npo_suite.trainer.methods import METHODS
+
+    roles = {k: m.role for k, m in METHODS.items()}
+    assert roles == {"dpo": "positive", "npo": "negative", "bdpo": "positive", "snpo": "snpo",
+                     "snpo_naive": "snpo", "tdft": "negative", "ddspo": "positive"}

@@ -248,6 +248,7 @@ class Method:
     adapters: tuple[str, ...] = ()  # extra adapters this method always needs
     uses_reference: bool = True  # runs a frozen reference forward (reference update applies to it)
     swap: bool = False  # train on the pair swapped (NPO)
+    role: str = "positive"  # what the trained LoRA is: "positive" | "negative" | "snpo" (metadata, sampling)
 
     def extra_adapters(self, cfg: MethodConfig) -> tuple[str, ...]:
         """Adapters to create besides "policy": own ones, plus "ref" when reference update is on."""
@@ -281,6 +282,7 @@ class PairMethod(Method):
 
     def __init__(self, name: str, *, swap: bool = False, bounded: bool = False, lam: float | None = None):
         self.name, self.swap, self.bounded, self.lam = name, swap, bounded, lam
+        self.role = "negative" if swap else "positive"  # NPO's swapped pairs give a negative offset
 
     def route(self, backend: Backend, batch: PairBatch, cfg: MethodConfig, generator) -> tuple[torch.Tensor, Cond, dict]:
         """Per-row branch: (null_row [B] bool, cond [B], extra metrics). Plain methods: all conditional."""
@@ -314,6 +316,7 @@ class SNPOMethod(PairMethod):
 
     def __init__(self, name: str, *, lam: float | None = None):
         super().__init__(name, swap=False, bounded=True, lam=lam)
+        self.role = "snpo"  # one LoRA for both CFG branches
 
     def route(self, backend, batch, cfg, generator):
         B = batch.latents_w.shape[0]
@@ -338,6 +341,7 @@ class TDFTMethod(Method):
     data_kind = "images_or_prompts"
     adapters = ("ema",)
     uses_reference = False
+    role = "negative"  # Self-NPO: the TDFT offset is used as the negative model
 
     def __init__(self, name: str = "tdft"):
         self.name = name

@@ -34,13 +34,9 @@ ROLE_BRANCHES: dict[str, tuple[str | None, str | None, str]] = {
 
 
 # Roles as the task fixes them; used only until trainer/methods.py gives every Method a `role`.
-DEFAULT_ROLES = {"dpo": "positive", "bdpo": "positive", "ddspo": "positive", "npo": "negative",
-                 "tdft": "negative", "snpo": "snpo", "snpo_naive": "snpo"}
-
-
 def method_role(method, cfg) -> str:
-    """The LoRA's role (metadata + sampling): `Method.role`, else DEFAULT_ROLES[cfg.method]."""
-    role = getattr(method, "role", None) or DEFAULT_ROLES.get(cfg.method)
+    """The LoRA's role (metadata + sampling): `Method.role`."""
+    role = method.role
     if role not in ROLE_BRANCHES or role == "base":
         raise ValueError(f"method {cfg.method!r} declares no usable role ({role!r}); expected positive, negative or snpo")
     return role
