@@ -66,7 +66,7 @@ class RowwiseMethod:
 
     def __init__(self, inner):
         self.inner = inner
-        self.data_kind, self.name = inner.data_kind, inner.name
+        self.data_kind, self.name, self.role = inner.data_kind, inner.name, inner.role
 
     def setup(self, backend, cfg):
         self.inner.setup(backend, cfg)
