@@ -51,16 +51,24 @@ def component_deltas(offset: OffsetLike | None, component: str = "unet") -> dict
     raise TypeError(f"expected an Offset or a dict of module path -> Delta, got {type(offset).__name__}")
 
 
-def resolve_module(root: nn.Module, path: str) -> nn.Linear | nn.Conv2d:
-    """The nn.Linear / nn.Conv2d at `path` (through a PEFT wrapper's `base_layer` if present)."""
+def is_linear_like(mod: nn.Module) -> bool:
+    """nn.Linear, or a layer that computes F.linear(x, weight, bias) without subclassing it
+    (Forge's `ForgeOperations.Linear`, ComfyUI-style ops): a 2-D weight plus in/out_features."""
+    w = getattr(mod, "weight", None)
+    return isinstance(mod, nn.Linear) or (isinstance(w, torch.Tensor) and w.ndim == 2
+                                          and hasattr(mod, "in_features") and hasattr(mod, "out_features"))
+
+
+def resolve_module(root: nn.Module, path: str) -> nn.Module:
+    """The linear-like / nn.Conv2d module at `path` (through a PEFT wrapper's `base_layer` if present)."""
     try:
         mod = root.get_submodule(path)
     except AttributeError:
         raise ValueError(f"offset targets module {path!r}, which does not exist in {type(root).__name__}") from None
-    while not isinstance(mod, (nn.Linear, nn.Conv2d)) and hasattr(mod, "base_layer"):
+    while hasattr(mod, "base_layer"):  # PEFT wrappers expose weight/in_features too: hook the real layer
         mod = mod.base_layer
-    if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-        raise ValueError(f"offset targets module {path!r} of type {type(mod).__name__}; only nn.Linear and nn.Conv2d are supported")
+    if not (isinstance(mod, nn.Conv2d) or is_linear_like(mod)):
+        raise ValueError(f"offset targets module {path!r} of type {type(mod).__name__}; only linear layers and nn.Conv2d are supported")
     if isinstance(mod, nn.Conv2d) and mod.groups != 1:
         raise ValueError(f"offset targets grouped conv {path!r} (groups={mod.groups}); not supported")
     return mod
