@@ -129,7 +129,7 @@ def _to_uint8(px: torch.Tensor):
     return np.ascontiguousarray(img[:, :3].permute(0, 2, 3, 1).numpy())
 
 
-def validation_grid(cfg, backend, role: str) -> "Image":
+def validation_grid(cfg, backend, role: str):
     """rows = prompts, columns = seed x (base, LoRA)."""
     from PIL import Image
 

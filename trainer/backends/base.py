@@ -10,7 +10,7 @@ that ComfyUI loaded. Adapters are named LoRA adapters on ONE network (never a se
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
