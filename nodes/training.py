@@ -1,0 +1,215 @@
+"""Training nodes (V3): Preference Dataset, Prompt List, Train Preference LoRA.
+
+Thin shells: datasets, config, run and outputs live in `training_core.py` (no ComfyUI import),
+the network side in `trainer/backends/comfy.py`; the loop is `trainer.loop.train`, the same one
+the command line runs. Every dropdown reads a registry (METHODS, TIMESTEP_SAMPLERS, ...).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS
+from ..trainer.backends.diffusers import TARGET_PRESETS
+from ..trainer.config import OPTIMIZERS, PRECISIONS
+from ..trainer.methods import METHODS
+from ..trainer.reference import ON_EXCEED
+from . import training_core as core
+from .sampling import NPOOffset
+
+CATEGORY = "training/npo"
+DATASETS_FOLDER = "npo_datasets"  # <ComfyUI>/datasets unless extra_model_paths.yaml says otherwise
+FROM_IMAGES = "(from images)"
+FROM_TEXT = "(from text)"
+NO_LORA = "none"
+PrefData = io.Custom("NPO_PREF_DATA")
+log = logging.getLogger("npo_suite")
+
+
+def register_folders() -> None:
+    """Register `npo_datasets` (idempotent; only inside ComfyUI's base folder by default)."""
+    if DATASETS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[DATASETS_FOLDER] = (
+            [os.path.join(folder_paths.base_path, "datasets")], set())
+
+
+def dataset_roots() -> list[str]:
+    register_folders()
+    return folder_paths.get_folder_paths(DATASETS_FOLDER)
+
+
+def _ui(text: str, images, cls) -> dict:
+    out = {"text": (text,)}
+    if images is not None:
+        out.update(ui.PreviewImage(images, cls=cls).as_dict())
+    return out
+
+
+class PreferenceDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NPOSuite_PreferenceDataset", display_name="Preference Dataset", category=CATEGORY,
+            description="Preference pairs (chosen beats rejected) from the datasets folder (JSONL, chosen/ + rejected/ "
+                        "folders, Pick-a-Pic parquet) or from two IMAGE batches and a prompt.",
+            inputs=[io.Combo.Input("dataset", options=[FROM_IMAGES, *core.list_datasets(dataset_roots())],
+                                   tooltip=f"a file or folder in ComfyUI's '{DATASETS_FOLDER}' folder, or {FROM_IMAGES}"),
+                    io.Image.Input("chosen", optional=True, tooltip="preferred images (row i pairs with rejected row i)"),
+                    io.Image.Input("rejected", optional=True),
+                    io.String.Input("prompt", multiline=True, default="",
+                                    tooltip="one prompt for every pair, or one line per pair (images only)")],
+            outputs=[PrefData.Output(display_name="dataset"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, dataset, chosen=None, rejected=None, prompt="") -> io.NodeOutput:
+        if dataset == FROM_IMAGES:
+            if chosen is None or rejected is None:
+                raise ValueError(f"dataset {FROM_IMAGES}: connect both `chosen` and `rejected` IMAGE inputs")
+            data = core.dataset_from_images(chosen, rejected, prompt.splitlines() or [""])
+        else:
+            data = core.dataset_from_path(core.resolve_dataset(dataset_roots(), dataset), "pairs", dataset)
+        return io.NodeOutput(data, data.report(), ui=_ui(data.report(), core.preview_images(data), cls))
+
+
+class PromptList(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = [f for f in core.list_datasets(dataset_roots()) if f.lower().endswith((".txt", ".jsonl"))]
+        return io.Schema(
+            node_id="NPOSuite_PromptList", display_name="Prompt List", category=CATEGORY,
+            description="Prompts for the data-free methods (Self-NPO/TDFT, DDSPO), with a preview of DDSPO's degraded prompts.",
+            inputs=[io.Combo.Input("source", options=[FROM_TEXT, *files]),
+                    io.String.Input("prompts", multiline=True, default="", tooltip="one prompt per line (# comments)"),
+                    io.Image.Input("images", optional=True, tooltip="one image per prompt: TDFT start / DDSPO winner"),
+                    io.Float.Input("ddspo_min_frac", default=0.4, min=0.0, max=1.0, step=0.05),
+                    io.Float.Input("ddspo_max_frac", default=0.7, min=0.0, max=1.0, step=0.05),
+                    io.Int.Input("preview_seed", default=0, min=0, max=2**31 - 1)],
+            outputs=[PrefData.Output(display_name="dataset"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, source, prompts="", images=None, ddspo_min_frac=0.4, ddspo_max_frac=0.7, preview_seed=0) -> io.NodeOutput:
+        if source == FROM_TEXT:
+            data = core.prompt_list(prompts, images)
+        else:
+            data = core.dataset_from_path(core.resolve_dataset(dataset_roots(), source), "prompts", source)
+        text = data.report() + "\nDDSPO degraded prompts:\n" + core.ddspo_preview(data, preview_seed, ddspo_min_frac, ddspo_max_frac)
+        return io.NodeOutput(data, text, ui=_ui(text, core.preview_images(data), cls))
+
+
+def _lora_choices() -> list[str]:
+    return [NO_LORA, *folder_paths.get_filename_list("loras")]
+
+
+class TrainPreferenceLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        methods = list(METHODS)
+        return io.Schema(
+            node_id="NPOSuite_TrainPreferenceLoRA", display_name="Train Preference LoRA", category=CATEGORY,
+            description="Train a preference LoRA (Diffusion-DPO, NPO, BDPO, SNPO, Self-NPO/TDFT, DDSPO) on this MODEL "
+                        "with the project's trainer; writes models/loras/<output_name>.safetensors (kohya). "
+                        "Interrupt stops at the next step and saves; `resume` continues from the last checkpoint.",
+            is_output_node=True,
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"), PrefData.Input("dataset"),
+                    io.Combo.Input("method", options=methods, default="npo"),
+                    io.Float.Input("beta", default=5000.0, min=1.0, max=100000.0, step=100.0,
+                                   tooltip="Diffusion-DPO beta (logit = -(beta/2)(m_w - m_l)); DDSPO uses ddspo_beta in extra"),
+                    io.Float.Input("lam", default=0.9, min=0.01, max=1.0, step=0.01, tooltip="BDPO/SNPO lambda (1 = DPO)"),
+                    io.Float.Input("snpo_p", default=0.5, min=0.0, max=1.0, step=0.05, tooltip="SNPO null-branch probability p"),
+                    io.Int.Input("steps", default=500, min=1, max=1000000),
+                    io.Float.Input("lr", default=1e-5, min=1e-8, max=1.0, step=1e-6, round=1e-8),
+                    io.Int.Input("rank", default=8, min=1, max=256),
+                    io.Combo.Input("targets", options=list(TARGET_PRESETS), default="attn"),
+                    io.Int.Input("batch_size", default=1, min=1, max=256),
+                    io.Int.Input("grad_accum", default=1, min=1, max=1024),
+                    io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
+                    io.Combo.Input("precision", options=list(PRECISIONS), default="no",
+                                   tooltip="autocast dtype on GPU (the LoRA stays float32)"),
+                    io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw"),
+                    io.Boolean.Input("gradient_checkpointing", default=False),
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                    io.Int.Input("ref_update_every", default=0, min=0, max=100000,
+                                 tooltip="reference update period tau (0 = frozen reference)"),
+                    io.Float.Input("ref_bound", default=0.005, min=1e-6, max=10.0, step=0.001),
+                    io.Combo.Input("ref_on_exceed", options=list(ON_EXCEED)),
+                    io.Combo.Input("timestep_sampler", options=list(TIMESTEP_SAMPLERS)),
+                    io.Combo.Input("timestep_weight", options=list(TIMESTEP_WEIGHTS)),
+                    io.String.Input("output_name", default="npo_lora"),
+                    io.Boolean.Input("resume", default=True, tooltip="continue the run <output_name> from its last checkpoint"),
+                    io.Int.Input("checkpoint_every", default=100, min=0, max=1000000),
+                    io.Combo.Input("init_lora", options=_lora_choices(), default=NO_LORA,
+                                   tooltip="start from this LoRA (same rank and targets)"),
+                    io.String.Input("extra", multiline=True, default="",
+                                    tooltip="more TrainConfig fields, one 'key: value' per line (e.g. tdft_k: 5)")],
+            outputs=[NPOOffset.Output(display_name="offset"), io.Model.Output(display_name="model_with_lora"),
+                     io.String.Output(display_name="lora_name"), io.Image.Output(display_name="loss_curve"),
+                     io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, **options) -> io.NodeOutput:
+        outcome, lora_name = train_in_comfy(model, clip, vae, dataset, options)
+        patched = load_lora_model(model, lora_name) if lora_name else model
+        curve = core.loss_curve_image(outcome.losses, f"{options['method']} loss")
+        return io.NodeOutput(outcome.offset, patched, lora_name, curve, outcome.report, ui={"text": (outcome.report,)})
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI side of a run
+# ---------------------------------------------------------------------------------------------
+def train_in_comfy(model, clip, vae, data, options: dict):
+    """Build the ComfyUI backend, run `trainer.loop.train`, publish the LoRA; releases everything after."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from ..trainer.backends.comfy import ComfyBackend, training_mode
+    from ..trainer.backends.diffusers import BackendOptions, LoraOptions
+
+    name = core.safe_name(options["output_name"], "output_name")
+    run_dir = core.inside(os.path.join(folder_paths.get_output_directory(), core.RUNS_SUBDIR), name, "output_name")
+    init = options.get("init_lora", NO_LORA)
+    init_path = folder_paths.get_full_path_or_raise("loras", core.safe_name(init, "init_lora")) if init != NO_LORA else None
+    cfg = core.node_config(options, str(run_dir), init_path)
+    core.check_data(cfg.method, data)
+    bar = comfy.utils.ProgressBar(cfg.steps)
+
+    def progress(step, total, loss):
+        bar.update_absolute(step, total)
+        log.info("npo_suite train %s: step %d/%d loss %.5f", cfg.method, step, total, loss)
+
+    opts = BackendOptions(lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_init or None, cfg.seed),
+                          gradient_checkpointing=cfg.gradient_checkpointing, resolution=cfg.resolution)
+    cache = os.path.join(folder_paths.get_temp_directory(), "npo_suite_cache")
+    with training_mode():
+        backend = ComfyBackend.from_comfy(model, clip, vae, options=opts)
+        try:
+            outcome = core.run_training(backend, data, cfg, resume=options.get("resume", True), cache_dir=cache,
+                                        stop_requested=mm.processing_interrupted, progress=progress)
+        finally:
+            backend.close()
+            del backend
+            mm.soft_empty_cache()
+    lora_name = None
+    if outcome.lora_path is not None:
+        core.publish_lora(outcome.lora_path, folder_paths.get_folder_paths("loras")[0], name)
+        lora_name = f"{name}.safetensors"
+    if outcome.interrupted:  # saved above; now stop the workflow the way ComfyUI does
+        mm.throw_exception_if_processing_interrupted()
+    return outcome, lora_name
+
+
+def load_lora_model(model, lora_name: str, strength: float = 1.0):
+    """The MODEL with the written LoRA, through ComfyUI's own LoRA loader (as LoraLoaderModelOnly)."""
+    import comfy.sd
+    import comfy.utils
+
+    lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
+    return comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0]
+
+
+TRAINING_NODES = [PreferenceDataset, PromptList, TrainPreferenceLoRA]

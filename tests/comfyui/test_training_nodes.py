@@ -1,0 +1,211 @@
+"""Training nodes through ComfyUI's own execution on the random-weight SD1.5 checkpoint (64x64, 2-3 steps).
+
+Checks: a run executes as a workflow; the LoRA it writes into models/loras loads in ComfyUI's
+stock LoraLoader with every key matched (no "lora key not loaded" logged) and feeds F's NPO
+Guider; the in-memory offset equals the file; interrupt saves, resume continues; the user's MODEL
+is unchanged afterwards; the ComfyUI run and the command-line run (DiffusersBackend on the same
+checkpoint converted to diffusers, same data, seed and LoRA start) agree.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+if not os.environ.get("COMFYUI_PATH"):
+    pytest.skip("COMFYUI_PATH is not set (real-ComfyUI tests are opt-in, see docs/comfyui_training.md)",
+                allow_module_level=True)
+
+import torch  # noqa: E402
+
+CKPT = "npo_random_sd15_v1.safetensors"
+
+
+@pytest.fixture(scope="module")
+def datasets(comfy):
+    """models' sibling `datasets/` of the temp ComfyUI root, with a 3-pair JSONL dataset (64 px PNGs)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import nodes
+
+    from npo_suite.nodes.training import TRAINING_NODES
+
+    for cls in TRAINING_NODES:  # until nodes/extension.py lists TRAINING_NODES (then this is a no-op)
+        nodes.NODE_CLASS_MAPPINGS.setdefault(cls.GET_SCHEMA().node_id, cls)
+    root = comfy.root / "datasets"
+    (root / "pairs3").mkdir(parents=True, exist_ok=True)
+    comfy.folder_paths.folder_names_and_paths["npo_datasets"] = ([str(root)], set())
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(3):
+        for side in ("w", "l"):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "pairs3" / f"{side}{i}.png")
+        lines.append({"id": f"p{i}", "prompt": f"a photo of a cat number {i}", "chosen": f"w{i}.png", "rejected": f"l{i}.png"})
+    (root / "pairs3" / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+def train_inputs(**kw):
+    d = dict(method="npo", beta=5000.0, lam=0.9, snpo_p=0.5, steps=2, lr=1e-3, rank=4, targets="attn", batch_size=1,
+             grad_accum=1, resolution=64, precision="no", optimizer="adamw", gradient_checkpointing=False, seed=0,
+             ref_update_every=0, ref_bound=0.005, ref_on_exceed="freeze", timestep_sampler="uniform",
+             timestep_weight="none", output_name="npo_test", resume=False, checkpoint_every=1, init_lora="none",
+             extra="")
+    d.update(kw)
+    return d
+
+
+def test_train_in_workflow_then_lora_loader_and_npo_guider(comfy, datasets, caplog):
+    g = {}
+    g["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}
+    g["2"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0xC08040}}
+    g["3"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x303030}}
+    g["4"] = {"class_type": "NPOSuite_PreferenceDataset",
+              "inputs": {"dataset": "(from images)", "chosen": ["2", 0], "rejected": ["3", 0], "prompt": "a cat"}}
+    g["5"] = {"class_type": "NPOSuite_TrainPreferenceLoRA",
+              "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["4", 0],
+                         **train_inputs(output_name="wf_npo")}}
+    g["6"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a cat"}}
+    g["7"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}}
+    g["8"] = {"class_type": "NPOSuite_NPOGuider", "inputs": {
+        "model": ["1", 0], "positive": ["6", 0], "negative": ["7", 0], "cfg": 6.0, "negative_offset": ["5", 0],
+        "beta": 1.0, "alpha": 0.0, "sigma_min": 0.0, "sigma_max": 0.0}}
+    g["9"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 2, "denoise": 1.0}}
+    g["10"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    g["11"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}}
+    g["12"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["13"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["11", 0], "guider": ["8", 0], "sampler": ["12", 0], "sigmas": ["9", 0], "latent_image": ["10", 0]}}
+    g["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": "npo_train/t"}}
+    out = comfy.run(g, ["5", "13"])
+    offset, _model, lora_name, curve, report = out["5"]
+    offset, lora_name, curve, report = offset[0], lora_name[0], curve[0], report[0]
+    assert lora_name == "wf_npo.safetensors" and (comfy.root / "loras" / lora_name).is_file()
+    # EmptyImage repeats one image: the second pair is a duplicate, counted and skipped
+    assert "finished at step 2/2" in report and "1 pairs, 1 skipped" in report and "duplicate_id: 1" in report
+    assert curve.ndim == 4 and curve.shape[-1] == 3
+    assert torch.isfinite(out["13"][0][0]["samples"]).all()
+    assert any(float(d.up.abs().max()) > 0 for d in offset.unet.values())
+
+    # the written file: same deltas as the in-memory offset; stock LoraLoader maps every key
+    from npo_suite.core.offsets import load_offset
+
+    back = load_offset(comfy.root / "loras" / lora_name)
+    assert set(back.unet) == set(offset.unet)
+    for k, d in offset.unet.items():
+        assert torch.allclose(back.unet[k].dense(), d.dense(), atol=1e-6), k
+    assert back.metadata.get("npo_suite.role") == "negative" and back.metadata.get("npo_suite.method") == "npo"
+    h = {"1": g["1"], "6": g["6"], "7": g["7"], "9": g["9"], "10": g["10"],
+         "20": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+                                                       "strength_model": 1.0, "strength_clip": 1.0}},
+         "21": {"class_type": "KSampler", "inputs": {"model": ["20", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                                     "latent_image": ["10", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                     "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+         "22": {"class_type": "SaveLatent", "inputs": {"samples": ["21", 0], "filename_prefix": "npo_train/l"}}}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        res = comfy.run(h, ["21"])
+    assert torch.isfinite(res["21"][0][0]["samples"]).all()
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+
+
+def _checkpoint(comfy):
+    import nodes
+
+    return nodes.CheckpointLoaderSimple().load_checkpoint(CKPT)
+
+
+@pytest.mark.slow
+def test_interrupt_saves_and_resume_continues(comfy, datasets, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from npo_suite.nodes import training_core as core
+    from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
+
+    with torch.inference_mode():
+        model, clip, vae = _checkpoint(comfy)
+        data = PreferenceDataset.execute("pairs3", None, None, "").args[0]
+    probe = next(iter(model.model.diffusion_model.parameters()))
+    before = {k: v.detach().clone() for k, v in list(model.model.diffusion_model.state_dict().items())[:20]}
+    original = comfy.utils.ProgressBar.update_absolute
+
+    def interrupt_after_first(self, value, total=None, preview=None):
+        original(self, value, total, preview)
+        if value >= 1:
+            mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", interrupt_after_first)
+    opts = train_inputs(method="bdpo", steps=3, output_name="resumable")
+    with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+        TrainPreferenceLoRA.execute(model, clip, vae, data, **opts)
+    run = comfy.root / "output" / core.RUNS_SUBDIR / "resumable"
+    assert (run / "checkpoints" / "latest").is_file()
+    assert (comfy.root / "loras" / "resumable.safetensors").is_file()  # what it had, saved
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", original)
+    with torch.inference_mode():
+        out = TrainPreferenceLoRA.execute(model, clip, vae, data, **{**opts, "resume": True}).args
+    assert "finished at step 3/3" in out[4] and "(resumed)" in out[4]
+    assert [s for s, _ in core.read_losses(run / "metrics.csv")] == [1, 2, 3]
+    # the user's MODEL: same module tree, no hooks, same weights
+    dm = model.model.diffusion_model
+    assert all(not m._forward_hooks for m in dm.modules())
+    after = dm.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert probe.shape == next(iter(dm.parameters())).shape
+
+
+@pytest.mark.slow
+def test_comfyui_and_cli_runs_agree(comfy, datasets, tmp_path):
+    """Same checkpoint (converted to diffusers for the CLI backend), data, seed and LoRA start (fp32, 3 steps).
+
+    Tolerance: ComfyUI's UNet/CLIP/VAE implementations and diffusers' differ in operation order, so
+    per-step losses must agree to rel 2e-3 and the trained LoRA up-projections to rel 2e-2.
+    """
+    from npo_suite.core.loading import load_model
+    from npo_suite.core.offset_types import Offset
+    from npo_suite.core.offsets import offset_from_peft, save_offset
+    from npo_suite.nodes import training_core as core
+    from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
+    from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
+    from npo_suite.trainer.config import TrainConfig
+    from npo_suite.trainer.loop import train
+
+    tok = os.path.join(os.environ["COMFYUI_PATH"], "comfy", "sd1_tokenizer")
+    bundle = load_model(comfy.root / "checkpoints" / CKPT, family="sd1", tokenizer=tok)
+    # a shared LoRA start: random down AND up projections on every attention projection
+    start = DiffusersBackend.from_bundle(bundle, options=BackendOptions(lora=LoraOptions(rank=4, alpha=4.0, seed=9)))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, m in start._layers:
+            m.lora_B["policy"].weight.copy_(torch.randn(m.lora_B["policy"].weight.shape, generator=g) * 0.01)
+    save_offset(Offset(unet=offset_from_peft(start.unet, "policy")), comfy.root / "loras" / "start.safetensors",
+                base=start.unet)
+    start.unet.delete_adapters(["policy"])
+    bundle = load_model(comfy.root / "checkpoints" / CKPT, family="sd1", tokenizer=tok)
+    cli = DiffusersBackend.from_bundle(bundle, options=BackendOptions(lora=LoraOptions(
+        rank=4, alpha=4.0, seed=0, init_path=str(comfy.root / "loras" / "start.safetensors"))))
+    cfg = TrainConfig(method="dpo", beta=5000.0, steps=3, lr=1e-3, lora_rank=4, lora_alpha=4.0, resolution=64, seed=0,
+                      log_every=1, checkpoint_every=0, output_dir=str(tmp_path / "cli"), data_path=[
+                          str(datasets / "pairs3" / "pairs.jsonl")])
+    res = train(cfg, backend=cli, data=None)
+    cli_losses = core.read_losses(tmp_path / "cli" / "metrics.csv")
+    with torch.inference_mode():
+        model, clip, vae = _checkpoint(comfy)
+        data = PreferenceDataset.execute("pairs3/pairs.jsonl", None, None, "").args[0]
+        out = TrainPreferenceLoRA.execute(model, clip, vae, data, **train_inputs(
+            method="dpo", steps=3, output_name="agree", init_lora="start.safetensors", checkpoint_every=0)).args
+    comfy_losses = core.read_losses(comfy.root / "output" / core.RUNS_SUBDIR / "agree" / "metrics.csv")
+    assert len(cli_losses) == len(comfy_losses) == 3
+    for (s1, a), (s2, b) in zip(cli_losses, comfy_losses):
+        assert s1 == s2 and abs(a - b) <= 2e-3 * max(abs(a), 1e-3), (cli_losses, comfy_losses)
+    ours, theirs = out[0].unet, offset_from_peft(cli.unet, "policy")
+    assert set(ours) == set(theirs)
+    for k in ours:
+        a, b = ours[k].dense(), theirs[k].dense()
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max(), k
+    assert res.steps_done == 3

@@ -1,0 +1,286 @@
+"""ComfyBackend mechanics and the training nodes' plain logic, without ComfyUI.
+
+The ComfyUI backend is exercised on a tiny diffusers UNet whose "ComfyUI names" are its own
+(the diffusers-named view is then the identity map), which allows an exact comparison with
+DiffusersBackend: same LoRA init, same forwards, so the same losses and weights step by step.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import load_sd15, load_sdxl
+
+from npo_suite.trainer.backends.base import Backend
+from npo_suite.trainer.backends.comfy import ComfyBackend, DiffusersView, _detach_inference_tensors, lcm_cat, view_config
+from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
+
+
+def comfy_like(pipe, model_dir, **kw) -> ComfyBackend:
+    """A ComfyBackend over a diffusers pipeline's UNet (view = identity map), the way from_comfy builds one;
+    text and images are encoded by a DiffusersBackend on a second copy of the same model."""
+    unet, sdxl = pipe.unet, hasattr(pipe, "text_encoder_2")
+    modules = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    text = ref = DiffusersBackend.from_pipeline((load_sdxl if sdxl else load_sd15)(model_dir))
+
+    def forward(x, t, cond):
+        added = cond.added or None
+        return unet(x, t, encoder_hidden_states=cond.hidden, added_cond_kwargs=added).sample
+
+    def encode_text(prompts):
+        c = text.encode_prompts(prompts)
+        pooled = [c.added["text_embeds"][i:i + 1] for i in range(len(prompts))] if sdxl else [None] * len(prompts)
+        return [c.hidden[i:i + 1] for i in range(len(prompts))], pooled
+
+    abar = ref.abar.clone()
+    return ComfyBackend(modules, forward, abar=abar, prediction_type="epsilon", family="sdxl" if sdxl else "sd1",
+                        encode_text=encode_text, encode_pixels=ref.encode_images, decode_latents_fn=ref.decode_latents,
+                        network=unet, source="tiny", **kw)
+
+
+def pair_batches(backend, n=3, seed=0):
+    from npo_suite.trainer.methods import PairBatch
+
+    g = torch.Generator().manual_seed(seed)
+    cond = backend.encode_prompts(["a red cat", "a blue dog"])
+    return [PairBatch(torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g), cond,
+                      ["a red cat", "a blue dog"]) for _ in range(n)]
+
+
+def test_protocol_and_zero_init_equals_base(sd15_dir):
+    pipe = load_sd15(sd15_dir)
+    b = comfy_like(pipe, sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2, seed=1)))
+    assert isinstance(b, Backend)
+    x, t = torch.randn(2, 4, 2, 2), torch.tensor([10, 900])
+    cond = b.encode_prompts(["a", "a much longer prompt"])
+    assert cond.hidden.shape[0] == 2
+    with torch.no_grad():
+        pol, base = b.predict_eps(x, t, cond, "policy"), b.predict_eps(x, t, cond, None)
+    assert torch.equal(pol, base)  # up-projections start at zero
+    with torch.no_grad():
+        for p in b._params["policy"]:
+            p.add_(0.05)
+        assert (b.predict_eps(x, t, cond, "policy") - base).abs().max() > 1e-4
+        assert torch.equal(b.predict_eps(x, t, cond, None), base)  # adapter off = the base network
+    b.close()
+
+
+def test_same_losses_and_weights_as_diffusers_backend(sd15_dir, tmp_path):
+    """Both backends share trainer.loop.train: 3 DPO steps agree to float32 rounding."""
+    from npo_suite.trainer.config import TrainConfig
+    from npo_suite.trainer.loop import train
+
+    opts = dict(lora=LoraOptions(rank=2, alpha=2.0, seed=3))
+    d = DiffusersBackend.from_pipeline(load_sd15(sd15_dir), options=BackendOptions(**opts))
+    c = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(**opts))
+    for a, b in zip(d.trainable_parameters(), c.trainable_parameters()):
+        assert torch.equal(a, b)  # same init order through the view
+    results = {}
+    for name, backend in (("diffusers", d), ("comfy", c)):
+        cfg = TrainConfig(method="dpo", steps=3, lr=1e-3, beta=500.0, lora_rank=2, lora_alpha=2.0, seed=3, log_every=1,
+                          checkpoint_every=0, output_dir=str(tmp_path / name), lr_scheduler="constant")
+        res = train(cfg, backend=backend, data=iter(pair_batches(d)))
+        results[name] = (res.last_metrics["loss"], backend.adapter_state("policy"))
+    (ld, sd), (lc, sc) = results["diffusers"], results["comfy"]
+    assert math.isclose(ld, lc, rel_tol=1e-5, abs_tol=1e-7)
+    for k in sd:
+        assert torch.allclose(sd[k], sc[k], rtol=1e-5, atol=1e-7), k
+    assert any(sc[k].abs().max() > 0 for k in sc if k.endswith("lora_B"))  # it did train
+    assert (tmp_path / "comfy" / "dpo_lora.safetensors").is_file()  # loop's save_lora reads the view
+    c.close()
+
+
+def test_close_restores_network_and_inference_tensors(sd15_dir):
+    pipe = load_sd15(sd15_dir)
+    unet = pipe.unet
+    with torch.inference_mode():  # ComfyUI loads weights in inference mode
+        unet.load_state_dict({k: v.clone() for k, v in unet.state_dict().items()}, assign=True)
+    assert any(p.is_inference() for p in unet.parameters())
+    x, t = torch.randn(1, 4, 2, 2), torch.tensor([500])
+    flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+    b = comfy_like(pipe, sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2), gradient_checkpointing=True),
+                   checkpoint_modules=list(unet.down_blocks))
+    cond = b.encode_prompts(["x"])
+    with torch.no_grad():
+        before = b.predict_eps(x, t, cond, None)
+    assert not any(p.is_inference() for p in unet.parameters())
+    loss = b.predict_eps(x, t, cond, "policy").square().mean()
+    loss.backward()  # autograd works on weights loaded under inference mode; checkpointed blocks too
+    assert all(p.grad is not None for p in b.trainable_parameters())
+    with torch.no_grad():
+        for p in b._params["policy"]:
+            p.add_(0.1)
+    b.close()
+    assert all(not m._forward_hooks for m in unet.modules())
+    assert all("forward" not in m.__dict__ for m in unet.down_blocks)
+    assert {n: p.requires_grad for n, p in unet.named_parameters()} == flags
+    with torch.no_grad():
+        after = unet(x, t, encoder_hidden_states=cond.hidden).sample
+    assert torch.equal(after, before)
+    with pytest.raises(RuntimeError, match="closed"):
+        b.predict_eps(x, t, cond, None)
+
+
+def test_detach_inference_tensors_counts():
+    with torch.inference_mode():
+        lin = torch.nn.Linear(3, 3)
+    assert _detach_inference_tensors(lin) == 2
+    assert _detach_inference_tensors(lin) == 0
+
+
+def test_lcm_cat_keeps_cross_attention():
+    q = torch.randn(1, 5, 8)
+    kv = [torch.randn(1, 77, 8), torch.randn(1, 154, 8)]
+    out = lcm_cat(kv)
+    assert out.shape == (2, 154, 8)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kv[0], kv[0])
+    rep = torch.nn.functional.scaled_dot_product_attention(q, out[:1], out[:1])
+    assert torch.allclose(ref, rep, atol=1e-6)
+
+
+def test_view_config_and_exported_names(sd15_dir, sdxl, tmp_path):
+    from npo_suite.core.offset_keys import unet_block_prefixes
+    from npo_suite.core.offsets import load_offset, offset_to_state_dict, save_offset
+
+    for unet in (load_sd15(sd15_dir).unet, sdxl.unet):
+        names = [n for n, _ in unet.named_modules()]
+        cfg = view_config(names)
+        assert unet_block_prefixes(cfg) == unet_block_prefixes(unet.config)
+        assert (cfg["addition_embed_type"] == "text_time") == (unet.config.addition_embed_type == "text_time")
+    b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
+    with torch.no_grad():
+        for p in b._params["policy"]:
+            p.add_(0.01)
+    off = b.export_offset()
+    assert all(k.startswith(("down_blocks", "up_blocks", "mid_block")) for k in off.unet)
+    sd = offset_to_state_dict(off, format="kohya", base=b.unet)
+    assert all(k.startswith("lora_unet_") for k in sd)
+    path = save_offset(off, tmp_path / "x.safetensors", base=b.unet)
+    back = load_offset(path, base=b.unet)
+    assert set(back.unet) == set(off.unet)
+    b.close()
+
+
+def test_sdxl_added_conditioning(sdxl_dir):
+    b = comfy_like(load_sdxl(sdxl_dir), sdxl_dir, options=BackendOptions(lora=LoraOptions(rank=2), resolution=64))
+    cond = b.encode_prompts(["a cat"])
+    assert set(cond.added) == {"text_embeds", "time_ids"} and cond.added["time_ids"][0].tolist() == [64, 64, 0, 0, 64, 64]
+    null = b.null_cond(2)
+    assert null.hidden.abs().max() == 0  # SDXL null = zeros (force_zeros_for_empty_prompt), as DiffusersBackend
+    with torch.no_grad():
+        out = b.predict_eps(torch.randn(1, 4, 4, 4), torch.tensor([3]), cond, "policy")
+    assert out.shape == (1, 4, 4, 4)
+    b.close()
+
+
+def test_bad_model_errors():
+    with pytest.raises(ValueError, match="prediction type"):
+        ComfyBackend({}, lambda *a: None, abar=torch.ones(10), prediction_type="flow", family="sd1", encode_text=None)
+    view = DiffusersView({"a.b": torch.nn.Linear(2, 2)}, {})
+    assert isinstance(view.get_submodule("a.b"), torch.nn.Linear)
+    with pytest.raises(ValueError, match="matched no module"):
+        ComfyBackend({"a.b": torch.nn.Linear(2, 2)}, lambda *a: None, abar=torch.ones(10), prediction_type="epsilon",
+                     family="sd1", encode_text=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# training_core (the nodes' plain logic)
+# ---------------------------------------------------------------------------------------------
+def test_safe_names_and_inside(tmp_path):
+    from npo_suite.nodes.training_core import inside, safe_name
+
+    for bad in ("", "/etc/passwd", "../x", "a/../../b", "C:\\x", "a\\..\\..\\b"):
+        with pytest.raises(ValueError):
+            safe_name(bad)
+    assert safe_name("runs/a") == "runs/a"
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="outside"):
+        inside(tmp_path / "root", "link/x")
+    assert inside(tmp_path / "root", "d/x") == (tmp_path / "root" / "d" / "x").resolve()
+
+
+def test_datasets_from_images_and_prompts(tmp_path):
+    from npo_suite.nodes import training_core as core
+
+    imgs = torch.rand(3, 16, 16, 3)
+    data = core.dataset_from_images(imgs, imgs.flip(0), ["a cat"])
+    assert data.kind == "pairs" and data.counts() == {"records": 3, "skipped": 0, "ties": 0}
+    again = core.dataset_from_images(imgs, imgs.flip(0), ["a cat"])
+    assert [r.id for r in data.records] == [r.id for r in again.records]  # content ids: stable
+    assert core.preview_images(data, k=2, size=16).shape == (2, 16, 32, 3)
+    with pytest.raises(ValueError, match="pair row by row"):
+        core.dataset_from_images(imgs, imgs[:2], ["x"])
+    with pytest.raises(ValueError, match="2 prompts for 3 pairs"):
+        core.dataset_from_images(imgs, imgs, ["x", "y"])
+    pl = core.prompt_list("a red cat on a mat\n\n# comment\na dog in the park at noon")
+    assert pl.kind == "prompts" and len(pl.records) == 2 and pl.counts()["skipped"] == 1
+    prev = core.ddspo_preview(pl, 0, 0.4, 0.7)
+    assert "a red cat on a mat\n  -> " in prev
+    from npo_suite.trainer.ddspo import perturb_prompt
+
+    assert repr(perturb_prompt("a red cat on a mat", 0, 0.4, 0.7)) in prev
+    with pytest.raises(ValueError, match="no usable records"):
+        core.prompt_list("\n# nothing\n")
+    with pytest.raises(ValueError, match="connect a Prompt List"):
+        core.check_data("tdft", data)
+    core.check_data("npo", data)
+
+
+def test_dataset_folder_listing(tmp_path):
+    from npo_suite.nodes import training_core as core
+    from train_fixtures import make_pairs
+
+    make_pairs(tmp_path / "pairs_a", n=3)
+    (tmp_path / "p.txt").write_text("a cat\n")
+    (tmp_path / "ignored.png").write_bytes(b"")
+    assert core.list_datasets([str(tmp_path)]) == ["p.txt", "pairs_a"]
+    data = core.dataset_from_path(core.resolve_dataset([str(tmp_path)], "pairs_a/pairs.jsonl"), "pairs", "pairs_a")
+    assert len(data.records) == 3
+    with pytest.raises(FileNotFoundError, match="not found"):
+        core.resolve_dataset([str(tmp_path)], "nope")
+
+
+def test_node_config_publish_and_curve(tmp_path):
+    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer.methods import METHODS
+
+    opts = dict(method="snpo", beta=2000.0, lam=0.8, snpo_p=0.3, steps=4, lr=1e-4, rank=4, targets="attn", batch_size=2,
+                grad_accum=1, resolution=64, precision="no", optimizer="adamw", gradient_checkpointing=False, seed=5,
+                ref_update_every=0, ref_bound=0.005, ref_on_exceed="freeze", timestep_sampler="uniform",
+                timestep_weight="none", checkpoint_every=2, output_name="neg", extra="tdft_k: 3\n")
+    cfg = core.node_config(opts, str(tmp_path / "run"), None)
+    assert (cfg.method, cfg.lam, cfg.snpo_p, cfg.lora_rank, cfg.tdft_k, cfg.log_every) == ("snpo", 0.8, 0.3, 4, 3, 1)
+    assert "snpo" in METHODS
+    with pytest.raises(ValueError, match="unknown config key"):
+        core.node_config({**opts, "extra": "not_a_field: 1"}, str(tmp_path), None)
+    with pytest.raises(ValueError):
+        core.node_config({**opts, "output_name": "../x"}, str(tmp_path), None)
+    src = tmp_path / "a.safetensors"
+    src.write_bytes(b"123")
+    dst = core.publish_lora(src, str(tmp_path / "loras"), "sub/neg")
+    assert dst.read_bytes() == b"123" and not [p for p in dst.parent.iterdir() if p.name.endswith(".tmp")]
+    img = core.loss_curve_image([(1, 0.7), (2, 0.6)])
+    assert img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == 3 and 0 <= img.min() and img.max() <= 1
+
+
+def test_run_training_resume_and_interrupt(sd15_dir, tmp_path):
+    """run_training on the tiny backend: an interrupted run saves; resume continues to the target step."""
+    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer.config import TrainConfig
+
+    imgs = torch.rand(2, 16, 16, 3)
+    data = core.dataset_from_images(imgs, torch.rand(2, 16, 16, 3), ["a cat"])
+    b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
+    cfg = TrainConfig(method="npo", steps=3, lr=1e-3, lora_rank=2, lora_alpha=2.0, resolution=16, log_every=1,
+                      checkpoint_every=1, output_dir=str(tmp_path / "run"), output_name="neg")
+    calls = []
+    out = core.run_training(b, data, cfg, resume=True, cache_dir=str(tmp_path / "cache"),
+                            stop_requested=lambda: len(calls) >= 2, progress=lambda *a: calls.append(a))
+    assert out.interrupted and out.steps_done == 2 and out.lora_path.is_file() and out.offset is not None
+    out2 = core.run_training(b, data, cfg, resume=True, cache_dir=str(tmp_path / "cache"))
+    assert not out2.interrupted and out2.steps_done == 3 and "(resumed)" in out2.report
+    assert [s for s, _ in out2.losses] == [1, 2, 3]
+    b.close()
