@@ -158,6 +158,11 @@ def test_encode_decode_pixel_space(sd15_dir):
     b = DiffusersBackend(pipe.unet, [pipe.text_encoder], [pipe.tokenizer], pipe.scheduler, vae=None)
     px = torch.rand(1, 4, 8, 8)
     assert torch.equal(b.encode_images(px), px) and torch.equal(b.decode_latents(px), px)
+    with pytest.raises(ValueError, match="takes 4 channels, got images with 3"):
+        b.encode_images(torch.rand(1, 3, 8, 8))
+    b.unet.register_to_config(in_channels=1)  # a grey pixel-space model (the digits world)
+    rgb = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(b.encode_images(rgb), rgb.mean(1, keepdim=True))
 
 
 def test_target_presets():

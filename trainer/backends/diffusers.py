@@ -314,8 +314,14 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return pixels.to(self.device, torch.float32)
+        if self.vae is None:  # pixel space: the "latents" are the pixels
+            x = pixels.to(self.device, torch.float32)  # [B, 3, H, W]
+            c = self.unet.config.in_channels
+            if x.shape[1] == c:
+                return x
+            if c == 1:  # grey model (the digits world): data transforms give RGB, exact for grey images
+                return x.mean(1, keepdim=True)  # [B, 1, H, W]
+            raise ValueError(f"pixel-space model takes {c} channels, got images with {x.shape[1]}")
         px = pixels.to(self.device, self.vae.dtype)  # [B, 3, H, W] in [-1, 1]
         latents = self.vae.encode(px).latent_dist.mode()  # [B, C, H/8, W/8]
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0

@@ -1,0 +1,40 @@
+"""Demo smoke test: `python -m npo_suite demo --quick --json` on a quickly built world runs the whole
+loop with the project's code (pairs -> trainer npo + snpo -> generate.sample -> scores -> report)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("npo_suite.trainer.loop")
+pytest.importorskip("npo_suite.generate")
+
+
+@pytest.mark.slow
+def test_demo_quick_json(tmp_path, capsys):
+    from npo_suite.cli import main
+    from npo_suite.world.build import WorldConfig, build_world
+
+    world = build_world(tmp_path / "world", WorldConfig(steps=3, batch_size=8), diagnose_samples=0, log=None)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--json", "--world", str(world), "--out", str(out)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(lines) == 1  # ONE JSON line on stdout (logs go to stderr)
+    res = json.loads(lines[0])
+    assert set(res) == {"methods", "base_mean_reward", "base_accuracy", "report"}
+    assert set(res["methods"]) == {"npo", "snpo"}
+    for r in res["methods"].values():
+        assert set(r) == {"win_rate", "ci_low", "ci_high", "mean_reward", "accuracy", "right_to_wrong"}
+        assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1
+        assert 0 <= r["accuracy"] <= 1 and r["right_to_wrong"] >= 0
+    assert 0 <= res["base_mean_reward"] <= 1
+    report = (out / "report.md").read_text()
+    assert "win rate vs CFG" in report and "right->wrong" in report
+    for f in ("grid.png", "grid_seeds.png", "win_rates.png", "results.json", "pairs/pairs.jsonl",
+              "train_npo/npo_lora.safetensors", "train_snpo/snpo_lora.safetensors", "images/cfg/manifest.json"):
+        assert (out / f).is_file(), f
+    # the demo's runs are valid `evaluate compare` inputs (same prompts and seeds)
+    assert main(["evaluate", "compare", str(out / "images" / "cfg"), str(out / "images" / "npo"),
+                 "--world", str(world), "--n-boot", "100", "--json"]) == 0
+    cmp = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cmp["n"] == 20

@@ -1,0 +1,118 @@
+"""Preference pairs of the digits world, labelled by the world's reward from the base model's own
+samples (same prompt, two seeds; near-ties dropped), as the project's JSONL pair format:
+
+    {"prompt": ..., "chosen": "images/p0003_s17.png", "rejected": "images/p0003_s18.png", ...}
+
+Image paths are relative to the JSONL file; images are 8x8 grey PNGs (upsample only for viewing).
+Extra keys (rewards, seeds) are informative; readers need only prompt/chosen/rejected.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .build import all_prompts, parse_prompt
+
+# sample_fn(prompts, seeds) -> images [N, 8, 8] float in [0, 1]
+SampleFn = Callable[[list[str], list[int]], torch.Tensor]
+
+
+@dataclass
+class PairStats:
+    prompts: int
+    samples: int
+    pairs: int
+    dropped_ties: int
+    mean_margin: float
+    path: Path
+
+
+def to_png(image01, path: Path) -> None:
+    """[8, 8] in [0, 1] -> 8-bit grey PNG (exactly 8x8)."""
+    from PIL import Image
+
+    a = np.asarray(image01.detach().cpu() if hasattr(image01, "detach") else image01, dtype=np.float64)
+    Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8), mode="L").save(path)
+
+
+def load_png01(path) -> np.ndarray:
+    """An 8-bit grey PNG -> [H, W] float in [0, 1]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+
+
+def quantize01(images01: torch.Tensor) -> torch.Tensor:
+    """Round to the 8-bit grid a PNG stores, so scores of saved and in-memory images agree."""
+    return torch.round(images01.clamp(0, 1) * 255) / 255
+
+
+def make_pairs(sample_fn: SampleFn, reward, out_dir: str | os.PathLike, *, prompts: list[str] | None = None,
+               samples_per_prompt: int = 8, tie_margin: float = 0.05, seed_offset: int = 100_000,
+               batch: int = 256) -> PairStats:
+    """Sample `samples_per_prompt` images per prompt, pair seeds (0,1), (2,3), ... of each prompt,
+    keep the pairs whose reward differs by more than `tie_margin` (winner = higher p(class | x)),
+    and write `out_dir/pairs.jsonl` + `out_dir/images/*.png`.
+
+    Seeds start at `seed_offset` so the training pairs never share a seed with evaluation seeds.
+    """
+    prompts = list(prompts or all_prompts())
+    if samples_per_prompt < 2 or samples_per_prompt % 2:
+        raise ValueError(f"samples_per_prompt must be an even number >= 2, got {samples_per_prompt}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows_p, rows_s = [], []
+    for i, p in enumerate(prompts):
+        if parse_prompt(p)[0] is None:
+            raise ValueError(f"pair prompt {p!r} names no digit class, so the world's reward cannot label it")
+        for k in range(samples_per_prompt):
+            rows_p.append(p)
+            rows_s.append(seed_offset + i * samples_per_prompt + k)
+    images = torch.cat([quantize01(sample_fn(rows_p[j:j + batch], rows_s[j:j + batch]).float())
+                        for j in range(0, len(rows_p), batch)])  # [N, 8, 8]
+    labels = [parse_prompt(p)[0] for p in rows_p]
+    r = reward.reward(images.reshape(len(images), -1).numpy(), labels)  # [N]
+    lines, dropped, margins = [], 0, []
+    for j in range(0, len(rows_p), 2):
+        a, b = j, j + 1
+        if abs(r[a] - r[b]) <= tie_margin:
+            dropped += 1
+            continue
+        w, l = (a, b) if r[a] > r[b] else (b, a)
+        names = []
+        for idx in (w, l):
+            name = f"images/p{prompts.index(rows_p[idx]):03d}_s{rows_s[idx]}.png"
+            to_png(images[idx], out / name)
+            names.append(name)
+        margins.append(float(r[w] - r[l]))
+        lines.append({"prompt": rows_p[w], "chosen": names[0], "rejected": names[1],
+                      "reward_chosen": round(float(r[w]), 6), "reward_rejected": round(float(r[l]), 6),
+                      "seed_chosen": rows_s[w], "seed_rejected": rows_s[l]})
+    path = out / "pairs.jsonl"
+    tmp = out / ".pairs.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return PairStats(len(prompts), len(rows_p), len(lines), dropped, float(np.mean(margins)) if margins else 0.0, path)
+
+
+def read_pairs(path: str | os.PathLike) -> list[dict]:
+    """The pairs of a JSONL file with image paths resolved against its folder (for checks and tests)."""
+    p = Path(path)
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
+        if missing:
+            raise ValueError(f"{p}:{n}: missing {', '.join(missing)}")
+        rec["chosen_path"], rec["rejected_path"] = p.parent / rec["chosen"], p.parent / rec["rejected"]
+        out.append(rec)
+    return out
