@@ -33,7 +33,6 @@ ROLE_BRANCHES: dict[str, tuple[str | None, str | None, str]] = {
 }
 
 
-# Roles as the task fixes them; used only until trainer/methods.py gives every Method a `role`.
 def method_role(method, cfg) -> str:
     """The LoRA's role (metadata + sampling): `Method.role`."""
     role = method.role
