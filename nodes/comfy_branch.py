@@ -1,0 +1,226 @@
+"""ComfyUI adapter: NPO offsets on ComfyUI MODEL objects (ModelPatcher).
+
+Two ways to give the negative (unconditional) branch `θ + α·η + β·δ` (METHODS.md, seed 001 §3.2):
+  * branch path (`apply_npo`): one batched forward; a `model_function_wrapper` reads
+    `cond_or_uncond`, and forward hooks installed for that forward alone add each low-rank
+    offset to the rows of its branch. Nothing in the weights changes, so it composes with
+    LoRA weight patches, FreeU/transformer patches, low-VRAM casting and other wrappers.
+  * merged path (`negative_model`): a ModelPatcher clone carrying ComfyUI weight patches
+    (`add_patches`), used by the Dual-Model NPO guider for any second MODEL.
+Offsets arrive keyed by diffusers module paths (core/offset_types.py); ComfyUI's UNet uses LDM
+names, mapped with `comfy.utils.unet_to_diffusers`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.samplers
+import comfy.utils
+
+from ..core.offset_types import DenseDelta, LowRankDelta, Offset
+from .rows import NPOBranchWrapper, NPOSpec, build_terms
+
+
+# ---------------------------------------------------------------------------------------------
+# key mapping
+# ---------------------------------------------------------------------------------------------
+def diffusers_to_ldm_modules(model_patcher) -> dict[str, str]:
+    """diffusers UNet module path -> LDM module path inside `diffusion_model`."""
+    unet_config = model_patcher.model.model_config.unet_config
+    out = {}
+    for dk, lk in comfy.utils.unet_to_diffusers(unet_config).items():
+        if dk.endswith(".weight") and lk.endswith(".weight"):
+            out[dk[: -len(".weight")]] = lk[: -len(".weight")]
+    return out
+
+
+def unet_deltas_ldm(offset: Offset | None, model_patcher) -> tuple[dict, list[str]]:
+    """The offset's UNet deltas re-keyed to LDM module paths; also the keys that match nothing."""
+    if offset is None:
+        return {}, []
+    mapping = diffusers_to_ldm_modules(model_patcher)
+    dm = model_patcher.model.diffusion_model
+    out, unmatched = {}, []
+    for name, delta in offset.unet.items():
+        ldm = mapping.get(name, name)  # already-LDM keys pass through
+        try:
+            mod = dm.get_submodule(ldm)
+        except AttributeError:
+            unmatched.append(name)
+            continue
+        w = getattr(mod, "weight", None)
+        if w is None or _delta_numel(delta) != w.numel():
+            unmatched.append(name)
+            continue
+        out[ldm] = delta
+    return out, unmatched
+
+
+def _delta_numel(delta) -> int:
+    if isinstance(delta, DenseDelta):
+        return delta.weight.numel()
+    out_dim = delta.up.shape[0]
+    in_numel = delta.down[0].numel() if delta.mid is None else delta.down.shape[1] * delta.mid[0, 0].numel()
+    return out_dim * in_numel
+
+
+def describe_coverage(offset: Offset | None, model_patcher, role: str) -> str:
+    """One line for logs / node reports: how much of the offset the model accepted."""
+    if offset is None:
+        return f"{role}: none"
+    mapped, unmatched = unet_deltas_ldm(offset, model_patcher)
+    s = f"{role}: {len(mapped)}/{len(offset.unet)} UNet modules applied"
+    if unmatched:
+        s += f", {len(unmatched)} did not match this model (e.g. {unmatched[0]})"
+    n_te = sum(len(v) for v in offset.text_encoders.values())
+    if n_te:
+        s += f", {n_te} text-encoder modules ignored (sampling offsets act on the UNet)"
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# branch path: one batched forward, per-row offsets
+# ---------------------------------------------------------------------------------------------
+def apply_npo(model_patcher, spec: NPOSpec):
+    """A clone of `model_patcher` whose CFG forward does NPO on the negative rows.
+
+    Returns (clone, report line). With cfg = 1 ComfyUI runs no negative rows: only η applies.
+    """
+    eta, un_eta = unet_deltas_ldm(spec.eta, model_patcher)
+    delta, un_delta = unet_deltas_ldm(spec.delta, model_patcher)
+    if spec.eta is not None and not eta:
+        raise ValueError(f"positive offset: none of its {len(spec.eta.unet)} UNet modules match this model")
+    if spec.delta is not None and not delta:
+        raise ValueError(f"negative offset: none of its {len(spec.delta.unet)} UNet modules match this model")
+    m = model_patcher.clone()
+    previous = m.model_options.get("model_function_wrapper")
+    terms = build_terms(eta, delta, spec.alpha, spec.beta)
+    outside = build_terms(eta, None, 1.0, 0.0)
+    m.set_model_unet_function_wrapper(NPOBranchWrapper(terms, outside, spec, previous))
+    report = "; ".join([describe_coverage(spec.eta, model_patcher, "positive η"),
+                        describe_coverage(spec.delta, model_patcher, "negative δ")])
+    return m, report
+
+
+# ---------------------------------------------------------------------------------------------
+# merged path: ComfyUI weight patches
+# ---------------------------------------------------------------------------------------------
+def comfy_patches(deltas_ldm: dict, prefix: str = "diffusion_model.") -> dict:
+    """ComfyUI `add_patches` dict {state-dict key: patch} for LDM-keyed deltas."""
+    try:  # ComfyUI >= 0.3.3x: weight adapters
+        from comfy.weight_adapter.lora import LoRAAdapter
+    except ImportError:  # older ComfyUI: tuple patches
+        LoRAAdapter = None
+    patches = {}
+    for name, d in deltas_ldm.items():
+        key = f"{prefix}{name}.weight"
+        if isinstance(d, LowRankDelta) and d.mid is None:
+            rank = d.rank
+            weights = (d.up, d.down, float(d.scale) * rank, None, None, None)  # ComfyUI: alpha / rank
+            patches[key] = LoRAAdapter(set(), weights) if LoRAAdapter is not None else ("lora", weights[:5])
+        else:
+            patches[key] = ("diff", (d.dense(torch.float32),))
+            if getattr(d, "bias", None) is not None:
+                patches[f"{prefix}{name}.bias"] = ("diff", (d.scale * d.bias.float(),))
+    return patches
+
+
+def negative_model(model_patcher, eta: Offset | None, delta: Offset | None, alpha: float, beta: float):
+    """`θ + α·η + β·δ` as a ModelPatcher clone with ComfyUI weight patches (loads/offloads normally)."""
+    m = model_patcher.clone()
+    eta_ldm, _ = unet_deltas_ldm(eta, model_patcher)
+    delta_ldm, _ = unet_deltas_ldm(delta, model_patcher)
+    if delta is not None and not delta_ldm:
+        raise ValueError(f"negative offset: none of its {len(delta.unet)} UNet modules match this model")
+    if eta_ldm and alpha != 0.0:
+        m.add_patches(comfy_patches(eta_ldm), strength_patch=float(alpha))
+    if delta_ldm and beta != 0.0:
+        m.add_patches(comfy_patches(delta_ldm), strength_patch=float(beta))
+    report = "; ".join([describe_coverage(eta, model_patcher, f"η x {alpha:g}"),
+                        describe_coverage(delta, model_patcher, f"δ x {beta:g}")])
+    return m, report
+
+
+# ---------------------------------------------------------------------------------------------
+# guiders
+# ---------------------------------------------------------------------------------------------
+class Guider_NPO(comfy.samplers.CFGGuider):
+    """CFG whose negative prediction comes from `θ+α·η+β·δ` in the same batched forward.
+
+    eps = eps_neg + w·(eps_pos − eps_neg) (seed 001 §3.2) is ComfyUI's own CFG combine, so
+    `predict_noise` is inherited: `cfg_function` runs the sampler_cfg / post-cfg hooks.
+    """
+
+    def __init__(self, model_patcher, spec: NPOSpec):
+        patched, self.report = apply_npo(model_patcher, spec)
+        super().__init__(patched)
+        self.spec = spec
+
+
+class Guider_DualModelNPO(comfy.samplers.CFGGuider):
+    """General path: positive prediction from `model`, negative from a second MODEL.
+
+    When both are clones of one network (e.g. the NPO Negative Model of the same checkpoint),
+    ComfyUI can hold only one set of weight patches at a time, so each step re-loads the patcher
+    it is about to run (slower, but the negative patches really apply).
+    """
+
+    def __init__(self, model_patcher, negative_patcher):
+        m = model_patcher.clone()
+        super().__init__(m)
+        self.negative_patcher = negative_patcher
+        self.shared = negative_patcher.is_clone(model_patcher)
+        if not self.shared:
+            m.set_additional_models("npo_negative_model", [negative_patcher])
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        cond, uncond = self.conds.get("positive"), self.conds.get("negative")
+        no_uncond = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+        if self.shared and not no_uncond:
+            comfy.model_management.load_models_gpu([self.model_patcher])
+        cond_pred = comfy.samplers.calc_cond_batch(self.inner_model, [cond], x, timestep, model_options)[0]
+        if no_uncond:
+            uncond, uncond_pred = None, cond_pred
+        else:
+            if self.shared:
+                comfy.model_management.load_models_gpu([self.negative_patcher])
+            neg_options = comfy.model_patcher.create_model_options_clone(self.negative_patcher.model_options)
+            neg_options.setdefault("transformer_options", {})["sample_sigmas"] = \
+                model_options.get("transformer_options", {}).get("sample_sigmas")
+            uncond_pred = comfy.samplers.calc_cond_batch(self.negative_patcher.model, [uncond], x, timestep,
+                                                        neg_options)[0]
+        return comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x, timestep,
+                                           model_options=model_options, cond=cond, uncond=uncond)
+
+
+class Guider_SNPO(comfy.samplers.CFGGuider):
+    """SNPO sampling (seed 000 §4.3): plain CFG whose unconditional input is ∅ (the encoded
+    empty prompt), optionally blended with the user's negative prompt: (1−w)·∅ + w·c⁻."""
+
+
+def blend_conditioning(null_cond: list, negative: list | None, weight: float) -> list:
+    """(1−w)·∅ + w·c⁻ per entry (ConditioningAverage semantics: the token axis is padded/cut
+    to ∅'s length; pooled outputs are blended too)."""
+    if negative is None or weight == 0.0:
+        return null_cond
+    base_t, base_d = null_cond[0][0], null_cond[0][1]
+    neg_t, neg_d = negative[0][0], negative[0][1]
+    if neg_t.shape[1] < base_t.shape[1]:
+        neg_t = torch.cat([neg_t, torch.zeros_like(base_t[:, : base_t.shape[1] - neg_t.shape[1]])], dim=1)
+    neg_t = neg_t[:, : base_t.shape[1]].to(base_t)
+    t = base_t * (1.0 - weight) + neg_t * weight  # [1, tokens, dim]
+    d = dict(base_d)
+    if base_d.get("pooled_output") is not None and neg_d.get("pooled_output") is not None:
+        d["pooled_output"] = base_d["pooled_output"] * (1.0 - weight) + neg_d["pooled_output"].to(
+            base_d["pooled_output"]) * weight
+    return [[t, d]]
+
+
+def encode_empty(clip) -> list:
+    """∅: the encoded empty prompt, exactly what the model saw under CFG dropout."""
+    tokens = clip.tokenize("")
+    return clip.encode_from_tokens_scheduled(tokens)
