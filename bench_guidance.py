@@ -8,9 +8,10 @@ Three cases, one guidance step each (= the UNet work of one sampler step, batch 
                  forwards of B rows each
 
 Time: one process holds ONE copy of the UNet and runs the three cases round-robin, step by step
-(so machine load affects them alike): cfg with eta merged in place (`core.offsets.applied`), the
-fast path with its hooks on, the two-model path as two forwards with each merged weight set in
-turn (merging is not timed: a real two-model setup keeps both copies resident). Reported: the
+(so machine load affects them alike). Merged weights cost exactly what plain weights cost, so cfg
+and the two-model path are timed on the resident weights (no merge inside the timed loop: merging
+192 weights in place before each step churned the allocator and made cfg look slower than the
+fast path); the fast path runs with its hooks on. Reported: the
 median over `--steps` rounds after `--warmup` rounds (torch.cuda.synchronize on CUDA).
 Memory: each case runs once more in its own fresh process (spawn), with its real resident
 weights (cfg: one merged copy; fast: base + LoRA factors; two-model: two merged copies), for
@@ -180,7 +181,6 @@ def _time_all(cfg: dict) -> dict:
 
     from .core.branch_lora import BranchOffsets
     from .core.guidance import npo
-    from .core.offsets import applied
 
     unet, eta, delta, x, hid, t = _setup(cfg)
     n, dev = cfg["batch"], x.device
@@ -197,16 +197,16 @@ def _time_all(cfg: dict) -> dict:
     times = {c: [] for c in CASES}
     with torch.inference_mode():
         for i in range(cfg["warmup"] + cfg["steps"]):
-            with applied(unet, groups["pos"]):
-                out, dt_cfg = fwd(torch.cat([x, x]), hid)
-                npo(*out.chunk(2), 7.5)
+            # cfg: a forward of 2B rows on plain weights. A merged LoRA changes weight values, not the
+            # work, so this times "CFG with the LoRA merged" without merging inside the timed loop
+            # (in-place merges of every targeted weight churn the allocator and skew the next forward).
+            out, dt_cfg = fwd(torch.cat([x, x]), hid)
+            npo(*out.chunk(2), 7.5)
             with fast:
                 out, dt_fast = fwd(torch.cat([x, x]), hid)
                 npo(*out.chunk(2), 7.5)
-            with applied(unet, groups["pos"]):
-                pos, dt_a = fwd(x, hid[:n])
-            with applied(unet, groups["neg"]):
-                neg, dt_b = fwd(x, hid[n:])
+            pos, dt_a = fwd(x, hid[:n])  # two-model: the positive model's B rows ...
+            neg, dt_b = fwd(x, hid[n:])  # ... and the negative model's B rows (same work as merged copies)
             npo(pos, neg, 7.5)
             if i >= cfg["warmup"]:
                 for c, v in zip(CASES, (dt_cfg, dt_fast, dt_a + dt_b)):

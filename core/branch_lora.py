@@ -152,8 +152,13 @@ def _build_plans(root: nn.Module, groups: Groups, component: str) -> list[_Plan]
 
 
 def _plan_for(path: str, mod: nn.Module, items: list[tuple[Delta, list[float]]]) -> _Plan:
+    """The master plan of one module: factors in float32 (float64 for float64 weights) on the deltas'
+    own device (CPU for loaded files: no extra accelerator memory); forwards run on a cached copy in
+    the output's device/dtype (`BranchOffsets._on`), which IS the master when they already match."""
     w = mod.weight
-    dt, dev = w.dtype, w.device
+    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    first = items[0][0] if items else None
+    dev = (first.weight if isinstance(first, DenseDelta) else first.down).device if first is not None else w.device
     is_conv = isinstance(mod, nn.Conv2d)
     plan = _Plan(path, mod)
     downs, ups, coefs = [], [], []
@@ -199,6 +204,8 @@ class BranchOffsets:
         self._rows: torch.Tensor | None = None
         self._cache: dict[tuple, list] = {}
         self._scales: list | None = None
+        self._moved: dict[tuple, _Plan] = {}  # (module index, device, dtype) -> plan on that device/dtype
+        self._moved_scales: dict[tuple, dict] = {}  # (rows, module index, device, dtype) -> scales there
         if rows is not None:
             self.set_rows(rows)
 
@@ -230,8 +237,9 @@ class BranchOffsets:
 
     def _row_scales(self, plan: _Plan, key: tuple) -> dict:
         """Per-row coefficients for each term of `plan`: onehot(rows) [B, G] @ coef [G, ...]."""
-        w = plan.module.weight
-        onehot = torch.zeros(len(key), len(self.group_names), dtype=w.dtype, device=w.device)  # [B, G]
+        ref = next((t.coef for t in (*plan.buckets, *plan.tucker, *plan.dense)), None)
+        dt, dev = (ref.dtype, ref.device) if ref is not None else (torch.float32, plan.module.weight.device)
+        onehot = torch.zeros(len(key), len(self.group_names), dtype=dt, device=dev)  # [B, G]
         for b, g in enumerate(key):
             if g >= 0:
                 onehot[b, g] = 1.0
@@ -255,9 +263,36 @@ class BranchOffsets:
             if x.shape[0] != n or out.shape[0] != n:
                 raise RuntimeError(f"branch_offsets: module {plan.name!r} saw a batch of {x.shape[0]} rows but "
                                    f"set_rows assigned {n}; per-row offsets need the batch as the leading dim of every targeted module")
-            return _apply(plan, scales, x, out)
+            # compute in the output's device and dtype (weights may be offloaded, or cast per forward by
+            # ComfyUI/Forge "manual cast" layers), with the factors moved there once and cached
+            key = (self._rows_key, i, out.device, out.dtype)
+            moved = self._moved_scales.get(key)
+            if moved is None:
+                moved = {k: [None if v is None else v.to(out.device, out.dtype) for v in vs] for k, vs in scales.items()}
+                if len(self._moved_scales) >= 64 * max(1, len(self._plans)):
+                    self._moved_scales.clear()
+                self._moved_scales[key] = moved
+            return _apply(self._on(i, out.device, out.dtype), moved, x, out)
 
         return hook
+
+    def _on(self, i: int, device: torch.device, dtype: torch.dtype) -> _Plan:
+        """Plan `i` with every factor on `device` / `dtype` (cached)."""
+        plan = self._plans[i]
+        ref = next((t.coef for t in (*plan.buckets, *plan.tucker, *plan.dense)), None)
+        if ref is None or (ref.device == device and ref.dtype == dtype):
+            return plan
+        key = (i, device, dtype)
+        if key not in self._moved:
+
+            def mv(t):
+                return None if t is None else t.to(device, dtype)
+
+            self._moved[key] = _Plan(plan.name, plan.module,
+                                     [_LowRankBucket(mv(b.down), mv(b.up_t), mv(b.coef)) for b in plan.buckets],
+                                     [_TuckerTerm(mv(t.down), mv(t.mid), mv(t.up), mv(t.coef)) for t in plan.tucker],
+                                     [_DenseTerm(mv(d.weight), mv(d.bias), mv(d.coef)) for d in plan.dense])
+        return self._moved[key]
 
     def __enter__(self) -> "BranchOffsets":
         try:
@@ -282,7 +317,7 @@ def _apply(plan: _Plan, scales: dict, x: torch.Tensor, out: torch.Tensor) -> tor
     mod = plan.module
     inplace = not (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)) and out.is_contiguous()
     conv = isinstance(mod, nn.Conv2d)
-    x = x.to(mod.weight.dtype)
+    x = x.to(out.dtype)  # the factors are in the output's dtype (see BranchOffsets._on)
     for t, s in zip(plan.buckets, scales["buckets"]):
         if s is None:
             continue

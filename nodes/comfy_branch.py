@@ -22,7 +22,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..core.offset_types import DenseDelta, LowRankDelta, Offset
-from .rows import NPOBranchWrapper, NPOSpec, build_terms
+from .rows import NPOBranchWrapper, NPOSpec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,9 +98,7 @@ def apply_npo(model_patcher, spec: NPOSpec):
         raise ValueError(f"negative offset: none of its {len(spec.delta.unet)} UNet modules match this model")
     m = model_patcher.clone()
     previous = m.model_options.get("model_function_wrapper")
-    terms = build_terms(eta, delta, spec.alpha, spec.beta)
-    outside = build_terms(eta, None, 1.0, 0.0)
-    m.set_model_unet_function_wrapper(NPOBranchWrapper(terms, outside, spec, previous))
+    m.set_model_unet_function_wrapper(NPOBranchWrapper(eta, delta, spec, previous))
     report = "; ".join([describe_coverage(spec.eta, model_patcher, "positive η"),
                         describe_coverage(spec.delta, model_patcher, "negative δ")])
     return m, report

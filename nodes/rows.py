@@ -11,11 +11,11 @@ space, each becomes a sum of per-row low-rank terms added to a module's output:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ..core.branch_lora import BranchOffsets
 from ..core.guidance import offset_active
 from ..core.offset_types import DenseDelta, LowRankDelta, Offset
 
@@ -41,77 +41,10 @@ def rows_of(groups: torch.Tensor, group: int) -> torch.Tensor:
     return torch.nonzero(groups == group, as_tuple=False).flatten()
 
 
-@dataclass
-class Term:
-    """One additive weight offset `weight · ΔW` applied to the rows of one group."""
-
-    delta: Delta
-    weight: float
-    group: int
-
-
-@dataclass
-class ModuleTerms:
-    """All terms for one torch module, with per-(device, dtype) casts of the factors."""
-
-    terms: list[Term] = field(default_factory=list)
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    def factors(self, term_index: int, device: torch.device, dtype: torch.dtype) -> tuple:
-        key = (term_index, device, dtype)
-        if key not in self._cache:
-            d = self.terms[term_index].delta
-            if isinstance(d, LowRankDelta) and d.mid is None:
-                self._cache[key] = ("lr", d.down.to(device, dtype), d.up.to(device, dtype), float(d.scale))
-            else:  # dense (+ its bias), or LoCon with a Tucker core: materialise once per device/dtype
-                bias = getattr(d, "bias", None)
-                bias = None if bias is None else (d.scale * bias.float()).to(device, dtype)
-                self._cache[key] = ("dense", d.dense(torch.float32).to(device, dtype), bias, 1.0)
-        return self._cache[key]
-
-
-def delta_output(module: torch.nn.Module, x: torch.Tensor, kind: str, a: torch.Tensor, b, scale: float) -> torch.Tensor:
-    """`x ⊛ ΔW` for a Linear or Conv2d module; ΔW = scale·b@a (low rank) or a with bias b (dense)."""
-    if isinstance(module, torch.nn.Conv2d):
-        conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
-        if kind == "dense":
-            w = a if a.ndim == 4 else a.reshape(a.shape[0], a.shape[1], 1, 1)
-            return F.conv2d(x, w, b, **conv)
-        down = a if a.ndim == 4 else a.reshape(a.shape[0], a.shape[1], 1, 1)  # [r, in, kh, kw]
-        up = b if b.ndim == 4 else b.reshape(b.shape[0], b.shape[1], 1, 1)  # [out, r, 1, 1]
-        return scale * F.conv2d(F.conv2d(x, down, **conv), up)
-    if kind == "dense":
-        return F.linear(x, a.flatten(1), b)
-    return scale * F.linear(F.linear(x, a.flatten(1)), b.flatten(1))  # [..., r] -> [..., out]
-
-
-def apply_terms(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, mt: ModuleTerms,
-                groups: torch.Tensor) -> torch.Tensor:
-    """Add every term of `mt` to the rows of its group: out-of-place, returns the new output."""
-    for i, term in enumerate(mt.terms):
-        if term.weight == 0.0:
-            continue
-        rows = rows_of(groups, term.group).to(x.device)
-        if rows.numel() == 0:
-            continue
-        kind, a, b, scale = mt.factors(i, x.device, x.dtype)
-        d = delta_output(module, x.index_select(0, rows), kind, a, b, scale)  # [rows, ...]
-        out = out.index_add(0, rows, d.to(out.dtype), alpha=term.weight)
-    return out
-
-
-def build_terms(eta: dict[str, Delta] | None, delta: dict[str, Delta] | None, alpha: float, beta: float
-                ) -> dict[str, ModuleTerms]:
-    """NPO row terms per module path: cond rows get η, uncond rows get α·η + β·δ."""
-    terms: dict[str, ModuleTerms] = {}
-    for name, d in (eta or {}).items():
-        terms.setdefault(name, ModuleTerms()).terms.append(Term(d, 1.0, COND))
-        if alpha != 0.0:
-            terms[name].terms.append(Term(d, float(alpha), UNCOND))
-    if beta != 0.0:
-        for name, d in (delta or {}).items():
-            terms.setdefault(name, ModuleTerms()).terms.append(Term(d, float(beta), UNCOND))
-    return terms
+def npo_groups(eta: dict[str, Delta] | None, delta: dict[str, Delta] | None, alpha: float, beta: float) -> dict:
+    """`core.branch_lora` groups for NPO: "pos" rows run θ+η, "neg" rows θ+α·η+β·δ (module-path keyed)."""
+    neg = ([(eta, float(alpha))] if eta and alpha != 0.0 else []) + ([(delta, float(beta))] if delta and beta != 0.0 else [])
+    return {"pos": [(eta, 1.0)] if eta else [], "neg": neg}
 
 
 def safe_relative_name(name: str) -> str:
@@ -145,48 +78,37 @@ class NPOSpec:
 class NPOBranchWrapper:
     """`model_function_wrapper`: positive rows get η, negative rows get α·η + β·δ.
 
-    Holds no per-run state (ComfyUI reuses cached MODEL/GUIDER objects across prompts): hooks are
-    registered for the duration of one forward and removed in `finally`. An earlier wrapper on
-    the model is chained (it runs inside ours, so our hooks are active during its forward).
+    The per-row math is `core.branch_lora` (one batched forward, hooks that follow the input's
+    device and dtype, so offloaded / manually cast ComfyUI layers work). Holds no per-run state
+    that matters across prompts (ComfyUI reuses cached MODEL/GUIDER objects): the row assignment is
+    set on every call and the hooks exist only for the duration of one forward. An earlier wrapper
+    on the model is chained (it runs inside ours, so our hooks are active during its forward).
     """
 
-    def __init__(self, terms: dict[str, ModuleTerms], outside: dict[str, ModuleTerms], spec: NPOSpec,
-                 previous=None):
-        self.terms = terms  # inside the sigma range: NPO
-        self.outside = outside  # outside it: every row runs θ+η (plain CFG of the positive model)
+    def __init__(self, eta: dict[str, Delta] | None, delta: dict[str, Delta] | None, spec: NPOSpec, previous=None):
+        self.groups = npo_groups(eta, delta, spec.alpha, spec.beta)
         self.spec = spec
         self.previous = previous
+        self._branch: tuple[torch.nn.Module, BranchOffsets] | None = None  # cache of the built hooks' plan
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options: share, don't copy tensors
         return self
+
+    def branch(self, diffusion_model: torch.nn.Module) -> BranchOffsets:
+        if self._branch is None or self._branch[0] is not diffusion_model:
+            self._branch = (diffusion_model, BranchOffsets(diffusion_model, self.groups))
+        return self._branch[1]
 
     def __call__(self, apply_model, args: dict) -> torch.Tensor:
         x = args["input"]  # [n_chunks * B, C, H, W]
         groups = row_groups(list(args["cond_or_uncond"]), x.shape[0])  # [n_chunks * B]
         sigma = float(args["timestep"].flatten()[0])
-        terms = self.terms if offset_active(sigma, self.spec.sigma_min, self.spec.sigma_max) else self.outside
-        handles = []
-        try:
-            if terms:
-                handles = self._install(apply_model.__self__.diffusion_model, terms, groups)
+        inside = offset_active(sigma, self.spec.sigma_min, self.spec.sigma_max)
+        # inside the sigma range: NPO; outside: every row runs θ+η (plain CFG of the positive model)
+        rows = ["neg" if (g == UNCOND and inside) else ("pos" if g in (COND, UNCOND) else None) for g in groups.tolist()]
+        br = self.branch(apply_model.__self__.diffusion_model)
+        br.set_rows(rows)
+        with br:
             if self.previous is not None:
                 return self.previous(apply_model, args)
             return apply_model(x, args["timestep"], **args["c"])
-        finally:
-            for h in handles:
-                h.remove()
-
-    @staticmethod
-    def _install(diffusion_model: torch.nn.Module, terms: dict[str, ModuleTerms], groups: torch.Tensor) -> list:
-        present = set(groups.tolist())
-        handles = []
-        for name, mt in terms.items():
-            if not any(t.group in present and t.weight != 0.0 for t in mt.terms):
-                continue
-            module = diffusion_model.get_submodule(name)
-
-            def hook(mod, inputs, output, mt=mt):
-                return apply_terms(mod, inputs[0], output, mt, groups.to(output.device))
-
-            handles.append(module.register_forward_hook(hook))
-        return handles

@@ -184,3 +184,32 @@ def test_errors_are_clear(sd15):
             unet(torch.cat([x, x]), 10, **kw)
         with pytest.raises(ValueError, match="unknown offset group"):
             br.set_rows(["pos"])
+
+
+def test_follows_the_input_dtype_of_manually_cast_layers():
+    """ComfyUI/Forge "manual cast" layers store weights in one dtype (here bf16) and compute in the
+    input's (fp32): the per-row deltas must be computed in the output's dtype, not the weight's."""
+    from torch import nn
+
+    from npo_suite.core.branch_lora import branch_offsets
+    from npo_suite.core.offset_types import LowRankDelta
+
+    class CastLinear(nn.Module):  # like comfy.ops.manual_cast.Linear: weight cast per forward
+        def __init__(self, w):
+            super().__init__()
+            self.weight = nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
+            self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight.to(x.dtype))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(CastLinear(torch.randn(6, 5)))
+    d = LowRankDelta(torch.randn(2, 5), torch.randn(6, 2), 0.5)
+    x = torch.randn(3, 5)
+    with torch.no_grad(), branch_offsets(net, {"neg": [({"0": d}, 0.7)]}, rows=[None, "neg", "neg"]) as _:
+        out = net(x)
+    w = net[0].weight.float()
+    want = torch.stack([x[0] @ w.t(), x[1] @ (w + 0.7 * d.dense()).t(), x[2] @ (w + 0.7 * d.dense()).t()])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -13,8 +13,7 @@ from npo_suite.nodes.rows import (
     UNCOND,
     NPOBranchWrapper,
     NPOSpec,
-    apply_terms,
-    build_terms,
+    npo_groups,
     row_groups,
     safe_relative_name,
 )
@@ -31,13 +30,13 @@ def test_row_groups_follow_cond_or_uncond_chunks():
         row_groups([], 2)
 
 
-def test_build_terms_weights():
+def test_npo_groups_weights():
     d = LowRankDelta(torch.ones(1, 2), torch.ones(2, 1))
-    t = build_terms({"a": d}, {"a": d, "b": d}, alpha=0.0, beta=0.5)
-    assert [(x.weight, x.group) for x in t["a"].terms] == [(1.0, COND), (0.5, UNCOND)]
-    assert [(x.weight, x.group) for x in t["b"].terms] == [(0.5, UNCOND)]
-    t = build_terms({"a": d}, {"b": d}, alpha=0.3, beta=0.0)
-    assert [(x.weight, x.group) for x in t["a"].terms] == [(1.0, COND), (0.3, UNCOND)] and "b" not in t
+    g = npo_groups({"a": d}, {"a": d, "b": d}, alpha=0.0, beta=0.5)
+    assert [w for _, w in g["pos"]] == [1.0] and [w for _, w in g["neg"]] == [0.5]  # alpha = 0: no eta on uncond rows
+    g = npo_groups({"a": d}, {"b": d}, alpha=0.3, beta=0.0)
+    assert [w for _, w in g["neg"]] == [0.3]  # beta = 0: no delta
+    assert npo_groups(None, None, 0.5, 1.0) == {"pos": [], "neg": []}
 
 
 def _merged(module, deltas_weights):
@@ -53,7 +52,10 @@ def _merged(module, deltas_weights):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", "conv1x1_linear_shaped"])
-def test_apply_terms_equals_merged_weights_per_row(kind):
+def test_npo_rows_equal_merged_weights_per_row(kind):
+    """The LDM module kinds ComfyUI's UNet has, through the NPO groups and core.branch_lora."""
+    from npo_suite.core.branch_lora import branch_offsets
+
     g = torch.Generator().manual_seed(0)
     if kind == "linear":
         mod, x = nn.Linear(6, 5), torch.randn(4, 3, 6, generator=g)  # [rows, tokens, in]
@@ -68,10 +70,12 @@ def test_apply_terms_equals_merged_weights_per_row(kind):
         eta = LowRankDelta(torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g))
         delta = LowRankDelta(torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g), scale=2.0)
     alpha, beta = 0.3, 0.8
-    mt = build_terms({"m": eta}, {"m": delta}, alpha, beta)["m"]
-    groups = row_groups([COND, UNCOND], 4)  # rows 0,1 cond; 2,3 uncond
+    root = nn.ModuleDict({"m": mod})
+    groups = npo_groups({"m": eta}, {"m": delta}, alpha, beta)
+    rows = ["pos" if g == COND else "neg" for g in row_groups([COND, UNCOND], 4).tolist()]  # rows 0,1 cond; 2,3 uncond
     with torch.no_grad():
-        got = apply_terms(mod, x, mod(x), mt, groups)
+        with branch_offsets(root, groups, rows=rows):
+            got = root["m"](x)
         pos = _merged(mod, [(eta, 1.0)])(x)
         neg = _merged(mod, [(eta, alpha), (delta, beta)])(x)
     torch.testing.assert_close(got[:2], pos[:2], rtol=1e-5, atol=1e-5)
@@ -106,7 +110,7 @@ def _wrapper_setup(sigma_min=None, sigma_max=None, previous=None):
     delta = {"b": LowRankDelta(torch.randn(1, 4), torch.randn(4, 1))}
     spec = NPOSpec(eta=Offset(unet=eta), delta=Offset(unet=delta), alpha=0.5, beta=1.0,
                    sigma_min=sigma_min, sigma_max=sigma_max)
-    w = NPOBranchWrapper(build_terms(eta, delta, 0.5, 1.0), build_terms(eta, None, 1.0, 0.0), spec, previous)
+    w = NPOBranchWrapper(eta, delta, spec, previous)
     return base, eta, delta, w
 
 

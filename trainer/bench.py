@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None, help="timed rounds (default: 15 tiny, 3 full size)")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of METHODS (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="method hyper-parameter for every method (e.g. --set tdft_k=25), as `train --set`")
 
 
 def build(full_size: bool, device: str):
@@ -109,7 +111,7 @@ def _peak_rss_mb(fn) -> float:
 
 
 def run(args) -> dict:
-    from .config import TrainConfig
+    from .config import load_config
     from .methods import METHODS
 
     full = args.full_size
@@ -118,7 +120,7 @@ def run(args) -> dict:
     warmup = args.warmup if args.warmup is not None else (1 if full else 3)
     iters = args.iters or (3 if full else 15)
     backend, model = build(full, args.device)
-    cfg = TrainConfig(method="dpo", resolution=8 * side)
+    cfg = load_config(overrides={"method": "dpo", "resolution": 8 * side}, sets=getattr(args, "set", None))
     names = args.methods or list(METHODS)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
@@ -168,7 +170,7 @@ def run(args) -> dict:
     methods = {n: {"step_s": round(med[n], 5), "least_work_s": round(lw, 5), "ratio": round(med[n] / lw, 3),
                    "peak_mem_mb": round(mem[n], 1)} for n in names}
     out = {"model": model, "device": _device_name(backend.device), "batch_pairs": B, "latent": side,
-           "rounds": iters, "least_work_peak_mem_mb": round(mem["least_work"], 1), "methods": methods}
+           "rounds": iters, "set": list(getattr(args, "set", None) or []), "least_work_peak_mem_mb": round(mem["least_work"], 1), "methods": methods}
     if "snpo" in med and "dpo" in med:
         out["snpo_over_dpo"] = round(med["snpo"] / med["dpo"], 3)
     return out
