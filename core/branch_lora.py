@@ -206,6 +206,7 @@ class BranchOffsets:
         self._scales: list | None = None
         self._moved: dict[tuple, _Plan] = {}  # (module index, device, dtype) -> plan on that device/dtype
         self._moved_scales: dict[tuple, dict] = {}  # (rows, module index, device, dtype) -> scales there
+        self._native = [_plan_place(p) for p in self._plans]  # (device, dtype) of each master plan
         if rows is not None:
             self.set_rows(rows)
 
@@ -237,8 +238,8 @@ class BranchOffsets:
 
     def _row_scales(self, plan: _Plan, key: tuple) -> dict:
         """Per-row coefficients for each term of `plan`: onehot(rows) [B, G] @ coef [G, ...]."""
-        ref = next((t.coef for t in (*plan.buckets, *plan.tucker, *plan.dense)), None)
-        dt, dev = (ref.dtype, ref.device) if ref is not None else (torch.float32, plan.module.weight.device)
+        place = _plan_place(plan)
+        dev, dt = place if place is not None else (plan.module.weight.device, torch.float32)
         onehot = torch.zeros(len(key), len(self.group_names), dtype=dt, device=dev)  # [B, G]
         for b, g in enumerate(key):
             if g >= 0:
@@ -263,6 +264,9 @@ class BranchOffsets:
             if x.shape[0] != n or out.shape[0] != n:
                 raise RuntimeError(f"branch_offsets: module {plan.name!r} saw a batch of {x.shape[0]} rows but "
                                    f"set_rows assigned {n}; per-row offsets need the batch as the leading dim of every targeted module")
+            native = self._native[i]
+            if native is None or (out.dtype == native[1] and out.device == native[0]):
+                return _apply(plan, scales, x, out)  # the common case: no lookup on the hot path
             # compute in the output's device and dtype (weights may be offloaded, or cast per forward by
             # ComfyUI/Forge "manual cast" layers), with the factors moved there once and cached
             key = (self._rows_key, i, out.device, out.dtype)
@@ -279,8 +283,7 @@ class BranchOffsets:
     def _on(self, i: int, device: torch.device, dtype: torch.dtype) -> _Plan:
         """Plan `i` with every factor on `device` / `dtype` (cached)."""
         plan = self._plans[i]
-        ref = next((t.coef for t in (*plan.buckets, *plan.tucker, *plan.dense)), None)
-        if ref is None or (ref.device == device and ref.dtype == dtype):
+        if self._native[i] is None or self._native[i] == (device, dtype):
             return plan
         key = (i, device, dtype)
         if key not in self._moved:
@@ -310,6 +313,12 @@ class BranchOffsets:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _plan_place(plan: _Plan) -> tuple[torch.device, torch.dtype] | None:
+    """(device, dtype) of a plan's factors; None for a plan with no terms."""
+    ref = next((t.coef for t in (*plan.buckets, *plan.tucker, *plan.dense)), None)
+    return None if ref is None else (ref.device, ref.dtype)
 
 
 def _apply(plan: _Plan, scales: dict, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
