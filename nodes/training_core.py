@@ -107,10 +107,19 @@ class PreferenceData:
 
 
 def dataset_from_path(path: Path, kind: str, name: str) -> PreferenceData:
-    """A pairs source (JSONL, chosen/ + rejected/ folders, Pick-a-Pic parquet) or a prompts source."""
+    """A pairs source (JSONL, chosen/ + rejected/ folders, Pick-a-Pic parquet) or a prompts source.
+
+    A pairs folder with neither chosen/ nor .parquet files but exactly one .jsonl at its top (the JSONL
+    with its images beside it, the layout `list_datasets` offers as a sub-folder) opens that JSONL."""
     from ..trainer.data.pairs import open_pairs
     from ..trainer.data.prompts import open_prompts
 
+    if kind == "pairs" and path.is_dir() and not (path / "chosen").is_dir() and not any(path.glob("*.parquet")):
+        jsonl = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() == ".jsonl")
+        if len(jsonl) != 1:
+            raise ValueError(f"dataset {name!r} ({path}): a pairs folder needs chosen/ + rejected/ sub-folders, "
+                             f".parquet files or exactly one .jsonl file (found {len(jsonl)} .jsonl files)")
+        path = jsonl[0]
     src = (open_pairs if kind == "pairs" else open_prompts)(str(path), verbose=False)
     records = list(src)
     return PreferenceData(kind, records, name, src.summary)

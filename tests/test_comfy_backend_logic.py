@@ -284,3 +284,22 @@ def test_run_training_resume_and_interrupt(sd15_dir, tmp_path):
     assert not out2.interrupted and out2.steps_done == 3 and "(resumed)" in out2.report
     assert [s for s, _ in out2.losses] == [1, 2, 3]
     b.close()
+
+
+def test_dataset_folder_with_one_jsonl_opens_it(tmp_path):
+    """The Preference Dataset dropdown offers sub-folders: a folder holding one JSONL (images beside it)
+    opens that JSONL; zero or several JSONL files is a clear error naming the folder."""
+    from PIL import Image
+
+    from npo_suite.nodes.training_core import dataset_from_path
+
+    d = tmp_path / "pairs3"
+    d.mkdir()
+    for n in ("w.png", "l.png"):
+        Image.new("RGB", (8, 8), (255, 0, 0) if n == "w.png" else (0, 0, 255)).save(d / n)
+    (d / "pairs.jsonl").write_text('{"prompt": "a cat", "chosen": "w.png", "rejected": "l.png"}\n')
+    data = dataset_from_path(d, "pairs", "pairs3")
+    assert len(data.records) == 1 and data.records[0].prompt == "a cat"
+    (d / "more.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"pairs3.*exactly one \.jsonl file \(found 2"):
+        dataset_from_path(d, "pairs", "pairs3")

@@ -122,7 +122,7 @@ def _checkpoint(comfy):
 @pytest.mark.slow
 def test_interrupt_saves_and_resume_continues(comfy, datasets, monkeypatch):
     import comfy.model_management as mm
-    import comfy.utils
+    from comfy import utils as comfy_utils  # not `import comfy.utils`: that rebinds the `comfy` fixture name
 
     from npo_suite.nodes import training_core as core
     from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
@@ -132,21 +132,21 @@ def test_interrupt_saves_and_resume_continues(comfy, datasets, monkeypatch):
         data = PreferenceDataset.execute("pairs3", None, None, "").args[0]
     probe = next(iter(model.model.diffusion_model.parameters()))
     before = {k: v.detach().clone() for k, v in list(model.model.diffusion_model.state_dict().items())[:20]}
-    original = comfy.utils.ProgressBar.update_absolute
+    original = comfy_utils.ProgressBar.update_absolute
 
     def interrupt_after_first(self, value, total=None, preview=None):
         original(self, value, total, preview)
         if value >= 1:
             mm.interrupt_current_processing(True)
 
-    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", interrupt_after_first)
+    monkeypatch.setattr(comfy_utils.ProgressBar, "update_absolute", interrupt_after_first)
     opts = train_inputs(method="bdpo", steps=3, output_name="resumable")
     with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
         TrainPreferenceLoRA.execute(model, clip, vae, data, **opts)
     run = comfy.root / "output" / core.RUNS_SUBDIR / "resumable"
     assert (run / "checkpoints" / "latest").is_file()
     assert (comfy.root / "loras" / "resumable.safetensors").is_file()  # what it had, saved
-    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", original)
+    monkeypatch.setattr(comfy_utils.ProgressBar, "update_absolute", original)
     with torch.inference_mode():
         out = TrainPreferenceLoRA.execute(model, clip, vae, data, **{**opts, "resume": True}).args
     assert "finished at step 3/3" in out[4] and "(resumed)" in out[4]
@@ -159,24 +159,55 @@ def test_interrupt_saves_and_resume_continues(comfy, datasets, monkeypatch):
     assert probe.shape == next(iter(dm.parameters())).shape
 
 
+def _with_text_model_prefix(src, dst):
+    """A copy of the harness checkpoint in the SD1.5 release layout for diffusers' single-file loader.
+
+    The harness writes CLIP keys as `cond_stage_model.transformer.embeddings...` (transformers 5's
+    CLIPTextModel has no `text_model.` level); ComfyUI accepts that, diffusers only recognises the
+    release layout `cond_stage_model.transformer.text_model.embeddings...`. Same tensors, renamed keys.
+    """
+    from safetensors.torch import load_file, save_file
+
+    pre = "cond_stage_model.transformer."
+    sd = load_file(str(src))
+    save_file({(pre + "text_model." + k[len(pre):] if k.startswith(pre) and not k.startswith(pre + "text_model.")
+                else k): v for k, v in sd.items()}, str(dst))
+    return dst
+
+
 @pytest.mark.slow
 def test_comfyui_and_cli_runs_agree(comfy, datasets, tmp_path):
-    """Same checkpoint (converted to diffusers for the CLI backend), data, seed and LoRA start (fp32, 3 steps).
+    """Same checkpoint (converted to diffusers for the CLI backend), data, seed and LoRA start (fp32, 2 steps).
 
-    Tolerance: ComfyUI's UNet/CLIP/VAE implementations and diffusers' differ in operation order, so
-    per-step losses must agree to rel 2e-3 and the trained LoRA up-projections to rel 2e-2.
+    Tolerance: ComfyUI's UNet/CLIP/VAE implementations and diffusers' differ in operation order
+    (observed: losses differ by ~4e-4 relative). Per-step losses agree to rel 2e-3 (step 2's loss already
+    depends on step 1's update). The LoRA changes made by training (trained minus start) agree to rel
+    1e-2 in Frobenius norm over all layers and 5e-2 per layer (observed: all 2.6e-3; per layer median 4e-4,
+    worst 1.3e-2: AdamW divides by sqrt(v), so an element whose gradient is near round-off takes a +-lr
+    step of either sign).
+    Not compared: the mid block's self-attention to_q/to_k. At 64 px the mid block sees a 1x1 latent,
+    one token: softmax over one key is constant, the true gradient of q and k is exactly zero, and AdamW
+    turns each implementation's round-off there into lr-sized steps (observed rel difference ~1.0).
     """
     from npo_suite.core.loading import load_model
     from npo_suite.core.offset_types import Offset
-    from npo_suite.core.offsets import offset_from_peft, save_offset
+    from npo_suite.core.offsets import load_offset, offset_from_peft, save_offset
     from npo_suite.nodes import training_core as core
     from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
     from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
     from npo_suite.trainer.config import TrainConfig
     from npo_suite.trainer.loop import train
 
-    tok = os.path.join(os.environ["COMFYUI_PATH"], "comfy", "sd1_tokenizer")
-    bundle = load_model(comfy.root / "checkpoints" / CKPT, family="sd1", tokenizer=tok)
+    import json
+    import shutil
+
+    # ComfyUI's tokenizer folder says model_max_length 8192 (ComfyUI chunks by 77 itself); the CLI
+    # backend pads to model_max_length, so give it the release value 77 (CLIP-L's position table).
+    tok = shutil.copytree(os.path.join(os.environ["COMFYUI_PATH"], "comfy", "sd1_tokenizer"), tmp_path / "tokenizer")
+    tok_cfg = json.loads((tok / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": 77}))
+    ckpt = _with_text_model_prefix(comfy.root / "checkpoints" / CKPT, tmp_path / "sd15.safetensors")
+    bundle = load_model(ckpt, family="sd1", tokenizer=tok)
     # a shared LoRA start: random down AND up projections on every attention projection
     start = DiffusersBackend.from_bundle(bundle, options=BackendOptions(lora=LoraOptions(rank=4, alpha=4.0, seed=9)))
     g = torch.Generator().manual_seed(1)
@@ -186,26 +217,36 @@ def test_comfyui_and_cli_runs_agree(comfy, datasets, tmp_path):
     save_offset(Offset(unet=offset_from_peft(start.unet, "policy")), comfy.root / "loras" / "start.safetensors",
                 base=start.unet)
     start.unet.delete_adapters(["policy"])
-    bundle = load_model(comfy.root / "checkpoints" / CKPT, family="sd1", tokenizer=tok)
+    bundle = load_model(ckpt, family="sd1", tokenizer=tok)
     cli = DiffusersBackend.from_bundle(bundle, options=BackendOptions(lora=LoraOptions(
         rank=4, alpha=4.0, seed=0, init_path=str(comfy.root / "loras" / "start.safetensors"))))
-    cfg = TrainConfig(method="dpo", beta=5000.0, steps=3, lr=1e-3, lora_rank=4, lora_alpha=4.0, resolution=64, seed=0,
+    cfg = TrainConfig(method="dpo", beta=5000.0, steps=2, lr=1e-3, lora_rank=4, lora_alpha=4.0, resolution=64, seed=0,
                       log_every=1, checkpoint_every=0, output_dir=str(tmp_path / "cli"), data_path=[
                           str(datasets / "pairs3" / "pairs.jsonl")])
     res = train(cfg, backend=cli, data=None)
     cli_losses = core.read_losses(tmp_path / "cli" / "metrics.csv")
     with torch.inference_mode():
         model, clip, vae = _checkpoint(comfy)
-        data = PreferenceDataset.execute("pairs3/pairs.jsonl", None, None, "").args[0]
+        data = PreferenceDataset.execute("pairs3", None, None, "").args[0]
         out = TrainPreferenceLoRA.execute(model, clip, vae, data, **train_inputs(
-            method="dpo", steps=3, output_name="agree", init_lora="start.safetensors", checkpoint_every=0)).args
+            method="dpo", steps=2, output_name="agree", init_lora="start.safetensors", checkpoint_every=0)).args
     comfy_losses = core.read_losses(comfy.root / "output" / core.RUNS_SUBDIR / "agree" / "metrics.csv")
-    assert len(cli_losses) == len(comfy_losses) == 3
+    assert len(cli_losses) == len(comfy_losses) == 2
     for (s1, a), (s2, b) in zip(cli_losses, comfy_losses):
         assert s1 == s2 and abs(a - b) <= 2e-3 * max(abs(a), 1e-3), (cli_losses, comfy_losses)
     ours, theirs = out[0].unet, offset_from_peft(cli.unet, "policy")
-    assert set(ours) == set(theirs)
-    for k in ours:
-        a, b = ours[k].dense(), theirs[k].dense()
-        assert (a - b).abs().max() <= 2e-2 * b.abs().max(), k
-    assert res.steps_done == 3
+    first = load_offset(comfy.root / "loras" / "start.safetensors").unet
+    assert set(ours) == set(theirs) == set(first)
+    num = den = 0.0
+    worst = []
+    zero_grad = {f"mid_block.attentions.0.transformer_blocks.0.attn1.{p}" for p in ("to_q", "to_k")}
+    assert zero_grad <= set(ours)
+    for k in sorted(set(ours) - zero_grad):
+        s = first[k].dense()
+        ca, cb = ours[k].dense() - s, theirs[k].dense() - s  # what each run's training changed
+        assert float(cb.norm()) > 0 and float(ca.norm()) > 0, k
+        num, den = num + float((ca - cb).norm()) ** 2, den + float(cb.norm()) ** 2
+        worst.append((float((ca - cb).norm() / cb.norm()), k))
+    worst.sort(reverse=True)
+    assert (num / den) ** 0.5 <= 1e-2 and worst[0][0] <= 5e-2, ((num / den) ** 0.5, worst[:3])
+    assert res.steps_done == 2
