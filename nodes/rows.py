@@ -10,13 +10,13 @@ space, each becomes a sum of per-row low-rank terms added to a module's output:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ..core.branch_lora import BranchOffsets
 from ..core.guidance import offset_active
+from ..core.paths import safe_relative_name  # noqa: F401  (re-exported for the nodes)
 from ..core.offset_types import DenseDelta, LowRankDelta, Offset
 
 Delta = LowRankDelta | DenseDelta
@@ -45,22 +45,6 @@ def npo_groups(eta: dict[str, Delta] | None, delta: dict[str, Delta] | None, alp
     """`core.branch_lora` groups for NPO: "pos" rows run θ+η, "neg" rows θ+α·η+β·δ (module-path keyed)."""
     neg = ([(eta, float(alpha))] if eta and alpha != 0.0 else []) + ([(delta, float(beta))] if delta and beta != 0.0 else [])
     return {"pos": [(eta, 1.0)] if eta else [], "neg": neg}
-
-
-def safe_relative_name(name: str) -> str:
-    """Validate a user-supplied file name relative to a ComfyUI model folder.
-
-    Rejects absolute paths, drive letters, `..` components and empty names: nodes never read or
-    write outside ComfyUI's own folders.
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError("empty file name")
-    norm = name.replace("\\", "/")
-    if norm.startswith("/") or os.path.isabs(name) or (len(norm) > 1 and norm[1] == ":"):
-        raise ValueError(f"{name!r}: absolute paths are not allowed, give a name inside the models folder")
-    if any(part == ".." for part in norm.split("/")):
-        raise ValueError(f"{name!r}: '..' is not allowed in a model file name")
-    return norm
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.paths import inside, safe_relative_name as safe_name  # noqa: F401  (safe_name: used by the nodes)
 from ..trainer.data.records import DataSummary, PairRecord, PromptRecord
 
 DATASET_SUFFIXES = (".jsonl", ".txt", ".parquet")
@@ -30,27 +31,6 @@ RUNS_SUBDIR = "npo_suite_runs"  # inside ComfyUI's output folder: one folder per
 # ---------------------------------------------------------------------------------------------
 # paths
 # ---------------------------------------------------------------------------------------------
-def safe_name(name: str, what: str = "name") -> str:
-    """A relative name inside a ComfyUI folder: no absolute path, no drive, no `..`, not empty."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{what}: empty name")
-    norm = name.strip().replace("\\", "/")
-    if norm.startswith("/") or os.path.isabs(name) or (len(norm) > 1 and norm[1] == ":"):
-        raise ValueError(f"{what} {name!r}: absolute paths are not allowed, give a name inside ComfyUI's folder")
-    if any(part == ".." for part in norm.split("/")):
-        raise ValueError(f"{what} {name!r}: '..' is not allowed")
-    return norm
-
-
-def inside(root: str | os.PathLike, name: str, what: str = "name") -> Path:
-    """root/name, checked to stay inside root after resolving links."""
-    root_p = Path(root).resolve()
-    p = (root_p / safe_name(name, what)).resolve()
-    if p != root_p and root_p not in p.parents:
-        raise ValueError(f"{what} {name!r}: resolves outside {root_p}")
-    return p
-
-
 def list_datasets(roots: list[str]) -> list[str]:
     """Dataset choices: sub-folders and .jsonl/.txt/.parquet files at the top of each datasets folder."""
     out: set[str] = set()

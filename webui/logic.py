@@ -38,6 +38,7 @@ from ..core.branch_lora import BranchOffsets
 from ..core.guidance import offset_active
 from ..core.offset_keys import SD15_UNET, SDXL_UNET, diffusers_to_ldm, unet_block_prefixes
 from ..core.offset_types import DenseDelta, LowRankDelta, Offset
+from ..core.paths import safe_relative_name
 
 Delta = LowRankDelta | DenseDelta
 
@@ -168,13 +169,9 @@ def resolve_offset_file(name: str, dirs: Sequence[str | os.PathLike]) -> Path:
     Raises ValueError for names that could leave the folders (absolute, drive, '..') or have a
     pickle suffix, FileNotFoundError (listing the folders searched) when no folder has it.
     """
-    if not isinstance(name, str) or not name.strip() or name == NONE:
+    if name == NONE:
         raise ValueError("NPO: empty offset file name")
-    norm = name.replace("\\", "/")
-    if norm.startswith("/") or os.path.isabs(name) or (len(norm) > 1 and norm[1] == ":"):
-        raise ValueError(f"NPO: {name!r}: absolute paths are not allowed, give a name inside the LoRA or models/npo folder")
-    if any(part == ".." for part in norm.split("/")):
-        raise ValueError(f"NPO: {name!r}: '..' is not allowed in an offset file name")
+    norm = safe_relative_name(name, "NPO: offset file")  # no absolute, drive or '..' names
     if not norm.lower().endswith(OFFSET_SUFFIXES):
         raise ValueError(f"NPO: {name!r}: only .safetensors offsets are loaded (pickle files are refused)")
     for d in dirs:
