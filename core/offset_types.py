@@ -92,3 +92,18 @@ class Offset:
 
     def is_low_rank(self) -> bool:
         return all(isinstance(d, LowRankDelta) for comp in self.components().values() for d in comp.values())
+
+
+def coverage_line(offset: Offset | None, n_applied: int, unmatched, role: str) -> str:
+    """One line for node reports and the WebUI panel: what a file was recognised as and how much of it
+    applies to the model at hand (sampling offsets act on the UNet; text-encoder parts are ignored)."""
+    if offset is None:
+        return f"{role}: none"
+    head = f"{offset.report.summary()}; " if offset.report is not None else ""
+    s = f"{role}: {head}{n_applied}/{len(offset.unet)} UNet modules apply to this model"
+    if unmatched:
+        s += f", {len(unmatched)} do not (e.g. {list(unmatched)[0]})"
+    n_te = sum(len(v) for v in offset.text_encoders.values())
+    if n_te:
+        s += f"; {n_te} text-encoder modules ignored (sampling offsets act on the UNet)"
+    return s

@@ -21,7 +21,7 @@ import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
 
-from ..core.offset_types import DenseDelta, LowRankDelta, Offset
+from ..core.offset_types import DenseDelta, LowRankDelta, Offset, coverage_line
 from .rows import NPOBranchWrapper, NPOSpec
 
 
@@ -71,15 +71,9 @@ def _delta_numel(delta) -> int:
 def describe_coverage(offset: Offset | None, model_patcher, role: str) -> str:
     """One line for logs / node reports: how much of the offset the model accepted."""
     if offset is None:
-        return f"{role}: none"
+        return coverage_line(None, 0, (), role)
     mapped, unmatched = unet_deltas_ldm(offset, model_patcher)
-    s = f"{role}: {len(mapped)}/{len(offset.unet)} UNet modules applied"
-    if unmatched:
-        s += f", {len(unmatched)} did not match this model (e.g. {unmatched[0]})"
-    n_te = sum(len(v) for v in offset.text_encoders.values())
-    if n_te:
-        s += f", {n_te} text-encoder modules ignored (sampling offsets act on the UNet)"
-    return s
+    return coverage_line(offset, len(mapped), unmatched, role)
 
 
 # ---------------------------------------------------------------------------------------------

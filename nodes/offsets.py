@@ -6,7 +6,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from .rows import safe_relative_name
+from ..core.paths import safe_relative_name
 from .sampling import NPOOffset
 
 NPO_FOLDER = "npo"  # models/npo, registered by the extension on load

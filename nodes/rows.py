@@ -16,7 +16,6 @@ import torch
 
 from ..core.branch_lora import BranchOffsets
 from ..core.guidance import offset_active
-from ..core.paths import safe_relative_name  # noqa: F401  (re-exported for the nodes)
 from ..core.offset_types import DenseDelta, LowRankDelta, Offset
 
 Delta = LowRankDelta | DenseDelta

@@ -446,3 +446,20 @@ def test_cli_inspect_convert_extract_merge(sd15_dir, tmp_path, capsys):
         torch.testing.assert_close(ext.unet[p].dense(), 0.5 * d.dense(), atol=1e-5, rtol=1e-4)
     assert main(["offsets", "inspect", str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_coverage_line_reports_what_applies():
+    """The one report line shared by the ComfyUI nodes and the WebUI panel."""
+    import torch
+
+    from npo_suite.core.offset_types import LoadReport, LowRankDelta, Offset, coverage_line
+
+    d = LowRankDelta(torch.zeros(1, 2), torch.zeros(2, 1))
+    off = Offset(unet={"a": d, "b": d}, text_encoders={"te1": {"q": d}},
+                 report=LoadReport(path="x.safetensors", format="kohya", family="sd1", matched=3))
+    line = coverage_line(off, 1, ["b"], "negative δ")
+    assert line.startswith("negative δ: x.safetensors: kohya (sd1), 3 modules")
+    assert "1/2 UNet modules apply to this model, 1 do not (e.g. b)" in line
+    assert "1 text-encoder modules ignored" in line
+    assert coverage_line(None, 0, (), "positive η") == "positive η: none"
+    assert coverage_line(Offset(unet={"a": d}), 1, (), "eta") == "eta: 1/1 UNet modules apply to this model"

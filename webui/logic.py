@@ -37,7 +37,7 @@ from ..core import branch_lora
 from ..core.branch_lora import BranchOffsets
 from ..core.guidance import offset_active
 from ..core.offset_keys import SD15_UNET, SDXL_UNET, diffusers_to_ldm, unet_block_prefixes
-from ..core.offset_types import DenseDelta, LowRankDelta, Offset
+from ..core.offset_types import DenseDelta, LowRankDelta, Offset, coverage_line
 from ..core.paths import safe_relative_name
 
 Delta = LowRankDelta | DenseDelta
@@ -256,17 +256,8 @@ def unet_deltas_to_ldm(offset: Offset | None, unet: nn.Module, layouts: Sequence
 
 
 def describe(offset: Offset | None, mapped: Mapping[str, Delta], unmatched: Sequence[str], role: str) -> str:
-    """One line for the panel / infotext-adjacent log: what the file was recognised as and what applies."""
-    if offset is None:
-        return f"{role}: none"
-    head = offset.report.summary() if offset.report is not None else role
-    s = f"{role}: {head}; {len(mapped)}/{len(offset.unet)} UNet modules apply to this model"
-    if unmatched:
-        s += f", {len(unmatched)} do not (e.g. {unmatched[0]})"
-    n_te = sum(len(v) for v in offset.text_encoders.values())
-    if n_te:
-        s += f"; {n_te} text-encoder modules ignored (sampling offsets act on the UNet)"
-    return s
+    """One line for the panel / infotext-adjacent log (`core.offset_types.coverage_line`)."""
+    return coverage_line(offset, len(mapped), unmatched, role)
 
 
 # ---------------------------------------------------------------------------------------------
