@@ -145,10 +145,15 @@ class TrainPreferenceLoRA(io.ComfyNode):
                     io.Combo.Input("init_lora", options=_lora_choices(), default=NO_LORA,
                                    tooltip="start from this LoRA (same rank and targets)"),
                     io.String.Input("extra", multiline=True, default="",
-                                    tooltip="more TrainConfig fields, one 'key: value' per line (e.g. tdft_k: 5)")],
+                                    tooltip="more TrainConfig fields, one 'key: value' per line (e.g. tdft_k: 5)"),
+                    io.Int.Input("validate_every", default=0, min=0, max=1000000, optional=True,
+                                 tooltip="validation grid (base | LoRA per seed) every N steps; 0 = off. "
+                                         "Sampler steps, seeds, CFG: validation_sample_steps / _seeds / _guidance in extra"),
+                    io.String.Input("validation_prompts", multiline=True, default="", optional=True,
+                                    tooltip="one prompt per line (empty: the dataset's first prompts)")],
             outputs=[NPOOffset.Output(display_name="offset"), io.Model.Output(display_name="model_with_lora"),
                      io.String.Output(display_name="lora_name"), io.Image.Output(display_name="loss_curve"),
-                     io.String.Output(display_name="report")],
+                     io.String.Output(display_name="report"), io.Image.Output(display_name="validation")],
         )
 
     @classmethod
@@ -156,16 +161,22 @@ class TrainPreferenceLoRA(io.ComfyNode):
         outcome, lora_name = train_in_comfy(model, clip, vae, dataset, options)
         patched = load_lora_model(model, lora_name) if lora_name else model
         curve = core.loss_curve_image(outcome.losses, f"{options['method']} loss")
-        return io.NodeOutput(outcome.offset, patched, lora_name, curve, outcome.report, ui={"text": (outcome.report,)})
+        grid = core.image_tensor(outcome.validation) if outcome.validation else core.blank_image()
+        return io.NodeOutput(outcome.offset, patched, lora_name, curve, outcome.report, grid,
+                             ui={"text": (outcome.report,)})
 
 
 # ---------------------------------------------------------------------------------------------
 # ComfyUI side of a run
 # ---------------------------------------------------------------------------------------------
 def train_in_comfy(model, clip, vae, data, options: dict):
-    """Build the ComfyUI backend, run `trainer.loop.train`, publish the LoRA; releases everything after."""
+    """Build the ComfyUI backend, run `trainer.loop.train`, publish the LoRA; releases everything after.
+
+    Memory: after the data is encoded, model management is asked for the run's estimated working set
+    (`core.memory_estimate_for`: LoRA, grads, optimizer state, activations, autocast copies) with the
+    UNet fully loaded; afterwards every training-only object is released (`core.run_and_release`) and
+    the cache emptied. The UNet itself stays loaded for the next node (docs/comfyui_training.md)."""
     import comfy.model_management as mm
-    import comfy.utils
 
     from ..trainer.backends.comfy import ComfyBackend, training_mode
     from ..trainer.backends.diffusers import BackendOptions, LoraOptions
@@ -174,26 +185,24 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     run_dir = core.inside(os.path.join(folder_paths.get_output_directory(), core.RUNS_SUBDIR), name, "output_name")
     init = options.get("init_lora", NO_LORA)
     init_path = folder_paths.get_full_path_or_raise("loras", core.safe_name(init, "init_lora")) if init != NO_LORA else None
-    cfg = core.node_config(options, str(run_dir), init_path)
+    cfg = core.node_config(options, str(run_dir), init_path, data)
     core.check_data(cfg.method, data)
-    bar = comfy.utils.ProgressBar(cfg.steps)
+    progress = NodeProgress(cfg.method, cfg.steps)
 
-    def progress(step, total, loss):
-        bar.update_absolute(step, total)
-        log.info("npo_suite train %s: step %d/%d loss %.5f", cfg.method, step, total, loss)
+    def on_ready(backend):
+        est = core.memory_estimate_for(backend, cfg)
+        log.info("npo_suite train %s: %s", cfg.method, est.report())
+        backend.reserve_memory(est.total)
+        progress.start()
 
     opts = BackendOptions(lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_init or None, cfg.seed),
                           gradient_checkpointing=cfg.gradient_checkpointing, resolution=cfg.resolution)
     cache = os.path.join(folder_paths.get_temp_directory(), "npo_suite_cache")
     with training_mode():
-        backend = ComfyBackend.from_comfy(model, clip, vae, options=opts)
-        try:
-            outcome = core.run_training(backend, data, cfg, resume=options.get("resume", True), cache_dir=cache,
-                                        stop_requested=mm.processing_interrupted, progress=progress)
-        finally:
-            backend.close()
-            del backend
-            mm.soft_empty_cache()
+        outcome = core.run_and_release(lambda: ComfyBackend.from_comfy(model, clip, vae, options=opts), data, cfg,
+                                       resume=options.get("resume", True), cache_dir=cache,
+                                       stop_requested=mm.processing_interrupted, progress=progress,
+                                       on_ready=on_ready, release=mm.soft_empty_cache)
     lora_name = None
     if outcome.lora_path is not None:
         core.publish_lora(outcome.lora_path, folder_paths.get_folder_paths("loras")[0], name)
@@ -201,6 +210,70 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     if outcome.interrupted:  # saved above; now stop the workflow the way ComfyUI does
         mm.throw_exception_if_processing_interrupted()
     return outcome, lora_name
+
+
+class NodeProgress:
+    """The node's live display: ComfyUI's progress bar with a loss-curve preview image, and a text line
+    (step, loss, running mean, speed, ETA) under the node; both rate-limited by `core.ProgressDisplay`.
+    Outside a ComfyUI server (no PromptServer, older ComfyUI) the text goes to the log only."""
+
+    PREVIEW_SIZE = 512  # max side of the preview image (ComfyUI's `max_size`)
+
+    def __init__(self, method: str, total: int):
+        import comfy.utils
+
+        self.method, self.node_id = method, _executing_node_id()
+        self.display = core.ProgressDisplay(total)
+        self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+
+    def start(self) -> None:
+        self.display.start()
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        import time
+
+        import comfy.model_management as mm
+
+        upd = self.display.update(step, total, loss)
+        preview = None
+        if upd.image:
+            t0 = time.perf_counter()
+            preview = ("PNG", core.loss_curve_preview(self.display.losses, self.display.mean_window), self.PREVIEW_SIZE)
+            self.display.spent("image", time.perf_counter() - t0)
+        try:
+            self.bar.update_absolute(step, total, preview)
+        except mm.InterruptProcessingException:
+            # ComfyUI's progress hook raises on Cancel and clears the flag: set it again so that the
+            # loop's stop check ends the run at this step boundary, saving a checkpoint and the LoRA
+            mm.interrupt_current_processing(True)
+        if upd.text is not None:
+            t0 = time.perf_counter()
+            log.info("npo_suite train %s: %s", self.method, upd.text)
+            _send_progress_text(f"{self.method}: {upd.text}", self.node_id)
+            self.display.spent("text", time.perf_counter() - t0)
+
+
+def _executing_node_id() -> str | None:
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:  # ComfyUI before the execution context (0.3.4x)
+        return None
+    ctx = get_executing_context()
+    return ctx.node_id if ctx is not None else None
+
+
+def _send_progress_text(text: str, node_id: str | None) -> bool:
+    """PromptServer.send_progress_text when there is a server and a node id (ComfyUI 0.3.4x+); else False."""
+    if node_id is None:
+        return False
+    try:
+        from server import PromptServer
+
+        send = PromptServer.instance.send_progress_text
+    except (ImportError, AttributeError):
+        return False
+    send(text, node_id)
+    return True
 
 
 def load_lora_model(model, lora_name: str, strength: float = 1.0):

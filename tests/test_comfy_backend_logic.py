@@ -123,6 +123,29 @@ def test_close_restores_network_and_inference_tensors(sd15_dir):
         b.predict_eps(x, t, cond, None)
 
 
+def test_closed_backend_holds_no_training_state(sd15_dir):
+    """A backend object someone still holds after close() pins no LoRA parameter, grad or closure."""
+    import gc
+    import weakref
+
+    calls = []
+    b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)),
+                   reserve=calls.append)
+    b.reserve_memory(1234.5)
+    assert calls == [1234]
+    loss = b.predict_eps(torch.randn(1, 4, 2, 2), torch.tensor([5]), b.encode_prompts(["x"]), "policy").square().mean()
+    loss.backward()
+    refs = [weakref.ref(p) for p in b.trainable_parameters()]
+    del loss
+    b.close()
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
+    assert b.unet is None and b.network is None and b._forward is None and not b.adapters
+    with pytest.raises(RuntimeError, match="closed"):
+        b.reserve_memory(1)
+    b.close()  # idempotent
+
+
 def test_detach_inference_tensors_counts():
     with torch.inference_mode():
         lin = torch.nn.Linear(3, 3)
@@ -303,3 +326,213 @@ def test_dataset_folder_with_one_jsonl_opens_it(tmp_path):
     (d / "more.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"pairs3.*exactly one \.jsonl file \(found 2"):
         dataset_from_path(d, "pairs", "pairs3")
+
+
+# ---------------------------------------------------------------------------------------------
+# live progress, memory estimate, release after training, validation (issue 6)
+# ---------------------------------------------------------------------------------------------
+class _Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_progress_display_text_mean_rate_eta_and_rate_limits():
+    from npo_suite.nodes.training_core import ProgressDisplay, format_duration, format_rate
+
+    clock = _Clock()
+    d = ProgressDisplay(10, text_every=0.5, image_every=5.0, mean_window=3, clock=clock)
+    d.start()
+    clock.t += 2.0
+    u = d.update(1, 10, 0.9)  # first step: the anchor becomes step 0 at t=100
+    assert u.text == "step 1/10 | loss 0.90000 | mean(1) 0.90000 | 2.0 s/it | ETA 18s" and not u.image  # 1 point
+    clock.t += 0.2
+    u = d.update(2, 10, 0.6)
+    assert u.text is None and u.image  # text 0.2 s after the last one: held back; first curve with 2 points
+    clock.t += 0.4
+    u = d.update(3, 10, 0.3)
+    assert u.text is not None and not u.image  # 0.6 s since the text, 0.4 s since the image
+    assert "mean(3) 0.60000" in u.text and math.isclose(d.running_mean(), 0.6)
+    assert math.isclose(d.steps_per_s(), 3 / 2.6) and "ETA 6s" in u.text  # 7 steps at 3/2.6 it/s = 6.07 s
+    d.update(4, 10, float("nan"))
+    assert math.isclose(d.running_mean(), 0.45)  # a non-finite loss does not poison the mean
+    d.spent("image", 1.0)  # a 1 s draw: the next image waits 1 / 0.02 = 50 s, not 5 s
+    clock.t += 10.0
+    assert not d.update(5, 10, 0.2).image
+    clock.t += 41.0
+    assert d.update(6, 10, 0.2).image
+    u = d.update(10, 10, 0.1)  # the last step always shows both
+    assert u.text.startswith("step 10/10") and u.image and "ETA 0s" in u.text
+    assert [format_duration(x) for x in (5, 185, 7620, math.nan)] == ["5s", "3m05s", "2h07m", "?"]
+    assert [format_rate(x) for x in (2.345, 0.02, None)] == ["2.35 it/s", "50.0 s/it", "? it/s"]
+
+
+def test_progress_display_resumed_run_rate_counts_only_this_session():
+    from npo_suite.nodes.training_core import ProgressDisplay
+
+    clock = _Clock()
+    d = ProgressDisplay(100, clock=clock)
+    d.start()
+    clock.t += 4.0
+    d.update(51, 100, 0.5)  # resumed at step 50: one step in 4 s, not 51
+    assert math.isclose(d.steps_per_s(), 0.25)
+
+
+def test_loss_curve_preview_is_small_and_robust():
+    from npo_suite.nodes.training_core import loss_curve_preview
+
+    for losses in ([], [(1, 0.5)], [(1, 0.5), (2, 0.5)], [(1, float("inf")), (2, 0.3), (3, 0.2)],
+                   [(i, 1.0 / i) for i in range(1, 5000)]):
+        img = loss_curve_preview(losses, size=(160, 90))
+        assert img.size == (160, 90) and img.mode == "RGB"
+    a = loss_curve_preview([(1, 0.9), (2, 0.1)])
+    b = loss_curve_preview([(1, 0.1), (2, 0.9)])
+    assert a.tobytes() != b.tobytes()  # it draws the data
+
+
+def test_memory_estimate_items():
+    from npo_suite.nodes.training_core import ACT_BYTES_PER_LATENT_PIXEL, ACTIVATION_SLACK, estimate_training_memory
+
+    base = dict(family="sd1", resolution=512, batch_size=1, data_kind="pairs", policy_params=1000, adapter_params=0,
+                optimizer="adamw", gradient_checkpointing=False, precision="fp16", float32_base_params=0)
+    e = estimate_training_memory(**base)
+    act = ACT_BYTES_PER_LATENT_PIXEL["sd1"] * 64 * 64 * 2 * ACTIVATION_SLACK  # 2 rows (winner, loser)
+    assert (e.lora, e.grads, e.optimizer, e.autocast_weights) == (4000, 4000, 8000, 0)
+    assert e.activations == int(act) and e.total == 16000 + int(act)
+    assert "GiB" in e.report() and "activations" in e.report()
+    assert estimate_training_memory(**{**base, "precision": "no"}).activations == int(2 * act)  # fp32 activations
+    assert estimate_training_memory(**{**base, "gradient_checkpointing": True}).activations < 0.2 * e.activations
+    assert estimate_training_memory(**{**base, "data_kind": "images_or_prompts"}).activations == int(act / 2)
+    assert estimate_training_memory(**{**base, "batch_size": 2, "resolution": 1024}).activations == int(8 * act)
+    assert estimate_training_memory(**{**base, "float32_base_params": 10}).autocast_weights == 20
+    assert estimate_training_memory(**{**base, "optimizer": "adamw8bit", "adapter_params": 1000}).optimizer == 2000
+    assert estimate_training_memory(**{**base, "adapter_params": 1000}).lora == 8000
+    with pytest.raises(ValueError, match="unknown family"):
+        estimate_training_memory(**{**base, "family": "flux"})
+
+
+def test_memory_estimate_for_backend_counts_extra_adapters(sd15_dir):
+    from npo_suite.nodes.training_core import memory_estimate_for
+    from npo_suite.trainer.config import TrainConfig
+
+    b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
+    n = sum(p.numel() for p in b.trainable_parameters())
+    fp32 = sum(p.numel() for p in b.network.parameters())
+    npo = memory_estimate_for(b, TrainConfig(method="npo", resolution=64, mixed_precision="bf16"))
+    tdft = memory_estimate_for(b, TrainConfig(method="tdft", resolution=64, mixed_precision="bf16"))
+    assert npo.lora == 4 * n and tdft.lora == 8 * n  # TDFT's EMA teacher is a second adapter of the same shape
+    assert npo.grads == tdft.grads == 4 * n and npo.autocast_weights == 2 * fp32
+    assert tdft.activations * 2 == npo.activations  # one policy row per sample instead of two
+    b.close()
+
+
+def _release_run(sd15_dir, tmp_path, monkeypatch, fail_at=None, **cfg_kw):
+    """run_and_release on the tiny UNet; returns what the checks need (weakrefs, snapshots, calls)."""
+    import gc
+    import weakref
+
+    import npo_suite.trainer.loop as loop
+    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer.config import TrainConfig
+
+    pipe = load_sd15(sd15_dir)
+    unet = pipe.unet
+    unet.requires_grad_(False)  # as ComfyUI leaves its models
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    refs, calls = {}, []
+    build = loop.build_optimizer
+
+    def spy_optimizer(cfg, params):
+        opt = build(cfg, params)
+        refs["optimizer"], refs["params"] = weakref.ref(opt), [weakref.ref(p) for p in params]
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", spy_optimizer)
+
+    def make():
+        b = comfy_like(pipe, sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2), gradient_checkpointing=True),
+                       checkpoint_modules=list(unet.down_blocks) + list(unet.up_blocks),
+                       reserve=lambda n: calls.append(("reserve", n)))
+        refs["backend"] = weakref.ref(b)
+        return b
+
+    def on_ready(b):
+        calls.append(("estimate", core.memory_estimate_for(b, cfg).total))
+        b.reserve_memory(calls[-1][1])
+
+    def progress(step, total, loss):
+        calls.append(("step", step))
+        if step == fail_at:
+            raise RuntimeError("boom in step callback")
+
+    data = core.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a cat"])
+    cfg = TrainConfig(**{**dict(method="npo", steps=2, lr=1e-2, lora_rank=2, lora_alpha=2.0, resolution=16, log_every=1,
+                                checkpoint_every=0, output_dir=str(tmp_path / "run"), output_name="neg"), **cfg_kw})
+    outcome = error = None
+    try:
+        outcome = core.run_and_release(make, data, cfg, resume=False, cache_dir=str(tmp_path / "cache"),
+                                       progress=progress, on_ready=on_ready, release=lambda: calls.append(("release",)))
+    except RuntimeError as e:
+        error = e
+    gc.collect()
+    return outcome, error, refs, calls, unet, before
+
+
+def _assert_released(refs, unet, before):
+    assert refs["optimizer"]() is None, "the optimizer (and its state) outlived the run"
+    assert all(r() is None for r in refs["params"]), "LoRA parameters outlived the run"
+    assert refs["backend"]() is None
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
+    assert all("forward" not in m.__dict__ for m in unet.modules())  # no checkpointing patch left
+    assert all(p.grad is None and not p.requires_grad for p in unet.parameters())
+    after = unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_run_and_release_frees_training_objects(sd15_dir, tmp_path, monkeypatch):
+    outcome, error, refs, calls, unet, before = _release_run(sd15_dir, tmp_path, monkeypatch)
+    assert error is None and outcome.steps_done == 2 and outcome.lora_path.is_file()
+    assert any(float(d.up.abs().max()) > 0 for d in outcome.offset.unet.values())  # it trained; copies survive
+    est = [c[1] for c in calls if c[0] == "estimate"]
+    assert est and est[0] > 0 and ("reserve", est[0]) in calls  # asked before the first step ...
+    assert calls.index(("reserve", est[0])) < calls.index(("step", 1))
+    assert calls[-1] == ("release",)  # ... and released after the last
+    _assert_released(refs, unet, before)
+
+
+def test_run_and_release_frees_training_objects_on_error(sd15_dir, tmp_path, monkeypatch):
+    outcome, error, refs, calls, unet, before = _release_run(sd15_dir, tmp_path, monkeypatch, fail_at=1)
+    assert outcome is None and "boom" in str(error) and calls[-1] == ("release",)
+    _assert_released(refs, unet, before)  # the traceback we still hold pins none of it
+
+
+def test_validation_from_node_options(sd15_dir, tmp_path, monkeypatch):
+    from npo_suite.nodes import training_core as core
+
+    opts = dict(method="npo", beta=5000.0, lam=0.9, snpo_p=0.5, steps=2, lr=1e-3, rank=2, targets="attn", batch_size=1,
+                grad_accum=1, resolution=16, precision="no", optimizer="adamw", gradient_checkpointing=False, seed=0,
+                ref_update_every=0, ref_bound=0.005, ref_on_exceed="freeze", timestep_sampler="uniform",
+                timestep_weight="none", checkpoint_every=0, output_name="neg", extra="")
+    data = core.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a red cat", "a blue dog"])
+    assert core.node_config(opts, str(tmp_path), None, data).validate_every == 0  # old workflows: off
+    cfg = core.node_config({**opts, "validate_every": 2}, str(tmp_path), None, data)
+    assert cfg.validate_every == 2 and cfg.validation_prompts == ["a red cat", "a blue dog"]  # the dataset's prompts
+    cfg = core.node_config({**opts, "validate_every": 1, "validation_prompts": "a cat\n# no\n\na dog\n",
+                            "extra": "validation_sample_steps: 2\nvalidation_seeds: [3]"}, str(tmp_path / "r"), None, data)
+    assert cfg.validation_prompts == ["a cat", "a dog"] and cfg.validation_seeds == [3]
+    b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
+    out = core.run_training(b, data, cfg, resume=False, cache_dir=str(tmp_path / "cache"))
+    b.close()
+    assert out.validation is not None and out.validation.name == "step_000002.png"
+    grid = core.image_tensor(out.validation)
+    assert grid.shape[0] == 1 and grid.shape[-1] == 3 and 0 <= grid.min() <= grid.max() <= 1
+    assert grid.shape[1] == 2 * 16 and grid.shape[2] == 2 * 16  # rows: 2 prompts; columns: 1 seed x (base, LoRA)
+    assert "validation grid: step_000002.png" in out.report
+    assert core.blank_image().shape == (1, 64, 64, 3)
+    off = core.node_config({**opts, "steps": 1}, str(tmp_path / "r"), None, data)  # same run, started over
+    b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
+    again = core.run_training(b, data, off, resume=False, cache_dir=str(tmp_path / "cache"))
+    b.close()
+    assert again.validation is None and not (tmp_path / "r" / "validation").exists()  # no stale grid

@@ -9,6 +9,7 @@ checkpoint converted to diffusers, same data, seed and LoRA start) agree.
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import pytest
@@ -59,7 +60,50 @@ def train_inputs(**kw):
     return d
 
 
-def test_train_in_workflow_then_lora_loader_and_npo_guider(comfy, datasets, caplog):
+class _ProgressSpy:
+    """Stands in for ComfyUI's server side of progress: the global ProgressBar hook (previews) and
+    PromptServer.instance.send_progress_text (texts), as main.py / server.py wire them."""
+
+    def __init__(self, monkeypatch):
+        import comfy.utils as cu
+        import server
+
+        self.updates, self.texts = [], []
+        monkeypatch.setattr(cu, "PROGRESS_BAR_HOOK", self.hook)
+        monkeypatch.setattr(server.PromptServer, "instance", self, raising=False)
+
+    def hook(self, value, total, preview, node_id=None):
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()  # as main.py's hook does
+        self.updates.append((value, total, preview, node_id))
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.texts.append((text, node_id))
+
+    def send_sync(self, *a, **k):
+        pass
+
+    def previews(self):
+        return [p for *_, p, _ in self.updates if p is not None]
+
+
+def test_train_in_workflow_then_lora_loader_and_npo_guider(comfy, datasets, caplog, monkeypatch):
+    import gc
+    import weakref
+
+    import comfy.model_management as mm
+
+    spy = _ProgressSpy(monkeypatch)
+    loads = []
+    load_models_gpu = mm.load_models_gpu
+
+    def record_loads(models, *a, **k):
+        if all(hasattr(getattr(m, "model", None), "diffusion_model") for m in models):  # UNet loads, not VAE/CLIP
+            loads.append((k.get("memory_required", 0), [weakref.ref(m) for m in models]))
+        return load_models_gpu(models, *a, **k)
+
+    monkeypatch.setattr(mm, "load_models_gpu", record_loads)
     g = {}
     g["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}
     g["2"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0xC08040}}
@@ -81,9 +125,35 @@ def test_train_in_workflow_then_lora_loader_and_npo_guider(comfy, datasets, capl
     g["13"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
         "noise": ["11", 0], "guider": ["8", 0], "sampler": ["12", 0], "sigmas": ["9", 0], "latent_image": ["10", 0]}}
     g["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": "npo_train/t"}}
-    out = comfy.run(g, ["5", "13"])
-    offset, _model, lora_name, curve, report = out["5"]
-    offset, lora_name, curve, report = offset[0], lora_name[0], curve[0], report[0]
+    # the loader's output is cached between prompts: read the flags ComfyUI gave the MODEL before training
+    loaded = comfy.run({"1": g["1"], "99": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}, ["1"])
+    flags = {n: p.requires_grad for n, p in loaded["1"][0][0].model.diffusion_model.named_parameters()}
+    out = comfy.run(g, ["1", "5", "13"])
+    offset, _model, lora_name, curve, report, grid = out["5"]
+    offset, lora_name, curve, report, grid = offset[0], lora_name[0], curve[0], report[0], grid[0]
+    assert grid.shape == (1, 64, 64, 3) and float(grid.abs().max()) == 0  # validation off: the blank IMAGE
+    # live progress on the node: a text line with the loss per step (rate-limited; first and last always),
+    # and a loss-curve preview on the progress bar (at least at the last step)
+    assert [t for t, nid in spy.texts if nid == "5" and "loss" in t and "step 2/2" in t], spy.texts
+    assert any(v == 2 and tot == 2 and nid == "5" for v, tot, _, nid in spy.updates), spy.updates
+    kind, image, size = spy.previews()[-1]
+    assert kind == "PNG" and image.mode == "RGB" and image.size[0] > 0 and size
+    # memory: the working-set estimate was asked of model management before the steps ...
+    reserved = [refs for m, refs in loads if m > 0]
+    assert reserved, loads
+    # ... and after the node nothing of the run is left: no backend (the node runs ComfyUI's copy of the
+    # package, so match by name), no hooks/patches/grads on the UNet, and the training clone of the MODEL's
+    # patcher is gone (ComfyUI's loaded-model entry falls back to the user's MODEL, which stays loaded)
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o).__name__ == "ComfyBackend"]
+    assert all(r() is None for r in reserved[0])
+    model = out["1"][0][0]
+    assert model is loaded["1"][0][0]  # the cached loader output: the MODEL the flags were read from
+    dm = model.model.diffusion_model
+    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in dm.modules())
+    assert all(p.grad is None for p in dm.parameters())
+    assert {n: p.requires_grad for n, p in dm.named_parameters()} == flags  # as ComfyUI loaded them
+    assert any(lm.model is not None and lm.model.model is model.model for lm in mm.current_loaded_models)  # still loaded
     assert lora_name == "wf_npo.safetensors" and (comfy.root / "loras" / lora_name).is_file()
     # EmptyImage repeats one image: the second pair is a duplicate, counted and skipped
     assert "finished at step 2/2" in report and "1 pairs, 1 skipped" in report and "duplicate_id: 1" in report
@@ -132,24 +202,26 @@ def test_interrupt_saves_and_resume_continues(comfy, datasets, monkeypatch):
         data = PreferenceDataset.execute("pairs3", None, None, "").args[0]
     probe = next(iter(model.model.diffusion_model.parameters()))
     before = {k: v.detach().clone() for k, v in list(model.model.diffusion_model.state_dict().items())[:20]}
-    original = comfy_utils.ProgressBar.update_absolute
 
-    def interrupt_after_first(self, value, total=None, preview=None):
-        original(self, value, total, preview)
+    def cancel_during_first_step(value, total, preview, node_id=None):
+        """main.py's progress hook raises (and clears the flag) once Cancel was pressed."""
         if value >= 1:
             mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
 
-    monkeypatch.setattr(comfy_utils.ProgressBar, "update_absolute", interrupt_after_first)
+    monkeypatch.setattr(comfy_utils, "PROGRESS_BAR_HOOK", cancel_during_first_step)
     opts = train_inputs(method="bdpo", steps=3, output_name="resumable")
     with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
         TrainPreferenceLoRA.execute(model, clip, vae, data, **opts)
     run = comfy.root / "output" / core.RUNS_SUBDIR / "resumable"
     assert (run / "checkpoints" / "latest").is_file()
     assert (comfy.root / "loras" / "resumable.safetensors").is_file()  # what it had, saved
-    monkeypatch.setattr(comfy_utils.ProgressBar, "update_absolute", original)
+    assert [s for s, _ in core.read_losses(run / "metrics.csv")] == [1]  # stopped at the step boundary
+    monkeypatch.setattr(comfy_utils, "PROGRESS_BAR_HOOK", None)
     with torch.inference_mode():
         out = TrainPreferenceLoRA.execute(model, clip, vae, data, **{**opts, "resume": True}).args
     assert "finished at step 3/3" in out[4] and "(resumed)" in out[4]
+    assert all(p.grad is None for p in model.model.diffusion_model.parameters())
     assert [s for s, _ in core.read_losses(run / "metrics.csv")] == [1, 2, 3]
     # the user's MODEL: same module tree, no hooks, same weights
     dm = model.model.diffusion_model
@@ -250,3 +322,92 @@ def test_comfyui_and_cli_runs_agree(comfy, datasets, tmp_path):
     worst.sort(reverse=True)
     assert (num / den) ** 0.5 <= 1e-2 and worst[0][0] <= 5e-2, ((num / den) ** 0.5, worst[:3])
     assert res.steps_done == 2
+
+
+def _prompt_list_run(comfy, method: str, extra: str, with_images: bool, caplog):
+    """Prompt List -> Train Preference LoRA (2 steps, 64 px) in a workflow, then LoraLoader + KSampler."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+         "3": {"class_type": "NPOSuite_PromptList", "inputs": {
+             "source": "(from text)", "prompts": "a photo of a red cat\n# comment\na blue dog in the park",
+             "ddspo_min_frac": 0.4, "ddspo_max_frac": 0.7, "preview_seed": 0}}}
+    if with_images:  # DDSPO trains on (prompt, winner image) rows
+        g["2"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x4080C0}}
+        g["3"]["inputs"]["images"] = ["2", 0]
+    name = f"wf_{method}"
+    g["5"] = {"class_type": "NPOSuite_TrainPreferenceLoRA", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["3", 0],
+        **train_inputs(method=method, output_name=name, checkpoint_every=0, extra=extra)}}
+    out = comfy.run(g, ["5"])["5"]
+    offset, lora_name, report = out[0][0], out[2][0], out[4][0]
+    assert lora_name == f"{name}.safetensors" and "finished at step 2/2" in report, report
+    from npo_suite.nodes import training_core as core
+
+    losses = core.read_losses(comfy.root / "output" / core.RUNS_SUBDIR / name / "metrics.csv")
+    assert [s for s, _ in losses] == [1, 2] and all(math.isfinite(v) for _, v in losses), losses
+    h = {"1": g["1"],
+         "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a cat"}},
+         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+         "10": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+         "20": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+                                                       "strength_model": 1.0, "strength_clip": 1.0}},
+         "21": {"class_type": "KSampler", "inputs": {"model": ["20", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                                     "latent_image": ["10", 0], "seed": 1, "steps": 1, "cfg": 5.0,
+                                                     "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+         "22": {"class_type": "SaveLatent", "inputs": {"samples": ["21", 0], "filename_prefix": f"npo_train/{method}"}}}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        res = comfy.run(h, ["21"])
+    assert torch.isfinite(res["21"][0][0]["samples"]).all()
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    return offset, comfy.root / "loras" / lora_name
+
+
+def _lora_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys()), dict(f.metadata() or {})
+
+
+@pytest.mark.slow
+def test_tdft_self_npo_from_prompt_list(comfy, datasets, caplog):
+    """Self-NPO/TDFT in ComfyUI: data-free (prompts only), the EMA teacher stays out of the file."""
+    from npo_suite.core.offsets import load_offset
+
+    offset, path = _prompt_list_run(comfy, "tdft", "tdft_k: 1\n", False, caplog)
+    keys, meta = _lora_keys(path)
+    assert meta.get("npo_suite.method") == "tdft" and meta.get("npo_suite.role") == "negative"
+    assert not [k for k in keys if "ema" in k.lower()]
+    modules = {k.split(".")[0] for k in keys}
+    assert len(keys) == 3 * len(modules)  # one lora_down / lora_up / alpha per module: one adapter only
+    back = load_offset(path)
+    assert set(back.unet) == set(offset.unet)  # the policy, as the node's offset output
+    for k, d in offset.unet.items():
+        assert torch.allclose(back.unet[k].dense(), d.dense(), atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_ddspo_from_prompt_list_with_winner_images(comfy, datasets, caplog):
+    offset, path = _prompt_list_run(comfy, "ddspo", "ddspo_beta: 16000\n", True, caplog)
+    keys, meta = _lora_keys(path)
+    assert meta.get("npo_suite.method") == "ddspo" and meta.get("npo_suite.role") == "positive"
+    assert len(keys) == 3 * len({k.split(".")[0] for k in keys})
+    assert any(float(d.up.abs().max()) > 0 for d in offset.unet.values())
+
+
+@pytest.mark.slow
+def test_validation_grid_output(comfy, datasets):
+    """validate_every / validation_prompts (optional inputs): the last grid is the node's 6th output."""
+    from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
+
+    with torch.inference_mode():
+        model, clip, vae = _checkpoint(comfy)
+        data = PreferenceDataset.execute("pairs3", None, None, "").args[0]
+        out = TrainPreferenceLoRA.execute(model, clip, vae, data, **train_inputs(
+            steps=2, output_name="validated", checkpoint_every=0,
+            extra="validation_sample_steps: 2\nvalidation_seeds: [0]\n"),
+            validate_every=2, validation_prompts="a photo of a cat\na dog").args
+    grid, report = out[5], out[4]
+    assert grid.shape == (1, 2 * 64, 2 * 64, 3), grid.shape  # rows: 2 prompts; columns: 1 seed x (base, LoRA)
+    assert torch.isfinite(grid).all() and "validation grid: step_000002.png" in report
+    assert (comfy.root / "output" / "npo_suite_runs" / "validated" / "validation" / "step_000002.png").is_file()

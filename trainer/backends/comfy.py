@@ -157,12 +157,13 @@ class ComfyBackend(DiffusersBackend):
                  decode_latents_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  device: str | torch.device = "cpu", options: BackendOptions | None = None,
                  checkpoint_modules: list[torch.nn.Module] | None = None, network: torch.nn.Module | None = None,
-                 source: str = "comfyui"):
+                 source: str = "comfyui", reserve: Callable[[int], None] | None = None):
         """modules: diffusers path -> real module of the network; forward(x_t, t, cond) -> network output;
         encode_text(prompts) -> ([hidden [1, L, D]] per prompt, [pooled [1, P] or None] per prompt);
         encode_pixels: [B, 3, H, W] in [-1, 1] -> scaled latents; decode_latents_fn: the inverse;
         checkpoint_modules: blocks to run under activation checkpointing (gradient_checkpointing);
-        network: the whole network (its inference tensors are converted, its flags restored on close)."""
+        network: the whole network (its inference tensors are converted, its flags restored on close);
+        reserve(nbytes): make room for a training working set of nbytes (ComfyUI model management)."""
         self.options = opts = options or BackendOptions()
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{source}: prediction type {prediction_type!r} is not trainable here "
@@ -176,6 +177,8 @@ class ComfyBackend(DiffusersBackend):
         self._encode_pixels, self._decode = encode_pixels, decode_latents_fn
         self.vae, self.text_encoders, self.tokenizers, self.scheduler = None, [], [], None
         self.network = network
+        self._reserve = reserve
+        self.patcher = None  # from_comfy: the ModelPatcher clone that keeps the UNet loaded
         self._hooks: list = []
         self._patched_forwards: list[torch.nn.Module] = []
         self._closed = False
@@ -243,6 +246,10 @@ class ComfyBackend(DiffusersBackend):
         def ensure_loaded():
             mm.load_models_gpu([patcher], force_full_load=True)
 
+        def reserve(nbytes: int) -> None:
+            """Room for the training working set, the way comfy_extras/nodes_train.py asks (with an estimate, not 1e20)."""
+            mm.load_models_gpu([patcher], memory_required=int(nbytes), force_full_load=True)
+
         def forward(x, t, cond: Cond):
             ensure_loaded()
             y = None
@@ -273,7 +280,8 @@ class ComfyBackend(DiffusersBackend):
         blocks = [*dm.input_blocks, dm.middle_block, *dm.output_blocks]
         backend = cls(modules, forward, abar=abar, prediction_type=PREDICTION_TYPES[mtype], family=family,
                       encode_text=encode_text, encode_pixels=encode_pixels, decode_latents_fn=decode, device=device,
-                      options=options, checkpoint_modules=blocks, network=dm, source=type(base).__name__)
+                      options=options, checkpoint_modules=blocks, network=dm, source=type(base).__name__,
+                      reserve=reserve)
         backend.patcher = patcher
         backend.unmapped = missing
         return backend
@@ -332,8 +340,20 @@ class ComfyBackend(DiffusersBackend):
 
         return Offset(unet=offset_from_peft(self.unet, name, "unet"))
 
+    def reserve_memory(self, nbytes: int) -> None:
+        """Ask the host (ComfyUI model management) for room for `nbytes` of training working set; no-op without one."""
+        if self._closed:
+            raise RuntimeError("ComfyBackend is closed")
+        if self._reserve is not None:
+            self._reserve(int(nbytes))
+
     def close(self) -> None:
-        """Remove every hook and forward patch, restore requires_grad flags; the network is as before."""
+        """Release everything training added; the network is as before (same modules, weights, flags).
+
+        Removes every hook and forward patch, drops the grads of LoRA and base parameters, restores the
+        requires_grad flags, and lets go of the LoRA layers (the diffusers-named view), the ComfyUI
+        patcher clone and the encode/forward closures, so nothing of the run stays reachable from a
+        backend object that someone still holds."""
         if self._closed:
             return
         self._closed = True
@@ -343,10 +363,20 @@ class ComfyBackend(DiffusersBackend):
         for m in self._patched_forwards:
             m.__dict__.pop("forward", None)
         self._patched_forwards = []
+        for ps in self._params.values():
+            for p in ps:
+                p.grad = None
         for p, flag in self._requires_grad:
+            p.grad = None
             p.requires_grad_(flag)
+        self._requires_grad = []
         self._params = {}
         self._layers = []
+        self.adapters = []
+        self.unet = None  # the view holds the LoRA layers; the real modules stay in the ComfyUI tree
+        self.network = self.patcher = self._reserve = None
+        self._forward = self._encode_text = self._encode_pixels = self._decode = None
+        self._null = None
 
     def __enter__(self) -> "ComfyBackend":
         return self
