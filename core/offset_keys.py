@@ -16,6 +16,7 @@ instantiated on the `meta` device (`Target.standard`, no memory, no download).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -307,3 +308,113 @@ def _targets_from_dir(root: Path) -> dict[str, Target]:
                 cls = CLIPTextModelWithProjection if "Projection" in arch else CLIPTextModel
                 out[comp] = Target.from_module(cls(tc), comp, family=out["unet"].family, source=str(root))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI CLIP keys (text-encoder parts of an offset on a ComfyUI CLIP object)
+# ---------------------------------------------------------------------------------------------
+# ComfyUI's CLIP wrappers (comfy/sd1_clip.py `SD1ClipModel`, comfy/sdxl_clip.py `SDXLClipModel`)
+# hold each text encoder as `clip_<name>.transformer`, a `comfy.clip_model.CLIPTextModel` that uses
+# the transformers-4.x module names (`text_model.encoder.layers.N.self_attn.q_proj`, `mlp.fc1`,
+# `text_projection`): exactly the canonical text-encoder paths of `Offset.text_encoders`
+# (`canonical_te_path`). So the map is a prefix per component, the same one ComfyUI's own LoRA
+# loader uses (comfy/lora.py `model_lora_keys_clip`: `lora_te_`/`lora_te1_` -> clip_l, or clip_h
+# for SD2; `lora_te2_` -> clip_g).
+COMFY_CLIP_NAMES: dict[str, tuple[str, ...]] = {"te1": ("clip_l", "clip_h"), "te2": ("clip_g",)}
+
+
+def comfy_clip_layout(clip_keys) -> dict[str, str]:
+    """{component: key prefix} for the text encoders a ComfyUI CLIP holds, from its state-dict keys
+    (or module paths): SD1.x {"te1": "clip_l.transformer."}, SDXL adds {"te2": "clip_g.transformer."}."""
+    heads = {k.split(".", 2)[0] for k in clip_keys if ".transformer." in k}
+    out = {}
+    for comp, names in COMFY_CLIP_NAMES.items():
+        name = next((n for n in names if n in heads), None)
+        if name is not None:
+            out[comp] = f"{name}.transformer."
+    return out
+
+
+def describe_clip_layout(layout: dict[str, str]) -> str:
+    """'an SD1.x CLIP (clip_l only)' / 'an SDXL CLIP (clip_l + clip_g)' for messages."""
+    names = tuple(p.split(".")[0] for p in layout.values())
+    kind = {("clip_l",): "an SD1.x", ("clip_l", "clip_g"): "an SDXL", ("clip_h",): "an SD2.x"}.get(names, "a")
+    return f"{kind} CLIP ({' + '.join(names) or 'no known text encoder'}{' only' if len(names) == 1 else ''})"
+
+
+def delta_numel(d) -> int:
+    """Number of weight entries a Delta changes (without materialising it)."""
+    if hasattr(d, "weight"):  # DenseDelta
+        return d.weight.numel()
+    if d.mid is not None:  # LoCon Tucker: up [out, r], mid [r, r, kh, kw], down [r, in, 1, 1]
+        return d.up.shape[0] * d.down.shape[1] * d.mid[0, 0].numel()
+    return d.up.shape[0] * d.down[0].numel()
+
+
+@dataclass
+class ClipKeyMap:
+    """The text-encoder deltas of one offset re-keyed to a ComfyUI CLIP's module paths.
+
+    `modules`: ComfyUI module path ("clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj")
+    -> Delta (the patch key is `<path>.weight`); `coverage`: component -> (applied, total);
+    `unmatched`: "te1:<path>" of the deltas that fit no weight of that CLIP.
+    """
+
+    modules: dict = field(default_factory=dict)
+    coverage: dict[str, tuple[int, int]] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+
+
+def comfy_clip_deltas(text_encoders, clip_shapes: dict[str, tuple]) -> ClipKeyMap:
+    """Map `Offset.text_encoders` ({"te1"/"te2": {path: Delta}}) onto a ComfyUI CLIP.
+
+    clip_shapes: {module path: weight shape} of the CLIP's `cond_stage_model` (keys without
+    `.weight`). Raises ValueError when the offset has a text encoder the CLIP lacks (e.g. an SDXL
+    offset's te2 on an SD1.x CLIP) or when none of a component's modules fits the CLIP.
+    """
+    layout = comfy_clip_layout(clip_shapes)
+    out = ClipKeyMap()
+    for comp, deltas in text_encoders.items():
+        if not deltas:
+            continue
+        prefix = layout.get(comp)
+        if prefix is None:
+            what = "an SDXL offset's second text encoder (te2, CLIP-G)" if comp == "te2" else f"text encoder {comp!r}"
+            raise ValueError(f"the offset has {len(deltas)} modules for {what}, but this is "
+                             f"{describe_clip_layout(layout)}: use a CLIP of the offset's model family")
+        applied = 0
+        for path, d in deltas.items():
+            key = prefix + canonical_te_path(path)
+            shape = clip_shapes.get(key)
+            if shape is None or delta_numel(d) != math.prod(shape) or _out_dim(d) != shape[0]:
+                out.unmatched.append(f"{comp}:{path}")
+                continue
+            out.modules[key] = d
+            applied += 1
+        if applied == 0:
+            raise ValueError(f"none of the offset's {len(deltas)} {comp} modules fit {describe_clip_layout(layout)} "
+                             f"(e.g. {next(iter(deltas))!r} -> {prefix}{canonical_te_path(next(iter(deltas)))}): "
+                             "wrong model family?")
+        out.coverage[comp] = (applied, len(deltas))
+    return out
+
+
+def _out_dim(d) -> int:
+    return int(d.weight.shape[0] if hasattr(d, "weight") else d.up.shape[0])
+
+
+def clip_coverage_line(offset, keymap: ClipKeyMap | None, role: str, weight: float) -> str:
+    """One report line of NPO Negative CLIP: how many text-encoder modules of an offset apply, and where."""
+    if offset is None:
+        return f"{role}: none"
+    n_te = sum(len(v) for v in offset.text_encoders.values())
+    if n_te == 0:
+        return f"{role}: no text-encoder part (a UNet-only offset): the CLIP is unchanged for it"
+    cov = keymap.coverage if keymap is not None else {}
+    where = ", ".join(f"{c} {a}/{t}" for c, (a, t) in cov.items())
+    s = f"{role} x {weight:g}: {sum(a for a, _ in cov.values())}/{n_te} text-encoder modules apply ({where})"
+    if keymap is not None and keymap.unmatched:
+        s += f", {len(keymap.unmatched)} do not (e.g. {keymap.unmatched[0]})"
+    if weight == 0.0:
+        s += "; weight 0: not applied"
+    return s

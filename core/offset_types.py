@@ -94,9 +94,13 @@ class Offset:
         return all(isinstance(d, LowRankDelta) for comp in self.components().values() for d in comp.values())
 
 
-def coverage_line(offset: Offset | None, n_applied: int, unmatched, role: str) -> str:
+TE_IGNORED = "ignored (sampling offsets act on the UNet)"
+
+
+def coverage_line(offset: Offset | None, n_applied: int, unmatched, role: str, te_note: str = TE_IGNORED) -> str:
     """One line for node reports and the WebUI panel: what a file was recognised as and how much of it
-    applies to the model at hand (sampling offsets act on the UNet; text-encoder parts are ignored)."""
+    applies to the model at hand. Sampling offsets act on the UNet; `te_note` says what happens to the
+    text-encoder part (the WebUI ignores it; the ComfyUI nodes point to NPO Negative CLIP)."""
     if offset is None:
         return f"{role}: none"
     head = f"{offset.report.summary()}; " if offset.report is not None else ""
@@ -105,5 +109,5 @@ def coverage_line(offset: Offset | None, n_applied: int, unmatched, role: str) -
         s += f", {len(unmatched)} do not (e.g. {list(unmatched)[0]})"
     n_te = sum(len(v) for v in offset.text_encoders.values())
     if n_te:
-        s += f"; {n_te} text-encoder modules ignored (sampling offsets act on the UNet)"
+        s += f"; {n_te} text-encoder modules {te_note}"
     return s

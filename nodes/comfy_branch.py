@@ -21,7 +21,8 @@ import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
 
-from ..core.offset_types import DenseDelta, LowRankDelta, Offset, coverage_line
+from ..core.offset_keys import ClipKeyMap, clip_coverage_line, comfy_clip_deltas, delta_numel
+from ..core.offset_types import LowRankDelta, Offset, coverage_line
 from .rows import NPOBranchWrapper, NPOSpec
 
 
@@ -53,27 +54,25 @@ def unet_deltas_ldm(offset: Offset | None, model_patcher) -> tuple[dict, list[st
             unmatched.append(name)
             continue
         w = getattr(mod, "weight", None)
-        if w is None or _delta_numel(delta) != w.numel():
+        if w is None or delta_numel(delta) != w.numel():
             unmatched.append(name)
             continue
         out[ldm] = delta
     return out, unmatched
 
 
-def _delta_numel(delta) -> int:
-    if isinstance(delta, DenseDelta):
-        return delta.weight.numel()
-    out_dim = delta.up.shape[0]
-    in_numel = delta.down[0].numel() if delta.mid is None else delta.down.shape[1] * delta.mid[0, 0].numel()
-    return out_dim * in_numel
+TE_NOTE_DELTA = "apply to the negative prompt through NPO Negative CLIP (encode the negative prompt with it)"
+TE_NOTE_ETA = ("apply to the positive prompt through LoraLoader (strength_clip 1) and, x α, to the negative "
+               "prompt through NPO Negative CLIP")
 
 
-def describe_coverage(offset: Offset | None, model_patcher, role: str) -> str:
-    """One line for logs / node reports: how much of the offset the model accepted."""
+def describe_coverage(offset: Offset | None, model_patcher, role: str, te_note: str = TE_NOTE_DELTA) -> str:
+    """One line for logs / node reports: how much of the offset the model accepted (and where its
+    text-encoder part goes: the UNet nodes never apply it, NPO Negative CLIP does)."""
     if offset is None:
         return coverage_line(None, 0, (), role)
     mapped, unmatched = unet_deltas_ldm(offset, model_patcher)
-    return coverage_line(offset, len(mapped), unmatched, role)
+    return coverage_line(offset, len(mapped), unmatched, role, te_note=te_note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +92,7 @@ def apply_npo(model_patcher, spec: NPOSpec):
     m = model_patcher.clone()
     previous = m.model_options.get("model_function_wrapper")
     m.set_model_unet_function_wrapper(NPOBranchWrapper(eta, delta, spec, previous))
-    report = "; ".join([describe_coverage(spec.eta, model_patcher, "positive η"),
+    report = "; ".join([describe_coverage(spec.eta, model_patcher, "positive η", TE_NOTE_ETA),
                         describe_coverage(spec.delta, model_patcher, "negative δ")])
     return m, report
 
@@ -132,9 +131,42 @@ def negative_model(model_patcher, eta: Offset | None, delta: Offset | None, alph
         m.add_patches(comfy_patches(eta_ldm), strength_patch=float(alpha))
     if delta_ldm and beta != 0.0:
         m.add_patches(comfy_patches(delta_ldm), strength_patch=float(beta))
-    report = "; ".join([describe_coverage(eta, model_patcher, f"η x {alpha:g}"),
+    report = "; ".join([describe_coverage(eta, model_patcher, f"η x {alpha:g}", TE_NOTE_ETA),
                         describe_coverage(delta, model_patcher, f"δ x {beta:g}")])
     return m, report
+
+
+# ---------------------------------------------------------------------------------------------
+# text-encoder part of the negative model: ComfyUI weight patches on a CLIP clone
+# ---------------------------------------------------------------------------------------------
+def clip_shapes(clip) -> dict[str, tuple]:
+    """{module path: weight shape} of a ComfyUI CLIP's text encoders (`cond_stage_model`)."""
+    return {k[: -len(".weight")]: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()
+            if k.endswith(".weight")}
+
+
+def negative_clip(clip, eta: Offset | None, delta: Offset | None, alpha: float, beta: float):
+    """The text encoder of the NPO negative model `θ+α·η+β·δ` (METHODS.md "NPO guidance at sampling
+    time": the negative branch is that model as a whole, so the negative prompt c' is encoded by its
+    text encoder): a CLIP clone with the offsets' text-encoder parts as ComfyUI weight patches.
+
+    Returns (clip, report). Every offset is mapped and checked before anything is patched; when no
+    text-encoder module applies the input CLIP is returned unchanged (and the report says why).
+    """
+    shapes = clip_shapes(clip)
+    planned = []  # (keymap, weight)
+    lines = []
+    for off, w, role in ((eta, alpha, "positive η"), (delta, beta, "negative δ")):
+        km = comfy_clip_deltas(off.text_encoders, shapes) if off is not None else ClipKeyMap()
+        lines.append(clip_coverage_line(off, km, role, w))
+        if km.modules and w != 0.0:
+            planned.append((km, float(w)))
+    if not planned:
+        return clip, "; ".join(lines + ["CLIP unchanged: nothing to apply to the negative prompt's text encoder"])
+    out = clip.clone()
+    for km, w in reversed(planned):  # δ first, then η: the order of LoraLoader(δ) -> LoraLoader(η) (same float sums)
+        out.add_patches(comfy_patches(km.modules, prefix=""), strength_patch=w)
+    return out, "; ".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from .comfy_branch import (
     apply_npo,
     blend_conditioning,
     encode_empty,
+    negative_clip,
     negative_model,
 )
 
@@ -92,6 +93,26 @@ class NPONegativeModel(io.ComfyNode):
         return io.NodeOutput(m, report)
 
 
+class NPONegativeCLIP(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NPOSuite_NegativeCLIP", display_name="NPO Negative CLIP", category=CATEGORY,
+            description="The text encoder of θ+α·η+β·δ: a CLIP with the offsets' text-encoder parts as ComfyUI weight "
+                        "patches. Encode the NEGATIVE prompt with it (the positive prompt with the plain / η CLIP).",
+            inputs=[io.Clip.Input("clip"), NPOOffset.Input("negative_offset"),
+                    io.Float.Input("beta", default=1.0, min=-2.0, max=2.0, step=0.05, tooltip="β: weight of δ's text-encoder part"),
+                    NPOOffset.Input("positive_offset", optional=True),
+                    io.Float.Input("alpha", default=0.0, min=-2.0, max=2.0, step=0.05, tooltip="α: weight of η's text-encoder part")],
+            outputs=[io.Clip.Output(display_name="negative_clip"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, clip, negative_offset, beta, positive_offset=None, alpha=0.0) -> io.NodeOutput:
+        c, report = negative_clip(clip, positive_offset, negative_offset, alpha, beta)
+        return io.NodeOutput(c, report)
+
+
 class DualModelNPOGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -136,4 +157,4 @@ class SNPOGuider(io.ComfyNode):
         return io.NodeOutput(guider)
 
 
-NODES = [NPOGuider, ApplyNPO, NPONegativeModel, DualModelNPOGuider, SNPOGuider]
+NODES = [NPOGuider, ApplyNPO, NPONegativeModel, NPONegativeCLIP, DualModelNPOGuider, SNPOGuider]

@@ -463,3 +463,105 @@ def test_coverage_line_reports_what_applies():
     assert "1 text-encoder modules ignored" in line
     assert coverage_line(None, 0, (), "positive η") == "positive η: none"
     assert coverage_line(Offset(unet={"a": d}), 1, (), "eta") == "eta: 1/1 UNet modules apply to this model"
+
+
+# ---------------------------------------------------------------------------------------------
+# text-encoder parts on a ComfyUI CLIP (core.offset_keys.comfy_clip_deltas; NPO Negative CLIP)
+# ---------------------------------------------------------------------------------------------
+def _comfy_clip_shapes(family: str) -> dict:
+    """{module path: shape} as a ComfyUI CLIP's cond_stage_model names them (comfy/sd1_clip.py,
+    sdxl_clip.py: `clip_l.transformer.<transformers-4.x path>`, SDXL adds `clip_g.transformer.`),
+    built from the standard architectures' real module names and shapes."""
+    out = {f"clip_l.transformer.{p}": s for p, s in Target.standard(family, "te1").shapes.items()}
+    if family == "sdxl":
+        out.update({f"clip_g.transformer.{p}": s for p, s in Target.standard("sdxl", "te2").shapes.items()})
+    return out
+
+
+def _te_offset(family: str, tmp_path, g) -> Offset:
+    """A kohya file with UNet + text-encoder LoRAs (lora_te_ for SD1.x, lora_te1_/lora_te2_ for SDXL), loaded back."""
+    te1 = Target.standard(family, "te1").shapes
+    tes = {"te1": {p: _rand_lora(te1[p], 2, g) for p in TE}}
+    if family == "sdxl":
+        te2 = Target.standard("sdxl", "te2").shapes
+        tes["te2"] = {p: _rand_lora(te2[p], 2, g) for p in (*TE, "text_model.encoder.layers.31.mlp.fc2")}
+    unet = Target.standard(family, "unet").shapes
+    blk = "down_blocks.1" if family == "sdxl" else "down_blocks.0"
+    off = Offset(unet={f"{blk}.{p}": _rand_lora(unet[f"{blk}.{p}"], 2, g) for p in UNET_LINEAR[:2]}, text_encoders=tes)
+    path = O.save_offset(off, tmp_path / f"{family}_te.safetensors", format="kohya", family=family)
+    keys = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(str(path)))
+    prefix = ("lora_te1_", "lora_te2_") if family == "sdxl" else ("lora_te_",)
+    assert any(k.startswith(prefix[-1]) for k in keys) and any(k.startswith(prefix[0]) for k in keys)
+    return O.load_offset(path)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_comfy_clip_deltas_map_kohya_te_keys(family, tmp_path):
+    from npo_suite.core.offset_keys import comfy_clip_deltas, comfy_clip_layout
+
+    g = torch.Generator().manual_seed(0)
+    off = _te_offset(family, tmp_path, g)
+    shapes = _comfy_clip_shapes(family)
+    layout = comfy_clip_layout(shapes)
+    assert layout == ({"te1": "clip_l.transformer.", "te2": "clip_g.transformer."} if family == "sdxl"
+                      else {"te1": "clip_l.transformer."})
+    km = comfy_clip_deltas(off.text_encoders, shapes)
+    assert not km.unmatched
+    assert km.coverage["te1"] == (3, 3)
+    assert "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj" in km.modules
+    assert "clip_l.transformer.text_model.encoder.layers.1.mlp.fc1" in km.modules
+    if family == "sdxl":
+        assert km.coverage["te2"] == (4, 4)
+        k = "clip_g.transformer.text_model.encoder.layers.31.mlp.fc2"
+        assert km.modules[k] is off.text_encoders["te2"]["text_model.encoder.layers.31.mlp.fc2"]
+        assert tuple(km.modules[k].dense().shape) == shapes[k]
+    else:
+        assert not any(k.startswith("clip_g.") for k in km.modules)
+    for key, d in km.modules.items():  # every delta has the shape of the weight it patches
+        assert tuple(d.dense().shape) == shapes[key]
+
+
+def test_comfy_clip_deltas_refuse_wrong_family_and_report(tmp_path):
+    from npo_suite.core.offset_keys import clip_coverage_line, comfy_clip_deltas
+
+    g = torch.Generator().manual_seed(1)
+    sdxl = _te_offset("sdxl", tmp_path, g)
+    with pytest.raises(ValueError, match=r"te2.*SD1\.x CLIP \(clip_l only\)"):
+        comfy_clip_deltas(sdxl.text_encoders, _comfy_clip_shapes("sd1"))
+    # te1 deltas of CLIP-G width on a CLIP-L: nothing fits -> a clear error, not a silent no-op
+    wide = {"te1": {p: d for p, d in sdxl.text_encoders["te2"].items()}}
+    with pytest.raises(ValueError, match="none of the offset's 4 te1 modules fit an SD1.x CLIP"):
+        comfy_clip_deltas(wide, _comfy_clip_shapes("sd1"))
+    # partly fitting: the misfits are listed, the rest applies
+    mixed = {"te1": {**sdxl.text_encoders["te1"], "text_model.encoder.layers.12.mlp.fc1": sdxl.text_encoders["te1"][TE[2]]}}
+    km = comfy_clip_deltas(mixed, _comfy_clip_shapes("sd1"))
+    assert km.coverage == {"te1": (3, 4)} and km.unmatched == ["te1:text_model.encoder.layers.12.mlp.fc1"]
+    line = clip_coverage_line(Offset(text_encoders=mixed), km, "negative δ", 0.5)
+    assert line.startswith("negative δ x 0.5: 3/4 text-encoder modules apply (te1 3/4), 1 do not")
+    unet_only = Offset(unet={"a": LowRankDelta(torch.zeros(1, 2), torch.zeros(2, 1))})
+    assert "no text-encoder part" in clip_coverage_line(unet_only, comfy_clip_deltas({}, {}), "negative δ", 1.0)
+    assert clip_coverage_line(None, None, "positive η", 0.0) == "positive η: none"
+    assert clip_coverage_line(Offset(text_encoders=mixed), km, "positive η", 0.0).endswith("weight 0: not applied")
+
+
+def test_coverage_line_text_encoder_note():
+    from npo_suite.core.offset_types import LowRankDelta, Offset, coverage_line
+
+    d = LowRankDelta(torch.zeros(1, 2), torch.zeros(2, 1))
+    off = Offset(unet={"a": d}, text_encoders={"te1": {"q": d, "k": d}})
+    assert coverage_line(off, 1, (), "δ").endswith("; 2 text-encoder modules ignored (sampling offsets act on the UNet)")
+    assert coverage_line(off, 1, (), "δ", te_note="apply via X").endswith("; 2 text-encoder modules apply via X")
+
+
+def test_comfy_clip_layout_names_every_comfyui_clip_kind():
+    from npo_suite.core.offset_keys import comfy_clip_layout, describe_clip_layout
+
+    q = "transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    cases = {("clip_l",): ({"te1": "clip_l.transformer."}, "an SD1.x CLIP (clip_l only)"),
+             ("clip_l", "clip_g"): ({"te1": "clip_l.transformer.", "te2": "clip_g.transformer."},
+                                    "an SDXL CLIP (clip_l + clip_g)"),
+             ("clip_h",): ({"te1": "clip_h.transformer."}, "an SD2.x CLIP (clip_h only)"),
+             ("clip_g",): ({"te2": "clip_g.transformer."}, "a CLIP (clip_g only)")}  # SDXL refiner
+    for heads, (layout, text) in cases.items():
+        got = comfy_clip_layout([f"{h}.{q}" for h in heads] + ["logit_scale"])
+        assert got == layout and describe_clip_layout(got) == text
