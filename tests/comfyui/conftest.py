@@ -24,6 +24,13 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("NPO_COMFY_CACHE", "/tmp/npo_suite_comfy_cache"))
 CKPT_NAME = "npo_random_sd15_v1.safetensors"
 
+
+if COMFYUI_PATH:  # the test modules import `npo_suite.*`; ComfyUI's venv may lack our editable install
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sdxl_build import ensure_npo_suite_importable
+
+    ensure_npo_suite_importable()
+
 SD15_UNET = dict(
     use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
     adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],

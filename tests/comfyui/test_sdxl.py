@@ -1,0 +1,276 @@
+"""SDXL inside real ComfyUI: NPO sampling paths and preference-LoRA training on a random full-size SDXL.
+
+Opt-in twice over: needs COMFYUI_PATH *and* NPO_COMFY_SDXL=1 (the checkpoint is 6.5 GiB on disk; the
+process peaks at 13.7 GiB RSS for the sampling test, 16.8 GiB for both tests, ~4 GiB of it the
+memory-mapped checkpoint file while ComfyUI loads it; see docs/BENCHMARKS.md). Run as
+
+    NPO_COMFY_SDXL=1 COMFYUI_PATH=/work/ComfyUI OMP_NUM_THREADS=1 flock /tmp/npo_heavy.lock timeout 900 \
+        /usr/bin/time -v /work/comfy_venv/bin/python -m pytest -q tests/comfyui/test_sdxl.py
+
+The checkpoint (tests/comfyui/sdxl_build.py) is built from ComfyUI's own classes and detected by
+ComfyUI as SDXL. It is loaded the way a low-RAM CPU user runs ComfyUI (`--cpu --bf16-unet`): UNet
+weights stored in bf16 (5.1 GB instead of 10.3 GB in fp32), text encoders in fp16 (ComfyUI's CPU
+default), VAE in fp32. On CPU ComfyUI computes in fp32: `unet_manual_cast` gives a
+`manual_cast_dtype` of float32, so each layer casts its bf16 weight to fp32 for the matmul.
+64x64 px (8x8 latent), euler, 2 steps.
+
+Tolerances (stated for this dtype setup):
+- Apply NPO + KSampler vs NPO Guider: the same branch computation (per-row hooks in one batched
+  forward) through KSampler vs SamplerCustomAdvanced: rel 1e-5.
+- Dual-Model guider (merged weights: ComfyUI patches `W + β·δ` into the bf16 weight, with ComfyUI's
+  stochastic rounding to bf16) vs the branch path (`W x + β·B(A x)` in fp32): the patched modules'
+  weights differ by bf16 rounding (2^-8 relative per element), so rel RTOL_MERGED = 2e-2.
+- "differs from plain CFG": rel > RTOL_DIFF = 1e-1 (5x the merged tolerance).
+rel(a, b) = max|a − b| / max|b|.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+if not os.environ.get("COMFYUI_PATH"):
+    pytest.skip("COMFYUI_PATH is not set (real-ComfyUI tests are opt-in, see docs/comfyui.md)", allow_module_level=True)
+if os.environ.get("NPO_COMFY_SDXL") != "1":
+    pytest.skip("SDXL-in-ComfyUI tests need NPO_COMFY_SDXL=1 (6.5 GiB checkpoint, ~17 GiB peak RSS)",
+                allow_module_level=True)
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sdxl_build  # noqa: E402
+
+sdxl_build.ensure_npo_suite_importable()
+
+pytestmark = pytest.mark.slow
+
+CKPT = sdxl_build.SDXL_CKPT_NAME
+RTOL_BRANCH, RTOL_MERGED, RTOL_DIFF = 1e-5, 2e-2, 1e-1
+
+# a few SDXL attention blocks (diffusers paths; LDM names in the comments): transformer_blocks.0's
+# 8 attention projections + the linear proj_in of each -> 9 modules per block
+SDXL_BLOCKS = [
+    "down_blocks.1.attentions.0",  # input_blocks.4.1 (640 ch)
+    "down_blocks.2.attentions.1",  # input_blocks.8.1 (1280 ch)
+    "mid_block.attentions.0",      # middle_block.1
+    "up_blocks.0.attentions.2",    # output_blocks.2.1
+    "up_blocks.1.attentions.0",    # output_blocks.3.1 (640 ch)
+]
+
+
+def random_sdxl_lora(seed: int, std: float = 0.08):
+    return sdxl_build.random_sdxl_lora(seed, blocks=SDXL_BLOCKS, depth=1, rank=4, std=std, proj_in=True)
+
+
+def _free(harness) -> None:
+    """Drop cached node outputs (MODEL/CLIP objects of earlier prompts) and unload every model."""
+    from comfy import model_management as mm  # not `import comfy...`: that would rebind the fixture name
+
+    harness.executor.reset()
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def sdxl(comfy):
+    """The harness with the SDXL checkpoint in its checkpoints folder, loading with `--bf16-unet` semantics."""
+    from comfy import cli_args
+
+    path = sdxl_build.ensure_random_sdxl()
+    link = comfy.root / "checkpoints" / CKPT
+    if not link.exists():
+        link.symlink_to(path)
+    _free(comfy)  # an SD1.5 model cached by an earlier test module would add ~4 GB
+    old = cli_args.args.bf16_unet
+    cli_args.args.bf16_unet = True
+    yield comfy
+    cli_args.args.bf16_unet = old
+    _free(comfy)
+
+
+@pytest.fixture(scope="module")
+def loras(sdxl):
+    from npo_suite.core.offsets import save_offset
+
+    names = {}
+    for role, seed, folder, std in (("delta", 11, "npo", 0.08), ("eta", 12, "npo", 0.08)):
+        path = sdxl.root / folder / f"sdxl_rand_{role}.safetensors"
+        if not path.exists():
+            save_offset(random_sdxl_lora(seed, std=std), path, format="kohya", family="sdxl")
+        names[role] = f"{folder}/{path.name}"
+    return names
+
+
+class Graph:
+    def __init__(self):
+        self.p, self.n, self.sinks = {}, 0, []
+
+    def add(self, cls, **inputs):
+        self.n += 1
+        self.p[str(self.n)] = {"class_type": cls, "inputs": inputs}
+        return str(self.n)
+
+    def latent(self, node):
+        self.add("SaveLatent", samples=[node, 0], filename_prefix="npo_sdxl/t")
+        self.sinks.append(node)
+        return node
+
+
+STEPS = 2
+
+
+def base_graph(loras):
+    g = Graph()
+    g.ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+    g.pos = g.add("CLIPTextEncode", clip=[g.ckpt, 1], text="a photo of a cat")
+    g.neg = g.add("CLIPTextEncode", clip=[g.ckpt, 1], text="blurry")
+    g.empty = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    g.delta = g.add("NPOSuite_LoadWeightOffset", offset_name=loras["delta"], family="auto", allow_pickle=False)
+    g.eta = g.add("NPOSuite_LoadWeightOffset", offset_name=loras["eta"], family="auto", allow_pickle=False)
+    g.noise = g.add("RandomNoise", noise_seed=7)
+    g.sampler = g.add("KSamplerSelect", sampler_name="euler")
+    return g
+
+
+def ksampler(g, model, cfg=6.0):
+    return g.latent(g.add("KSampler", model=[model, 0], positive=[g.pos, 0], negative=[g.neg, 0],
+                          latent_image=[g.empty, 0], seed=7, steps=STEPS, cfg=cfg, sampler_name="euler",
+                          scheduler="normal", denoise=1.0))
+
+
+def custom(g, guider, model):
+    sig = g.add("BasicScheduler", model=[model, 0], scheduler="normal", steps=STEPS, denoise=1.0)
+    return g.latent(g.add("SamplerCustomAdvanced", noise=[g.noise, 0], guider=[guider, 0], sampler=[g.sampler, 0],
+                          sigmas=[sig, 0], latent_image=[g.empty, 0]))
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_sdxl_npo_paths_agree_and_differ_from_cfg(sdxl, loras):
+    g = base_graph(loras)
+    npo = dict(negative_offset=[g.delta, 0], beta=1.0, positive_offset=[g.eta, 0], alpha=0.5, sigma_min=0.0,
+               sigma_max=0.0)
+    plain_k = ksampler(g, g.ckpt)
+    plain_c = custom(g, g.add("CFGGuider", model=[g.ckpt, 0], positive=[g.pos, 0], negative=[g.neg, 0], cfg=6.0),
+                     g.ckpt)
+    applied = ksampler(g, g.add("NPOSuite_ApplyNPO", model=[g.ckpt, 0], **npo))
+    guided = custom(g, g.add("NPOSuite_NPOGuider", model=[g.ckpt, 0], positive=[g.pos, 0], negative=[g.neg, 0],
+                             cfg=6.0, **npo), g.ckpt)
+    pos_model = g.add("NPOSuite_NegativeModel", model=[g.ckpt, 0], negative_offset=[g.eta, 0], beta=1.0, alpha=0.0)
+    neg_model = g.add("NPOSuite_NegativeModel", model=[g.ckpt, 0], negative_offset=[g.delta, 0], beta=1.0,
+                      positive_offset=[g.eta, 0], alpha=0.5)
+    dual = custom(g, g.add("NPOSuite_DualModelNPOGuider", model=[pos_model, 0], negative_model=[neg_model, 0],
+                           positive=[g.pos, 0], negative=[g.neg, 0], cfg=6.0), g.ckpt)
+    out = sdxl.run(g.p, [g.ckpt, g.delta, *g.sinks])
+    lat = {k: out[k][0][0]["samples"] for k in g.sinks}
+
+    # ComfyUI detected SDXL and runs it as documented above
+    model = out[g.ckpt][0][0]
+    assert type(model.model).__name__ == "SDXL"
+    assert model.model.get_dtype() == torch.bfloat16 and model.model.manual_cast_dtype == torch.float32
+    # the offset file: kohya SDXL (LDM) names, every module recognised and present in ComfyUI's UNet
+    offset, report = out[g.delta][0][0], out[g.delta][1][0]
+    assert len(offset.unet) == len(SDXL_BLOCKS) * 9 and "sdxl" in report.lower()
+    from safetensors import safe_open
+
+    with safe_open(str(sdxl.root / loras["delta"]), "pt") as f:
+        keys = set(f.keys())
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in keys
+    assert "lora_unet_middle_block_1_proj_in.lora_up.weight" in keys
+    assert not any(k.startswith("lora_unet_down_blocks") for k in keys)
+    assert "model_function_wrapper" not in model.model_options  # NPO acts on clones only
+    from npo_suite.nodes.comfy_branch import unet_deltas_ldm
+
+    mapped, unmatched = unet_deltas_ldm(offset, model)
+    assert len(mapped) == len(offset.unet) and not unmatched
+
+    for k, v in lat.items():
+        assert v.shape == (1, 4, 8, 8) and torch.isfinite(v).all(), k
+    assert rel(lat[plain_k], lat[plain_c]) < 1e-6
+    d_branch, d_merged = rel(lat[applied], lat[guided]), rel(lat[dual], lat[guided])
+    d_cfg = rel(lat[guided], lat[plain_c])
+    # observed: 0 (identical), 3.1e-3, 0.72
+    print(f"SDXL rel diffs: apply-vs-guider {d_branch:.2e}, dual(merged)-vs-guider {d_merged:.2e}, "
+          f"npo-vs-cfg {d_cfg:.2e}")
+    assert d_branch < RTOL_BRANCH, "Apply NPO + KSampler vs NPO Guider"
+    assert d_merged < RTOL_MERGED, "merged-weights Dual-Model guider vs branch NPO Guider"
+    assert d_cfg > RTOL_DIFF, "NPO must differ from plain CFG"
+
+
+def test_sdxl_train_preference_lora_in_workflow_then_lora_loader(sdxl, caplog):
+    """DPO, 2 steps, rank 2, 64 px, batch 1, gradient checkpointing, 2 pairs from IMAGE inputs."""
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+    imgs = [g.add("EmptyImage", width=64, height=64, batch_size=1, color=c)
+            for c in (0xC08040, 0x4080C0, 0x303030, 0x909090)]
+    chosen = g.add("ImageBatch", image1=[imgs[0], 0], image2=[imgs[1], 0])
+    rejected = g.add("ImageBatch", image1=[imgs[2], 0], image2=[imgs[3], 0])
+    data = g.add("NPOSuite_PreferenceDataset", dataset="(from images)", chosen=[chosen, 0], rejected=[rejected, 0],
+                 prompt="a photo of a cat\na photo of a dog")
+    train = g.add("NPOSuite_TrainPreferenceLoRA", model=[ck, 0], clip=[ck, 1], vae=[ck, 2], dataset=[data, 0],
+                  method="dpo", beta=5000.0, lam=0.9, snpo_p=0.5, steps=2, lr=1e-3, rank=2, targets="attn",
+                  batch_size=1, grad_accum=1, resolution=64, precision="no", optimizer="adamw",
+                  gradient_checkpointing=True, seed=0, ref_update_every=0, ref_bound=0.005, ref_on_exceed="freeze",
+                  timestep_sampler="uniform", timestep_weight="none", output_name="sdxl_dpo", resume=False,
+                  checkpoint_every=0, init_lora="none", extra="")
+    out = sdxl.run(g.p, [ck, train])
+    model = out[ck][0][0]
+    offset, lora_name, report = out[train][0][0], out[train][2][0], out[train][4][0]
+    assert lora_name == "sdxl_dpo.safetensors"
+    assert "finished at step 2/2" in report and "2 pairs, 0 skipped" in report, report
+    # every attention projection of ComfyUI's SDXL UNet (70 transformer blocks x 8), trained (up != 0)
+    dm = model.model.diffusion_model
+    projs = tuple(f".{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))
+    n_attn = sum(1 for n, _ in dm.named_modules() if n.endswith(projs))
+    assert n_attn == 560 and len(offset.unet) == n_attn
+    assert all(float(d.up.abs().max()) > 0 for d in offset.unet.values())
+    assert all(torch.isfinite(d.up).all() and torch.isfinite(d.down).all() for d in offset.unet.values())
+
+    # the file: kohya SDXL names (LDM blocks), loads back equal, every key known to ComfyUI's LoRA map
+    from comfy import lora as comfy_lora
+    from safetensors import safe_open
+
+    path = sdxl.root / "loras" / lora_name
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    modules = {k.split(".")[0] for k in keys}
+    assert len(modules) == n_attn
+    assert all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for m in modules), sorted(modules)[:5]
+    key_map = comfy_lora.model_lora_keys_unet(model.model, {})
+    assert modules <= set(key_map), sorted(modules - set(key_map))[:5]
+    from npo_suite.core.offsets import load_offset
+
+    back = load_offset(path)
+    assert set(back.unet) == set(offset.unet)
+    for k, d in offset.unet.items():
+        assert torch.allclose(back.unet[k].dense(), d.dense(), atol=1e-6), k
+    assert back.metadata.get("npo_suite.method") == "dpo"
+
+    # the stock LoraLoader applies every key (no "lora key not loaded"), and the LoRA changes the output
+    h = Graph()
+    ck2 = h.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+    pos = h.add("CLIPTextEncode", clip=[ck2, 1], text="a photo of a cat")
+    neg = h.add("CLIPTextEncode", clip=[ck2, 1], text="")
+    empty = h.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    lora = h.add("LoraLoader", model=[ck2, 0], clip=[ck2, 1], lora_name=lora_name, strength_model=1.0,
+                 strength_clip=1.0)
+    ks = dict(positive=[pos, 0], negative=[neg, 0], latent_image=[empty, 0], seed=1, steps=1, cfg=5.0,
+              sampler_name="euler", scheduler="normal", denoise=1.0)
+    with_lora = h.latent(h.add("KSampler", model=[lora, 0], **ks))
+    without = h.latent(h.add("KSampler", model=[ck2, 0], **ks))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        res = sdxl.run(h.p, h.sinks)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    a, b = res[with_lora][0][0]["samples"], res[without][0][0]["samples"]
+    assert torch.isfinite(a).all()
+    print(f"SDXL trained LoRA: rel change of the 1-step latent {rel(a, b):.2e}")
+    assert rel(a, b) > 1e-3  # observed 0.6 (a random network amplifies the small trained deltas)
