@@ -18,11 +18,14 @@ from npo_suite.trainer.backends.comfy import ComfyBackend, DiffusersView, _detac
 from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
 
 
-def comfy_like(pipe, model_dir, **kw) -> ComfyBackend:
+def comfy_like(pipe, model_dir, reverse_map: bool = False, **kw) -> ComfyBackend:
     """A ComfyBackend over a diffusers pipeline's UNet (view = identity map), the way from_comfy builds one;
-    text and images are encoded by a DiffusersBackend on a second copy of the same model."""
+    text and images are encoded by a DiffusersBackend on a second copy of the same model.
+    reverse_map: hand the module map over in reverse order (ComfyUI's map order varies per process)."""
     unet, sdxl = pipe.unet, hasattr(pipe, "text_encoder_2")
     modules = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    if reverse_map:
+        modules = dict(reversed(modules.items()))
     text = ref = DiffusersBackend.from_pipeline((load_sdxl if sdxl else load_sd15)(model_dir))
 
     def forward(x, t, cond):
@@ -65,6 +68,18 @@ def test_protocol_and_zero_init_equals_base(sd15_dir):
         assert (b.predict_eps(x, t, cond, "policy") - base).abs().max() > 1e-4
         assert torch.equal(b.predict_eps(x, t, cond, None), base)  # adapter off = the base network
     b.close()
+
+
+def test_lora_init_follows_the_network_not_the_module_map_order(sd15_dir):
+    """from_comfy's diffusers-name map comes from `comfy.utils.unet_to_diffusers`, which iterates Python sets
+    (order varies with PYTHONHASHSEED, i.e. per process): the seeded LoRA init must not depend on it."""
+    opts = BackendOptions(lora=LoraOptions(rank=2, seed=5))
+    d = DiffusersBackend.from_pipeline(load_sd15(sd15_dir), options=opts)
+    c = comfy_like(load_sd15(sd15_dir), sd15_dir, reverse_map=True, options=opts)
+    da, ca = d.trainable_parameters(), c.trainable_parameters()
+    assert len(da) == len(ca) > 0
+    assert all(torch.equal(a, b) for a, b in zip(da, ca))  # A matrices random, B zero: equal only in the same order
+    c.close()
 
 
 def test_same_losses_and_weights_as_diffusers_backend(sd15_dir, tmp_path):

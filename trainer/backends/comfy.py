@@ -96,6 +96,21 @@ def view_config(paths) -> dict:
             "addition_embed_type": "text_time" if sdxl else None}
 
 
+def network_ordered(modules: dict[str, torch.nn.Module], network: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """`modules` re-ordered by each module's position in `network.modules()` (a fixed order).
+
+    `comfy.utils.unet_to_diffusers` builds its map by iterating Python *sets* of key names
+    (`TRANSFORMER_BLOCKS`, `UNET_MAP_ATTENTIONS`, ...), whose order depends on the per-process string
+    hash seed (PYTHONHASHSEED). PEFT initialises the LoRA A matrices in the view's module order from one
+    seeded RNG stream, so in the map's order the same seed gave a different LoRA in every process.
+    """
+    position = {id(m): i for i, m in enumerate(network.modules())}
+    missing = [p for p, m in modules.items() if id(m) not in position]
+    if missing:
+        raise ValueError(f"modules not in the network: {missing[:3]}")
+    return dict(sorted(modules.items(), key=lambda kv: position[id(kv[1])]))
+
+
 def _lora_hook(layer, module, args, output):
     """Forward hook: add the active adapters' low-rank update to the real module's output."""
     if layer.disable_adapters:
@@ -162,7 +177,8 @@ class ComfyBackend(DiffusersBackend):
         encode_text(prompts) -> ([hidden [1, L, D]] per prompt, [pooled [1, P] or None] per prompt);
         encode_pixels: [B, 3, H, W] in [-1, 1] -> scaled latents; decode_latents_fn: the inverse;
         checkpoint_modules: blocks to run under activation checkpointing (gradient_checkpointing);
-        network: the whole network (its inference tensors are converted, its flags restored on close);
+        network: the whole network (its inference tensors are converted, its flags restored on close; the
+        LoRA layers are created, and seeded-initialised, in its module order, whatever the order of `modules`);
         reserve(nbytes): make room for a training working set of nbytes (ComfyUI model management)."""
         self.options = opts = options or BackendOptions()
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -183,6 +199,7 @@ class ComfyBackend(DiffusersBackend):
         self._patched_forwards: list[torch.nn.Module] = []
         self._closed = False
         if network is not None:
+            modules = network_ordered(modules, network)  # the LoRA init order must not depend on the map's order
             _detach_inference_tensors(network)
         net_params = list(network.parameters()) if network is not None else \
             [p for m in modules.values() for p in m.parameters()]
