@@ -18,6 +18,7 @@ if not os.environ.get("COMFYUI_PATH"):
 import torch  # noqa: E402
 
 from npo_suite.core.offset_types import LowRankDelta, Offset  # noqa: E402
+from comfy_graph import Graph  # noqa: E402
 
 CKPT = "npo_random_sd15_v1.safetensors"
 RTOL_SAME, RTOL_DIFF = 1e-4, 1e-2
@@ -67,25 +68,6 @@ def loras(comfy):
             save_offset(random_lora(seed, std=std, te=te), path, format="kohya", family="sd1")
         names[role] = f"{folder}/{path.name}"
     return names
-
-
-class Graph:
-    """Builds API-format prompts."""
-
-    def __init__(self):
-        self.p, self.n, self.sinks = {}, 0, []
-
-    def add(self, cls, **inputs):
-        self.n += 1
-        nid = str(self.n)
-        self.p[nid] = {"class_type": cls, "inputs": inputs}
-        return nid
-
-    def latent(self, node, index=0):
-        """Mark a LATENT output to read back (a SaveLatent makes it an output of the prompt)."""
-        self.add("SaveLatent", samples=[node, index], filename_prefix="npo_test/t")
-        self.sinks.append(node)
-        return node
 
 
 def base_graph(loras, batch=1, text="a photo of a cat", neg="blurry"):

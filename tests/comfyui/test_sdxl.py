@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sdxl_build  # noqa: E402
+from comfy_graph import Graph  # noqa: E402
 
 sdxl_build.ensure_npo_suite_importable()
 
@@ -110,21 +111,6 @@ def loras(sdxl):
             save_offset(random_sdxl_lora(seed, std=std), path, format="kohya", family="sdxl")
         names[role] = f"{folder}/{path.name}"
     return names
-
-
-class Graph:
-    def __init__(self):
-        self.p, self.n, self.sinks = {}, 0, []
-
-    def add(self, cls, **inputs):
-        self.n += 1
-        self.p[str(self.n)] = {"class_type": cls, "inputs": inputs}
-        return str(self.n)
-
-    def latent(self, node):
-        self.add("SaveLatent", samples=[node, 0], filename_prefix="npo_sdxl/t")
-        self.sinks.append(node)
-        return node
 
 
 STEPS = 2
