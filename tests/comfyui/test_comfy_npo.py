@@ -18,7 +18,8 @@ if not os.environ.get("COMFYUI_PATH"):
 import torch  # noqa: E402
 
 from npo_suite.core.offset_types import LowRankDelta, Offset  # noqa: E402
-from comfy_graph import Graph  # noqa: E402
+import comfy_graph  # noqa: E402
+from comfy_graph import ksampler  # noqa: E402
 
 CKPT = "npo_random_sd15_v1.safetensors"
 RTOL_SAME, RTOL_DIFF = 1e-4, 1e-2
@@ -70,23 +71,8 @@ def loras(comfy):
     return names
 
 
-def base_graph(loras, batch=1, text="a photo of a cat", neg="blurry"):
-    g = Graph()
-    g.ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
-    g.pos = g.add("CLIPTextEncode", clip=[g.ckpt, 1], text=text)
-    g.neg = g.add("CLIPTextEncode", clip=[g.ckpt, 1], text=neg)
-    g.empty = g.add("EmptyLatentImage", width=64, height=64, batch_size=batch)
-    g.delta = g.add("NPOSuite_LoadWeightOffset", offset_name=loras["delta"], family="auto", allow_pickle=False)
-    g.eta = g.add("NPOSuite_LoadWeightOffset", offset_name=loras["eta"], family="auto", allow_pickle=False)
-    g.noise = g.add("RandomNoise", noise_seed=7)
-    g.sampler = g.add("KSamplerSelect", sampler_name="euler")
-    return g
-
-
-def ksampler(g, model, cfg=6.0):
-    return g.latent(g.add("KSampler", model=[model, 0], positive=[g.pos, 0], negative=[g.neg, 0],
-                          latent_image=[g.empty, 0], seed=7, steps=1, cfg=cfg, sampler_name="euler",
-                          scheduler="normal", denoise=1.0))
+def base_graph(loras, **kw):
+    return comfy_graph.base_graph(CKPT, loras, **kw)
 
 
 def custom(g, guider, model):

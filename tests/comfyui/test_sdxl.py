@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sdxl_build  # noqa: E402
+import comfy_graph  # noqa: E402
 from comfy_graph import Graph  # noqa: E402
 
 sdxl_build.ensure_npo_suite_importable()
@@ -117,22 +118,11 @@ STEPS = 2
 
 
 def base_graph(loras):
-    g = Graph()
-    g.ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
-    g.pos = g.add("CLIPTextEncode", clip=[g.ckpt, 1], text="a photo of a cat")
-    g.neg = g.add("CLIPTextEncode", clip=[g.ckpt, 1], text="blurry")
-    g.empty = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
-    g.delta = g.add("NPOSuite_LoadWeightOffset", offset_name=loras["delta"], family="auto", allow_pickle=False)
-    g.eta = g.add("NPOSuite_LoadWeightOffset", offset_name=loras["eta"], family="auto", allow_pickle=False)
-    g.noise = g.add("RandomNoise", noise_seed=7)
-    g.sampler = g.add("KSamplerSelect", sampler_name="euler")
-    return g
+    return comfy_graph.base_graph(CKPT, loras)
 
 
 def ksampler(g, model, cfg=6.0):
-    return g.latent(g.add("KSampler", model=[model, 0], positive=[g.pos, 0], negative=[g.neg, 0],
-                          latent_image=[g.empty, 0], seed=7, steps=STEPS, cfg=cfg, sampler_name="euler",
-                          scheduler="normal", denoise=1.0))
+    return comfy_graph.ksampler(g, model, cfg, steps=STEPS)
 
 
 def custom(g, guider, model):
