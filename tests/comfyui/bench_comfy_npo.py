@@ -44,18 +44,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# family -> (checkpoint file, LoRA file, δ file, kohya family, defaults for --repeats/--m/--n)
+# family -> (checkpoint file, LoRA file, δ file, kohya family, defaults for --repeats/--m/--n,
+#            seeds of the random (LoRA, δ); the figures in docs/BENCHMARKS.md were measured with these)
 FAMILIES = {
-    "sd15": ("npo_random_sd15_v1.safetensors", "bench_style.safetensors", "bench_delta.safetensors", "sd1", (4, 2, 8)),
+    "sd15": ("npo_random_sd15_v1.safetensors", "bench_style.safetensors", "bench_delta.safetensors", "sd1", (4, 2, 8),
+             (3, 1)),
     "sdxl": ("npo_random_sdxl_v1.safetensors", "bench_sdxl_style.safetensors", "bench_sdxl_delta.safetensors", "sdxl",
-             (2, 1, 5)),
+             (2, 1, 5), (23, 21)),
 }
 
 
 def _files(family: str):
     from conftest import CACHE as cache
 
-    ckpt, lora, delta, _, _ = FAMILIES[family]
+    ckpt, lora, delta = FAMILIES[family][:3]
     return cache, ckpt, lora, delta
 
 
@@ -176,8 +178,9 @@ def _ensure_files(family: str) -> dict:
 
     from npo_suite.core.offsets import save_offset
 
-    delta = random_lora(1, std=0.08)
-    for name, off in ((lora_name, random_lora(3, std=0.03)), (delta_name, delta)):
+    lora_seed, delta_seed = FAMILIES[family][5]
+    delta = random_lora(delta_seed, std=0.08)
+    for name, off in ((lora_name, random_lora(lora_seed, std=0.03)), (delta_name, delta)):
         if not (cache / name).exists():
             save_offset(off, cache / name, format="kohya", family=FAMILIES[family][3])
     ranks = {int(d.down.shape[0]) for d in delta.unet.values()}
