@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .offset_types import DenseDelta, LowRankDelta, Offset
+from .offsets.types import DenseDelta, LowRankDelta, Offset
 
 Delta = Union[LowRankDelta, DenseDelta]
 OffsetLike = Union[Offset, Mapping[str, Delta]]

@@ -7,7 +7,7 @@ Two ways to give the negative (unconditional) branch `θ + α·η + β·δ` (MET
     LoRA weight patches, FreeU/transformer patches, low-VRAM casting and other wrappers.
   * merged path (`negative_model`): a ModelPatcher clone carrying ComfyUI weight patches
     (`add_patches`), used by the Dual-Model NPO guider for any second MODEL.
-Offsets arrive keyed by diffusers module paths (core/offset_types.py); ComfyUI's UNet uses LDM
+Offsets arrive keyed by diffusers module paths (core/offsets/types.py); ComfyUI's UNet uses LDM
 names, mapped with `comfy.utils.unet_to_diffusers`.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
 
-from ..core.offset_keys import ClipKeyMap, clip_coverage_line, comfy_clip_deltas, delta_numel
-from ..core.offset_types import LowRankDelta, Offset, coverage_line
+from ..core.offsets.keys import ClipKeyMap, clip_coverage_line, comfy_clip_deltas, delta_numel
+from ..core.offsets.types import LowRankDelta, Offset, coverage_line
 from .rows import NPOBranchWrapper, NPOSpec
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..core.branch_lora import BranchOffsets
 from ..core.guidance import offset_active
-from ..core.offset_types import DenseDelta, LowRankDelta, Offset
+from ..core.offsets.types import DenseDelta, LowRankDelta, Offset
 
 Delta = LowRankDelta | DenseDelta
 

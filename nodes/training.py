@@ -1,6 +1,7 @@
 """Training nodes (V3): Preference Dataset, Prompt List, Train Preference LoRA.
 
-Thin shells: datasets, config, run and outputs live in `training_core.py` (no ComfyUI import),
+Thin shells: datasets (`trainer/data/sources.py`), the run (`trainer/session.py`), progress and
+outputs (`trainer/progress.py`) and the memory estimate (`trainer/memory.py`) import nothing of ComfyUI,
 the network side in `trainer/backends/comfy.py`; the loop is `trainer.loop.train`, the same one
 the command line runs. Every dropdown reads a registry (METHODS, TIMESTEP_SAMPLERS, ...).
 """
@@ -17,7 +18,9 @@ from ..trainer.backends.diffusers import TARGET_PRESETS
 from ..trainer.config import OPTIMIZERS, PRECISIONS
 from ..trainer.methods import METHODS
 from ..trainer.reference import ON_EXCEED
-from . import training_core as core
+from ..core import paths
+from ..trainer import memory, progress, session
+from ..trainer.data import sources
 from .sampling import NPOOffset
 
 CATEGORY = "training/npo"
@@ -55,7 +58,7 @@ class PreferenceDataset(io.ComfyNode):
             node_id="NPOSuite_PreferenceDataset", display_name="Preference Dataset", category=CATEGORY,
             description="Preference pairs (chosen beats rejected) from the datasets folder (JSONL, chosen/ + rejected/ "
                         "folders, Pick-a-Pic parquet) or from two IMAGE batches and a prompt.",
-            inputs=[io.Combo.Input("dataset", options=[FROM_IMAGES, *core.list_datasets(dataset_roots())],
+            inputs=[io.Combo.Input("dataset", options=[FROM_IMAGES, *sources.list_datasets(dataset_roots())],
                                    tooltip=f"a file or folder in ComfyUI's '{DATASETS_FOLDER}' folder, or {FROM_IMAGES}"),
                     io.Image.Input("chosen", optional=True, tooltip="preferred images (row i pairs with rejected row i)"),
                     io.Image.Input("rejected", optional=True),
@@ -69,16 +72,16 @@ class PreferenceDataset(io.ComfyNode):
         if dataset == FROM_IMAGES:
             if chosen is None or rejected is None:
                 raise ValueError(f"dataset {FROM_IMAGES}: connect both `chosen` and `rejected` IMAGE inputs")
-            data = core.dataset_from_images(chosen, rejected, prompt.splitlines() or [""])
+            data = sources.dataset_from_images(chosen, rejected, prompt.splitlines() or [""])
         else:
-            data = core.dataset_from_path(core.resolve_dataset(dataset_roots(), dataset), "pairs", dataset)
-        return io.NodeOutput(data, data.report(), ui=_ui(data.report(), core.preview_images(data), cls))
+            data = sources.dataset_from_path(sources.resolve_dataset(dataset_roots(), dataset), "pairs", dataset)
+        return io.NodeOutput(data, data.report(), ui=_ui(data.report(), sources.preview_images(data), cls))
 
 
 class PromptList(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = [f for f in core.list_datasets(dataset_roots()) if f.lower().endswith((".txt", ".jsonl"))]
+        files = [f for f in sources.list_datasets(dataset_roots()) if f.lower().endswith((".txt", ".jsonl"))]
         return io.Schema(
             node_id="NPOSuite_PromptList", display_name="Prompt List", category=CATEGORY,
             description="Prompts for the data-free methods (Self-NPO/TDFT, DDSPO), with a preview of DDSPO's degraded prompts.",
@@ -94,11 +97,11 @@ class PromptList(io.ComfyNode):
     @classmethod
     def execute(cls, source, prompts="", images=None, ddspo_min_frac=0.4, ddspo_max_frac=0.7, preview_seed=0) -> io.NodeOutput:
         if source == FROM_TEXT:
-            data = core.prompt_list(prompts, images)
+            data = sources.prompt_list(prompts, images)
         else:
-            data = core.dataset_from_path(core.resolve_dataset(dataset_roots(), source), "prompts", source)
-        text = data.report() + "\nDDSPO degraded prompts:\n" + core.ddspo_preview(data, preview_seed, ddspo_min_frac, ddspo_max_frac)
-        return io.NodeOutput(data, text, ui=_ui(text, core.preview_images(data), cls))
+            data = sources.dataset_from_path(sources.resolve_dataset(dataset_roots(), source), "prompts", source)
+        text = data.report() + "\nDDSPO degraded prompts:\n" + sources.ddspo_preview(data, preview_seed, ddspo_min_frac, ddspo_max_frac)
+        return io.NodeOutput(data, text, ui=_ui(text, sources.preview_images(data), cls))
 
 
 def _lora_choices() -> list[str]:
@@ -160,8 +163,8 @@ class TrainPreferenceLoRA(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, **options) -> io.NodeOutput:
         outcome, lora_name = train_in_comfy(model, clip, vae, dataset, options)
         patched = load_lora_model(model, lora_name) if lora_name else model
-        curve = core.loss_curve_image(outcome.losses, f"{options['method']} loss")
-        grid = core.image_tensor(outcome.validation) if outcome.validation else core.blank_image()
+        curve = progress.loss_curve_image(outcome.losses, f"{options['method']} loss")
+        grid = progress.image_tensor(outcome.validation) if outcome.validation else progress.blank_image()
         return io.NodeOutput(outcome.offset, patched, lora_name, curve, outcome.report, grid,
                              ui={"text": (outcome.report,)})
 
@@ -173,39 +176,39 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     """Build the ComfyUI backend, run `trainer.loop.train`, publish the LoRA; releases everything after.
 
     Memory: after the data is encoded, model management is asked for the run's estimated working set
-    (`core.memory_estimate_for`: LoRA, grads, optimizer state, activations, autocast copies) with the
-    UNet fully loaded; afterwards every training-only object is released (`core.run_and_release`) and
+    (`memory.memory_estimate_for`: LoRA, grads, optimizer state, activations, autocast copies) with the
+    UNet fully loaded; afterwards every training-only object is released (`session.run_and_release`) and
     the cache emptied. The UNet itself stays loaded for the next node (docs/comfyui_training.md)."""
     import comfy.model_management as mm
 
     from ..trainer.backends.comfy import ComfyBackend, training_mode
     from ..trainer.backends.diffusers import BackendOptions, LoraOptions
 
-    name = core.safe_name(options["output_name"], "output_name")
-    run_dir = core.inside(os.path.join(folder_paths.get_output_directory(), core.RUNS_SUBDIR), name, "output_name")
+    name = paths.safe_relative_name(options["output_name"], "output_name")
+    run_dir = paths.inside(os.path.join(folder_paths.get_output_directory(), session.RUNS_SUBDIR), name, "output_name")
     init = options.get("init_lora", NO_LORA)
-    init_path = folder_paths.get_full_path_or_raise("loras", core.safe_name(init, "init_lora")) if init != NO_LORA else None
-    cfg = core.node_config(options, str(run_dir), init_path, data)
-    core.check_data(cfg.method, data)
-    progress = NodeProgress(cfg.method, cfg.steps)
+    init_path = folder_paths.get_full_path_or_raise("loras", paths.safe_relative_name(init, "init_lora")) if init != NO_LORA else None
+    cfg = session.node_config(options, str(run_dir), init_path, data)
+    session.check_data(cfg.method, data)
+    shown = NodeProgress(cfg.method, cfg.steps)
 
     def on_ready(backend):
-        est = core.memory_estimate_for(backend, cfg)
+        est = memory.memory_estimate_for(backend, cfg)
         log.info("npo_suite train %s: %s", cfg.method, est.report())
         backend.reserve_memory(est.total)
-        progress.start()
+        shown.start()
 
     opts = BackendOptions(lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_init or None, cfg.seed),
                           gradient_checkpointing=cfg.gradient_checkpointing, resolution=cfg.resolution)
     cache = os.path.join(folder_paths.get_temp_directory(), "npo_suite_cache")
     with training_mode():
-        outcome = core.run_and_release(lambda: ComfyBackend.from_comfy(model, clip, vae, options=opts), data, cfg,
+        outcome = session.run_and_release(lambda: ComfyBackend.from_comfy(model, clip, vae, options=opts), data, cfg,
                                        resume=options.get("resume", True), cache_dir=cache,
-                                       stop_requested=mm.processing_interrupted, progress=progress,
+                                       stop_requested=mm.processing_interrupted, progress=shown,
                                        on_ready=on_ready, release=mm.soft_empty_cache)
     lora_name = None
     if outcome.lora_path is not None:
-        core.publish_lora(outcome.lora_path, folder_paths.get_folder_paths("loras")[0], name)
+        session.publish_lora(outcome.lora_path, folder_paths.get_folder_paths("loras")[0], name)
         lora_name = f"{name}.safetensors"
     if outcome.interrupted:  # saved above; now stop the workflow the way ComfyUI does
         mm.throw_exception_if_processing_interrupted()
@@ -214,7 +217,7 @@ def train_in_comfy(model, clip, vae, data, options: dict):
 
 class NodeProgress:
     """The node's live display: ComfyUI's progress bar with a loss-curve preview image, and a text line
-    (step, loss, running mean, speed, ETA) under the node; both rate-limited by `core.ProgressDisplay`.
+    (step, loss, running mean, speed, ETA) under the node; both rate-limited by `progress.ProgressDisplay`.
     Outside a ComfyUI server (no PromptServer, older ComfyUI) the text goes to the log only."""
 
     PREVIEW_SIZE = 512  # max side of the preview image (ComfyUI's `max_size`)
@@ -223,7 +226,7 @@ class NodeProgress:
         import comfy.utils
 
         self.method, self.node_id = method, _executing_node_id()
-        self.display = core.ProgressDisplay(total)
+        self.display = progress.ProgressDisplay(total)
         self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
 
     def start(self) -> None:
@@ -238,7 +241,7 @@ class NodeProgress:
         preview = None
         if upd.image:
             t0 = time.perf_counter()
-            preview = ("PNG", core.loss_curve_preview(self.display.losses, self.display.mean_window), self.PREVIEW_SIZE)
+            preview = ("PNG", progress.loss_curve_preview(self.display.losses, self.display.mean_window), self.PREVIEW_SIZE)
             self.display.spent("image", time.perf_counter() - t0)
         try:
             self.bar.update_absolute(step, total, preview)

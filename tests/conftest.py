@@ -18,7 +18,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def sd15_dir(tmp_path_factory):
-    from npo_suite.tiny_models import build_sd15
+    from npo_suite.testing.tiny_models import build_sd15
 
     d = tmp_path_factory.mktemp("tiny_sd15")
     build_sd15(d, seed=0)
@@ -27,7 +27,7 @@ def sd15_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sdxl_dir(tmp_path_factory):
-    from npo_suite.tiny_models import build_sdxl
+    from npo_suite.testing.tiny_models import build_sdxl
 
     d = tmp_path_factory.mktemp("tiny_sdxl")
     build_sdxl(d, seed=0)

@@ -120,7 +120,7 @@ def test_gradient_checkpointing_same_gradients(sd15_dir):
 
 
 def test_v_prediction_is_converted_to_eps(tmp_path):
-    from npo_suite.tiny_models import build_sd15
+    from npo_suite.testing.tiny_models import build_sd15
 
     pipe = build_sd15(None, seed=0, prediction_type="v_prediction")
     b = _backend(pipe)
@@ -178,7 +178,7 @@ def test_conv_targets_are_trained(sd15_dir):
 
 
 def test_continue_from_lora_file(sd15_dir, tmp_path):
-    from npo_suite.core.offset_types import Offset
+    from npo_suite.core.offsets.types import Offset
     from npo_suite.core.offsets import offset_from_peft, save_offset
 
     b = _backend(load_sd15(sd15_dir), alpha=4.0)  # scale 2

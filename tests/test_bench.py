@@ -1,7 +1,7 @@
 """bench train: runs every requested method against the least-work baseline, with --set overrides."""
 import argparse
 
-from npo_suite.trainer import bench
+from npo_suite.benchmarks import train as bench
 
 
 def test_bench_train_applies_set_overrides_and_reports_ratios():

@@ -11,7 +11,7 @@ from torch import nn
 
 from npo_suite.core.branch_lora import branch_offsets, two_model_eps
 from npo_suite.core.guidance import offset_active
-from npo_suite.core.offset_types import DenseDelta, LowRankDelta, Offset
+from npo_suite.core.offsets.types import DenseDelta, LowRankDelta, Offset
 from npo_suite.core.offsets import extract_lora, materialize
 
 TOL = 1e-4
@@ -192,7 +192,7 @@ def test_follows_the_input_dtype_of_manually_cast_layers():
     from torch import nn
 
     from npo_suite.core.branch_lora import branch_offsets
-    from npo_suite.core.offset_types import LowRankDelta
+    from npo_suite.core.offsets.types import LowRankDelta
 
     class CastLinear(nn.Module):  # like comfy.ops.manual_cast.Linear: weight cast per forward
         def __init__(self, w):

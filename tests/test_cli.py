@@ -11,7 +11,7 @@ def test_every_registered_command_has_a_module_with_the_protocol():
     import importlib
 
     for name, (module, _) in cli.COMMANDS.items():
-        mod = importlib.import_module(module, "npo_suite")
+        mod = importlib.import_module(module, "npo_suite.cli")
         assert callable(getattr(mod, "add_arguments", None)), name
         assert callable(getattr(mod, "main", None)), name
 

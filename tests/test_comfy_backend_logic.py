@@ -179,7 +179,7 @@ def test_lcm_cat_keeps_cross_attention():
 
 
 def test_view_config_and_exported_names(sd15_dir, sdxl, tmp_path):
-    from npo_suite.core.offset_keys import unet_block_prefixes
+    from npo_suite.core.offsets.keys import unet_block_prefixes
     from npo_suite.core.offsets import load_offset, offset_to_state_dict, save_offset
 
     for unet in (load_sd15(sd15_dir).unet, sdxl.unet):
@@ -227,7 +227,7 @@ def test_bad_model_errors():
 # training_core (the nodes' plain logic)
 # ---------------------------------------------------------------------------------------------
 def test_safe_names_and_inside(tmp_path):
-    from npo_suite.nodes.training_core import inside, safe_name
+    from npo_suite.core.paths import inside, safe_relative_name as safe_name
 
     for bad in ("", "/etc/passwd", "../x", "a/../../b", "C:\\x", "a\\..\\..\\b"):
         with pytest.raises(ValueError):
@@ -241,84 +241,87 @@ def test_safe_names_and_inside(tmp_path):
 
 
 def test_datasets_from_images_and_prompts(tmp_path):
-    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer.data import sources
+    from npo_suite.trainer import session
 
     imgs = torch.rand(3, 16, 16, 3)
-    data = core.dataset_from_images(imgs, imgs.flip(0), ["a cat"])
+    data = sources.dataset_from_images(imgs, imgs.flip(0), ["a cat"])
     assert data.kind == "pairs" and data.counts() == {"records": 3, "skipped": 0, "ties": 0}
-    again = core.dataset_from_images(imgs, imgs.flip(0), ["a cat"])
+    again = sources.dataset_from_images(imgs, imgs.flip(0), ["a cat"])
     assert [r.id for r in data.records] == [r.id for r in again.records]  # content ids: stable
-    assert core.preview_images(data, k=2, size=16).shape == (2, 16, 32, 3)
+    assert sources.preview_images(data, k=2, size=16).shape == (2, 16, 32, 3)
     with pytest.raises(ValueError, match="pair row by row"):
-        core.dataset_from_images(imgs, imgs[:2], ["x"])
+        sources.dataset_from_images(imgs, imgs[:2], ["x"])
     with pytest.raises(ValueError, match="2 prompts for 3 pairs"):
-        core.dataset_from_images(imgs, imgs, ["x", "y"])
-    pl = core.prompt_list("a red cat on a mat\n\n# comment\na dog in the park at noon")
+        sources.dataset_from_images(imgs, imgs, ["x", "y"])
+    pl = sources.prompt_list("a red cat on a mat\n\n# comment\na dog in the park at noon")
     assert pl.kind == "prompts" and len(pl.records) == 2 and pl.counts()["skipped"] == 1
-    prev = core.ddspo_preview(pl, 0, 0.4, 0.7)
+    prev = sources.ddspo_preview(pl, 0, 0.4, 0.7)
     assert "a red cat on a mat\n  -> " in prev
     from npo_suite.trainer.ddspo import perturb_prompt
 
     assert repr(perturb_prompt("a red cat on a mat", 0, 0.4, 0.7)) in prev
     with pytest.raises(ValueError, match="no usable records"):
-        core.prompt_list("\n# nothing\n")
+        sources.prompt_list("\n# nothing\n")
     with pytest.raises(ValueError, match="connect a Prompt List"):
-        core.check_data("tdft", data)
-    core.check_data("npo", data)
+        session.check_data("tdft", data)
+    session.check_data("npo", data)
 
 
 def test_dataset_folder_listing(tmp_path):
-    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer.data import sources
     from train_fixtures import make_pairs
 
     make_pairs(tmp_path / "pairs_a", n=3)
     (tmp_path / "p.txt").write_text("a cat\n")
     (tmp_path / "ignored.png").write_bytes(b"")
-    assert core.list_datasets([str(tmp_path)]) == ["p.txt", "pairs_a"]
-    data = core.dataset_from_path(core.resolve_dataset([str(tmp_path)], "pairs_a/pairs.jsonl"), "pairs", "pairs_a")
+    assert sources.list_datasets([str(tmp_path)]) == ["p.txt", "pairs_a"]
+    data = sources.dataset_from_path(sources.resolve_dataset([str(tmp_path)], "pairs_a/pairs.jsonl"), "pairs", "pairs_a")
     assert len(data.records) == 3
     with pytest.raises(FileNotFoundError, match="not found"):
-        core.resolve_dataset([str(tmp_path)], "nope")
+        sources.resolve_dataset([str(tmp_path)], "nope")
 
 
 def test_node_config_publish_and_curve(tmp_path):
-    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer import session
+    from npo_suite.trainer import progress
     from npo_suite.trainer.methods import METHODS
 
     opts = dict(method="snpo", beta=2000.0, lam=0.8, snpo_p=0.3, steps=4, lr=1e-4, rank=4, targets="attn", batch_size=2,
                 grad_accum=1, resolution=64, precision="no", optimizer="adamw", gradient_checkpointing=False, seed=5,
                 ref_update_every=0, ref_bound=0.005, ref_on_exceed="freeze", timestep_sampler="uniform",
                 timestep_weight="none", checkpoint_every=2, output_name="neg", extra="tdft_k: 3\n")
-    cfg = core.node_config(opts, str(tmp_path / "run"), None)
+    cfg = session.node_config(opts, str(tmp_path / "run"), None)
     assert (cfg.method, cfg.lam, cfg.snpo_p, cfg.lora_rank, cfg.tdft_k, cfg.log_every) == ("snpo", 0.8, 0.3, 4, 3, 1)
     assert "snpo" in METHODS
     with pytest.raises(ValueError, match="unknown config key"):
-        core.node_config({**opts, "extra": "not_a_field: 1"}, str(tmp_path), None)
+        session.node_config({**opts, "extra": "not_a_field: 1"}, str(tmp_path), None)
     with pytest.raises(ValueError):
-        core.node_config({**opts, "output_name": "../x"}, str(tmp_path), None)
+        session.node_config({**opts, "output_name": "../x"}, str(tmp_path), None)
     src = tmp_path / "a.safetensors"
     src.write_bytes(b"123")
-    dst = core.publish_lora(src, str(tmp_path / "loras"), "sub/neg")
+    dst = session.publish_lora(src, str(tmp_path / "loras"), "sub/neg")
     assert dst.read_bytes() == b"123" and not [p for p in dst.parent.iterdir() if p.name.endswith(".tmp")]
-    img = core.loss_curve_image([(1, 0.7), (2, 0.6)])
+    img = progress.loss_curve_image([(1, 0.7), (2, 0.6)])
     assert img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == 3 and 0 <= img.min() and img.max() <= 1
 
 
 def test_run_training_resume_and_interrupt(sd15_dir, tmp_path):
     """run_training on the tiny backend: an interrupted run saves; resume continues to the target step."""
-    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer.data import sources
+    from npo_suite.trainer import session
     from npo_suite.trainer.config import TrainConfig
 
     imgs = torch.rand(2, 16, 16, 3)
-    data = core.dataset_from_images(imgs, torch.rand(2, 16, 16, 3), ["a cat"])
+    data = sources.dataset_from_images(imgs, torch.rand(2, 16, 16, 3), ["a cat"])
     b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
     cfg = TrainConfig(method="npo", steps=3, lr=1e-3, lora_rank=2, lora_alpha=2.0, resolution=16, log_every=1,
                       checkpoint_every=1, output_dir=str(tmp_path / "run"), output_name="neg")
     calls = []
-    out = core.run_training(b, data, cfg, resume=True, cache_dir=str(tmp_path / "cache"),
+    out = session.run_training(b, data, cfg, resume=True, cache_dir=str(tmp_path / "cache"),
                             stop_requested=lambda: len(calls) >= 2, progress=lambda *a: calls.append(a))
     assert out.interrupted and out.steps_done == 2 and out.lora_path.is_file() and out.offset is not None
-    out2 = core.run_training(b, data, cfg, resume=True, cache_dir=str(tmp_path / "cache"))
+    out2 = session.run_training(b, data, cfg, resume=True, cache_dir=str(tmp_path / "cache"))
     assert not out2.interrupted and out2.steps_done == 3 and "(resumed)" in out2.report
     assert [s for s, _ in out2.losses] == [1, 2, 3]
     b.close()
@@ -329,7 +332,7 @@ def test_dataset_folder_with_one_jsonl_opens_it(tmp_path):
     opens that JSONL; zero or several JSONL files is a clear error naming the folder."""
     from PIL import Image
 
-    from npo_suite.nodes.training_core import dataset_from_path
+    from npo_suite.trainer.data.sources import dataset_from_path
 
     d = tmp_path / "pairs3"
     d.mkdir()
@@ -355,7 +358,7 @@ class _Clock:
 
 
 def test_progress_display_text_mean_rate_eta_and_rate_limits():
-    from npo_suite.nodes.training_core import ProgressDisplay, format_duration, format_rate
+    from npo_suite.trainer.progress import ProgressDisplay, format_duration, format_rate
 
     clock = _Clock()
     d = ProgressDisplay(10, text_every=0.5, image_every=5.0, mean_window=3, clock=clock)
@@ -385,7 +388,7 @@ def test_progress_display_text_mean_rate_eta_and_rate_limits():
 
 
 def test_progress_display_resumed_run_rate_counts_only_this_session():
-    from npo_suite.nodes.training_core import ProgressDisplay
+    from npo_suite.trainer.progress import ProgressDisplay
 
     clock = _Clock()
     d = ProgressDisplay(100, clock=clock)
@@ -396,7 +399,7 @@ def test_progress_display_resumed_run_rate_counts_only_this_session():
 
 
 def test_loss_curve_preview_is_small_and_robust():
-    from npo_suite.nodes.training_core import loss_curve_preview
+    from npo_suite.trainer.progress import loss_curve_preview
 
     for losses in ([], [(1, 0.5)], [(1, 0.5), (2, 0.5)], [(1, float("inf")), (2, 0.3), (3, 0.2)],
                    [(i, 1.0 / i) for i in range(1, 5000)]):
@@ -408,7 +411,7 @@ def test_loss_curve_preview_is_small_and_robust():
 
 
 def test_memory_estimate_items():
-    from npo_suite.nodes.training_core import ACT_BYTES_PER_LATENT_PIXEL, ACTIVATION_SLACK, estimate_training_memory
+    from npo_suite.trainer.memory import ACT_BYTES_PER_LATENT_PIXEL, ACTIVATION_SLACK, estimate_training_memory
 
     base = dict(family="sd1", resolution=512, batch_size=1, data_kind="pairs", policy_params=1000, adapter_params=0,
                 optimizer="adamw", gradient_checkpointing=False, precision="fp16", float32_base_params=0)
@@ -429,7 +432,7 @@ def test_memory_estimate_items():
 
 
 def test_memory_estimate_for_backend_counts_extra_adapters(sd15_dir):
-    from npo_suite.nodes.training_core import memory_estimate_for
+    from npo_suite.trainer.memory import memory_estimate_for
     from npo_suite.trainer.config import TrainConfig
 
     b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
@@ -449,7 +452,9 @@ def _release_run(sd15_dir, tmp_path, monkeypatch, fail_at=None, **cfg_kw):
     import weakref
 
     import npo_suite.trainer.loop as loop
-    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer.data import sources
+    from npo_suite.trainer import session
+    from npo_suite.trainer import memory
     from npo_suite.trainer.config import TrainConfig
 
     pipe = load_sd15(sd15_dir)
@@ -474,7 +479,7 @@ def _release_run(sd15_dir, tmp_path, monkeypatch, fail_at=None, **cfg_kw):
         return b
 
     def on_ready(b):
-        calls.append(("estimate", core.memory_estimate_for(b, cfg).total))
+        calls.append(("estimate", memory.memory_estimate_for(b, cfg).total))
         b.reserve_memory(calls[-1][1])
 
     def progress(step, total, loss):
@@ -482,12 +487,12 @@ def _release_run(sd15_dir, tmp_path, monkeypatch, fail_at=None, **cfg_kw):
         if step == fail_at:
             raise RuntimeError("boom in step callback")
 
-    data = core.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a cat"])
+    data = sources.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a cat"])
     cfg = TrainConfig(**{**dict(method="npo", steps=2, lr=1e-2, lora_rank=2, lora_alpha=2.0, resolution=16, log_every=1,
                                 checkpoint_every=0, output_dir=str(tmp_path / "run"), output_name="neg"), **cfg_kw})
     outcome = error = None
     try:
-        outcome = core.run_and_release(make, data, cfg, resume=False, cache_dir=str(tmp_path / "cache"),
+        outcome = session.run_and_release(make, data, cfg, resume=False, cache_dir=str(tmp_path / "cache"),
                                        progress=progress, on_ready=on_ready, release=lambda: calls.append(("release",)))
     except RuntimeError as e:
         error = e
@@ -524,30 +529,32 @@ def test_run_and_release_frees_training_objects_on_error(sd15_dir, tmp_path, mon
 
 
 def test_validation_from_node_options(sd15_dir, tmp_path, monkeypatch):
-    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer.data import sources
+    from npo_suite.trainer import session
+    from npo_suite.trainer import progress
 
     opts = dict(method="npo", beta=5000.0, lam=0.9, snpo_p=0.5, steps=2, lr=1e-3, rank=2, targets="attn", batch_size=1,
                 grad_accum=1, resolution=16, precision="no", optimizer="adamw", gradient_checkpointing=False, seed=0,
                 ref_update_every=0, ref_bound=0.005, ref_on_exceed="freeze", timestep_sampler="uniform",
                 timestep_weight="none", checkpoint_every=0, output_name="neg", extra="")
-    data = core.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a red cat", "a blue dog"])
-    assert core.node_config(opts, str(tmp_path), None, data).validate_every == 0  # old workflows: off
-    cfg = core.node_config({**opts, "validate_every": 2}, str(tmp_path), None, data)
+    data = sources.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a red cat", "a blue dog"])
+    assert session.node_config(opts, str(tmp_path), None, data).validate_every == 0  # old workflows: off
+    cfg = session.node_config({**opts, "validate_every": 2}, str(tmp_path), None, data)
     assert cfg.validate_every == 2 and cfg.validation_prompts == ["a red cat", "a blue dog"]  # the dataset's prompts
-    cfg = core.node_config({**opts, "validate_every": 1, "validation_prompts": "a cat\n# no\n\na dog\n",
+    cfg = session.node_config({**opts, "validate_every": 1, "validation_prompts": "a cat\n# no\n\na dog\n",
                             "extra": "validation_sample_steps: 2\nvalidation_seeds: [3]"}, str(tmp_path / "r"), None, data)
     assert cfg.validation_prompts == ["a cat", "a dog"] and cfg.validation_seeds == [3]
     b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
-    out = core.run_training(b, data, cfg, resume=False, cache_dir=str(tmp_path / "cache"))
+    out = session.run_training(b, data, cfg, resume=False, cache_dir=str(tmp_path / "cache"))
     b.close()
     assert out.validation is not None and out.validation.name == "step_000002.png"
-    grid = core.image_tensor(out.validation)
+    grid = progress.image_tensor(out.validation)
     assert grid.shape[0] == 1 and grid.shape[-1] == 3 and 0 <= grid.min() <= grid.max() <= 1
     assert grid.shape[1] == 2 * 16 and grid.shape[2] == 2 * 16  # rows: 2 prompts; columns: 1 seed x (base, LoRA)
     assert "validation grid: step_000002.png" in out.report
-    assert core.blank_image().shape == (1, 64, 64, 3)
-    off = core.node_config({**opts, "steps": 1}, str(tmp_path / "r"), None, data)  # same run, started over
+    assert progress.blank_image().shape == (1, 64, 64, 3)
+    off = session.node_config({**opts, "steps": 1}, str(tmp_path / "r"), None, data)  # same run, started over
     b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
-    again = core.run_training(b, data, off, resume=False, cache_dir=str(tmp_path / "cache"))
+    again = session.run_training(b, data, off, resume=False, cache_dir=str(tmp_path / "cache"))
     b.close()
     assert again.validation is None and not (tmp_path / "r" / "validation").exists()  # no stale grid

@@ -62,7 +62,7 @@ def test_rewriter_registry_and_errors(tmp_path):
 def test_local_lm_rewriter_with_a_tiny_local_model(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from npo_suite.tiny_models import build_tokenizer
+    from npo_suite.testing.tiny_models import build_tokenizer
 
     tok = build_tokenizer(tmp_path)
     tok.save_pretrained(tmp_path)

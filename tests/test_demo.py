@@ -7,7 +7,7 @@ import json
 import pytest
 
 pytest.importorskip("npo_suite.trainer.loop")
-pytest.importorskip("npo_suite.generate")
+pytest.importorskip("npo_suite.diffusers_host.generate")
 
 
 @pytest.mark.slow

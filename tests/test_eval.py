@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from npo_suite.evaluation import stats
+from npo_suite.core import stats
 from npo_suite.evaluation.scorers import SCORERS, make_scorer
 
 
@@ -99,7 +99,7 @@ def test_pickle_head_refused_without_allow_pickle(tmp_path):
 def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from npo_suite.tiny_models import build_tokenizer
+    from npo_suite.testing.tiny_models import build_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_clip")
     tok = build_tokenizer(d / "tok", max_length=16)

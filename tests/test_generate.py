@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from npo_suite import generate
-from npo_suite.core.loading import CONFIG_DIR, load_model
-from npo_suite.core.offset_types import LowRankDelta, Offset
+from npo_suite.diffusers_host import generate
+from npo_suite.diffusers_host.loading import CONFIG_DIR, load_model
+from npo_suite.core.offsets.types import LowRankDelta, Offset
 from npo_suite.core.offsets import save_offset
 
 
@@ -99,7 +99,7 @@ def test_fast_path_equals_two_model_in_the_loop(family, request):
 def test_pixel_space_world(sd15_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from npo_suite.tiny_models import unet_config_sd15
+    from npo_suite.testing.tiny_models import unet_config_sd15
 
     d = tmp_path / "world"
     for sub in ("text_encoder", "tokenizer", "scheduler"):

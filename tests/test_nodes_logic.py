@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from npo_suite.core.offset_types import DenseDelta, LowRankDelta, Offset
+from npo_suite.core.offsets.types import DenseDelta, LowRankDelta, Offset
 from npo_suite.nodes.rows import (
     COND,
     UNCOND,

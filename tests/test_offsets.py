@@ -13,9 +13,9 @@ except ImportError:  # pragma: no cover - other pytest versions / rootdirs
     from conftest import load_sd15, load_sdxl
 
 from npo_suite.core import offsets as O
-from npo_suite.core.offset_keys import SD15_UNET, SDXL_UNET, Target, diffusers_to_ldm, unet_block_prefixes
-from npo_suite.core.offset_types import DenseDelta, LowRankDelta, Offset
-from npo_suite.tiny_models import unet_config_sd15, unet_config_sdxl
+from npo_suite.core.offsets.keys import SD15_UNET, SDXL_UNET, Target, diffusers_to_ldm, unet_block_prefixes
+from npo_suite.core.offsets.types import DenseDelta, LowRankDelta, Offset
+from npo_suite.testing.tiny_models import unet_config_sd15, unet_config_sdxl
 
 UNET_LINEAR = ["attentions.0.transformer_blocks.0.attn1.to_q", "attentions.0.transformer_blocks.0.attn2.to_k",
                "attentions.0.transformer_blocks.0.attn1.to_out.0", "attentions.0.transformer_blocks.0.ff.net.0.proj",
@@ -452,7 +452,7 @@ def test_coverage_line_reports_what_applies():
     """The one report line shared by the ComfyUI nodes and the WebUI panel."""
     import torch
 
-    from npo_suite.core.offset_types import LoadReport, LowRankDelta, Offset, coverage_line
+    from npo_suite.core.offsets.types import LoadReport, LowRankDelta, Offset, coverage_line
 
     d = LowRankDelta(torch.zeros(1, 2), torch.zeros(2, 1))
     off = Offset(unet={"a": d, "b": d}, text_encoders={"te1": {"q": d}},
@@ -466,7 +466,7 @@ def test_coverage_line_reports_what_applies():
 
 
 # ---------------------------------------------------------------------------------------------
-# text-encoder parts on a ComfyUI CLIP (core.offset_keys.comfy_clip_deltas; NPO Negative CLIP)
+# text-encoder parts on a ComfyUI CLIP (core.offsets.keys.comfy_clip_deltas; NPO Negative CLIP)
 # ---------------------------------------------------------------------------------------------
 def _comfy_clip_shapes(family: str) -> dict:
     """{module path: shape} as a ComfyUI CLIP's cond_stage_model names them (comfy/sd1_clip.py,
@@ -497,7 +497,7 @@ def _te_offset(family: str, tmp_path, g) -> Offset:
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_comfy_clip_deltas_map_kohya_te_keys(family, tmp_path):
-    from npo_suite.core.offset_keys import comfy_clip_deltas, comfy_clip_layout
+    from npo_suite.core.offsets.keys import comfy_clip_deltas, comfy_clip_layout
 
     g = torch.Generator().manual_seed(0)
     off = _te_offset(family, tmp_path, g)
@@ -522,7 +522,7 @@ def test_comfy_clip_deltas_map_kohya_te_keys(family, tmp_path):
 
 
 def test_comfy_clip_deltas_refuse_wrong_family_and_report(tmp_path):
-    from npo_suite.core.offset_keys import clip_coverage_line, comfy_clip_deltas
+    from npo_suite.core.offsets.keys import clip_coverage_line, comfy_clip_deltas
 
     g = torch.Generator().manual_seed(1)
     sdxl = _te_offset("sdxl", tmp_path, g)
@@ -545,7 +545,7 @@ def test_comfy_clip_deltas_refuse_wrong_family_and_report(tmp_path):
 
 
 def test_coverage_line_text_encoder_note():
-    from npo_suite.core.offset_types import LowRankDelta, Offset, coverage_line
+    from npo_suite.core.offsets.types import LowRankDelta, Offset, coverage_line
 
     d = LowRankDelta(torch.zeros(1, 2), torch.zeros(2, 1))
     off = Offset(unet={"a": d}, text_encoders={"te1": {"q": d, "k": d}})
@@ -554,7 +554,7 @@ def test_coverage_line_text_encoder_note():
 
 
 def test_comfy_clip_layout_names_every_comfyui_clip_kind():
-    from npo_suite.core.offset_keys import comfy_clip_layout, describe_clip_layout
+    from npo_suite.core.offsets.keys import comfy_clip_layout, describe_clip_layout
 
     q = "transformer.text_model.encoder.layers.0.self_attn.q_proj"
     cases = {("clip_l",): ({"te1": "clip_l.transformer."}, "an SD1.x CLIP (clip_l only)"),

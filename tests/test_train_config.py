@@ -61,7 +61,7 @@ def test_missing_files():
 def test_cli_is_generated_from_the_dataclass(tmp_path, capsys):
     import dataclasses
 
-    from npo_suite.trainer import cli
+    from npo_suite.cli import train as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

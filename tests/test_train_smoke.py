@@ -96,7 +96,7 @@ def test_cli_train_from_yaml(sd15_dir, tmp_path):
 
     import yaml
 
-    from npo_suite.trainer import cli
+    from npo_suite.cli import train as cli
 
     cfg = tiny_cfg(sd15_dir, data_for("dpo", tmp_path / "data"), tmp_path / "out", steps=1)
     run = tmp_path / "run.yaml"

@@ -57,7 +57,7 @@ def test_quick_build_layout_and_sd_interfaces(quick_world):
 
 
 def test_project_loader_reads_the_world(quick_world):
-    loading = pytest.importorskip("npo_suite.core.loading")
+    loading = pytest.importorskip("npo_suite.diffusers_host.loading")
     b = loading.load_model(str(quick_world))
     assert b.family == "world" and b.vae is None and b.prediction_type == "epsilon"
 
@@ -179,8 +179,8 @@ def test_shipped_world_base_model_is_clearly_imperfect():
     """The shipped base model, sampled with the project's sampler (plain CFG), scores clearly below
     real held-out digits under the reward: preference methods have something to improve."""
     assert (wb.PACKAGE_WORLD_DIR / "world.json").is_file(), "the shipped world is missing (world/assets/digits_world)"
-    from npo_suite import generate as gen
-    from npo_suite.core.loading import load_model
+    from npo_suite.diffusers_host import generate as gen
+    from npo_suite.diffusers_host.loading import load_model
 
     d = wb.PACKAGE_WORLD_DIR
     rm = DigitsReward.for_world(d)

@@ -219,7 +219,7 @@ def lora_metadata(cfg, backend, method, step: int) -> dict[str, str]:
 
 def save_lora(cfg, backend, method, step: int, out: Path) -> Path:
     """The policy LoRA via core.offsets (kohya format by default; save_offset writes atomically)."""
-    from ..core.offset_types import Offset
+    from ..core.offsets.types import Offset
     from ..core.offsets import offset_from_peft, save_offset
 
     offset = Offset(unet=offset_from_peft(backend.unet, "policy", "unet"))

@@ -36,8 +36,8 @@ from torch import nn
 from ..core import branch_lora
 from ..core.branch_lora import BranchOffsets
 from ..core.guidance import offset_active
-from ..core.offset_keys import SD15_UNET, SDXL_UNET, diffusers_to_ldm, unet_block_prefixes
-from ..core.offset_types import DenseDelta, LowRankDelta, Offset, coverage_line
+from ..core.offsets.keys import SD15_UNET, SDXL_UNET, diffusers_to_ldm, unet_block_prefixes
+from ..core.offsets.types import DenseDelta, LowRankDelta, Offset, coverage_line
 from ..core.paths import safe_relative_name
 
 Delta = LowRankDelta | DenseDelta
@@ -256,7 +256,7 @@ def unet_deltas_to_ldm(offset: Offset | None, unet: nn.Module, layouts: Sequence
 
 
 def describe(offset: Offset | None, mapped: Mapping[str, Delta], unmatched: Sequence[str], role: str) -> str:
-    """One line for the panel / infotext-adjacent log (`core.offset_types.coverage_line`)."""
+    """One line for the panel / infotext-adjacent log (`core.offsets.types.coverage_line`)."""
     return coverage_line(offset, len(mapped), unmatched, role)
 
 

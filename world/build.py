@@ -246,7 +246,7 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, l
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from ..tiny_models import build_tokenizer, text_encoder_config, write_tokenizer_files
+    from .tokenizer import build_tokenizer, text_encoder_config, write_tokenizer_files
 
     cfg = cfg or WorldConfig()
     out = Path(out_dir)

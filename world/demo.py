@@ -109,7 +109,7 @@ def eval_prompts(kind: str) -> list[str]:
 
 def sample_run(bundle, prompts, seeds, mode, offsets, dc: DemoConfig) -> torch.Tensor:
     """Images [N, 8, 8] in [0, 1] (8-bit quantised, as saved) from generate.sample."""
-    from ..generate import sample
+    from ..diffusers_host.generate import sample
     from .pairs import quantize01
 
     out = []
@@ -147,7 +147,7 @@ def score_images(reward, images, prompts) -> dict[str, np.ndarray]:
 
 def summarize(base: dict, other: dict, n_boot: int, seed: int) -> dict:
     """Method vs base (same prompt, same seed): reward win rate + CIs, accuracy, right->wrong, realism."""
-    from ..evaluation.stats import paired_compare, right_to_wrong
+    from ..core.stats import paired_compare, right_to_wrong
 
     st = paired_compare(base["reward"], other["reward"], n_boot=n_boot, seed=seed)
     re = paired_compare(base["realism"], other["realism"], n_boot=n_boot, seed=seed)
@@ -182,10 +182,10 @@ def image_grid(columns: dict[str, torch.Tensor], rows: int, path: Path, scale: i
 # ----------------------------------------------------------------------------- the demo
 
 def run_demo(dc: DemoConfig, log=print) -> dict:
-    from ..core.loading import load_model
+    from ..diffusers_host.loading import load_model
     from ..core.offsets import load_offset
-    from ..evaluation.stats import PairedStats, markdown_table, paired_compare, plot_comparison
-    from ..generate import Offsets
+    from ..core.stats import PairedStats, markdown_table, paired_compare, plot_comparison
+    from ..diffusers_host.generate import Offsets
     from .build import ensure_world
     from .pairs import make_pairs
     from .reward import DigitsReward

@@ -47,7 +47,7 @@ def llr_trajectory(metrics_csv: Path) -> dict:
 
 def variants(method: str, lora, loras: dict, dc: DemoConfig) -> list[tuple[str, str, object]]:
     """(label, mode, Offsets) to sample for a trained method."""
-    from ..generate import Offsets
+    from ..diffusers_host.generate import Offsets
 
     if method in ("dpo", "bdpo", "ddspo"):
         return [(method, "cfg", Offsets(pos=lora))]
@@ -63,7 +63,7 @@ def variants(method: str, lora, loras: dict, dc: DemoConfig) -> list[tuple[str, 
 
 
 def write_table(res: dict, path: Path) -> None:
-    from ..evaluation.stats import markdown_table
+    from ..core.stats import markdown_table
 
     rows = [{"run": "base (plain CFG)", "mean_reward": res["base"]["mean_reward"], "accuracy": res["base"]["accuracy"],
              "realism": res["base"]["realism"], "n": res["base"]["n"]}]
@@ -83,7 +83,7 @@ def write_table(res: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from ..core.loading import load_model
+    from ..diffusers_host.loading import load_model
     from ..core.offsets import load_offset
     from .build import ensure_world
     from .pairs import make_pairs, read_pairs

@@ -204,7 +204,7 @@ def random_sdxl_lora(seed: int, blocks=None, depth: int | None = None, rank: int
     import torch
 
     ensure_npo_suite_importable()
-    from npo_suite.core.offset_types import LowRankDelta, Offset
+    from npo_suite.core.offsets.types import LowRankDelta, Offset
 
     g = torch.Generator().manual_seed(seed)
 

@@ -17,7 +17,7 @@ if not os.environ.get("COMFYUI_PATH"):
 
 import torch  # noqa: E402
 
-from npo_suite.core.offset_types import LowRankDelta, Offset  # noqa: E402
+from npo_suite.core.offsets.types import LowRankDelta, Offset  # noqa: E402
 import comfy_graph  # noqa: E402
 from comfy_graph import ksampler  # noqa: E402
 
@@ -416,7 +416,7 @@ def test_lowvram_partial_load_gives_the_same_npo_latents(comfy, loras, lowvram):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_te_key_map_matches_comfyui_lora_loader(comfy, tmp_path, family):
-    """Our text-encoder key map (core.offset_keys.comfy_clip_deltas) patches exactly the CLIP weights that
+    """Our text-encoder key map (core.offsets.keys.comfy_clip_deltas) patches exactly the CLIP weights that
     ComfyUI's own LoRA loader patches for the same kohya file, on ComfyUI's real SD1 / SDXL CLIP classes
     (built on the meta device: names and shapes only, no memory)."""
     import comfy.lora
@@ -424,7 +424,7 @@ def test_te_key_map_matches_comfyui_lora_loader(comfy, tmp_path, family):
     import comfy.sdxl_clip
     import comfy.utils
 
-    from npo_suite.core.offset_keys import comfy_clip_deltas
+    from npo_suite.core.offsets.keys import comfy_clip_deltas
     from npo_suite.core.offsets import load_offset, save_offset
 
     cm = comfy.sdxl_clip.SDXLClipModel(device="meta") if family == "sdxl" else comfy.sd1_clip.SD1ClipModel(device="meta")

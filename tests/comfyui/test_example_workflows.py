@@ -103,7 +103,7 @@ def _import_package(comfy):
 
 def _random_lora(seed: int, std: float = 0.05):
     """A small random kohya LoRA on SD1.5's first cross-attention block (enough to load and act)."""
-    from npo_suite.core.offset_types import LowRankDelta, Offset
+    from npo_suite.core.offsets.types import LowRankDelta, Offset
 
     g = torch.Generator().manual_seed(seed)
     blk = "down_blocks.0.attentions.0.transformer_blocks.0"

@@ -202,7 +202,7 @@ RTOL_CLIP = 1e-3
 
 def random_sdxl_te_lora(seed: int, rank: int = 4, std: float = 0.08):
     """A random LoRA over SDXL's two text encoders only (`text_encoders` te1/te2, transformers 4.x paths)."""
-    from npo_suite.core.offset_types import LowRankDelta, Offset
+    from npo_suite.core.offsets.types import LowRankDelta, Offset
 
     g = torch.Generator().manual_seed(seed)
     tes = {}

@@ -194,7 +194,8 @@ def test_interrupt_saves_and_resume_continues(comfy, datasets, monkeypatch):
     import comfy.model_management as mm
     from comfy import utils as comfy_utils  # not `import comfy.utils`: that rebinds the `comfy` fixture name
 
-    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer import session
+    from npo_suite.trainer import progress
     from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
 
     with torch.inference_mode():
@@ -213,16 +214,16 @@ def test_interrupt_saves_and_resume_continues(comfy, datasets, monkeypatch):
     opts = train_inputs(method="bdpo", steps=3, output_name="resumable")
     with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
         TrainPreferenceLoRA.execute(model, clip, vae, data, **opts)
-    run = comfy.root / "output" / core.RUNS_SUBDIR / "resumable"
+    run = comfy.root / "output" / session.RUNS_SUBDIR / "resumable"
     assert (run / "checkpoints" / "latest").is_file()
     assert (comfy.root / "loras" / "resumable.safetensors").is_file()  # what it had, saved
-    assert [s for s, _ in core.read_losses(run / "metrics.csv")] == [1]  # stopped at the step boundary
+    assert [s for s, _ in progress.read_losses(run / "metrics.csv")] == [1]  # stopped at the step boundary
     monkeypatch.setattr(comfy_utils, "PROGRESS_BAR_HOOK", None)
     with torch.inference_mode():
         out = TrainPreferenceLoRA.execute(model, clip, vae, data, **{**opts, "resume": True}).args
     assert "finished at step 3/3" in out[4] and "(resumed)" in out[4]
     assert all(p.grad is None for p in model.model.diffusion_model.parameters())
-    assert [s for s, _ in core.read_losses(run / "metrics.csv")] == [1, 2, 3]
+    assert [s for s, _ in progress.read_losses(run / "metrics.csv")] == [1, 2, 3]
     # the user's MODEL: same module tree, no hooks, same weights
     dm = model.model.diffusion_model
     assert all(not m._forward_hooks for m in dm.modules())
@@ -261,10 +262,11 @@ def test_comfyui_and_cli_runs_agree(comfy, datasets, tmp_path):
     one token: softmax over one key is constant, the true gradient of q and k is exactly zero, and AdamW
     turns each implementation's round-off there into lr-sized steps (observed rel difference ~1.0).
     """
-    from npo_suite.core.loading import load_model
-    from npo_suite.core.offset_types import Offset
+    from npo_suite.diffusers_host.loading import load_model
+    from npo_suite.core.offsets.types import Offset
     from npo_suite.core.offsets import load_offset, offset_from_peft, save_offset
-    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer import session
+    from npo_suite.trainer import progress
     from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
     from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
     from npo_suite.trainer.config import TrainConfig
@@ -296,13 +298,13 @@ def test_comfyui_and_cli_runs_agree(comfy, datasets, tmp_path):
                       log_every=1, checkpoint_every=0, output_dir=str(tmp_path / "cli"), data_path=[
                           str(datasets / "pairs3" / "pairs.jsonl")])
     res = train(cfg, backend=cli, data=None)
-    cli_losses = core.read_losses(tmp_path / "cli" / "metrics.csv")
+    cli_losses = progress.read_losses(tmp_path / "cli" / "metrics.csv")
     with torch.inference_mode():
         model, clip, vae = _checkpoint(comfy)
         data = PreferenceDataset.execute("pairs3", None, None, "").args[0]
         out = TrainPreferenceLoRA.execute(model, clip, vae, data, **train_inputs(
             method="dpo", steps=2, output_name="agree", init_lora="start.safetensors", checkpoint_every=0)).args
-    comfy_losses = core.read_losses(comfy.root / "output" / core.RUNS_SUBDIR / "agree" / "metrics.csv")
+    comfy_losses = progress.read_losses(comfy.root / "output" / session.RUNS_SUBDIR / "agree" / "metrics.csv")
     assert len(cli_losses) == len(comfy_losses) == 2
     for (s1, a), (s2, b) in zip(cli_losses, comfy_losses):
         assert s1 == s2 and abs(a - b) <= 2e-3 * max(abs(a), 1e-3), (cli_losses, comfy_losses)
@@ -340,9 +342,10 @@ def _prompt_list_run(comfy, method: str, extra: str, with_images: bool, caplog):
     out = comfy.run(g, ["5"])["5"]
     offset, lora_name, report = out[0][0], out[2][0], out[4][0]
     assert lora_name == f"{name}.safetensors" and "finished at step 2/2" in report, report
-    from npo_suite.nodes import training_core as core
+    from npo_suite.trainer import session
+    from npo_suite.trainer import progress
 
-    losses = core.read_losses(comfy.root / "output" / core.RUNS_SUBDIR / name / "metrics.csv")
+    losses = progress.read_losses(comfy.root / "output" / session.RUNS_SUBDIR / name / "metrics.csv")
     assert [s for s, _ in losses] == [1, 2] and all(math.isfinite(v) for _, v in losses), losses
     h = {"1": g["1"],
          "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a cat"}},

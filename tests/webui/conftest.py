@@ -46,7 +46,7 @@ def build_random_sd15(path: Path) -> None:
     """Random-weight SD1.5 single-file checkpoint, fp16 (~2 GB), atomic write."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from npo_suite.core.offset_keys import canonical_te_path, diffusers_to_ldm, unet_block_prefixes
+    from npo_suite.core.offsets.keys import canonical_te_path, diffusers_to_ldm, unet_block_prefixes
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -78,8 +78,8 @@ def build_random_sd15(path: Path) -> None:
 def build_loras(lora_dir: Path, npo_dir: Path) -> None:
     """kohya LoRAs on the standard SD1.5 attention projections: eta and delta (models/npo), style (Lora)."""
     import torch
-    from npo_suite.core.offset_keys import Target
-    from npo_suite.core.offset_types import LowRankDelta, Offset
+    from npo_suite.core.offsets.keys import Target
+    from npo_suite.core.offsets.types import LowRankDelta, Offset
     from npo_suite.core.offsets import save_offset
 
     shapes = Target.standard("sd1", "unet").shapes

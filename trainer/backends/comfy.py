@@ -56,7 +56,7 @@ class DiffusersView(torch.nn.Module):
     """A module tree exposing `modules[path]` at diffusers path `path` (the modules are shared, not copied).
 
     `config` carries the block layout (down/up block types, layers per block, SDXL added
-    conditioning) that `core.offset_keys` needs for LDM names and family detection.
+    conditioning) that `core.offsets.keys` needs for LDM names and family detection.
     """
 
     def __init__(self, modules: dict[str, torch.nn.Module], config: dict):
@@ -78,7 +78,7 @@ class DiffusersView(torch.nn.Module):
 
 
 def view_config(paths) -> dict:
-    """Block layout of a UNet from its diffusers module paths (for `core.offset_keys`)."""
+    """Block layout of a UNet from its diffusers module paths (for `core.offsets.keys`)."""
     paths = list(paths)
 
     def count(prefix: str) -> int:
@@ -352,7 +352,7 @@ class ComfyBackend(DiffusersBackend):
 
     def export_offset(self, name: str = POLICY):
         """Adapter `name` as an `Offset` keyed by diffusers paths (copies): the NPO_OFFSET of the sampling nodes."""
-        from ...core.offset_types import Offset
+        from ...core.offsets.types import Offset
         from ...core.offsets import offset_from_peft
 
         return Offset(unet=offset_from_peft(self.unet, name, "unet"))

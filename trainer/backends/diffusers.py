@@ -121,7 +121,7 @@ class DiffusersBackend:
 
     @classmethod
     def from_bundle(cls, bundle, **kwargs) -> "DiffusersBackend":
-        """From `core.loading.ModelBundle` (its `force_zeros_for_empty_prompt` picks the SDXL ∅)."""
+        """From `diffusers_host.loading.ModelBundle` (its `force_zeros_for_empty_prompt` picks the SDXL ∅)."""
         if bundle.family == "sdxl":
             kwargs["options"] = _with_null(kwargs.get("options"), getattr(bundle, "force_zeros_for_empty_prompt", True))
         return cls(bundle.unet, bundle.text_encoders, bundle.tokenizers, bundle.scheduler, bundle.vae,
@@ -129,10 +129,10 @@ class DiffusersBackend:
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "DiffusersBackend":
-        """A diffusers folder or a single-file checkpoint, through `core.loading.load_model`."""
+        """A diffusers folder or a single-file checkpoint, through `diffusers_host.loading.load_model`."""
         try:
-            from ...core.loading import load_model
-        except ImportError:  # core.loading not installed in this build: diffusers folders only
+            from ...diffusers_host.loading import load_model
+        except ImportError:  # diffusers_host.loading not installed in this build: diffusers folders only
             from diffusers import DiffusionPipeline
 
             if not (Path(path) / "model_index.json").is_file():

@@ -12,7 +12,7 @@ import numpy as np
 
 
 def _scorer_options(p: argparse.ArgumentParser) -> None:
-    from .scorers import SCORERS
+    from ..evaluation.scorers import SCORERS
 
     p.add_argument("--scorer", nargs="+", default=["world_reward"], choices=list(SCORERS),
                    help="scorer(s): " + "; ".join(f"{k}: {v[1]}" for k, v in SCORERS.items()))
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _make(name: str, args):
-    from .scorers import make_scorer
+    from ..evaluation.scorers import make_scorer
 
     return make_scorer(name, world=args.world, model_path=args.model_path, processor_path=args.processor_path,
                        head_path=args.head_path, med_config=args.med_config, device=args.device,
@@ -54,7 +54,7 @@ def _make(name: str, args):
 
 
 def _entries_for_score(args):
-    from .runs import Entry, read_run
+    from ..evaluation.runs import Entry, read_run
 
     if args.run:
         return read_run(args.run)
@@ -72,7 +72,7 @@ def _entries_for_score(args):
 
 
 def _score(args) -> int:
-    from .runs import load_images
+    from ..evaluation.runs import load_images
 
     entries = _entries_for_score(args)
     images, prompts = load_images(entries), [e.prompt for e in entries]
@@ -96,8 +96,8 @@ def _score(args) -> int:
 
 def compare_runs(run_a: str, run_b: str, scorers: dict, *, n_boot: int = 5000, seed: int = 0) -> dict:
     """Paired stats of B vs A for each scorer (+ right->wrong for world_correct). scorers: name -> Scorer."""
-    from .runs import load_images, pair_runs, read_run
-    from .stats import paired_compare, right_to_wrong
+    from ..evaluation.runs import load_images, pair_runs, read_run
+    from ..core.stats import paired_compare, right_to_wrong
 
     pairs = pair_runs(read_run(run_a), read_run(run_b))
     prompts = [a.prompt for a, _ in pairs]
@@ -114,7 +114,7 @@ def compare_runs(run_a: str, run_b: str, scorers: dict, *, n_boot: int = 5000, s
 
 
 def _compare(args) -> int:
-    from .stats import PairedStats, markdown_table, plot_comparison
+    from ..core.stats import PairedStats, markdown_table, plot_comparison
 
     names = list(dict.fromkeys(args.scorer))
     if any(n.startswith("world_") for n in names) and "world_correct" not in names:

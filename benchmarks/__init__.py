@@ -1,7 +1,7 @@
 """`python -m npo_suite bench <name>`: benchmarks (step time and memory).
 
-  guidance   plain CFG vs the NPO fast path vs the NPO two-model path (bench_guidance.py)
-  train      training step time and memory (trainer/bench.py)
+  guidance   plain CFG vs the NPO fast path vs the NPO two-model path (benchmarks/guidance.py)
+  train      training step time and memory (benchmarks/train.py)
 
 Each benchmark module exposes `add_arguments(parser)` and `main(args)` like a command; it is
 imported only when its benchmark runs.
@@ -12,8 +12,8 @@ import argparse
 import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "guidance": (".bench_guidance", "per-step time and peak memory: CFG (LoRA merged), NPO fast path, NPO two-model path"),
-    "train": (".trainer.bench", "training step time and memory"),
+    "guidance": (".guidance", "per-step time and peak memory: CFG (LoRA merged), NPO fast path, NPO two-model path"),
+    "train": (".train", "training step time and memory"),
 }
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .core.branch_lora import branch_offsets
-from .core.guidance import GUIDANCE, MODES, RESCALE_SPACES, guide, offset_active
-from .core.offset_types import Offset
-from .trainer.backends.base import Cond
+from ..core.branch_lora import branch_offsets
+from ..core.guidance import GUIDANCE, MODES, RESCALE_SPACES, guide, offset_active
+from ..core.offsets.types import Offset
+from ..trainer.backends.base import Cond
 
 SCHEDULERS = ("ddim", "euler", "dpmpp")
 NPO_PATHS = ("fast", "two-model")
@@ -119,7 +119,7 @@ class _TwoModel:
     """The general path: one materialised copy of the UNet per distinct group, one forward per group."""
 
     def __init__(self, unet, groups):
-        from .core.offsets import materialize
+        from ..core.offsets import materialize
 
         self.models = {g: (materialize(unet, [(o, w) for o, w in terms]) if terms else unet) for g, terms in groups.items()}
         self.rows = None
@@ -295,7 +295,7 @@ def read_prompts(args) -> list[dict]:
 
 
 def _load_offsets(args, bundle) -> tuple[Offsets, dict]:
-    from .core.offsets import load_offset
+    from ..core.offsets import load_offset
 
     base = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
     fam = bundle.family if bundle.family in ("sd1", "sdxl") else None
@@ -344,8 +344,8 @@ def make_grid(cells: list[list], pad: int = 2):
 def main(args) -> int:
     from tqdm import tqdm
 
-    from . import __version__
-    from .core.loading import load_model, model_fingerprint
+    from .. import __version__
+    from ..diffusers_host.loading import load_model, model_fingerprint
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import offsets as O
+from ..core import offsets as O
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,7 +133,7 @@ def _merge(args) -> int:
         terms.append((O.load_offset(path, base=pipe), scale))
     for comp in ("unet", "te1", "te2"):
         if any(o.components().get(comp) for o, _ in terms):
-            module = O._component_module(pipe, comp)
+            module = O.component_module(pipe, comp)
             module.load_state_dict(O.merged_state_dict(module, terms, comp))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -111,3 +111,19 @@ def coverage_line(offset: Offset | None, n_applied: int, unmatched, role: str, t
     if n_te:
         s += f"; {n_te} text-encoder modules {te_note}"
     return s
+
+
+def delta_shape(d: Delta) -> tuple:
+    """Shape of the dense weight delta without computing it."""
+    if isinstance(d, DenseDelta):
+        return tuple(d.weight.shape)
+    if d.down.ndim == 2:
+        return (d.up.shape[0], d.down.shape[1])
+    kernel = tuple(d.mid.shape[2:]) if d.mid is not None else tuple(d.down.shape[2:])
+    return (d.up.shape[0], d.down.shape[1], *kernel)
+
+
+def _shape_fits(got, want) -> bool:
+    """Equal, or equal up to trailing 1x1 dims (Linear proj_in vs 1x1 Conv proj_in)."""
+    strip = lambda s: tuple(s[:2]) if len(s) == 4 and tuple(s[2:]) == (1, 1) else tuple(s)  # noqa: E731
+    return tuple(got) == tuple(want) or strip(got) == strip(want)

@@ -11,14 +11,14 @@ import sys
 
 # command name -> (module relative to this package, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": (".world.demo", "build/load the embedded digits world, train NPO and SNPO LoRAs, write a report"),
-    "world": (".world.cli", "build or inspect the embedded digits world"),
-    "train": (".trainer.cli", "train a preference LoRA (dpo, npo, bdpo, snpo, tdft, ddspo, ...)"),
-    "generate": (".generate", "batch generation with cfg / npo / snpo guidance"),
-    "evaluate": (".evaluation.cli", "score images and compare two runs"),
-    "offsets": (".core.offsets_cli", "inspect, convert, merge and extract weight offsets (LoRAs, diffs)"),
-    "ddspo-prepare": (".trainer.data.ddspo_prepare", "generate DDSPO winner (and loser) latents from prompts"),
-    "bench": (".bench", "benchmarks: guidance and training step time and memory"),
+    "demo": ("..world.demo", "build/load the embedded digits world, train NPO and SNPO LoRAs, write a report"),
+    "world": (".world", "build or inspect the embedded digits world"),
+    "train": (".train", "train a preference LoRA (dpo, npo, bdpo, snpo, tdft, ddspo, ...)"),
+    "generate": ("..diffusers_host.generate", "batch generation with cfg / npo / snpo guidance"),
+    "evaluate": (".evaluate", "score images and compare two runs"),
+    "offsets": (".offsets", "inspect, convert, merge and extract weight offsets (LoRAs, diffs)"),
+    "ddspo-prepare": ("..trainer.data.ddspo_prepare", "generate DDSPO winner (and loser) latents from prompts"),
+    "bench": ("..benchmarks", "benchmarks: guidance and training step time and memory"),
 }
 
 

@@ -17,7 +17,7 @@ import os
 import sys
 import typing
 
-from .config import TrainConfig, field_types, load_config
+from ..trainer.config import TrainConfig, field_types, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from .loop import train
+    from ..trainer.loop import train
 
     result = train(cfg, resume=args.resume)
     state = "interrupted at" if result.interrupted else "finished"

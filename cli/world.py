@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .build import WorldConfig
+    from ..world.build import WorldConfig
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     b = sub.add_parser("build", help="train the world's base model and reward models into a folder")
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from .build import WorldConfig, build_world, cache_dir, check_world_dir, default_world_dir
+    from ..world.build import WorldConfig, build_world, cache_dir, check_world_dir, default_world_dir
 
     if args.action == "info":
         path = Path(args.path) if args.path else default_world_dir()

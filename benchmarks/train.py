@@ -48,8 +48,8 @@ def build(full_size: bool, device: str):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .. import tiny_models as tm
-    from .backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
+    from ..testing import tiny_models as tm
+    from ..trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
 
     opts = BackendOptions(lora=LoraOptions(rank=8, alpha=8.0, targets="attn"), resolution=64)
     if not full_size:
@@ -64,7 +64,7 @@ def build(full_size: bool, device: str):
 
 def batches(backend, B: int, side: int, seed: int = 0):
     """A PairBatch and a PromptBatch of random latents [B, 4, side, side]."""
-    from .methods import PairBatch, PromptBatch
+    from ..trainer.methods import PairBatch, PromptBatch
 
     g = torch.Generator().manual_seed(seed)
     prompts = [f"a photo of a red cat with a tree {i}" for i in range(B)]
@@ -111,8 +111,8 @@ def _peak_rss_mb(fn) -> float:
 
 
 def run(args) -> dict:
-    from .config import load_config
-    from .methods import METHODS
+    from ..trainer.config import load_config
+    from ..trainer.methods import METHODS
 
     full = args.full_size
     side = args.latent or (16 if full else 8)

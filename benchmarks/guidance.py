@@ -76,7 +76,7 @@ def _build_unet(cfg: dict, device, dtype):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .tiny_models import unet_config_sd15
+    from ..testing.tiny_models import unet_config_sd15
 
     if cfg["full_size"]:
         config = UNet2DConditionModel.load_config(str(Path(__file__).resolve().parent / "configs" / "sd15" / "unet"))
@@ -105,7 +105,7 @@ def _build_unet(cfg: dict, device, dtype):
 def _random_lora(unet, rank: int, seed: int):
     import torch
 
-    from .core.offset_types import LowRankDelta, Offset
+    from ..core.offsets.types import LowRankDelta, Offset
 
     g = torch.Generator().manual_seed(seed)
     deltas = {}
@@ -179,8 +179,8 @@ def _time_all(cfg: dict) -> dict:
     """Round-robin timing of the three cases on one resident UNet."""
     import torch
 
-    from .core.branch_lora import BranchOffsets
-    from .core.guidance import npo
+    from ..core.branch_lora import BranchOffsets
+    from ..core.guidance import npo
 
     unet, eta, delta, x, hid, t = _setup(cfg)
     n, dev = cfg["batch"], x.device
@@ -222,9 +222,9 @@ def _memory(case: str, cfg: dict) -> dict:
     import torch
     from diffusers import UNet2DConditionModel  # noqa: F401
 
-    from . import tiny_models  # noqa: F401
-    from .core.branch_lora import branch_offsets
-    from .core.guidance import npo
+    from ..testing import tiny_models  # noqa: F401
+    from ..core.branch_lora import branch_offsets
+    from ..core.guidance import npo
 
     diffusers.utils.logging.set_verbosity_error()
     cuda = cfg["device"].startswith("cuda")

@@ -182,6 +182,6 @@ def load_model(path, *, family: str | None = None, dtype: torch.dtype = torch.fl
 
 def model_fingerprint(bundle: ModelBundle) -> str:
     """sha256 fingerprint of the UNet weights (core.offsets.model_hash: sampled values, cheap)."""
-    from .offsets import model_hash
+    from ..core.offsets import model_hash
 
     return model_hash(bundle.unet)

@@ -264,7 +264,6 @@ def targets_from_base(base) -> dict[str, Target]:
         comp = "te1" if "CLIPText" in type(base).__name__ else "unet"
         return {comp: Target.from_module(base, comp)}
     if isinstance(base, dict) and base and all(isinstance(v, torch.Tensor) for v in base.values()):
-        from .offsets import normalize_unet_state_dict
 
         return {"unet": Target.from_state_dict(normalize_unet_state_dict(base), "unet")}
     if isinstance(base, dict):
@@ -418,3 +417,26 @@ def clip_coverage_line(offset, keymap: ClipKeyMap | None, role: str, weight: flo
     if weight == 0.0:
         s += "; weight 0: not applied"
     return s
+
+
+def normalize_unet_state_dict(sd: dict[str, torch.Tensor], config=None) -> dict[str, torch.Tensor]:
+    """A UNet state dict with diffusers names.
+
+    LDM names (`model.diffusion_model.*`, `diffusion_model.*` or bare `input_blocks.*`) are mapped
+    with the block layout of `config` (a UNet config; default: standard SD1.5, or SDXL when
+    `label_emb` is present); keys outside the UNet (VAE, text encoders) are dropped.
+    """
+    keys = list(sd)
+    ldm_pre = next((p for p in ("model.diffusion_model.", "diffusion_model.") if any(k.startswith(p) for k in keys)), None)
+    if ldm_pre is None and not any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for k in keys):
+        return {k[len("unet."):] if k.startswith("unet.") else k: v for k, v in sd.items()}
+    sub = {(k[len(ldm_pre):] if ldm_pre else k): v for k, v in sd.items() if ldm_pre is None or k.startswith(ldm_pre)}
+    if config is None:
+        config = SDXL_UNET if any(k.startswith("label_emb.") for k in sub) else SD15_UNET
+    inverse = {v: k for k, v in unet_block_prefixes(config).items()}
+    out = {}
+    for k, v in sub.items():
+        mod, _, pname = k.rpartition(".")
+        d = ldm_to_diffusers(mod, inverse)
+        out[(d + "." + pname) if d else k] = v
+    return out
