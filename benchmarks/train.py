@@ -64,7 +64,7 @@ def build(full_size: bool, device: str):
 
 def batches(backend, B: int, side: int, seed: int = 0):
     """A PairBatch and a PromptBatch of random latents [B, 4, side, side]."""
-    from ..trainer.methods import PairBatch, PromptBatch
+    from ..trainer.batches import PairBatch, PromptBatch
 
     g = torch.Generator().manual_seed(seed)
     prompts = [f"a photo of a red cat with a tree {i}" for i in range(B)]

@@ -22,7 +22,7 @@ import torch
 from ..core.branch_lora import branch_offsets
 from ..core.guidance import GUIDANCE, MODES, RESCALE_SPACES, guide, offset_active
 from ..core.offsets.types import Offset
-from ..trainer.backends.base import Cond
+from ..trainer.batches import Cond
 
 SCHEDULERS = ("ddim", "euler", "dpmpp")
 NPO_PATHS = ("fast", "two-model")

@@ -44,7 +44,7 @@ def comfy_like(pipe, model_dir, reverse_map: bool = False, **kw) -> ComfyBackend
 
 
 def pair_batches(backend, n=3, seed=0):
-    from npo_suite.trainer.methods import PairBatch
+    from npo_suite.trainer.batches import PairBatch
 
     g = torch.Generator().manual_seed(seed)
     cond = backend.encode_prompts(["a red cat", "a blue dog"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from npo_suite.trainer.backends.base import Cond
+from npo_suite.trainer.batches import Cond
 from npo_suite.trainer.data.cache import LatentCache
 from npo_suite.trainer.data.dataset import ResumableSampler, collate_prompts
 from npo_suite.trainer.data.ddspo_prepare import (MANIFEST_NAME, PARTS_DIR, DdspoDataset, PrepareConfig, prepare,

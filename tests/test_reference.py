@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from npo_suite.trainer.backends.base import Cond
-from npo_suite.trainer.methods import MethodConfig, PairBatch
+from npo_suite.trainer.batches import Cond, PairBatch
+from npo_suite.trainer.config import MethodConfig
 from npo_suite.trainer.reference import ReferenceUpdater, divergence_estimate
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -75,7 +75,8 @@ class RowwiseMethod:
         self.inner.after_step(backend, cfg)
 
     def compute(self, backend, batch, cfg, generator):
-        from npo_suite.trainer.methods import PairBatch, StepOut
+        from npo_suite.trainer.batches import PairBatch
+        from npo_suite.trainer.methods import StepOut
 
         outs = []
         for i in range(batch.latents_w.shape[0]):

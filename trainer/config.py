@@ -3,7 +3,7 @@
 Every field carries its help text (`field(metadata={"help": ...})`); cross-field checks live in
 `__post_init__`; the `train` CLI is generated from the fields; every checkpoint stores the
 resolved config as YAML. Method hyper-parameters (β, λ, p, ...) come from `MethodConfig`
-(`trainer/methods.py`), which this class extends.
+(below), which this class extends.
 
 Sources, lowest precedence first: a preset (`configs/NAME.yaml`), a YAML/TOML file, plain CLI
 flags (`--lr 1e-4`), `--set key=value` overrides. Values are typed by the field types: a YAML
@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .methods import MethodConfig
+from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS
+from .ddspo import REWRITERS
+from .reference import ON_EXCEED
+from .tdft import TDFT_TEACHERS, X0_LOSSES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
@@ -33,6 +36,90 @@ def _h(default: Any, help: str, **kw):
     if isinstance(default, list):
         return field(default_factory=lambda d=tuple(default): list(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _m(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class MethodConfig:
+    """Every method hyper-parameter (the trainer's TrainConfig inherits from this)."""
+
+    method: str = _m("training method, one of METHODS: dpo, npo, bdpo, snpo, snpo_naive, tdft, ddspo", default="dpo")
+    beta: float = _m("DPO-family beta, Diffusion-DPO's own convention: logit = -(beta/2)*(m_w - m_l); paper "
+                     "values 2000..5000 for SD1.5/SDXL (the diffusers example's beta' is beta/2)", default=5000.0)
+    lam: float = _m("BDPO/SNPO mixing lambda in (0, 1]; the loser's pull is bounded by -log(1-lambda); "
+                    "1 = plain DPO", default=0.9)
+    snpo_p: float = _m("SNPO probability of the null branch (null cond, pair swapped) per pair", default=0.5)
+    timestep_sampler: str = _m("timestep sampler: " + ", ".join(TIMESTEP_SAMPLERS), default="uniform")
+    timestep_gamma: float = _m("gamma_bins: P(bin k) ~ gamma^k, k=0 the noisiest bin", default=0.9)
+    timestep_bins: int = _m("gamma_bins: number of bins over [0, T)", default=10)
+    timestep_weight: str = _m("per-timestep loss scale w(t): " + ", ".join(TIMESTEP_WEIGHTS), default="none")
+    tdft_k: int = _m("TDFT: teacher solver steps K of the truncated rollout (seed 002 default 5)", default=5)
+    tdft_teacher: str = _m("TDFT teacher weakening: " + ", ".join(TDFT_TEACHERS), default="uncond")
+    tdft_cfg: float = _m("TDFT: guidance scale of the low_cfg / few_steps teachers", default=1.5)
+    tdft_loss: str = _m("TDFT x0 distance: " + ", ".join(X0_LOSSES), default="l2")
+    tdft_stride: int = _m("TDFT: timesteps per teacher step when starting from a real latent; 0 = T // 25 "
+                          "(the paper's 25-step full simulation)", default=0)
+    ema_decay: float = _m("TDFT: EMA decay of the teacher adapter", default=0.999)
+    ddspo_beta: float = _m("DDSPO beta (same beta/2 convention); paper 16000 for SD1.x/SDXL", default=16000.0)
+    ddspo_min_frac: float = _m("DDSPO: minimum fraction of words removed from the prompt", default=0.4)
+    ddspo_max_frac: float = _m("DDSPO: maximum fraction of words removed from the prompt", default=0.7)
+    ddspo_rewriter: str = _m("DDSPO degraded-prompt rewriter: " + ", ".join(REWRITERS), default="drop_words")
+    ddspo_rewriter_path: str | None = _m("DDSPO local_lm rewriter: local transformers causal-LM folder", default=None)
+    ref_update_every: int = _m("reference update period tau in optimizer steps (16/32/64 in seed 004); 0 = off",
+                               default=0)
+    ref_bound: float = _m("reference divergence bound delta (per-element mse scale, see trainer/reference.py); "
+                          "0.005 SD1.5, 0.002 SDXL", default=0.005)
+    ref_on_exceed: str = _m("when the bound is exceeded: freeze (keep the last reference) or reinit (reset it to "
+                            "the base model)", default="freeze")
+    ref_probe_size: int = _m("reference update: winners of the batch used to estimate the divergence", default=4)
+    ref_probe_timesteps: int = _m("reference update: timesteps per winner in the divergence estimate", default=4)
+
+    def __post_init__(self) -> None:
+        errors = []
+
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                errors.append(msg)
+
+        from .methods import METHODS  # the registry of method implementations (imported when a config is made)
+
+        check(self.method in METHODS, f"method {self.method!r} is not one of {list(METHODS)}")
+        check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        check(0 < self.lam <= 1, f"lam must be in (0, 1], got {self.lam}")
+        check(0 <= self.snpo_p <= 1, f"snpo_p must be in [0, 1], got {self.snpo_p}")
+        check(self.timestep_sampler in TIMESTEP_SAMPLERS,
+              f"timestep_sampler {self.timestep_sampler!r} is not one of {list(TIMESTEP_SAMPLERS)}")
+        check(0 < self.timestep_gamma <= 1, f"timestep_gamma must be in (0, 1], got {self.timestep_gamma}")
+        check(self.timestep_bins >= 1, f"timestep_bins must be >= 1, got {self.timestep_bins}")
+        check(self.timestep_weight in TIMESTEP_WEIGHTS,
+              f"timestep_weight {self.timestep_weight!r} is not one of {list(TIMESTEP_WEIGHTS)}")
+        check(self.tdft_k >= 1, f"tdft_k must be >= 1, got {self.tdft_k}")
+        check(self.tdft_teacher in TDFT_TEACHERS, f"tdft_teacher {self.tdft_teacher!r} is not one of {list(TDFT_TEACHERS)}")
+        check(self.tdft_cfg >= 0, f"tdft_cfg must be >= 0, got {self.tdft_cfg}")
+        check(self.tdft_loss in X0_LOSSES, f"tdft_loss {self.tdft_loss!r} is not one of {list(X0_LOSSES)}")
+        check(self.tdft_stride >= 0, f"tdft_stride must be >= 0, got {self.tdft_stride}")
+        check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check(self.ddspo_beta > 0, f"ddspo_beta must be > 0, got {self.ddspo_beta}")
+        check(0 <= self.ddspo_min_frac <= self.ddspo_max_frac <= 1,
+              f"need 0 <= ddspo_min_frac <= ddspo_max_frac <= 1, got {self.ddspo_min_frac}, {self.ddspo_max_frac}")
+        check(self.ddspo_rewriter in REWRITERS, f"ddspo_rewriter {self.ddspo_rewriter!r} is not one of {list(REWRITERS)}")
+        check(self.ddspo_rewriter != "local_lm" or bool(self.ddspo_rewriter_path),
+              "ddspo_rewriter 'local_lm' needs ddspo_rewriter_path (a local model folder)")
+        check(self.ref_update_every >= 0, f"ref_update_every must be >= 0 (0 = off), got {self.ref_update_every}")
+        check(self.ref_bound > 0, f"ref_bound must be > 0, got {self.ref_bound}")
+        check(self.ref_on_exceed in ON_EXCEED, f"ref_on_exceed {self.ref_on_exceed!r} is not one of {list(ON_EXCEED)}")
+        check(self.ref_probe_size >= 1, f"ref_probe_size must be >= 1, got {self.ref_probe_size}")
+        check(self.ref_probe_timesteps >= 1, f"ref_probe_timesteps must be >= 1, got {self.ref_probe_timesteps}")
+        if errors:
+            raise ValueError("invalid method config: " + "; ".join(errors))
+
+
+def method_config_help() -> dict[str, str]:
+    """field name -> help text (for the CLI generator and docs)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(MethodConfig)}
 
 
 @dataclass

@@ -14,151 +14,21 @@ then noise, then method-specific draws (SNPO branch, prompt-perturbation seeds, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS, add_noise, eps_to_x0, gather
-from .backends.base import Backend, Cond
-from .ddspo import REWRITERS, PromptRewriter, build_rewriter, ddspo_margins
+from .backends.base import Backend
+from .batches import Cond, PairBatch, PromptBatch
+from .config import MethodConfig
+from .ddspo import PromptRewriter, build_rewriter, ddspo_margins
 from .losses import LossOut, bdpo_loss, ddspo_loss, dpo_loss, implicit_accuracy, per_sample_mse
-from .reference import ON_EXCEED
-from .tdft import FULL_SIM_STEPS, TDFT_TEACHERS, X0_LOSSES, renoise, truncated_rollout, tweedie_x0, x0_distance
+from .tdft import FULL_SIM_STEPS, TDFT_TEACHERS, renoise, truncated_rollout, tweedie_x0, x0_distance
 
 
-# ---------------------------------------------------------------- config
-
-def _h(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
-
-
-@dataclass
-class MethodConfig:
-    """Every method hyper-parameter (the trainer's TrainConfig inherits from this)."""
-
-    method: str = _h("training method, one of METHODS: dpo, npo, bdpo, snpo, snpo_naive, tdft, ddspo", default="dpo")
-    beta: float = _h("DPO-family beta, Diffusion-DPO's own convention: logit = -(beta/2)*(m_w - m_l); paper "
-                     "values 2000..5000 for SD1.5/SDXL (the diffusers example's beta' is beta/2)", default=5000.0)
-    lam: float = _h("BDPO/SNPO mixing lambda in (0, 1]; the loser's pull is bounded by -log(1-lambda); "
-                    "1 = plain DPO", default=0.9)
-    snpo_p: float = _h("SNPO probability of the null branch (null cond, pair swapped) per pair", default=0.5)
-    timestep_sampler: str = _h("timestep sampler: " + ", ".join(TIMESTEP_SAMPLERS), default="uniform")
-    timestep_gamma: float = _h("gamma_bins: P(bin k) ~ gamma^k, k=0 the noisiest bin", default=0.9)
-    timestep_bins: int = _h("gamma_bins: number of bins over [0, T)", default=10)
-    timestep_weight: str = _h("per-timestep loss scale w(t): " + ", ".join(TIMESTEP_WEIGHTS), default="none")
-    tdft_k: int = _h("TDFT: teacher solver steps K of the truncated rollout (seed 002 default 5)", default=5)
-    tdft_teacher: str = _h("TDFT teacher weakening: " + ", ".join(TDFT_TEACHERS), default="uncond")
-    tdft_cfg: float = _h("TDFT: guidance scale of the low_cfg / few_steps teachers", default=1.5)
-    tdft_loss: str = _h("TDFT x0 distance: " + ", ".join(X0_LOSSES), default="l2")
-    tdft_stride: int = _h("TDFT: timesteps per teacher step when starting from a real latent; 0 = T // 25 "
-                          "(the paper's 25-step full simulation)", default=0)
-    ema_decay: float = _h("TDFT: EMA decay of the teacher adapter", default=0.999)
-    ddspo_beta: float = _h("DDSPO beta (same beta/2 convention); paper 16000 for SD1.x/SDXL", default=16000.0)
-    ddspo_min_frac: float = _h("DDSPO: minimum fraction of words removed from the prompt", default=0.4)
-    ddspo_max_frac: float = _h("DDSPO: maximum fraction of words removed from the prompt", default=0.7)
-    ddspo_rewriter: str = _h("DDSPO degraded-prompt rewriter: " + ", ".join(REWRITERS), default="drop_words")
-    ddspo_rewriter_path: str | None = _h("DDSPO local_lm rewriter: local transformers causal-LM folder", default=None)
-    ref_update_every: int = _h("reference update period tau in optimizer steps (16/32/64 in seed 004); 0 = off",
-                               default=0)
-    ref_bound: float = _h("reference divergence bound delta (per-element mse scale, see trainer/reference.py); "
-                          "0.005 SD1.5, 0.002 SDXL", default=0.005)
-    ref_on_exceed: str = _h("when the bound is exceeded: freeze (keep the last reference) or reinit (reset it to "
-                            "the base model)", default="freeze")
-    ref_probe_size: int = _h("reference update: winners of the batch used to estimate the divergence", default=4)
-    ref_probe_timesteps: int = _h("reference update: timesteps per winner in the divergence estimate", default=4)
-
-    def __post_init__(self) -> None:
-        errors = []
-
-        def check(ok: bool, msg: str) -> None:
-            if not ok:
-                errors.append(msg)
-
-        check(self.method in METHODS, f"method {self.method!r} is not one of {list(METHODS)}")
-        check(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        check(0 < self.lam <= 1, f"lam must be in (0, 1], got {self.lam}")
-        check(0 <= self.snpo_p <= 1, f"snpo_p must be in [0, 1], got {self.snpo_p}")
-        check(self.timestep_sampler in TIMESTEP_SAMPLERS,
-              f"timestep_sampler {self.timestep_sampler!r} is not one of {list(TIMESTEP_SAMPLERS)}")
-        check(0 < self.timestep_gamma <= 1, f"timestep_gamma must be in (0, 1], got {self.timestep_gamma}")
-        check(self.timestep_bins >= 1, f"timestep_bins must be >= 1, got {self.timestep_bins}")
-        check(self.timestep_weight in TIMESTEP_WEIGHTS,
-              f"timestep_weight {self.timestep_weight!r} is not one of {list(TIMESTEP_WEIGHTS)}")
-        check(self.tdft_k >= 1, f"tdft_k must be >= 1, got {self.tdft_k}")
-        check(self.tdft_teacher in TDFT_TEACHERS, f"tdft_teacher {self.tdft_teacher!r} is not one of {list(TDFT_TEACHERS)}")
-        check(self.tdft_cfg >= 0, f"tdft_cfg must be >= 0, got {self.tdft_cfg}")
-        check(self.tdft_loss in X0_LOSSES, f"tdft_loss {self.tdft_loss!r} is not one of {list(X0_LOSSES)}")
-        check(self.tdft_stride >= 0, f"tdft_stride must be >= 0, got {self.tdft_stride}")
-        check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        check(self.ddspo_beta > 0, f"ddspo_beta must be > 0, got {self.ddspo_beta}")
-        check(0 <= self.ddspo_min_frac <= self.ddspo_max_frac <= 1,
-              f"need 0 <= ddspo_min_frac <= ddspo_max_frac <= 1, got {self.ddspo_min_frac}, {self.ddspo_max_frac}")
-        check(self.ddspo_rewriter in REWRITERS, f"ddspo_rewriter {self.ddspo_rewriter!r} is not one of {list(REWRITERS)}")
-        check(self.ddspo_rewriter != "local_lm" or bool(self.ddspo_rewriter_path),
-              "ddspo_rewriter 'local_lm' needs ddspo_rewriter_path (a local model folder)")
-        check(self.ref_update_every >= 0, f"ref_update_every must be >= 0 (0 = off), got {self.ref_update_every}")
-        check(self.ref_bound > 0, f"ref_bound must be > 0, got {self.ref_bound}")
-        check(self.ref_on_exceed in ON_EXCEED, f"ref_on_exceed {self.ref_on_exceed!r} is not one of {list(ON_EXCEED)}")
-        check(self.ref_probe_size >= 1, f"ref_probe_size must be >= 1, got {self.ref_probe_size}")
-        check(self.ref_probe_timesteps >= 1, f"ref_probe_timesteps must be >= 1, got {self.ref_probe_timesteps}")
-        if errors:
-            raise ValueError("invalid method config: " + "; ".join(errors))
-
-
-def method_config_help() -> dict[str, str]:
-    """field name -> help text (for the CLI generator and docs)."""
-    return {f.name: f.metadata.get("help", "") for f in fields(MethodConfig)}
-
-
-# ---------------------------------------------------------------- batches and outputs
-
-@dataclass
-class PairBatch:
-    """Preference pairs: latents_w/latents_l [B, C, h, w] clean latents, cond [B], prompts (B or empty)."""
-
-    latents_w: torch.Tensor
-    latents_l: torch.Tensor
-    cond: Cond
-    prompts: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.latents_w.shape != self.latents_l.shape:
-            raise ValueError(f"PairBatch: winner latents {tuple(self.latents_w.shape)} and loser latents "
-                             f"{tuple(self.latents_l.shape)} differ in shape")
-        if len(self.cond) != self.latents_w.shape[0]:
-            raise ValueError(f"PairBatch: {len(self.cond)} conditioning rows for {self.latents_w.shape[0]} pairs")
-        if self.prompts and len(self.prompts) != self.latents_w.shape[0]:
-            raise ValueError(f"PairBatch: {len(self.prompts)} prompts for {self.latents_w.shape[0]} pairs")
-
-
-@dataclass
-class PromptBatch:
-    """Prompts (with optional images): cond [B]; latents [B, C, h, w] real images or None (pure noise:
-    then TDFT needs `latent_shape` = (C, h, w)); latents_l [B, C, h, w] DDSPO loser images (efficient
-    variant: another prompt's image) or None; neg_cond [B] a precomputed degraded-prompt cond or None."""
-
-    prompts: list[str]
-    cond: Cond
-    latents: torch.Tensor | None = None
-    latents_l: torch.Tensor | None = None
-    neg_cond: Cond | None = None
-    latent_shape: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        B = len(self.cond)
-        if self.prompts and len(self.prompts) != B:
-            raise ValueError(f"PromptBatch: {len(self.prompts)} prompts for {B} conditioning rows")
-        for name in ("latents", "latents_l"):
-            x = getattr(self, name)
-            if x is not None and x.shape[0] != B:
-                raise ValueError(f"PromptBatch: {name} has {x.shape[0]} rows for {B} conditioning rows")
-        if self.latents is not None and self.latents_l is not None and self.latents.shape != self.latents_l.shape:
-            raise ValueError(f"PromptBatch: latents {tuple(self.latents.shape)} and latents_l "
-                             f"{tuple(self.latents_l.shape)} differ in shape")
-        if self.neg_cond is not None and len(self.neg_cond) != B:
-            raise ValueError(f"PromptBatch: neg_cond has {len(self.neg_cond)} rows for {B}")
-
+# ---------------------------------------------------------------- outputs
 
 @dataclass
 class StepOut:

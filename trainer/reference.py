@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from ..core.schedule import add_noise, gather, timesteps_uniform
-from .backends.base import Backend, Cond
+from .backends.base import Backend
+from .batches import Cond
 from .losses import per_sample_mse
 
 ON_EXCEED = ("freeze", "reinit")

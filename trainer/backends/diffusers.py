@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...core.schedule import abar_from_scheduler, gather, to_eps
-from .base import Cond
+from ..batches import Cond
 
 POLICY = "policy"
 

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from ..backends.base import Cond
+from ..batches import Cond
 from .pairs import ParquetCell
 from .records import BadRecord, DataSummary, PairRecord, PromptRecord, load_image
 from .transforms import ImageTransform, SizeCond

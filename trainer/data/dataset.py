@@ -20,11 +20,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..backends.base import Cond
+from ..batches import Cond, PairBatch, PromptBatch
 from .cache import LatentCache
 from .records import BadRecord, DataSummary, PairRecord, PromptRecord
 
-from ..methods import PairBatch, PromptBatch
 
 
 def _key(key) -> tuple[int, int]:
