@@ -21,7 +21,9 @@ import torch
 
 from ..core.branch_lora import branch_offsets
 from ..core.guidance import GUIDANCE, MODES, RESCALE_SPACES, guide, offset_active
+from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_groups
 from ..core.offsets.types import Offset
+from ..core.sampling import sample_scheduler
 from ..trainer.batches import Cond
 
 SCHEDULERS = ("ddim", "euler", "dpmpp")
@@ -39,22 +41,10 @@ def build_scheduler(name: str, base):
     return classes[name].from_config(base.config, **extra)
 
 
-@dataclass
-class Offsets:
-    """The offsets of one run: eta (positive), delta (negative), the SNPO LoRA; any may be None."""
-
-    pos: Offset | None = None
-    neg: Offset | None = None
-    snpo: Offset | None = None
-    alpha: float = 1.0
-    beta: float = 1.0
-
-    def groups(self) -> dict[str, list[tuple[Offset, float]]]:
-        """Group -> weighted offsets: pos = theta+eta, neg = theta+alpha*eta+beta*delta, snpo = theta+snpo (else eta)."""
-        pos = [(self.pos, 1.0)] if self.pos is not None else []
-        neg = ([(self.pos, self.alpha)] if self.pos is not None else []) + ([(self.neg, self.beta)] if self.neg is not None else [])
-        snpo = [(self.snpo, 1.0)] if self.snpo is not None else pos
-        return {"pos": pos, "neg": neg, "snpo": snpo}
+def Offsets(pos: Offset | None = None, neg: Offset | None = None, snpo: Offset | None = None,  # noqa: N802
+            alpha: float = ALPHA_DEFAULT, beta: float = BETA_DEFAULT) -> NPOSpec:
+    """generate's names for `core.npo.NPOSpec`: pos = eta, neg = delta, snpo = the SNPO LoRA s; any may be None."""
+    return NPOSpec(eta=pos, delta=neg, alpha=alpha, beta=beta, snpo=snpo)
 
 
 @dataclass
@@ -140,7 +130,7 @@ class _TwoModel:
 # Sampling
 # ----------------------------------------------------------------------------------------------
 def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, negative_prompts: list[str] | None = None,
-           offsets: Offsets | None = None, cfg_scale: float = 7.5, steps: int = 20, scheduler: str = "ddim",
+           offsets: NPOSpec | None = None, cfg_scale: float = 7.5, steps: int = 20, scheduler: str = "ddim",
            sigma_min: float | None = None, sigma_max: float | None = None, height: int | None = None,
            width: int | None = None, rescale: float = 0.0, rescale_space: str = "x0", npo_path: str = "fast",
            decode: bool = True, progress=None) -> SampleResult:
@@ -158,7 +148,7 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
         raise ValueError(f"unknown npo_path {npo_path!r} (expected one of {NPO_PATHS})")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    spec, offsets = MODES[mode], offsets or Offsets()
+    spec, offsets = MODES[mode], offsets or NPOSpec()
     groups = offsets.groups()
     b, dev, dt, unet = len(prompts), bundle.device, bundle.dtype, bundle.unet
     negs = [""] * b if spec.uncond == "null" or negative_prompts is None else list(negative_prompts)
@@ -183,23 +173,21 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
     predictor = _TwoModel(unet, groups) if npo_path == "two-model" else None
     with torch.no_grad(), (branch_offsets(unet, groups) if predictor is None else contextlib.nullcontext()) as br:
         predictor = predictor or _Fast(unet, br)
-        for t in sched.timesteps:
+
+        def model(x_in: torch.Tensor, t) -> torch.Tensor:
             # 3. the unconditional rows' model for this step (sigma interval gate)
             a_t = abar[int(round(float(t)))].clamp(1e-12, 1.0)
             active = not gate or offset_active(float(((1 - a_t) / a_t).sqrt()), sigma_min, sigma_max)
             u = unc if active else unc_off
-            predictor.set_rows([spec.pos_group] * b + [spec.neg_group if active else spec.pos_group] * b)
+            predictor.set_rows(row_groups([COND] * b + [UNCOND] * b, mode, active))
             # 4. one batched forward: [2B, C, h, w]
-            x_in = sched.scale_model_input(torch.cat([latents, latents]), t)
             added = {**{k: torch.cat([cond.added[k], u.added[k]]) for k in cond.added}, **added_extra}
-            out = predictor(x_in, t, torch.cat([cond.hidden, u.hidden]), added)
-            pos, neg = out.chunk(2)  # [B, C, h, w] each
-            # 5. combine (in the model's own output space) and step
-            guided = guide(mode, pos, neg, cfg_scale, rescale=rescale, rescale_space=rescale_space, x_t=x_in[:b],
-                           abar_t=a_t.to(dt), prediction_type=bundle.prediction_type)
-            latents = sched.step(guided, t, latents).prev_sample
-            if progress is not None:
-                progress(1)
+            pos, neg = predictor(torch.cat([x_in, x_in]), t, torch.cat([cond.hidden, u.hidden]), added).chunk(2)
+            # 5. combine in the model's own output space (the scheduler steps on it)
+            return guide(mode, pos, neg, cfg_scale, rescale=rescale, rescale_space=rescale_space, x_t=x_in,
+                         abar_t=a_t.to(dt), prediction_type=bundle.prediction_type)
+
+        latents = sample_scheduler(model, latents, sched, progress)
     return SampleResult(latents, decode_latents(bundle, latents) if decode else None)
 
 
@@ -240,10 +228,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="", help="negative prompt of every --prompt / .txt prompt (cfg, npo)")
     p.add_argument("--modes", nargs="+", default=["cfg", "npo"], choices=list(GUIDANCE), help="guidance modes (same seeds)")
     p.add_argument("--pos-offset", help="positive offset eta (LoRA/diff file), applied to the conditional rows")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of eta in the negative model (theta+alpha*eta+beta*delta)")
+    p.add_argument("--alpha", type=float, default=ALPHA_DEFAULT, help="weight of eta in the negative model "
+                   "(theta+alpha*eta+beta*delta; default as in the NPO paper, see docs/guidance.md)")
     p.add_argument("--neg-offset", help="negative offset delta (NPO LoRA), applied to the unconditional rows")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of delta in the negative model")
-    p.add_argument("--snpo-offset", help="SNPO LoRA for --modes snpo (default: --pos-offset)")
+    p.add_argument("--beta", type=float, default=BETA_DEFAULT,
+                   help="weight of delta in the negative model (npo) and of the SNPO LoRA (snpo)")
+    p.add_argument("--snpo-offset", help="SNPO LoRA s for --modes snpo: both branches run theta+eta+beta*s")
     p.add_argument("--cfg", type=float, default=7.5, help="guidance weight w (papers: omega = w - 1)")
     p.add_argument("--rescale", type=float, default=0.0, help="CFG rescale phi (Lin et al. 2023), 0 = off")
     p.add_argument("--rescale-space", default="x0", choices=list(RESCALE_SPACES), help="space of the CFG rescale")
@@ -353,7 +343,7 @@ def main(args) -> int:
     bundle = load_model(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
                         tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
     offsets, offset_info = _load_offsets(args, bundle)
-    if "npo" in args.modes and offsets.neg is None:
+    if "npo" in args.modes and offsets.delta is None:
         print("note: --modes npo without --neg-offset: the negative model is theta + alpha*eta")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,10 @@ import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
 
-from ..core.offsets.keys import ClipKeyMap, clip_coverage_line, comfy_clip_deltas, delta_numel
+from ..core.npo import NPOSpec, match_deltas, npo_groups
+from ..core.offsets.keys import ClipKeyMap, clip_coverage_line, comfy_clip_deltas
 from ..core.offsets.types import LowRankDelta, Offset, coverage_line
-from .rows import NPOBranchWrapper, NPOSpec
+from .rows import NPOBranchWrapper
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,21 +45,8 @@ def unet_deltas_ldm(offset: Offset | None, model_patcher) -> tuple[dict, list[st
     if offset is None:
         return {}, []
     mapping = diffusers_to_ldm_modules(model_patcher)
-    dm = model_patcher.model.diffusion_model
-    out, unmatched = {}, []
-    for name, delta in offset.unet.items():
-        ldm = mapping.get(name, name)  # already-LDM keys pass through
-        try:
-            mod = dm.get_submodule(ldm)
-        except AttributeError:
-            unmatched.append(name)
-            continue
-        w = getattr(mod, "weight", None)
-        if w is None or delta_numel(delta) != w.numel():
-            unmatched.append(name)
-            continue
-        out[ldm] = delta
-    return out, unmatched
+    # already-LDM keys pass through
+    return match_deltas(offset.unet, model_patcher.model.diffusion_model, lambda name: (mapping.get(name, name),))
 
 
 TE_NOTE_DELTA = "apply to the negative prompt through NPO Negative CLIP (encode the negative prompt with it)"
@@ -127,10 +115,8 @@ def negative_model(model_patcher, eta: Offset | None, delta: Offset | None, alph
     delta_ldm, _ = unet_deltas_ldm(delta, model_patcher)
     if delta is not None and not delta_ldm:
         raise ValueError(f"negative offset: none of its {len(delta.unet)} UNet modules match this model")
-    if eta_ldm and alpha != 0.0:
-        m.add_patches(comfy_patches(eta_ldm), strength_patch=float(alpha))
-    if delta_ldm and beta != 0.0:
-        m.add_patches(comfy_patches(delta_ldm), strength_patch=float(beta))
+    for deltas, w in npo_groups(eta_ldm, delta_ldm, alpha, beta)["neg"]:  # η first, then δ
+        m.add_patches(comfy_patches(deltas), strength_patch=w)
     report = "; ".join([describe_coverage(eta, model_patcher, f"η x {alpha:g}", TE_NOTE_ETA),
                         describe_coverage(delta, model_patcher, f"δ x {beta:g}")])
     return m, report

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, NPOSpec, sigma_bound
 from .comfy_branch import (
     Guider_DualModelNPO,
     Guider_NPO,
     Guider_SNPO,
-    NPOSpec,
     apply_npo,
     blend_conditioning,
     encode_empty,
@@ -22,9 +22,9 @@ CATEGORY = "sampling/npo"
 def _offset_inputs() -> list:
     return [
         NPOOffset.Input("negative_offset", optional=True, tooltip="δ: the NPO (negative preference) offset"),
-        io.Float.Input("beta", default=1.0, min=-2.0, max=2.0, step=0.05, tooltip="β: weight of δ on the negative branch"),
+        io.Float.Input("beta", default=BETA_DEFAULT, min=-2.0, max=2.0, step=0.05, tooltip="β: weight of δ on the negative branch"),
         NPOOffset.Input("positive_offset", optional=True, tooltip="η: the positive offset (a regular preference LoRA)"),
-        io.Float.Input("alpha", default=0.0, min=-2.0, max=2.0, step=0.05, tooltip="α: weight of η on the negative branch"),
+        io.Float.Input("alpha", default=ALPHA_DEFAULT, min=-2.0, max=2.0, step=0.05, tooltip="α: weight of η on the negative branch"),
         io.Float.Input("sigma_min", default=0.0, min=0.0, max=1000.0, step=0.01, tooltip="δ acts only for sigma >= this"),
         io.Float.Input("sigma_max", default=0.0, min=0.0, max=1000.0, step=0.01, tooltip="δ acts only for sigma <= this (0: no bound)"),
     ]
@@ -34,7 +34,7 @@ def _spec(negative_offset, beta, positive_offset, alpha, sigma_min, sigma_max) -
     if negative_offset is None and positive_offset is None:
         raise ValueError("connect at least one offset (negative_offset δ or positive_offset η)")
     return NPOSpec(eta=positive_offset, delta=negative_offset, alpha=alpha, beta=beta,
-                   sigma_min=sigma_min or None, sigma_max=sigma_max if sigma_max > 0 else None)
+                   sigma_min=sigma_bound(sigma_min), sigma_max=sigma_bound(sigma_max))
 
 
 class NPOGuider(io.ComfyNode):
@@ -49,8 +49,8 @@ class NPOGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, cfg, negative_offset=None, beta=1.0, positive_offset=None,
-                alpha=0.0, sigma_min=0.0, sigma_max=0.0) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, cfg, negative_offset=None, beta=BETA_DEFAULT, positive_offset=None,
+                alpha=ALPHA_DEFAULT, sigma_min=0.0, sigma_max=0.0) -> io.NodeOutput:
         guider = Guider_NPO(model, _spec(negative_offset, beta, positive_offset, alpha, sigma_min, sigma_max))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
@@ -68,7 +68,7 @@ class ApplyNPO(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, negative_offset=None, beta=1.0, positive_offset=None, alpha=0.0, sigma_min=0.0,
+    def execute(cls, model, negative_offset=None, beta=BETA_DEFAULT, positive_offset=None, alpha=ALPHA_DEFAULT, sigma_min=0.0,
                 sigma_max=0.0) -> io.NodeOutput:
         m, report = apply_npo(model, _spec(negative_offset, beta, positive_offset, alpha, sigma_min, sigma_max))
         return io.NodeOutput(m, report)
@@ -81,14 +81,14 @@ class NPONegativeModel(io.ComfyNode):
             node_id="NPOSuite_NegativeModel", display_name="NPO Negative Model", category=CATEGORY,
             description="θ+α·η+β·δ as a MODEL with ComfyUI weight patches (for the Dual-Model NPO Guider).",
             inputs=[io.Model.Input("model"), NPOOffset.Input("negative_offset"),
-                    io.Float.Input("beta", default=1.0, min=-2.0, max=2.0, step=0.05),
+                    io.Float.Input("beta", default=BETA_DEFAULT, min=-2.0, max=2.0, step=0.05),
                     NPOOffset.Input("positive_offset", optional=True),
-                    io.Float.Input("alpha", default=0.0, min=-2.0, max=2.0, step=0.05)],
+                    io.Float.Input("alpha", default=ALPHA_DEFAULT, min=-2.0, max=2.0, step=0.05)],
             outputs=[io.Model.Output(display_name="negative_model"), io.String.Output(display_name="report")],
         )
 
     @classmethod
-    def execute(cls, model, negative_offset, beta, positive_offset=None, alpha=0.0) -> io.NodeOutput:
+    def execute(cls, model, negative_offset, beta, positive_offset=None, alpha=ALPHA_DEFAULT) -> io.NodeOutput:
         m, report = negative_model(model, positive_offset, negative_offset, alpha, beta)
         return io.NodeOutput(m, report)
 
@@ -101,14 +101,14 @@ class NPONegativeCLIP(io.ComfyNode):
             description="The text encoder of θ+α·η+β·δ: a CLIP with the offsets' text-encoder parts as ComfyUI weight "
                         "patches. Encode the NEGATIVE prompt with it (the positive prompt with the plain / η CLIP).",
             inputs=[io.Clip.Input("clip"), NPOOffset.Input("negative_offset"),
-                    io.Float.Input("beta", default=1.0, min=-2.0, max=2.0, step=0.05, tooltip="β: weight of δ's text-encoder part"),
+                    io.Float.Input("beta", default=BETA_DEFAULT, min=-2.0, max=2.0, step=0.05, tooltip="β: weight of δ's text-encoder part"),
                     NPOOffset.Input("positive_offset", optional=True),
-                    io.Float.Input("alpha", default=0.0, min=-2.0, max=2.0, step=0.05, tooltip="α: weight of η's text-encoder part")],
+                    io.Float.Input("alpha", default=ALPHA_DEFAULT, min=-2.0, max=2.0, step=0.05, tooltip="α: weight of η's text-encoder part")],
             outputs=[io.Clip.Output(display_name="negative_clip"), io.String.Output(display_name="report")],
         )
 
     @classmethod
-    def execute(cls, clip, negative_offset, beta, positive_offset=None, alpha=0.0) -> io.NodeOutput:
+    def execute(cls, clip, negative_offset, beta, positive_offset=None, alpha=ALPHA_DEFAULT) -> io.NodeOutput:
         c, report = negative_clip(clip, positive_offset, negative_offset, alpha, beta)
         return io.NodeOutput(c, report)
 

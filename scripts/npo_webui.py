@@ -178,11 +178,11 @@ if IN_WEBUI:
                 with gr.Row():
                     positive = gr.Dropdown(choices, value=logic.NONE, label="Positive offset η (optional)",
                                            allow_custom_value=True)
-                    alpha = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="α (η on the negative branch, NPO)")
+                    alpha = gr.Slider(0.0, 1.0, value=logic.ALPHA_DEFAULT, step=0.05, label="α (η on the negative branch, NPO)")
                 with gr.Row():
                     negative = gr.Dropdown(choices, value=logic.NONE, label="Negative offset δ (NPO) / SNPO offset",
                                            allow_custom_value=True)
-                    beta = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="β (δ strength)")
+                    beta = gr.Slider(0.0, 1.0, value=logic.BETA_DEFAULT, step=0.05, label="β (δ strength)")
                 with gr.Row():
                     sigma_min = gr.Number(value=0.0, label="σ min (0 = no lower bound)")
                     sigma_max = gr.Number(value=0.0, label="σ max (0 = no upper bound)")

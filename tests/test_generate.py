@@ -79,7 +79,7 @@ def test_sample_reproducible_and_modes_share_noise(sd15_dir):
     c = generate.sample(b, ["a cat", "a dog"], [0, 1], "cfg", **kw).latents
     assert (a - c).abs().max() > 1e-3
     # beta = 0 and no eta: NPO is plain CFG exactly
-    zero = generate.Offsets(neg=off.neg, beta=0.0)
+    zero = generate.Offsets(neg=off.delta, beta=0.0)
     assert torch.allclose(generate.sample(b, ["a cat", "a dog"], [0, 1], "npo", **{**kw, "offsets": zero}).latents, c)
     # the sigma interval [sigma_min, inf) above every sigma: NPO == CFG
     assert torch.equal(generate.sample(b, ["a cat", "a dog"], [0, 1], "npo", sigma_min=1e6, **kw).latents, c)

@@ -8,21 +8,16 @@ import torch
 from torch import nn
 
 from npo_suite.core.offsets.types import DenseDelta, LowRankDelta, Offset
-from npo_suite.nodes.rows import (
-    COND,
-    UNCOND,
-    NPOBranchWrapper,
-    NPOSpec,
-    npo_groups,
-    row_groups,
-)
+from npo_suite.core.npo import COND, UNCOND, NPOSpec, npo_groups
+from npo_suite.core.npo import chunk_kinds as row_groups
+from npo_suite.nodes.rows import NPOBranchWrapper
 
 
 def test_row_groups_follow_cond_or_uncond_chunks():
-    assert row_groups([0, 1], 4).tolist() == [0, 0, 1, 1]
-    assert row_groups([1, 0], 2).tolist() == [1, 0]
-    assert row_groups([1], 3).tolist() == [1, 1, 1]
-    assert row_groups([2, 0, 1], 3).tolist() == [2, 0, 1]
+    assert row_groups([0, 1], 4) == [0, 0, 1, 1]
+    assert row_groups([1, 0], 2) == [1, 0]
+    assert row_groups([1], 3) == [1, 1, 1]
+    assert row_groups([2, 0, 1], 3) == [2, 0, 1]
     with pytest.raises(ValueError, match="equal chunks"):
         row_groups([0, 1], 3)
     with pytest.raises(ValueError):
@@ -71,7 +66,7 @@ def test_npo_rows_equal_merged_weights_per_row(kind):
     alpha, beta = 0.3, 0.8
     root = nn.ModuleDict({"m": mod})
     groups = npo_groups({"m": eta}, {"m": delta}, alpha, beta)
-    rows = ["pos" if g == COND else "neg" for g in row_groups([COND, UNCOND], 4).tolist()]  # rows 0,1 cond; 2,3 uncond
+    rows = ["pos" if g == COND else "neg" for g in row_groups([COND, UNCOND], 4)]  # rows 0,1 cond; 2,3 uncond
     with torch.no_grad():
         with branch_offsets(root, groups, rows=rows):
             got = root["m"](x)

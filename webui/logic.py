@@ -17,8 +17,8 @@ Row layouts (the only WebUI-specific part, both tested in tests/test_webui_logic
     whole or in consecutive slices, always in order; a skipped uncond (s_min_uncond,
     skip_early_cond) just never reaches the UNet. `A1111RowCursor` hands each UNet call its rows.
 
-SNPO (seed 000 §4.3): one model for both branches (`theta + eta + beta*delta` on every row) and
-the unconditional input is the encoded empty prompt (the script sets the negative prompt to ""
+SNPO (seed 000 §4.3): one model for both branches (`theta + eta + beta*s` on every row, s the SNPO
+LoRA chosen in the negative dropdown; `core.npo`) and the unconditional input is the encoded empty prompt (the script sets the negative prompt to ""
 before the WebUI encodes it).
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ from torch import nn
 
 from ..core import branch_lora
 from ..core.branch_lora import BranchOffsets
-from ..core.guidance import offset_active
+from ..core.npo import (ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, chunk_kinds, match_deltas, row_groups,
+                        sigma_bound)
 from ..core.offsets.keys import SD15_UNET, SDXL_UNET, diffusers_to_ldm, unet_block_prefixes
 from ..core.offsets.types import DenseDelta, LowRankDelta, Offset, coverage_line
 from ..core.paths import safe_relative_name
@@ -70,9 +71,9 @@ class NPOSettings:
     enabled: bool = False
     mode: str = "NPO"
     positive: str = ""
-    alpha: float = 0.0
+    alpha: float = ALPHA_DEFAULT
     negative: str = ""
-    beta: float = 1.0
+    beta: float = BETA_DEFAULT
     sigma_min: float = 0.0
     sigma_max: float = 0.0
 
@@ -100,7 +101,7 @@ class NPOSettings:
             raise ValueError(f"NPO: sigma min {lo:g} is larger than sigma max {hi:g}")
 
     def sigma_range(self) -> tuple[float | None, float | None]:
-        return (self.sigma_min if self.sigma_min > 0 else None, self.sigma_max if self.sigma_max > 0 else None)
+        return sigma_bound(self.sigma_min), sigma_bound(self.sigma_max)
 
     def infotext(self) -> dict[str, str]:
         """Generation parameters (`p.extra_generation_params`): only what is set."""
@@ -129,8 +130,8 @@ class NPOSettings:
         if k["mode"] not in params:
             return cls(enabled=False)
         return cls(enabled=True, mode=str(params[k["mode"]]), positive=str(params.get(k["positive"], "")),
-                   alpha=float(params.get(k["alpha"], 0.0)), negative=str(params.get(k["negative"], "")),
-                   beta=float(params.get(k["beta"], 1.0)), sigma_min=float(params.get(k["sigma_min"], 0.0)),
+                   alpha=float(params.get(k["alpha"], ALPHA_DEFAULT)), negative=str(params.get(k["negative"], "")),
+                   beta=float(params.get(k["beta"], BETA_DEFAULT)), sigma_min=float(params.get(k["sigma_min"], 0.0)),
                    sigma_max=float(params.get(k["sigma_max"], 0.0)))
 
 
@@ -208,25 +209,6 @@ class OffsetCache:
 _STANDARD_LAYOUTS = {"sd1": SD15_UNET, "sdxl": SDXL_UNET}
 
 
-def _delta_numel(d: Delta) -> int:
-    if isinstance(d, DenseDelta):
-        return d.weight.numel()
-    n_in = d.down[0].numel() if d.mid is None else d.down.shape[1] * d.mid[0, 0].numel()
-    return int(d.up.shape[0]) * int(n_in)
-
-
-def _fits(root: nn.Module, path: str | None, d: Delta) -> bool:
-    if path is None:
-        return False
-    try:
-        mod = root.get_submodule(path)
-    except AttributeError:
-        return False
-    w = getattr(mod, "weight", None)
-    return isinstance(w, torch.Tensor) and w.numel() == _delta_numel(d) and w.shape[0] == (
-        d.weight.shape[0] if isinstance(d, DenseDelta) else d.up.shape[0])
-
-
 def unet_deltas_to_ldm(offset: Offset | None, unet: nn.Module, layouts: Sequence[Mapping] | None = None
                        ) -> tuple[dict[str, Delta], list[str]]:
     """The offset's UNet deltas re-keyed to `unet`'s own module paths, and the keys matching nothing.
@@ -243,13 +225,7 @@ def unet_deltas_to_ldm(offset: Offset | None, unet: nn.Module, layouts: Sequence
     best: tuple[dict, list] | None = None
     for layout in (layouts or list(_STANDARD_LAYOUTS.values())):
         prefixes = unet_block_prefixes(layout)
-        mapped, unmatched = {}, []
-        for path, d in offset.unet.items():
-            target = path if _fits(unet, path, d) else diffusers_to_ldm(path, prefixes)
-            if _fits(unet, target, d):
-                mapped[target] = d
-            else:
-                unmatched.append(path)
+        mapped, unmatched = match_deltas(offset.unet, unet, lambda path: (path, diffusers_to_ldm(path, prefixes)))
         if best is None or len(mapped) > len(best[0]):
             best = (mapped, unmatched)
     return best
@@ -263,20 +239,13 @@ def describe(offset: Offset | None, mapped: Mapping[str, Delta], unmatched: Sequ
 # ---------------------------------------------------------------------------------------------
 # row layouts
 # ---------------------------------------------------------------------------------------------
-FORGE_COND, FORGE_UNCOND = 0, 1
-
-
 def forge_uncond_flags(cond_or_uncond: Sequence[int], batch: int) -> list[bool]:
     """Forge (ComfyUI-style backend): one flag per row of the batched forward, True = unconditional.
 
     `cond_or_uncond` has one entry per chunk; `sampling_function` concatenates equal-size chunks
     and splits the output with `.chunk(len(cond_or_uncond))`.
     """
-    n = len(cond_or_uncond)
-    if n == 0 or batch % n:
-        raise ValueError(f"NPO: a batch of {batch} rows does not split into {n} equal chunks {list(cond_or_uncond)}")
-    per = batch // n
-    return [int(c) == FORGE_UNCOND for c in cond_or_uncond for _ in range(per)]
+    return [k == UNCOND for k in chunk_kinds(cond_or_uncond, batch)]
 
 
 def a1111_uncond_flags(n_rows: int, n_uncond: int) -> list[bool]:
@@ -322,25 +291,26 @@ class NPOPlan:
     mode: str
     eta: dict[str, Delta]
     delta: dict[str, Delta]
-    alpha: float = 0.0
-    beta: float = 1.0
+    alpha: float = ALPHA_DEFAULT
+    beta: float = BETA_DEFAULT
     sigma_min: float | None = None
     sigma_max: float | None = None
 
+    @property
+    def spec(self) -> NPOSpec:
+        """The run as `core.npo.NPOSpec`; in SNPO mode the negative dropdown holds the SNPO LoRA s."""
+        snpo = self.mode == "SNPO"
+        return NPOSpec(eta=self.eta, delta=None if snpo else self.delta, alpha=self.alpha, beta=self.beta,
+                       snpo=self.delta if snpo else None, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+
     def groups(self) -> dict[str, list]:
-        """`core.branch_lora` groups: pos = theta+eta, neg = theta+alpha*eta+beta*delta, snpo = theta+eta+beta*delta."""
-        eta = [(self.eta, 1.0)] if self.eta else []
-        return {"pos": eta,
-                "neg": ([(self.eta, self.alpha)] if self.eta else []) + ([(self.delta, self.beta)] if self.delta else []),
-                "snpo": eta + ([(self.delta, self.beta)] if self.delta else [])}
+        """`core.npo` groups: pos = theta+eta, neg = theta+alpha*eta+beta*delta, snpo = theta+eta+beta*s."""
+        return self.spec.groups()
 
     def row_groups(self, uncond: Sequence[bool], sigma: float) -> list[str]:
-        """Group of every row. Outside the sigma range every row runs theta+eta (plain CFG)."""
-        if not offset_active(sigma, self.sigma_min, self.sigma_max):
-            return ["pos"] * len(uncond)
-        if self.mode == "SNPO":
-            return ["snpo"] * len(uncond)
-        return ["neg" if u else "pos" for u in uncond]
+        """Group of every row (`core.npo.row_groups`). Outside the sigma range every row runs theta+eta."""
+        kinds = [UNCOND if u else COND for u in uncond]
+        return row_groups(kinds, self.mode.lower(), self.spec.active(sigma))
 
     def merged_terms(self, group: str) -> list[tuple[Offset, float]]:
         """The same group as weight-space terms for `core.offsets.applied` (the merged reference)."""
@@ -401,7 +371,7 @@ def merged_reference(unet: nn.Module, plan: NPOPlan, uncond: Sequence[bool], sig
     """The two-model computation with merged weights, for checking the branch path in a real WebUI.
 
     Runs `forward()` once with `theta+eta` merged into `unet`'s weights and once with
-    `theta+alpha*eta+beta*delta` (SNPO: `theta+eta+beta*delta`) merged (core.offsets.applied:
+    `theta+alpha*eta+beta*delta` (SNPO: `theta+eta+beta*s`) merged (core.offsets.applied:
     exact restore afterwards) and takes each row from the model of its group. Also returns the
     plain forward (no offset) so a caller can show the offsets change anything. [B, C, H, W] each.
     """

@@ -16,13 +16,14 @@ instantiated on the `meta` device (`Target.standard`, no memory, no download).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from .types import delta_fits
 
 FAMILY_NAMES = {"sd1": "SD1.x", "sdxl": "SDXL"}
 
@@ -341,15 +342,6 @@ def describe_clip_layout(layout: dict[str, str]) -> str:
     return f"{kind} CLIP ({' + '.join(names) or 'no known text encoder'}{' only' if len(names) == 1 else ''})"
 
 
-def delta_numel(d) -> int:
-    """Number of weight entries a Delta changes (without materialising it)."""
-    if hasattr(d, "weight"):  # DenseDelta
-        return d.weight.numel()
-    if d.mid is not None:  # LoCon Tucker: up [out, r], mid [r, r, kh, kw], down [r, in, 1, 1]
-        return d.up.shape[0] * d.down.shape[1] * d.mid[0, 0].numel()
-    return d.up.shape[0] * d.down[0].numel()
-
-
 @dataclass
 class ClipKeyMap:
     """The text-encoder deltas of one offset re-keyed to a ComfyUI CLIP's module paths.
@@ -385,7 +377,7 @@ def comfy_clip_deltas(text_encoders, clip_shapes: dict[str, tuple]) -> ClipKeyMa
         for path, d in deltas.items():
             key = prefix + canonical_te_path(path)
             shape = clip_shapes.get(key)
-            if shape is None or delta_numel(d) != math.prod(shape) or _out_dim(d) != shape[0]:
+            if shape is None or not delta_fits(d, tuple(shape)):
                 out.unmatched.append(f"{comp}:{path}")
                 continue
             out.modules[key] = d
@@ -396,10 +388,6 @@ def comfy_clip_deltas(text_encoders, clip_shapes: dict[str, tuple]) -> ClipKeyMa
                              "wrong model family?")
         out.coverage[comp] = (applied, len(deltas))
     return out
-
-
-def _out_dim(d) -> int:
-    return int(d.weight.shape[0] if hasattr(d, "weight") else d.up.shape[0])
 
 
 def clip_coverage_line(offset, keymap: ClipKeyMap | None, role: str, weight: float) -> str:

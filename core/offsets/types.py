@@ -8,6 +8,7 @@ A delta applies to `module.weight` of that nn.Linear / nn.Conv2d: W' = W + scale
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +122,22 @@ def delta_shape(d: Delta) -> tuple:
         return (d.up.shape[0], d.down.shape[1])
     kernel = tuple(d.mid.shape[2:]) if d.mid is not None else tuple(d.down.shape[2:])
     return (d.up.shape[0], d.down.shape[1], *kernel)
+
+
+def delta_numel(d: Delta) -> int:
+    """Number of weight entries a delta changes (without materialising it)."""
+    if isinstance(d, DenseDelta):
+        return d.weight.numel()
+    if d.mid is not None:  # LoCon Tucker: up [out, r], mid [r, r, kh, kw], down [r, in, 1, 1]
+        return d.up.shape[0] * d.down.shape[1] * d.mid[0, 0].numel()
+    return d.up.shape[0] * d.down[0].numel()
+
+
+def delta_fits(d: Delta, weight_shape: tuple) -> bool:
+    """True when the delta changes a weight of `weight_shape`: same size and output dim (a Linear
+    delta fits a 1x1 conv weight and back)."""
+    out_dim = d.weight.shape[0] if isinstance(d, DenseDelta) else d.up.shape[0]
+    return delta_numel(d) == math.prod(weight_shape) and int(out_dim) == int(weight_shape[0])
 
 
 def _shape_fits(got, want) -> bool:
