@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..core.branch_lora import branch_offsets
+from ..core.conditioning import encode_text, vae_decode
 from ..core.guidance import GUIDANCE, MODES, RESCALE_SPACES, guide, offset_active
 from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_groups
 from ..core.offsets.types import Offset
@@ -56,13 +57,8 @@ class SampleResult:
 # ----------------------------------------------------------------------------------------------
 # Text conditioning
 # ----------------------------------------------------------------------------------------------
-def _tokenize(tok, prompts: list[str], device) -> torch.Tensor:
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids.to(device)
-
-
-def _run_te(bundle, i: int, ids: torch.Tensor, groups, rows):
-    te = bundle.text_encoders[i]
+def _run_te(te, i: int, ids: torch.Tensor, groups, rows):
+    """Encoder i's forward with each prompt's offset group on its rows (core.conditioning `run`)."""
     comp = f"te{i + 1}"
     active = {g: [(o, w) for o, w in terms if o.text_encoders.get(comp)] for g, terms in (groups or {}).items()}
     if not any(active.values()):
@@ -81,15 +77,11 @@ def encode_prompts(bundle, prompts: list[str], groups=None, rows=None) -> Cond:
     rows = list(rows) if rows is not None else [None] * len(prompts)
     dev = bundle.device
     with torch.no_grad():
-        if bundle.family != "sdxl":
-            out = _run_te(bundle, 0, _tokenize(bundle.tokenizers[0], prompts, dev), groups, rows)
-            return Cond(out[0].to(bundle.dtype))  # [B, L, D]
-        hs, pooled = [], None
-        for i in range(2):
-            out = _run_te(bundle, i, _tokenize(bundle.tokenizers[i], prompts, dev), groups, rows)
-            hs.append(out.hidden_states[-2])
-            pooled = out[0]  # [B, P] text_embeds of the projection encoder
-        hidden = torch.cat(hs, dim=-1)  # [B, L, D1 + D2]
+        hidden, pooled = encode_text(bundle.tokenizers, bundle.text_encoders, prompts, dev,
+                                     sdxl=bundle.family == "sdxl",
+                                     run=lambda i, te, ids: _run_te(te, i, ids, groups, rows))
+        if pooled is None:
+            return Cond(hidden.to(bundle.dtype))  # [B, L, D]
         if bundle.force_zeros_for_empty_prompt:
             empty = torch.tensor([p == "" for p in prompts], device=dev)
             hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
@@ -207,15 +199,8 @@ class _Fast:
 def decode_latents(bundle, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images [N, C, H, W] in [0, 1] (pixel space: the latents are pixels in [-1, 1])."""
     with torch.no_grad():
-        if bundle.vae is None:
-            x = latents
-        else:
-            vae = bundle.vae
-            z = latents.to(vae.dtype) / vae.config.scaling_factor
-            if getattr(vae.config, "shift_factor", None):
-                z = z + vae.config.shift_factor
-            x = vae.decode(z).sample
-    return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+        x = vae_decode(bundle.vae, latents)  # [N, C, H, W] in [-1, 1]
+    return ((x + 1) / 2).clamp(0, 1).cpu()
 
 
 # ----------------------------------------------------------------------------------------------

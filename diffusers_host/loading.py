@@ -141,6 +141,16 @@ def _from_single_file(path: Path, family: str | None, dtype, device, tokenizer, 
     return _bundle(pipe.unet, tes, [tok] * len(tes), pipe.vae, pipe.scheduler, family, str(path), device, family == "sdxl")
 
 
+def bundle_from_pipeline(pipe, source: str = "pipeline") -> ModelBundle:
+    """A ModelBundle over a diffusers SD1.x / SDXL pipeline's own modules (shared, left as they are)."""
+    tes = [te for te in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if te is not None]
+    toks = [tk for tk in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if tk is not None]
+    family = "sdxl" if len(tes) == 2 else "sd1"
+    zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)) if family == "sdxl" else False
+    pred = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
+    return ModelBundle(pipe.unet, tes, toks, getattr(pipe, "vae", None), pipe.scheduler, family, pred, source, zeros)
+
+
 def _bundle(unet, tes, toks, vae, scheduler, family, source, device, zeros) -> ModelBundle:
     for m in [unet, *tes, *([vae] if vae is not None else [])]:
         m.to(device).eval().requires_grad_(False)

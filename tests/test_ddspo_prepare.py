@@ -110,3 +110,22 @@ def test_cli_limit_then_resume(tmp_path, sd15_dir, capsys):
     assert cfg["steps"] == 1 and cfg["losers"] == "generate"
     with pytest.raises(FileNotFoundError, match="not a diffusers folder"):
         main(["ddspo-prepare", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(out)])
+
+
+def test_sampler_equals_the_diffusers_pipeline(sd15):
+    """ddspo-prepare samples through the project's sampler (core.sampling via generate.sample); it must give
+    exactly what the diffusers DDIM pipeline gives for the same noise, prompts and guidance."""
+    from diffusers import DDIMScheduler
+
+    from npo_suite.diffusers_host.loading import bundle_from_pipeline
+    from npo_suite.trainer.data.ddspo_prepare import PrepareConfig, _generate
+
+    cfg = PrepareConfig(model="x", steps=3, cfg=5.0)
+    ours = _generate(bundle_from_pipeline(sd15), ["a cat", "a dog"], [1, 2], cfg, (64, 64), 5.0)
+    pipe = type(sd15)(**{**sd15.components, "scheduler": DDIMScheduler.from_config(sd15.scheduler.config)},
+                      requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    ref = pipe(prompt=["a cat", "a dog"], height=64, width=64, num_inference_steps=3, guidance_scale=5.0, latents=noise,
+               output_type="latent").images
+    assert torch.equal(ours, ref.float())

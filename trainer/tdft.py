@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..core.sampling import sample_ddim
 from ..core.schedule import eps_to_x0, gather
 
 # the paper's baseline simulates the whole trajectory in 25 solver steps (seed 002 "Training
@@ -42,12 +43,6 @@ def renoise(x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, abar: torch.Ten
     return ratio.sqrt() * x_t + (1 - ratio).clamp(min=0).sqrt() * eps
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, abar_from: torch.Tensor, abar_to: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0): x_to = sqrt(abar_to)·x0_hat + sqrt(1−abar_to)·eps."""
-    x0 = eps_to_x0(eps, x, abar_from)
-    return abar_to.sqrt() * x0 + (1 - abar_to).sqrt() * eps
-
-
 def rollout_timesteps(t_start: torch.Tensor, t_end: torch.Tensor, K: int) -> torch.Tensor:
     """[K+1, B] integer grid from t_start to t_end (inclusive), evenly spaced per row."""
     if K < 1:
@@ -66,11 +61,7 @@ def truncated_rollout(teacher_eps_fn: Callable[[torch.Tensor, torch.Tensor], tor
     repeats a timestep take an identity step (DDIM from abar to the same abar is x itself).
     """
     grid = rollout_timesteps(t_start, t_end, K).to(x_start.device)  # [K+1, B]
-    x = x_start
-    for k in range(K):
-        eps = teacher_eps_fn(x, grid[k])  # [B, ...]
-        x = ddim_step(x, eps, gather(abar, grid[k], x), gather(abar, grid[k + 1], x))
-    return x
+    return sample_ddim(teacher_eps_fn, x_start, grid, abar)  # core.sampling: K DDIM steps along the grid
 
 
 def x0_distance(x0_pred: torch.Tensor, x0_target: torch.Tensor, kind: str = "l2", huber_delta: float = 1.0) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..core.guidance import GUIDANCE
-from ..core.schedule import gather
+from ..core.sampling import ddim_timesteps, guided_denoiser, sample_ddim
 
 # role -> (adapter of the conditional branch, adapter of the unconditional branch ∅, combine)
 ROLE_BRANCHES: dict[str, tuple[str | None, str | None, str]] = {
@@ -104,19 +104,11 @@ class MetricsLog:
 # ---------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def ddim_sample(backend, cond, null, noise: torch.Tensor, steps: int, w: float, branches) -> torch.Tensor:
-    """Deterministic DDIM (Song et al. 2021, eq. 12, η = 0) with guidance `branches` (ROLE_BRANCHES)."""
+    """Deterministic DDIM (Song et al. 2021, eq. 12, η = 0) with guidance `branches` (ROLE_BRANCHES), to the clean sample."""
     a_cond, a_null, combine = branches[0], branches[1], GUIDANCE[branches[2]]
-    T = backend.num_train_timesteps
-    ts = torch.linspace(T - 1, 0, steps).round().long()  # [steps], descending
-    x = noise
-    for i, t in enumerate(ts):
-        tt = t.repeat(x.shape[0]).to(x.device)
-        eps = combine(backend.predict_eps(x, tt, cond, a_cond), backend.predict_eps(x, tt, null, a_null), w)
-        a_t = gather(backend.abar, tt, x)
-        a_prev = gather(backend.abar, ts[i + 1].repeat(x.shape[0]), x) if i + 1 < steps else torch.ones_like(a_t)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Tweedie x0 estimate
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    return x
+    model = guided_denoiser(lambda x, t: backend.predict_eps(x, t, cond, a_cond),
+                            lambda x, t: backend.predict_eps(x, t, null, a_null), combine, w)
+    return sample_ddim(model, noise, ddim_timesteps(backend.num_train_timesteps, steps), backend.abar, to_clean=True)
 
 
 def _to_uint8(px: torch.Tensor):

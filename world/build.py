@@ -359,15 +359,19 @@ def ddim_cfg_diagnostic(world: World, prompts: list[str], seeds: list[int], cfg_
     """
     from diffusers import DDIMScheduler
 
+    from ..core.guidance import cfg
+    from ..core.sampling import sample_scheduler
+
     sch = DDIMScheduler.from_config(world.scheduler.config)
     sch.set_timesteps(steps)
     cond, null = world.encode(prompts), world.encode([""] * len(prompts))
     x = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    for t in sch.timesteps:
-        eps = world.unet(torch.cat([x, x]), t, torch.cat([null, cond])).sample
-        e_u, e_c = eps.chunk(2)
-        x = sch.step(e_u + cfg_scale * (e_c - e_u), t, x).prev_sample
-    return from_model_space(x)
+
+    def model(x_in, t):
+        e_u, e_c = world.unet(torch.cat([x_in, x_in]), t, torch.cat([null, cond])).sample.chunk(2)
+        return cfg(e_c, e_u, cfg_scale)
+
+    return from_model_space(sample_scheduler(model, x, sch))  # core.sampling
 
 
 def diagnose(world: World, rm, n: int = 200, cfg_scale: float = 3.0) -> dict:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...core.conditioning import encode_text, vae_decode
 from ...core.schedule import abar_from_scheduler, gather, to_eps
 from ..batches import Cond
 
@@ -276,11 +277,6 @@ class DiffusersBackend:
     def num_train_timesteps(self) -> int:
         return int(self.abar.shape[0])
 
-    def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        return ids.to(self.device)
-
     def time_ids(self, batch_size: int, original_size=None, crop_top_left=(0, 0), target_size=None) -> torch.Tensor:
         """SDXL size conditioning [B, 6]: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
         res = (self.options.resolution, self.options.resolution)
@@ -290,17 +286,10 @@ class DiffusersBackend:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         prompts = list(prompts)
-        if self.family != "sdxl":
-            out = self.text_encoders[0](self._tokenize(self.tokenizers[0], prompts))
-            return Cond(out.last_hidden_state.float())  # [B, L, D]
-        hidden, pooled = [], None
-        for te, tok in zip(self.text_encoders, self.tokenizers):
-            out = te(self._tokenize(tok, prompts), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # penultimate layer, as the SDXL pipeline
-            pooled = getattr(out, "text_embeds", None)
-            if pooled is None:
-                pooled = out[0]
-        return Cond(torch.cat(hidden, dim=-1).float(),  # [B, L, D1 + D2]
+        hidden, pooled = encode_text(self.tokenizers, self.text_encoders, prompts, self.device, sdxl=self.family == "sdxl")
+        if pooled is None:
+            return Cond(hidden.float())  # [B, L, D]
+        return Cond(hidden.float(),  # [B, L, D1 + D2]
                     {"text_embeds": pooled.float(), "time_ids": self.time_ids(len(prompts))})
 
     def null_cond(self, batch_size: int) -> Cond:
@@ -329,11 +318,8 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return latents.float()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor + shift
-        return self.vae.decode(z).sample.float().clamp(-1, 1)
+        x = vae_decode(self.vae, latents.to(self.device))  # [B, C, H, W]
+        return x if self.vae is None else x.clamp(-1, 1)
 
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, adapter: str | None = POLICY) -> torch.Tensor:
         grad = adapter == POLICY and torch.is_grad_enabled()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import tempfile
@@ -31,6 +30,8 @@ from typing import Iterable
 
 import torch
 
+from ...core.conditioning import vae_decode
+from ...diffusers_host.loading import bundle_from_pipeline
 from .cache import LatentCache, _atomic_save
 from .prompts import PromptsFile
 from .records import DataSummary, PromptRecord
@@ -129,27 +130,15 @@ def _resolve_size(pipe, cfg: PrepareConfig) -> tuple[int, int]:
     return cfg.height or default, cfg.width or default
 
 
-def _ddim_pipeline(pipe):
-    """A new pipeline object over the same modules, with a DDIM scheduler (the caller's pipe is untouched)."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    components = {k: v for k, v in pipe.components.items() if k != "scheduler"}
-    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
-        components["requires_safety_checker"] = bool(getattr(pipe.config, "requires_safety_checker", False))
-    return type(pipe)(**components, scheduler=sched)
-
-
-def _generate(pipe, prompts: list[str], seeds: list[int], cfg: PrepareConfig, size: tuple[int, int],
+def _generate(bundle, prompts: list[str], seeds: list[int], cfg: PrepareConfig, size: tuple[int, int],
               guidance: float) -> torch.Tensor:
-    """Reference-model samples as scaled latents [B, C, h, w] (diffusers `output_type="latent"`)."""
-    device = pipe.unet.device
-    gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    c, h, w = pipe.unet.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor
-    noise = torch.stack([torch.randn(c, h, w, generator=g) for g in gens]).to(device, pipe.unet.dtype)  # [B, C, h, w]
-    out = pipe(prompt=prompts, height=size[0], width=size[1], num_inference_steps=cfg.steps,
-               guidance_scale=guidance, latents=noise, output_type="latent", return_dict=True)
-    return out.images.float().cpu()
+    """Reference-model samples as scaled latents [B, C, h, w]: DDIM + CFG (empty negative prompt) through
+    the project's sampler (`diffusers_host.generate.sample`, the loop of the diffusers pipelines)."""
+    from ...diffusers_host.generate import sample
+
+    res = sample(bundle, prompts, seeds, "cfg", cfg_scale=guidance, steps=cfg.steps, scheduler="ddim",
+                 height=size[0], width=size[1], decode=False)
+    return res.latents.float().cpu()
 
 
 def prepare(pipe, records: Iterable[PromptRecord], out_dir: str | os.PathLike, cfg: PrepareConfig,
@@ -168,8 +157,7 @@ def prepare(pipe, records: Iterable[PromptRecord], out_dir: str | os.PathLike, c
     _check_config(out, cfg)
     done = {e["id"] for e in read_manifest(out)}
     rewriter = build_rewriter(cfg.rewriter, cfg.min_frac, cfg.max_frac, cfg.rewriter_path)
-    gen_pipe = _ddim_pipeline(pipe)
-    gen_pipe.set_progress_bar_config(disable=True)
+    bundle = bundle_from_pipeline(pipe)
     size = _resolve_size(pipe, cfg)
     guidance = cfg.cfg if cfg.cfg is not None else (5.0 if hasattr(pipe, "text_encoder_2") else 7.5)
     dtype = DTYPES[cfg.store_dtype]
@@ -185,8 +173,8 @@ def prepare(pipe, records: Iterable[PromptRecord], out_dir: str | os.PathLike, c
             rewritten = rewriter([pending[i].prompt for i in need], [seeds[i] for i in need])
             for i, n in zip(need, rewritten):
                 negs[i] = n
-        lat_w = _generate(gen_pipe, [r.prompt for r in pending], seeds, cfg, size, guidance)  # [B, C, h, w]
-        lat_l = _generate(gen_pipe, negs, seeds, cfg, size, guidance) if cfg.losers == "generate" else None
+        lat_w = _generate(bundle, [r.prompt for r in pending], seeds, cfg, size, guidance)  # [B, C, h, w]
+        lat_l = _generate(bundle, negs, seeds, cfg, size, guidance) if cfg.losers == "generate" else None
         lines = []
         for i, r in enumerate(pending):
             rel = latents_relpath(r.id)
@@ -197,7 +185,7 @@ def prepare(pipe, records: Iterable[PromptRecord], out_dir: str | os.PathLike, c
             _atomic_save(tensors, meta, out / rel)
             files = {"latents": rel}
             if save_images:
-                files.update(_save_images(gen_pipe, out, r.id, lat_w[i], None if lat_l is None else lat_l[i]))
+                files.update(_save_images(bundle.vae, out, r.id, lat_w[i], None if lat_l is None else lat_l[i]))
             lines.append(json.dumps({"id": r.id, "prompt": r.prompt, "neg_prompt": negs[i], "seed": seeds[i],
                                      "files": files}, ensure_ascii=False))
         part = out / PARTS_DIR / f"part-{time.time_ns():020d}-{os.getpid()}.jsonl"
@@ -241,7 +229,7 @@ def _consolidate(out: Path) -> None:
 
 
 @torch.no_grad()
-def _save_images(pipe, out: Path, record_id: str, lat_w: torch.Tensor, lat_l: torch.Tensor | None) -> dict:
+def _save_images(vae, out: Path, record_id: str, lat_w: torch.Tensor, lat_l: torch.Tensor | None) -> dict:
     from PIL import Image
 
     files = {}
@@ -249,8 +237,7 @@ def _save_images(pipe, out: Path, record_id: str, lat_w: torch.Tensor, lat_l: to
     for name, lat in (("image_w", lat_w), ("image_l", lat_l)):
         if lat is None:
             continue
-        z = lat[None].to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor
-        px = pipe.vae.decode(z).sample[0].float().clamp(-1, 1)  # [3, H, W]
+        px = vae_decode(vae, lat[None])[0].clamp(-1, 1)  # [3, H, W]
         arr = ((px + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         rel = f"images/{h[:2]}/{h}_{name[-1]}.png"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
