@@ -42,27 +42,16 @@ def check_data(method: str, data: PreferenceData) -> None:
 def build_stream(data: PreferenceData, cfg, backend, cache_dir: str | None):
     """The resumable batch stream of `trainer.stream`, over in-memory records: everything is
     encoded once up front (VAE, CLIP), so the UNet stays loaded during the steps."""
-    from functools import partial
-
     from .data.cache import LatentCache
-    from .data.dataset import PairDataset, PromptDataset, ResumableSampler, collate_pairs, collate_prompts
-    from .data.transforms import ImageTransform
-    from .stream import BatchStream
+    from .stream import image_transform, stream_of
 
-    transform = ImageTransform(cfg.resolution, cfg.crop, "random" if cfg.random_flip else "none", seed=cfg.seed)
-    cache = LatentCache.from_backend(cache_dir, backend_fingerprint(backend), backend, transform)
+    cache = LatentCache.from_backend(cache_dir, backend_fingerprint(backend), backend, image_transform(cfg))
     encoded = DataSummary("encode")
     records = cache.fill(data.records, verbose=False, summary=encoded)
     data.summary.skipped.update(encoded.skipped)
     if not records:
         raise ValueError(f"dataset {data.source}: no record could be read\n{data.report()}")
-    sampler = ResumableSampler(len(records), seed=cfg.seed, batch_size=cfg.batch_size)
-    if data.kind == "pairs":
-        return BatchStream(PairDataset(records, cache), sampler, collate_pairs, cfg.batch_size)
-    shape = tuple(backend.encode_images(torch.zeros(1, 3, cfg.resolution, cfg.resolution)).shape[1:]) \
-        if getattr(backend, "_encode_pixels", None) is not None else (4, cfg.resolution // 8, cfg.resolution // 8)
-    return BatchStream(PromptDataset(records, cache), sampler, partial(collate_prompts, latent_shape=shape),
-                       cfg.batch_size)
+    return stream_of(records, cache, cfg, backend, data.kind)
 
 
 def backend_fingerprint(backend) -> str:

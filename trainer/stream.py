@@ -1,6 +1,7 @@
 """The trainer's batch stream: trainer/data's sources -> cache -> resumable sampler -> collate.
 
-`build_batches(cfg, backend, kind, rank, world_size)` returns an endless iterator of this
+`build_batches(cfg, backend, kind, rank, world_size)` (the CLI trainer) and
+`trainer.session.build_stream` (the ComfyUI nodes, over in-memory records) both end in `stream_of`: it returns an endless iterator of this
 process's micro-batches (`PairBatch` / `PromptBatch`) whose `state_dict()` is the sampler's data
 position (exact: no prefetching workers), so a checkpoint resumes on the very next pair.
 `kind` is the method's `data_kind`: "pairs" reads pair sources (JSONL, chosen/rejected folders,
@@ -54,20 +55,35 @@ class BatchStream:
         self._it = None
 
 
+def image_transform(cfg) -> ImageTransform:
+    """The training images' resize / crop / flip of `cfg` (seeded)."""
+    return ImageTransform(cfg.resolution, cfg.crop, "random" if cfg.random_flip else "none", seed=cfg.seed)
+
+
+def latent_shape(backend, resolution: int) -> tuple[int, ...]:
+    """(C, h, w) of the backend's latents for `resolution`-pixel images, from its own encoder (never guessed)."""
+    return tuple(backend.encode_images(torch.zeros(1, 3, resolution, resolution)).shape[1:])
+
+
+def stream_of(records: list, cache: LatentCache, cfg, backend, kind: str, rank: int = 0, world_size: int = 1
+              ) -> BatchStream:
+    """The resumable stream over records already in `cache` (`cache.fill`): pairs or prompts."""
+    sampler = ResumableSampler(len(records), seed=cfg.seed, rank=rank, world_size=world_size, batch_size=cfg.batch_size)
+    if kind == "pairs":
+        return BatchStream(PairDataset(records, cache), sampler, collate_pairs, cfg.batch_size)
+    collate = partial(collate_prompts, latent_shape=latent_shape(backend, cfg.resolution))
+    return BatchStream(PromptDataset(records, cache), sampler, collate, cfg.batch_size)
+
+
 def build_batches(cfg, backend, kind: str, rank: int = 0, world_size: int = 1) -> BatchStream:
     if not cfg.data_path:
         raise ValueError("config: `data_path` is empty; give a pairs/prompts file or folder")
     opener = open_pairs if kind == "pairs" else open_prompts
     records = [r for p in cfg.data_path for r in opener(p, verbose=rank == 0)]
-    transform = ImageTransform(cfg.resolution, cfg.crop, "random" if cfg.random_flip else "none", seed=cfg.seed)
     encoders = [getattr(backend, "vae", None), *getattr(backend, "text_encoders", [])]
     cache = LatentCache.from_backend(cfg.cache_dir or None, fingerprint_modules(*encoders, extra=backend.family),
-                                     backend, transform)
+                                     backend, image_transform(cfg))
     records = cache.fill(records, verbose=rank == 0)
     if not records:
         raise ValueError(f"data {cfg.data_path}: no usable records")
-    sampler = ResumableSampler(len(records), seed=cfg.seed, rank=rank, world_size=world_size, batch_size=cfg.batch_size)
-    if kind == "pairs":
-        return BatchStream(PairDataset(records, cache), sampler, collate_pairs, cfg.batch_size)
-    shape = tuple(backend.encode_images(torch.zeros(1, 3, cfg.resolution, cfg.resolution)).shape[1:])  # (C, h, w)
-    return BatchStream(PromptDataset(records, cache), sampler, partial(collate_prompts, latent_shape=shape), cfg.batch_size)
+    return stream_of(records, cache, cfg, backend, kind, rank, world_size)

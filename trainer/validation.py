@@ -23,6 +23,7 @@ import torch
 
 from ..core.guidance import GUIDANCE
 from ..core.sampling import ddim_timesteps, guided_denoiser, sample_ddim
+from .stream import latent_shape
 
 # role -> (adapter of the conditional branch, adapter of the unconditional branch ∅, combine)
 ROLE_BRANCHES: dict[str, tuple[str | None, str | None, str]] = {
@@ -124,7 +125,7 @@ def validation_grid(cfg, backend, role: str):
     """rows = prompts, columns = seed x (base, LoRA)."""
     from PIL import Image
 
-    shape = backend.encode_images(torch.zeros(1, 3, cfg.resolution, cfg.resolution)).shape[1:]  # [C, h, w]
+    shape = latent_shape(backend, cfg.resolution)  # (C, h, w)
     tiles = []
     for prompt in cfg.validation_prompts:
         cond, null = backend.encode_prompts([prompt]), backend.null_cond(1)
