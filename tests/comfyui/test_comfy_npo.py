@@ -447,3 +447,13 @@ def test_te_key_map_matches_comfyui_lora_loader(comfy, tmp_path, family):
     assert not ours.unmatched
     assert {f"{k}.weight" for k in ours.modules} == set(theirs)
     assert len(theirs) == 72 + (192 if family == "sdxl" else 0)
+
+
+def test_node_alpha_and_beta_defaults_are_core_npo(comfy):
+    """The nodes' α default was 0 while generate used 1 (issue 13): one default, core.npo's."""
+    from npo_suite.core.npo import ALPHA_DEFAULT, BETA_DEFAULT
+    from npo_suite.nodes.sampling import ApplyNPO, NPOGuider, NPONegativeCLIP, NPONegativeModel
+
+    for node in (ApplyNPO, NPOGuider, NPONegativeCLIP, NPONegativeModel):
+        inputs = {i.id: i for i in node.define_schema().inputs}
+        assert inputs["alpha"].default == ALPHA_DEFAULT and inputs["beta"].default == BETA_DEFAULT, node.__name__
