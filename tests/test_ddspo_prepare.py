@@ -118,14 +118,15 @@ def test_sampler_equals_the_diffusers_pipeline(sd15):
     from diffusers import DDIMScheduler
 
     from npo_suite.diffusers_host.loading import bundle_from_pipeline
-    from npo_suite.trainer.data.ddspo_prepare import PrepareConfig, _generate
+    from npo_suite.trainer.data.ddspo_prepare import PrepareConfig, _generate, _resolve_size
 
     cfg = PrepareConfig(model="x", steps=3, cfg=5.0)
-    ours = _generate(bundle_from_pipeline(sd15), ["a cat", "a dog"], [1, 2], cfg, (64, 64), 5.0)
+    (h, w), f = _resolve_size(sd15, cfg), sd15.vae_scale_factor
+    ours = _generate(bundle_from_pipeline(sd15), ["a cat", "a dog"], [1, 2], cfg, (h, w), 5.0)
     pipe = type(sd15)(**{**sd15.components, "scheduler": DDIMScheduler.from_config(sd15.scheduler.config)},
                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
-    ref = pipe(prompt=["a cat", "a dog"], height=64, width=64, num_inference_steps=3, guidance_scale=5.0, latents=noise,
+    noise = torch.stack([torch.randn(4, h // f, w // f, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    ref = pipe(prompt=["a cat", "a dog"], height=h, width=w, num_inference_steps=3, guidance_scale=5.0, latents=noise,
                output_type="latent").images
-    assert torch.equal(ours, ref.float())
+    assert ours.shape == (2, 4, h // f, w // f) and torch.equal(ours, ref.float())
