@@ -165,7 +165,9 @@ def _setup(cfg: dict):
 
 
 def _groups(eta, delta, cfg):
-    return {"pos": [(eta, 1.0)], "neg": [(eta, cfg["alpha"]), (delta, cfg["beta"])]}
+    from ..core.npo import npo_groups
+
+    return npo_groups(eta, delta, cfg["alpha"], cfg["beta"])
 
 
 def _sync(device):
