@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.offsets.schema import npo_metadata
 from ..core.paths import inside, safe_relative_name as safe_name
 from .data.records import DataSummary
 from .data.sources import PreferenceData
@@ -171,7 +172,7 @@ def run_training(backend, data: PreferenceData, cfg, *, resume: bool, cache_dir:
     offset = None
     if result.steps_done > 0:
         offset = backend.export_offset()
-        offset.metadata = {"npo_suite.method": cfg.method, "npo_suite.steps": str(result.steps_done)}
+        offset.metadata = npo_metadata(method=cfg.method, steps=result.steps_done)
     losses = read_losses(run_dir / "metrics.csv")
     state = "interrupted" if result.interrupted else "finished"
     report = (f"{cfg.method}: {state} at step {result.steps_done}/{cfg.steps}"

@@ -168,7 +168,13 @@ def test_train_in_workflow_then_lora_loader_and_npo_guider(comfy, datasets, capl
     assert set(back.unet) == set(offset.unet)
     for k, d in offset.unet.items():
         assert torch.allclose(back.unet[k].dense(), d.dense(), atol=1e-6), k
-    assert back.metadata.get("npo_suite.role") == "negative" and back.metadata.get("npo_suite.method") == "npo"
+    assert back.metadata.get("npo_role") == "negative" and back.metadata.get("npo_method") == "npo"
+    # ... and the Load Weight Offset node's report shows its metadata (issue 13: one schema)
+    from npo_suite.nodes.offsets import offset_report
+
+    report = offset_report(back, lora_name).splitlines()
+    assert {"method: npo", "role: negative", "β: 5000", "λ: 0.9", "steps: 2",
+            f"base model hash: {back.metadata['npo_base_model_hash']}"} <= set(report), report
     h = {"1": g["1"], "6": g["6"], "7": g["7"], "9": g["9"], "10": g["10"],
          "20": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
                                                        "strength_model": 1.0, "strength_clip": 1.0}},
@@ -379,7 +385,7 @@ def test_tdft_self_npo_from_prompt_list(comfy, datasets, caplog):
 
     offset, path = _prompt_list_run(comfy, "tdft", "tdft_k: 1\n", False, caplog)
     keys, meta = _lora_keys(path)
-    assert meta.get("npo_suite.method") == "tdft" and meta.get("npo_suite.role") == "negative"
+    assert meta.get("npo_method") == "tdft" and meta.get("npo_role") == "negative"
     assert not [k for k in keys if "ema" in k.lower()]
     modules = {k.split(".")[0] for k in keys}
     assert len(keys) == 3 * len(modules)  # one lora_down / lora_up / alpha per module: one adapter only
@@ -393,7 +399,7 @@ def test_tdft_self_npo_from_prompt_list(comfy, datasets, caplog):
 def test_ddspo_from_prompt_list_with_winner_images(comfy, datasets, caplog):
     offset, path = _prompt_list_run(comfy, "ddspo", "ddspo_beta: 16000\n", True, caplog)
     keys, meta = _lora_keys(path)
-    assert meta.get("npo_suite.method") == "ddspo" and meta.get("npo_suite.role") == "positive"
+    assert meta.get("npo_method") == "ddspo" and meta.get("npo_role") == "positive"
     assert len(keys) == 3 * len({k.split(".")[0] for k in keys})
     assert any(float(d.up.abs().max()) > 0 for d in offset.unet.values())
 
