@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("..world.demo", "build/load the embedded digits world, train NPO and SNPO LoRAs, write a report"),
     "world": (".world", "build or inspect the embedded digits world"),
-    "train": (".train", "train a preference LoRA (dpo, npo, bdpo, snpo, tdft, ddspo, ...)"),
+    "train": (".train", "train a preference LoRA (the methods: train --help, --method)"),
     "generate": ("..diffusers_host.generate", "batch generation with cfg / npo / snpo guidance"),
     "evaluate": (".evaluate", "score images and compare two runs"),
     "offsets": (".offsets", "inspect, convert, merge and extract weight offsets (LoRAs, diffs)"),

@@ -16,15 +16,17 @@ import tempfile
 from pathlib import Path
 
 from ..core import offsets as O
+from ..core.offsets.schema import metadata_lines, npo_metadata, read_npo_metadata
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("inspect", help="print what a file holds (format, family, modules, metadata)")
     p.add_argument("file")
-    p.add_argument("--base", help="diffusers model folder to check names and shapes against")
+    p.add_argument("--base", help="diffusers model folder to check names and shapes against (without it nothing is "
+                                  "checked: the file's own module names, format, detected family, metadata)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--no-strict", action="store_true", help="list unmatched keys instead of failing")
+    p.add_argument("--no-strict", action="store_true", help="with --base: list unmatched keys instead of failing")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin files (runs no code: weights_only)")
     p = sub.add_parser("convert", help="rewrite an offset in another format")
     p.add_argument("input")
@@ -74,11 +76,16 @@ def _report_dict(off: O.Offset) -> dict:
             ranks = sorted({d.rank for d in mods.values() if isinstance(d, O.LowRankDelta)})
             comps[c] = {"modules": len(mods), "ranks": ranks, "dense": sum(isinstance(d, O.DenseDelta) for d in mods.values())}
     return {"path": r.path, "format": r.format, "family": r.family, "matched": r.matched, "components": comps,
-            "unmatched_keys": r.unmatched_keys, "notes": r.notes, "metadata": off.metadata}
+            "unmatched_keys": r.unmatched_keys, "notes": r.notes, "npo": read_npo_metadata(off.metadata),
+            "metadata": off.metadata}
 
 
 def _inspect(args) -> int:
-    off = O.load_offset(args.file, base=args.base, strict=not args.no_strict, allow_pickle=args.allow_pickle)
+    """With --base: names and shapes checked against that model; without: what the file holds (scan_offset)."""
+    if args.base:
+        off = O.load_offset(args.file, base=args.base, strict=not args.no_strict, allow_pickle=args.allow_pickle)
+    else:
+        off = O.scan_offset(args.file, allow_pickle=args.allow_pickle)
     info = _report_dict(off)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -90,8 +97,10 @@ def _inspect(args) -> int:
         print(f"  note: {n}")
     for k in info["unmatched_keys"][:20]:
         print(f"  unmatched: {k}")
+    for line in metadata_lines(off.metadata):
+        print(f"  {line}")
     for k, v in sorted(info["metadata"].items()):
-        if k.startswith(("npo_", "ss_network", "ss_base", "ss_output")):
+        if k.startswith(("ss_network", "ss_base", "ss_output")):
             print(f"  {k} = {v}")
     return 0
 
@@ -107,7 +116,7 @@ def _extract(args) -> int:
     dense = O.diff_between(O.load_unet_state_dict(args.tuned), O.load_unet_state_dict(args.base))
     lora, rep = O.extract_lora(dense, args.rank, conv_rank=args.conv_rank)
     base = args.base if Path(args.base).is_dir() else None
-    meta = {"npo_method": "extract", "npo_base_model_hash": O.model_hash(O.load_unet_state_dict(args.base))}
+    meta = npo_metadata(method="extract", base_model_hash=O.model_hash(O.load_unet_state_dict(args.base)))
     O.save_offset(lora, args.out, format=args.format, base=base, family=dense.report.family, metadata=meta)
     if args.json:
         print(json.dumps(rep, indent=2))

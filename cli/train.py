@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     types_ = field_types()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "") + f" (default: {_default(f)!r})"
+        help_ = f.metadata.get("help", "") + _choices(f) + f" (default: {_default(f)!r})"
         base = typing.get_args(types_[f.name])[0] if typing.get_origin(types_[f.name]) is list else None
         if types_[f.name] is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar=base.__name__.upper(), help=help_)
         else:
             group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_)
+
+
+def _choices(f: dataclasses.Field) -> str:
+    """' (one of: a, b)' from the field's `choices` metadata (a registry's keys), else ''."""
+    c = f.metadata.get("choices")
+    return f" (one of: {', '.join(c() if callable(c) else c)})" if c else ""
 
 
 def _default(f: dataclasses.Field):

@@ -26,6 +26,7 @@ from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_g
 from ..core.offsets.types import Offset
 from ..core.sampling import sample_scheduler
 from ..trainer.batches import Cond
+from ..trainer.data.prompts import negative_prompt_of
 
 SCHEDULERS = ("ddim", "euler", "dpmpp")
 NPO_PATHS = ("fast", "two-model")
@@ -209,7 +210,8 @@ def decode_latents(bundle, latents: torch.Tensor) -> torch.Tensor:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="diffusers folder, single-file .safetensors (with --tokenizer), or pixel-space world folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="a .txt file (one prompt a line) or .jsonl ({prompt, negative_prompt?, seed?})")
+    p.add_argument("--prompts", help="a .txt file (one prompt a line) or .jsonl ({prompt, negative_prompt?, seed?}; "
+                                     "neg_prompt accepted for negative_prompt, docs/data.md)")
     p.add_argument("--negative-prompt", default="", help="negative prompt of every --prompt / .txt prompt (cfg, npo)")
     p.add_argument("--modes", nargs="+", default=["cfg", "npo"], choices=list(GUIDANCE), help="guidance modes (same seeds)")
     p.add_argument("--pos-offset", help="positive offset eta (LoRA/diff file), applied to the conditional rows")
@@ -259,7 +261,8 @@ def read_prompts(args) -> list[dict]:
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                     raise ValueError(f"{path}:{n}: each line must be an object with a string 'prompt'")
                 seeds = [int(rec["seed"])] if "seed" in rec else list(args.seeds)
-                items.append({"prompt": rec["prompt"], "negative_prompt": str(rec.get("negative_prompt", args.negative_prompt)),
+                neg = negative_prompt_of(rec, f"{path}:{n}")  # the trainer's reader: negative_prompt, alias neg_prompt
+                items.append({"prompt": rec["prompt"], "negative_prompt": args.negative_prompt if neg is None else neg,
                               "seeds": seeds})
         else:
             items += [{"prompt": s.strip(), "negative_prompt": args.negative_prompt, "seeds": list(args.seeds)}

@@ -6,6 +6,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from ..core.offsets.schema import metadata_lines
 from ..core.paths import safe_relative_name
 from .sampling import NPOOffset
 
@@ -67,7 +68,7 @@ class LoadWeightOffset(io.ComfyNode):
 
 
 def offset_report(offset, name: str) -> str:
-    """What was recognised, for the node's STRING output."""
+    """What was recognised and the file's NPO metadata (core/offsets/schema.py), for the node's STRING output."""
     lines = [offset.report.summary() if offset.report is not None else f"{name}: {len(offset.unet)} UNet modules"]
     lines[0] = lines[0].replace(str(getattr(offset.report, "path", "")), name) if offset.report else lines[0]
     te = {k: len(v) for k, v in offset.text_encoders.items() if v}
@@ -76,10 +77,7 @@ def offset_report(offset, name: str) -> str:
         lines += offset.report.notes
         if offset.report.unmatched_keys:
             lines.append("unmatched keys (first 5): " + ", ".join(offset.report.unmatched_keys[:5]))
-    for k in ("method", "role", "beta"):
-        if k in offset.metadata:
-            lines.append(f"{k}: {offset.metadata[k]}")
-    return "\n".join(lines)
+    return "\n".join(lines + metadata_lines(offset.metadata))
 
 
 

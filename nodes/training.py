@@ -13,11 +13,6 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS
-from ..trainer.backends.diffusers import TARGET_PRESETS
-from ..trainer.config import OPTIMIZERS, PRECISIONS
-from ..trainer.methods import METHODS
-from ..trainer.reference import ON_EXCEED
 from ..core import paths
 from ..trainer import memory, progress, session
 from ..trainer.data import sources
@@ -108,52 +103,55 @@ def _lora_choices() -> list[str]:
     return [NO_LORA, *folder_paths.get_filename_list("loras")]
 
 
+NODE_OPTIONAL = ("validate_every", "validation_prompts")  # appended after the others: old workflows load
+
+
+def _node_only_inputs() -> dict[str, io.Input]:
+    """The node's inputs that are not TrainConfig fields (trainer/session.py NODE_ONLY)."""
+    return {
+        "resume": io.Boolean.Input("resume", default=True, tooltip="continue the run <output_name> from its last checkpoint"),
+        "init_lora": io.Combo.Input("init_lora", options=_lora_choices(), default=NO_LORA,
+                                    tooltip="start from this LoRA (same rank and targets)"),
+        "extra": io.String.Input("extra", multiline=True, default="",
+                                 tooltip="more TrainConfig fields, one 'key: value' per line (e.g. tdft_k: 5)"),
+        "validation_prompts": io.String.Input("validation_prompts", multiline=True, default="", optional=True,
+                                              tooltip="one prompt per line (empty: the dataset's first prompts)"),
+    }
+
+
+def config_input(w: session.Widget, optional: bool = False) -> io.Input:
+    """A ComfyUI input for a TrainConfig field's widget (default, range and tooltip from the field)."""
+    common = {"default": w.default, "tooltip": w.tooltip, "optional": optional}
+    ranges = {k: v for k, v in (("min", w.min), ("max", w.max), ("step", w.step)) if v is not None}
+    if w.kind == "combo":
+        return io.Combo.Input(w.name, options=list(w.options), **common)
+    if w.kind == "bool":
+        return io.Boolean.Input(w.name, **common)
+    if w.kind == "int":
+        return io.Int.Input(w.name, **ranges, **common)
+    if w.kind == "float":
+        return io.Float.Input(w.name, **ranges, **({"round": w.round} if w.round is not None else {}), **common)
+    return io.String.Input(w.name, **common)
+
+
+def train_inputs() -> list[io.Input]:
+    """The widgets in NODE_WIDGETS order: TrainConfig fields generated from the field, then the node's own."""
+    config, own = session.config_widgets(), _node_only_inputs()
+    return [own[n] if n in own else config_input(config[n], n in NODE_OPTIONAL) for n in session.NODE_WIDGETS]
+
+
 class TrainPreferenceLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        methods = list(METHODS)
         return io.Schema(
             node_id="NPOSuite_TrainPreferenceLoRA", display_name="Train Preference LoRA", category=CATEGORY,
             description="Train a preference LoRA (Diffusion-DPO, NPO, BDPO, SNPO, Self-NPO/TDFT, DDSPO) on this MODEL "
                         "with the project's trainer; writes models/loras/<output_name>.safetensors (kohya). "
-                        "Interrupt stops at the next step and saves; `resume` continues from the last checkpoint.",
+                        "Interrupt stops at the next step and saves; `resume` continues from the last checkpoint. "
+                        "Widgets are TrainConfig fields (same names, defaults and help as the train CLI).",
             is_output_node=True,
             inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"), PrefData.Input("dataset"),
-                    io.Combo.Input("method", options=methods, default="npo"),
-                    io.Float.Input("beta", default=5000.0, min=1.0, max=100000.0, step=100.0,
-                                   tooltip="Diffusion-DPO beta (logit = -(beta/2)(m_w - m_l)); DDSPO uses ddspo_beta in extra"),
-                    io.Float.Input("lam", default=0.9, min=0.01, max=1.0, step=0.01, tooltip="BDPO/SNPO lambda (1 = DPO)"),
-                    io.Float.Input("snpo_p", default=0.5, min=0.0, max=1.0, step=0.05, tooltip="SNPO null-branch probability p"),
-                    io.Int.Input("steps", default=500, min=1, max=1000000),
-                    io.Float.Input("lr", default=1e-5, min=1e-8, max=1.0, step=1e-6, round=1e-8),
-                    io.Int.Input("rank", default=8, min=1, max=256),
-                    io.Combo.Input("targets", options=list(TARGET_PRESETS), default="attn"),
-                    io.Int.Input("batch_size", default=1, min=1, max=256),
-                    io.Int.Input("grad_accum", default=1, min=1, max=1024),
-                    io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
-                    io.Combo.Input("precision", options=list(PRECISIONS), default="no",
-                                   tooltip="autocast dtype on GPU (the LoRA stays float32)"),
-                    io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw"),
-                    io.Boolean.Input("gradient_checkpointing", default=False),
-                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
-                    io.Int.Input("ref_update_every", default=0, min=0, max=100000,
-                                 tooltip="reference update period tau (0 = frozen reference)"),
-                    io.Float.Input("ref_bound", default=0.005, min=1e-6, max=10.0, step=0.001),
-                    io.Combo.Input("ref_on_exceed", options=list(ON_EXCEED)),
-                    io.Combo.Input("timestep_sampler", options=list(TIMESTEP_SAMPLERS)),
-                    io.Combo.Input("timestep_weight", options=list(TIMESTEP_WEIGHTS)),
-                    io.String.Input("output_name", default="npo_lora"),
-                    io.Boolean.Input("resume", default=True, tooltip="continue the run <output_name> from its last checkpoint"),
-                    io.Int.Input("checkpoint_every", default=100, min=0, max=1000000),
-                    io.Combo.Input("init_lora", options=_lora_choices(), default=NO_LORA,
-                                   tooltip="start from this LoRA (same rank and targets)"),
-                    io.String.Input("extra", multiline=True, default="",
-                                    tooltip="more TrainConfig fields, one 'key: value' per line (e.g. tdft_k: 5)"),
-                    io.Int.Input("validate_every", default=0, min=0, max=1000000, optional=True,
-                                 tooltip="validation grid (base | LoRA per seed) every N steps; 0 = off. "
-                                         "Sampler steps, seeds, CFG: validation_sample_steps / _seeds / _guidance in extra"),
-                    io.String.Input("validation_prompts", multiline=True, default="", optional=True,
-                                    tooltip="one prompt per line (empty: the dataset's first prompts)")],
+                    *train_inputs()],
             outputs=[NPOOffset.Output(display_name="offset"), io.Model.Output(display_name="model_with_lora"),
                      io.String.Output(display_name="lora_name"), io.Image.Output(display_name="loss_curve"),
                      io.String.Output(display_name="report"), io.Image.Output(display_name="validation")],
@@ -184,7 +182,7 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     from ..trainer.backends.comfy import ComfyBackend, training_mode
     from ..trainer.backends.diffusers import BackendOptions, LoraOptions
 
-    name = paths.safe_relative_name(options["output_name"], "output_name")
+    name = session.node_output_name(options)
     run_dir = paths.inside(os.path.join(folder_paths.get_output_directory(), session.RUNS_SUBDIR), name, "output_name")
     init = options.get("init_lora", NO_LORA)
     init_path = folder_paths.get_full_path_or_raise("loras", paths.safe_relative_name(init, "init_lora")) if init != NO_LORA else None

@@ -82,10 +82,7 @@ if IN_WEBUI:
                 continue
             try:
                 off = _CACHE.get(logic.resolve_offset_file(name, offset_dirs()), family)
-                s = off.report.summary() if off.report is not None else name
-                if off.report is not None and off.report.notes:
-                    s += " (" + "; ".join(off.report.notes) + ")"
-                lines.append(f"**{role}**: {s}")
+                lines.append(f"**{role}**: {logic.offset_summary(off, name)}")
             except (OSError, ValueError) as e:
                 lines.append(f"**{role}**: error: {e}")
         return "\n\n".join(lines)

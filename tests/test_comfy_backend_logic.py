@@ -287,8 +287,8 @@ def test_node_config_publish_and_curve(tmp_path):
     from npo_suite.trainer import progress
     from npo_suite.trainer.methods import METHODS
 
-    opts = dict(method="snpo", beta=2000.0, lam=0.8, snpo_p=0.3, steps=4, lr=1e-4, rank=4, targets="attn", batch_size=2,
-                grad_accum=1, resolution=64, precision="no", optimizer="adamw", gradient_checkpointing=False, seed=5,
+    opts = dict(method="snpo", beta=2000.0, lam=0.8, snpo_p=0.3, steps=4, lr=1e-4, lora_rank=4, lora_targets="attn", batch_size=2,
+                grad_accum=1, resolution=64, mixed_precision="no", optimizer="adamw", gradient_checkpointing=False, seed=5,
                 ref_update_every=0, ref_bound=0.005, ref_on_exceed="freeze", timestep_sampler="uniform",
                 timestep_weight="none", checkpoint_every=2, output_name="neg", extra="tdft_k: 3\n")
     cfg = session.node_config(opts, str(tmp_path / "run"), None)
@@ -533,8 +533,8 @@ def test_validation_from_node_options(sd15_dir, tmp_path, monkeypatch):
     from npo_suite.trainer import session
     from npo_suite.trainer import progress
 
-    opts = dict(method="npo", beta=5000.0, lam=0.9, snpo_p=0.5, steps=2, lr=1e-3, rank=2, targets="attn", batch_size=1,
-                grad_accum=1, resolution=16, precision="no", optimizer="adamw", gradient_checkpointing=False, seed=0,
+    opts = dict(method="npo", beta=5000.0, lam=0.9, snpo_p=0.5, steps=2, lr=1e-3, lora_rank=2, lora_targets="attn", batch_size=1,
+                grad_accum=1, resolution=16, mixed_precision="no", optimizer="adamw", gradient_checkpointing=False, seed=0,
                 ref_update_every=0, ref_bound=0.005, ref_on_exceed="freeze", timestep_sampler="uniform",
                 timestep_weight="none", checkpoint_every=0, output_name="neg", extra="")
     data = sources.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a red cat", "a blue dog"])

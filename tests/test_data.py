@@ -167,6 +167,20 @@ def test_prompts_file_txt_and_jsonl(tmp_path):
     assert dict(src.summary.skipped) == {"missing_file": 1, "empty_prompt": 1}
 
 
+def test_prompts_jsonl_negative_prompt_is_the_documented_name(tmp_path):
+    """Issue 13: `negative_prompt` (what `generate --prompts` reads) is the name, `neg_prompt` its alias;
+    two different values on one line are a counted bad row, never a silent choice."""
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in [
+        {"id": "a", "prompt": "a cat", "negative_prompt": "blurry"},
+        {"id": "b", "prompt": "a dog", "neg_prompt": "dog"},
+        {"id": "c", "prompt": "a cow", "negative_prompt": "x", "neg_prompt": "x"},
+        {"id": "d", "prompt": "a hen", "negative_prompt": "x", "neg_prompt": "y"}]))
+    src = open_prompts(tmp_path / "p.jsonl", verbose=False)
+    assert [(r.id, r.neg_prompt) for r in src] == [("a", "blurry"), ("b", "dog"), ("c", "x")]
+    assert dict(src.summary.skipped) == {"bad_row": 1}
+    assert "p.jsonl:4: both negative_prompt and neg_prompt are given and differ" in str(src.summary.examples)
+
+
 def test_image_folder_captions_jsonl_and_duplicates(tmp_path):
     save_png(tmp_path / "p1.png", 1), save_png(tmp_path / "p2.png", 2), save_png(tmp_path / "p3.png", 3)
     (tmp_path / "captions.jsonl").write_text("\n".join([

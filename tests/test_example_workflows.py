@@ -134,3 +134,44 @@ def test_readme_shows_every_workflow():
         assert f"example_workflows/{f.name}" in readme, f"README.md does not link example_workflows/{f.name}"
         assert f"docs/images/workflows/{f.stem}.jpg" in readme, \
             f"README.md does not show docs/images/workflows/{f.stem}.jpg"
+
+
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")  # the frontend's value after a `seed` widget
+
+
+def _training_widget_values(node) -> dict:
+    """name -> stored value of a Train Preference LoRA node (UI workflows store values by position)."""
+    from npo_suite.trainer.session import NODE_WIDGETS
+
+    values, out = list(node["widgets_values"]), {}
+    for name in NODE_WIDGETS:
+        assert values, f"node {node['id']}: no stored value for widget {name}"
+        out[name] = values.pop(0)
+        if name == "seed":
+            assert values.pop(0) in CONTROL_VALUES
+    assert not values, f"node {node['id']}: {len(values)} values more than the node has widgets"
+    return out
+
+
+@pytest.mark.parametrize("path", [p for p in WORKFLOWS if "NPOSuite_TrainPreferenceLoRA" in p.read_text()],
+                         ids=lambda p: p.stem)
+def test_training_workflow_matches_the_node_widgets(path):
+    """Issue 13: the node's widgets are TrainConfig fields (trainer/session.py NODE_WIDGETS, generated
+    from the fields): the example's widget inputs carry those names and every stored value fits."""
+    from npo_suite.trainer.session import NODE_ONLY, NODE_WIDGETS, config_widgets
+
+    widgets = config_widgets()
+    for node in (n for n in json.loads(path.read_text())["nodes"] if n["type"] == "NPOSuite_TrainPreferenceLoRA"):
+        named = [i["widget"]["name"] for i in node["inputs"] if i.get("widget")]
+        assert named == list(NODE_WIDGETS), f"{path.name}: widget inputs {named}"
+        for name, v in _training_widget_values(node).items():
+            if name in NODE_ONLY:
+                continue
+            w = widgets[name]
+            if w.kind == "combo":
+                assert v in w.options, f"{path.name}: {name}={v!r} not in {w.options}"
+            elif w.kind in ("int", "float"):
+                assert isinstance(v, (int, float)) and not isinstance(v, bool), f"{path.name}: {name}={v!r}"
+                assert (w.min is None or v >= w.min) and (w.max is None or v <= w.max), f"{path.name}: {name}={v}"
+            else:
+                assert isinstance(v, bool if w.kind == "bool" else str), f"{path.name}: {name}={v!r}"

@@ -138,6 +138,18 @@ def test_loading_errors(sd15_dir, tmp_path):
         load_model(sd15_dir, family="sd3")
 
 
+def test_prompts_jsonl_negative_prompt_and_its_alias(sd15_dir, tmp_path):
+    """Issue 13: the trainer's `neg_prompt` spelling is read by generate too (one reader, docs/data.md)."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a", "negative_prompt": "x"}\n{"prompt": "b", "neg_prompt": "y"}\n{"prompt": "c"}\n',
+                 encoding="utf-8")
+    items = generate.read_prompts(_parse([str(sd15_dir), "--prompts", str(f), "--negative-prompt", "z", "--out", "o"]))
+    assert [it["negative_prompt"] for it in items] == ["x", "y", "z"]
+    f.write_text('{"prompt": "a", "negative_prompt": "x", "neg_prompt": "y"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: both negative_prompt and neg_prompt"):
+        generate.read_prompts(_parse([str(sd15_dir), "--prompts", str(f), "--out", "o"]))
+
+
 def test_bad_cli_input(sd15_dir, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n', encoding="utf-8")

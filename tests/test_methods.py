@@ -8,7 +8,7 @@ import torch
 
 from npo_suite.trainer.batches import Cond, PairBatch, PromptBatch
 from npo_suite.trainer.config import MethodConfig
-from npo_suite.trainer.methods import METHODS, StepOut
+from npo_suite.trainer.methods import METHODS, PairMethod, StepOut
 
 sys.path.insert(0, str(Path(__file__).parent))
 from methods_fake_backend import FakeBackend  # noqa: E402
@@ -49,7 +49,8 @@ def fresh(**kw):
 
 
 def test_registry_and_config():
-    assert list(METHODS) == ["dpo", "npo", "bdpo", "snpo", "snpo_naive", "tdft", "ddspo"]
+    assert {"dpo", "npo", "bdpo", "snpo", "snpo_naive", "tdft", "ddspo"} <= set(METHODS)  # the papers' methods
+    assert all(m.name == k for k, m in METHODS.items())  # the key is the name the metadata and logs carry
     assert {m.data_kind for m in METHODS.values()} == {"pairs", "images_or_prompts", "prompts_with_winners"}
     assert all(f.metadata.get("help") for f in fields(MethodConfig))
     cfg = MethodConfig()
@@ -83,7 +84,7 @@ def test_every_method_finite_and_grads_only_on_policy(name):
             assert all(p.grad is None and not p.requires_grad for p in params.values())
 
 
-@pytest.mark.parametrize("name", ["dpo", "npo", "bdpo", "snpo", "snpo_naive"])
+@pytest.mark.parametrize("name", [k for k, m in METHODS.items() if isinstance(m, PairMethod)])
 def test_pair_methods_one_batched_policy_forward(name):
     be = fresh()
     run(name, be, pair_batch(be))
@@ -253,6 +254,9 @@ def test_roles_declared_by_the_methods():
     """The saved LoRA's role comes from the method: NPO/TDFT give negative offsets, SNPO one for both branches."""
     from npo_suite.trainer.methods import METHODS
 
+    from npo_suite.core.offsets.schema import ROLES
+
     roles = {k: m.role for k, m in METHODS.items()}
-    assert roles == {"dpo": "positive", "npo": "negative", "bdpo": "positive", "snpo": "snpo",
-                     "snpo_naive": "snpo", "tdft": "negative", "ddspo": "positive"}
+    want = {"dpo": "positive", "npo": "negative", "bdpo": "positive", "snpo": "snpo",
+            "snpo_naive": "snpo", "tdft": "negative", "ddspo": "positive"}
+    assert {k: roles[k] for k in want} == want and set(roles.values()) <= set(ROLES)

@@ -565,3 +565,46 @@ def test_comfy_clip_layout_names_every_comfyui_clip_kind():
     for heads, (layout, text) in cases.items():
         got = comfy_clip_layout([f"{h}.{q}" for h in heads] + ["logit_scale"])
         assert got == layout and describe_clip_layout(got) == text
+
+
+# ---------------------------------------------------------------- metadata schema (issue 13)
+def test_metadata_schema_one_spelling_old_files_still_read(sd15, tmp_path):
+    from npo_suite.core.offsets.schema import metadata_lines, npo_metadata, read_npo_metadata
+
+    assert npo_metadata(role="snpo", beta=2000.0, steps=10, method=None) == {
+        "npo_role": "snpo", "npo_beta": "2000", "npo_steps": "10"}
+    with pytest.raises(ValueError, match="npo_role must be one of"):
+        npo_metadata(role="evil")
+    # a file the trainer wrote before the schema: npo_suite.<field>, still read; npo_* wins over it
+    old = {"npo_suite.role": "negative", "npo_suite.method": "npo", "npo_suite.beta": "5000.0", "ss_network_dim": "4"}
+    assert read_npo_metadata(old) == {"role": "negative", "method": "npo", "beta": "5000.0"}
+    assert read_npo_metadata({**old, "npo_role": "snpo"})["role"] == "snpo"
+    assert metadata_lines(old) == ["method: npo", "role: negative", "β: 5000.0"]
+    assert metadata_lines({"npo_role": "evil"}) == ["role: evil (invalid: npo_role must be one of "
+                                                    "('positive', 'negative', 'snpo'), got 'evil')"]
+    # the validator runs on either spelling: an old file with a bad role is refused when re-saved
+    off = _offset_for(sd15, torch.Generator().manual_seed(3), tucker=False, te=False)
+    with pytest.raises(ValueError, match="r.safetensors: npo_role must be one of"):
+        O.save_offset(off, tmp_path / "r.safetensors", metadata={"npo_suite.role": "evil"})
+
+
+def test_inspect_without_base_checks_nothing_and_shows_metadata(tmp_path, capsys):
+    """Issue 13: a LoRA of a model that is neither SD1.5 nor SDXL (the digits world's widths) is not
+    refused by `offsets inspect` without --base; format, modules, ranks and metadata are shown."""
+    from npo_suite.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    blk = "down_blocks.0.attentions.0.transformer_blocks.0"
+    off = Offset(unet={f"{blk}.attn1.{p}": LowRankDelta(torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g))
+                       for p in ("to_q", "to_k", "to_v")})
+    f = tmp_path / "world_lora.safetensors"
+    O.save_offset(off, f, family="sd1", metadata={"npo_role": "negative", "npo_method": "npo"})
+    with pytest.raises(ValueError, match="do not fit the model's weights"):
+        O.load_offset(f)  # against the standard SD1.5 UNet (320 wide there)
+    assert main(["offsets", "inspect", str(f), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "kohya" and info["matched"] == 3
+    assert info["components"]["unet"] == {"modules": 3, "ranks": [2], "dense": 0}
+    assert info["npo"] == {"role": "negative", "method": "npo"} and info["notes"] == ["names and shapes not checked: no model given"]
+    assert main(["offsets", "inspect", str(f)]) == 0
+    assert "role: negative" in capsys.readouterr().out

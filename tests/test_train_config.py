@@ -75,3 +75,39 @@ def test_cli_is_generated_from_the_dataclass(tmp_path, capsys):
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["lora_rank"] == 32 and out["gradient_checkpointing"] is False and out["beta"] == 2500.0
     assert out["data_path"] == ["x.jsonl", "y.jsonl"] and out["optimizer"] == "adamw8bit"
+
+
+def test_method_names_come_from_the_one_registry(monkeypatch):
+    """Issue 13: a method added to METHODS appears in the train CLI's help, the node's method widget
+    and the config's check, with no other list to edit."""
+    from npo_suite.cli import train as cli
+    from npo_suite.trainer.methods import METHODS
+    from npo_suite.trainer.session import config_widget
+
+    monkeypatch.setitem(METHODS, "my_method", METHODS["dpo"])
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert "my_method" in " ".join(parser.format_help().split())
+    assert config_widget("method").options == tuple(METHODS)
+    assert TrainConfig(method="my_method").method == "my_method"
+    with pytest.raises(ValueError, match=r"method 'nope' is not one of \['dpo', .*'my_method'\]"):
+        TrainConfig(method="nope")
+
+
+def test_node_widgets_are_generated_from_the_fields():
+    """The ComfyUI training node's widgets (trainer/session.py) carry the fields' defaults and help."""
+    import dataclasses
+
+    from npo_suite.trainer.config import OPTIMIZERS
+    from npo_suite.trainer.session import NODE_ONLY, NODE_WIDGETS, config_widgets
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    widgets = config_widgets()
+    assert set(widgets) == set(NODE_WIDGETS) - set(NODE_ONLY) and set(widgets) <= set(fields)
+    for name, w in widgets.items():
+        assert (w.default, w.tooltip) == (fields[name].default, fields[name].metadata["help"]), name
+    assert (widgets["steps"].default, widgets["checkpoint_every"].default) == (1000, 500)
+    assert widgets["optimizer"].kind == "combo" and widgets["optimizer"].options == OPTIMIZERS
+    assert widgets["lora_targets"].kind == "combo" and "attn" in widgets["lora_targets"].options
+    assert (widgets["lora_rank"].kind, widgets["lora_rank"].min, widgets["lora_rank"].max) == ("int", 1, 256)
+    assert widgets["gradient_checkpointing"].kind == "bool" and widgets["output_name"].kind == "str"

@@ -36,9 +36,10 @@ def _check_lora(result, cfg, backend, role):
     off = load_offset(result.lora_path, base=backend.unet)
     assert len(off.unet) == len(backend._layers) and off.is_low_rank()
     meta = off.metadata
-    assert meta["npo_suite.method"] == cfg.method and meta["npo_suite.role"] == role
-    assert meta["npo_suite.steps"] == str(result.steps_done) and float(meta["npo_suite.beta"]) == cfg.beta
-    assert len(meta["npo_suite.base_model_hash"]) == 64
+    assert meta["npo_method"] == cfg.method and meta["npo_role"] == role
+    assert meta["npo_steps"] == str(result.steps_done) and float(meta["npo_beta"]) == cfg.beta
+    assert len(meta["npo_base_model_hash"]) == 64
+    assert not any(k.startswith("npo_suite.") for k in meta), "one spelling: core/offsets/schema.py"
     return off
 
 
@@ -108,5 +109,35 @@ def test_cli_train_from_yaml(sd15_dir, tmp_path):
     from npo_suite.core.offsets import load_offset
 
     off = load_offset(tmp_path / "out" / "mine.safetensors", base=load_pipe(sd15_dir).unet)
-    assert off.metadata["npo_suite.method"] == "bdpo" and off.metadata["npo_suite.lora_rank"] == "3"
+    assert off.metadata["npo_method"] == "bdpo" and off.metadata["npo_lora_rank"] == "3"
     assert cli.main(parser.parse_args(["--config", str(run), "--set", "lr=-1"])) == 2
+
+
+def test_trained_lora_metadata_in_inspect_and_reports(sd15_dir, tmp_path, capsys):
+    """Issue 13: the trainer's LoRA shows method, role, β, λ, base hash and steps in `offsets inspect
+    --json` (with and without --base: the tiny model is not SD1.5-shaped) and in the reports."""
+    import json
+
+    from npo_suite.cli import main
+    from npo_suite.core.offsets import load_offset
+    from npo_suite.core.offsets.schema import metadata_lines
+    from npo_suite.trainer.loop import train
+    from npo_suite.webui.logic import offset_summary
+
+    cfg = tiny_cfg(sd15_dir, data_for("npo", tmp_path / "data"), tmp_path / "out", method="npo", steps=2, lam=0.8)
+    backend = backend_for(sd15_dir, cfg)
+    result = train(cfg, backend=backend)
+    want = {"method": "npo", "role": "negative", "beta": "5000", "lambda": "0.8", "steps": "2"}
+    for extra in ([], ["--base", str(sd15_dir)]):
+        assert main(["offsets", "inspect", str(result.lora_path), "--json", *extra]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["format"] == "kohya" and info["components"]["unet"]["ranks"] == [cfg.lora_rank]
+        assert {k: info["npo"][k] for k in want} == want and len(info["npo"]["base_model_hash"]) == 64
+    assert main(["offsets", "inspect", str(result.lora_path)]) == 0
+    text = capsys.readouterr().out
+    assert "role: negative" in text and "names and shapes not checked" in text
+    off = load_offset(result.lora_path, base=backend.unet)
+    lines = metadata_lines(off.metadata)
+    assert lines[:6] == ["method: npo", "role: negative", "β: 5000", "λ: 0.8",
+                         f"base model hash: {off.metadata['npo_base_model_hash']}", "steps: 2"]
+    assert ", ".join(lines[:6]) in offset_summary(off, "neg.safetensors")  # the WebUI panel's note

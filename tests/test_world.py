@@ -57,7 +57,7 @@ def test_quick_build_layout_and_sd_interfaces(quick_world):
 
 
 def test_project_loader_reads_the_world(quick_world):
-    loading = pytest.importorskip("npo_suite.diffusers_host.loading")
+    from npo_suite.diffusers_host import loading
     b = loading.load_model(str(quick_world))
     assert b.family == "world" and b.vae is None and b.prediction_type == "epsilon"
 
@@ -170,7 +170,7 @@ def test_pairs_jsonl_format(tmp_path, reward_assets):
         make_pairs(fake_sampler, rm, tmp_path / "p2", samples_per_prompt=3)
     with pytest.raises(ValueError, match="names no digit"):
         make_pairs(fake_sampler, rm, tmp_path / "p3", prompts=["a cat"], samples_per_prompt=2)
-    pairs_mod = pytest.importorskip("npo_suite.trainer.data.pairs")  # the trainer's own JSONL reader
+    from npo_suite.trainer.data import pairs as pairs_mod  # the trainer's own JSONL reader
     recs = list(pairs_mod.open_pairs(str(st.path), verbose=False))
     assert len(recs) == 4 and recs[0].prompt == json.loads(lines[0])["prompt"]
 

@@ -33,29 +33,50 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 
 
 def _h(default: Any, help: str, **kw):
+    """A field with its help text and UI metadata in `kw` (min, max, step, round; choices: the allowed
+    values, presets: suggested ones, each a tuple or a function returning one), read by the ComfyUI
+    node's widgets (`trainer.session.config_widgets`) and the train CLI's help."""
     if isinstance(default, list):
         return field(default_factory=lambda d=tuple(default): list(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
-def _m(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _m(text: str, *, default: Any, **kw) -> Any:
+    return field(default=default, metadata={"help": text, **kw})
+
+
+def method_names() -> tuple[str, ...]:
+    """The keys of the one method registry, `trainer.methods.METHODS` (imported on first use)."""
+    from .methods import METHODS
+
+    return tuple(METHODS)
+
+
+def target_presets() -> tuple[str, ...]:
+    """The LoRA target presets (`lora_targets` also takes a comma list of module names)."""
+    from .backends.diffusers import TARGET_PRESETS
+
+    return tuple(TARGET_PRESETS)
 
 
 @dataclass
 class MethodConfig:
     """Every method hyper-parameter (the trainer's TrainConfig inherits from this)."""
 
-    method: str = _m("training method, one of METHODS: dpo, npo, bdpo, snpo, snpo_naive, tdft, ddspo", default="dpo")
+    method: str = _m("training method (a key of trainer.methods.METHODS)", default="dpo", choices=method_names)
     beta: float = _m("DPO-family beta, Diffusion-DPO's own convention: logit = -(beta/2)*(m_w - m_l); paper "
-                     "values 2000..5000 for SD1.5/SDXL (the diffusers example's beta' is beta/2)", default=5000.0)
+                     "values 2000..5000 for SD1.5/SDXL (the diffusers example's beta' is beta/2)", default=5000.0,
+                     min=1.0, max=100000.0, step=100.0)
     lam: float = _m("BDPO/SNPO mixing lambda in (0, 1]; the loser's pull is bounded by -log(1-lambda); "
-                    "1 = plain DPO", default=0.9)
-    snpo_p: float = _m("SNPO probability of the null branch (null cond, pair swapped) per pair", default=0.5)
-    timestep_sampler: str = _m("timestep sampler: " + ", ".join(TIMESTEP_SAMPLERS), default="uniform")
+                    "1 = plain DPO", default=0.9, min=0.01, max=1.0, step=0.01)
+    snpo_p: float = _m("SNPO probability of the null branch (null cond, pair swapped) per pair", default=0.5,
+                       min=0.0, max=1.0, step=0.05)
+    timestep_sampler: str = _m("timestep sampler: " + ", ".join(TIMESTEP_SAMPLERS), default="uniform",
+                               choices=tuple(TIMESTEP_SAMPLERS))
     timestep_gamma: float = _m("gamma_bins: P(bin k) ~ gamma^k, k=0 the noisiest bin", default=0.9)
     timestep_bins: int = _m("gamma_bins: number of bins over [0, T)", default=10)
-    timestep_weight: str = _m("per-timestep loss scale w(t): " + ", ".join(TIMESTEP_WEIGHTS), default="none")
+    timestep_weight: str = _m("per-timestep loss scale w(t): " + ", ".join(TIMESTEP_WEIGHTS), default="none",
+                              choices=tuple(TIMESTEP_WEIGHTS))
     tdft_k: int = _m("TDFT: teacher solver steps K of the truncated rollout (seed 002 default 5)", default=5)
     tdft_teacher: str = _m("TDFT teacher weakening: " + ", ".join(TDFT_TEACHERS), default="uncond")
     tdft_cfg: float = _m("TDFT: guidance scale of the low_cfg / few_steps teachers", default=1.5)
@@ -69,11 +90,11 @@ class MethodConfig:
     ddspo_rewriter: str = _m("DDSPO degraded-prompt rewriter: " + ", ".join(REWRITERS), default="drop_words")
     ddspo_rewriter_path: str | None = _m("DDSPO local_lm rewriter: local transformers causal-LM folder", default=None)
     ref_update_every: int = _m("reference update period tau in optimizer steps (16/32/64 in seed 004); 0 = off",
-                               default=0)
+                               default=0, min=0, max=100000)
     ref_bound: float = _m("reference divergence bound delta (per-element mse scale, see trainer/reference.py); "
-                          "0.005 SD1.5, 0.002 SDXL", default=0.005)
+                          "0.005 SD1.5, 0.002 SDXL", default=0.005, min=1e-6, max=10.0, step=0.001)
     ref_on_exceed: str = _m("when the bound is exceeded: freeze (keep the last reference) or reinit (reset it to "
-                            "the base model)", default="freeze")
+                            "the base model)", default="freeze", choices=ON_EXCEED)
     ref_probe_size: int = _m("reference update: winners of the batch used to estimate the divergence", default=4)
     ref_probe_timesteps: int = _m("reference update: timesteps per winner in the divergence estimate", default=4)
 
@@ -129,41 +150,47 @@ class TrainConfig(MethodConfig):
     data_kind: str = _h("auto", "data source kind (trainer/data): auto, jsonl, folders, pickapic, prompts, images; "
                                 "auto guesses from data_path")
     data_path: list[str] = _h([], "data source path(s); several sources are concatenated")
-    resolution: int = _h(512, "training resolution in pixels (square); SDXL default size conditioning too")
+    resolution: int = _h(512, "training resolution in pixels (square); SDXL default size conditioning too",
+                         min=64, max=4096, step=64)
     crop: str = _h("center", "crop to the resolution: center or random")
     random_flip: bool = _h(False, "random horizontal flip (the same flip for both images of a pair)")
     cache_dir: str = _h("", "latent + text-embedding cache folder ('' = no cache)")
     # --- batch and schedule
-    batch_size: int = _h(1, "pairs (or prompts) per device per micro-batch")
-    grad_accum: int = _h(1, "micro-batches accumulated per optimizer step; effective batch = batch_size x grad_accum x processes")
-    steps: int = _h(1000, "optimizer steps")
-    lr: float = _h(1e-5, "peak learning rate of the LoRA weights")
+    batch_size: int = _h(1, "pairs (or prompts) per device per micro-batch", min=1, max=256)
+    grad_accum: int = _h(1, "micro-batches accumulated per optimizer step; effective batch = batch_size x grad_accum x processes",
+                         min=1, max=1024)
+    steps: int = _h(1000, "optimizer steps", min=1, max=1000000)
+    lr: float = _h(1e-5, "peak learning rate of the LoRA weights", min=1e-8, max=1.0, step=1e-6, round=1e-8)
     lr_scheduler: str = _h("constant_with_warmup", f"diffusers get_scheduler name: {', '.join(LR_SCHEDULERS)}")
     lr_warmup_steps: int = _h(0, "linear warm-up steps")
-    optimizer: str = _h("adamw", "adamw | adamw8bit (bitsandbytes; falls back to adamw with a message) | adafactor")
+    optimizer: str = _h("adamw", "adamw | adamw8bit (bitsandbytes; falls back to adamw with a message) | adafactor",
+                        choices=OPTIMIZERS)
     adam_beta1: float = _h(0.9, "Adam beta1")
     adam_beta2: float = _h(0.999, "Adam beta2")
     adam_eps: float = _h(1e-8, "Adam epsilon")
     weight_decay: float = _h(1e-2, "decoupled weight decay")
     max_grad_norm: float = _h(1.0, "clip the global grad norm to this (0 = no clipping)")
     # --- precision and memory
-    mixed_precision: str = _h("no", "no | fp16 | bf16: autocast dtype; frozen base weights are stored in it (GPU)")
+    mixed_precision: str = _h("no", "no | fp16 | bf16: autocast dtype; frozen base weights are stored in it (GPU)",
+                              choices=PRECISIONS)
     gradient_checkpointing: bool = _h(False, "recompute UNet activations in backward (less memory, ~30% slower)")
-    seed: int = _h(0, "seed of LoRA init, noise, timesteps and data order")
+    seed: int = _h(0, "seed of LoRA init, noise, timesteps and data order", min=0, max=2**31 - 1)
     cpu: bool = _h(False, "force CPU even when a GPU is present")
     # --- LoRA
-    lora_rank: int = _h(8, "LoRA rank")
+    lora_rank: int = _h(8, "LoRA rank", min=1, max=256)
     lora_alpha: float = _h(8.0, "LoRA alpha (scale = alpha / rank)")
-    lora_targets: str = _h("attn", "target modules: attn | attn_ff | attn+conv | attn_ff+conv | comma list of module names")
+    lora_targets: str = _h("attn", "target modules: attn | attn_ff | attn+conv | attn_ff+conv | comma list of module names",
+                           presets=target_presets)
     lora_init: str = _h("", "continue training from this LoRA file ('' = fresh LoRA)")
     # --- output
     output_dir: str = _h("runs/npo", "run folder: the LoRA, checkpoints/, logs, validation images")
     output_name: str = _h("", "LoRA file name without extension ('' = '<method>_lora')")
     save_format: str = _h("kohya", "LoRA file format (core.offsets.save_offset): kohya loads in ComfyUI, Forge, A1111, diffusers")
-    checkpoint_every: int = _h(500, "save a resumable checkpoint every N steps (0 = only at the end / on interrupt)")
+    checkpoint_every: int = _h(500, "save a resumable checkpoint every N steps (0 = only at the end / on interrupt)",
+                               min=0, max=1000000)
     keep_last: int = _h(3, "checkpoints kept (older ones deleted)")
     log_every: int = _h(10, "log metrics every N steps (CSV, TensorBoard when installed)")
-    validate_every: int = _h(0, "validation images + curves every N steps (0 = never)")
+    validate_every: int = _h(0, "validation images + curves every N steps (0 = never)", min=0, max=1000000)
     validation_prompts: list[str] = _h(["a photo of a cat"], "prompts of the validation grid")
     validation_seeds: list[int] = _h([0, 1], "seeds of the validation grid (one column each)")
     validation_sample_steps: int = _h(20, "sampler steps of validation images")
@@ -205,7 +232,7 @@ class TrainConfig(MethodConfig):
 
     @property
     def lora_name(self) -> str:
-        return self.output_name or f"{self.method}_lora"
+        return lora_name_of(self.output_name, self.method)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,6 +244,11 @@ class TrainConfig(MethodConfig):
 
     def replace(self, **changes) -> "TrainConfig":
         return from_dict({**self.to_dict(), **changes}, source="replace()")
+
+
+def lora_name_of(output_name: str, method: str) -> str:
+    """The LoRA file's stem: `output_name`, or '<method>_lora' when it is empty."""
+    return output_name or f"{method}_lora"
 
 
 def field_types(cls=TrainConfig) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Every function takes per-sample mean squared errors `[B]` (METHODS.md `mse`: the mean over all
 latent dims) and returns a `LossOut`; nothing here touches a network. `trainer/methods.py`
-produces the mse values and picks the function; the loop never branches on a method's name.
+produces the mse values and picks the function (its `METHODS` is the one registry: there is no
+second one of losses); the loop never branches on a method's name.
 
 β convention (METHODS.md decision): β is Diffusion-DPO's own (SalesforceAIResearch/DiffusionDPO),
 logit = −(β/2)·w(t)·(Δ_w − Δ_l): the paper values β = 2000..5000 (SD1.5/SDXL) carry over
@@ -110,11 +111,3 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """mse(a, b) per sample: mean over every dim but the first, in at least float32. [B]"""
     d = _f(a) - _f(b)
     return d.pow(2).flatten(1).mean(1)
-
-
-# The registry of preference losses (name -> function). Methods pick from it; see methods.py.
-LOSSES = {
-    "dpo": dpo_loss,
-    "bdpo": bdpo_loss,
-    "ddspo": ddspo_loss,
-}

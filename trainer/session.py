@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.offsets.schema import npo_metadata
 from ..core.paths import inside, safe_relative_name as safe_name
 from .data.records import DataSummary
 from .data.sources import PreferenceData
@@ -74,16 +75,64 @@ def validation_prompts_of(options: dict, data: PreferenceData | None) -> list[st
     return prompts or [""]
 
 
-CONFIG_KEYS = ("method", "beta", "lam", "snpo_p", "steps", "lr", "batch_size", "grad_accum", "resolution", "optimizer",
-               "gradient_checkpointing", "seed", "ref_update_every", "ref_bound", "ref_on_exceed",
-               "timestep_sampler", "timestep_weight", "checkpoint_every")
+# The Train Preference LoRA node's widgets, in the node's order (UI workflows store widget values
+# by position: append, never reorder). Every name but NODE_ONLY is a TrainConfig field, and its
+# widget (type, default, range, tooltip) is generated from that field (`config_widgets`).
+NODE_WIDGETS = ("method", "beta", "lam", "snpo_p", "steps", "lr", "lora_rank", "lora_targets", "batch_size",
+                "grad_accum", "resolution", "mixed_precision", "optimizer", "gradient_checkpointing", "seed",
+                "ref_update_every", "ref_bound", "ref_on_exceed", "timestep_sampler", "timestep_weight", "output_name",
+                "resume", "checkpoint_every", "init_lora", "extra", "validate_every", "validation_prompts")
+NODE_ONLY = ("resume", "init_lora", "extra", "validation_prompts")  # the node's own inputs (see node_config)
+
+
+@dataclass(frozen=True)
+class Widget:
+    """A host widget for one TrainConfig field: kind "int" | "float" | "bool" | "str" | "combo"."""
+
+    name: str
+    kind: str
+    default: Any
+    tooltip: str
+    options: tuple = ()
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    round: float | None = None
+
+
+def config_widget(name: str) -> Widget:
+    """The widget of TrainConfig field `name`: its type, default, help and UI metadata (trainer/config.py)."""
+    import dataclasses
+
+    from .config import TrainConfig, field_types
+
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    meta, tp = f.metadata, field_types()[name]
+    choices = meta.get("choices") or meta.get("presets") or ()  # a host offers presets as its dropdown
+    kind = "combo" if choices else {bool: "bool", int: "int", float: "float", str: "str"}[tp]
+    return Widget(name, kind, f.default, meta.get("help", ""), tuple(choices() if callable(choices) else choices),
+                  *(meta.get(k) for k in ("min", "max", "step", "round")))
+
+
+def config_widgets() -> dict[str, Widget]:
+    """name -> Widget for every TrainConfig field among NODE_WIDGETS."""
+    return {n: config_widget(n) for n in NODE_WIDGETS if n not in NODE_ONLY}
+
+
+def node_output_name(options: dict) -> str:
+    """The run's LoRA name: the `output_name` widget, or '<method>_lora' when empty (TrainConfig's rule)."""
+    from .config import lora_name_of
+
+    return safe_name(lora_name_of(options.get("output_name") or "", options["method"]), "output_name")
 
 
 def node_config(options: dict, run_dir: str, init_lora_path: str | None, data: PreferenceData | None = None):
     """TrainConfig from the node's widgets (+ the `extra` lines): the CLI's config type and checks.
 
-    `validate_every` (0 = off, the default) and `validation_prompts` are optional node inputs; with
-    validation on and no prompts typed, the grid uses the dataset's first prompts."""
+    The widgets are TrainConfig fields by name; besides them the node sets lora_alpha = lora_rank
+    (scale 1), the LoRA start (`init_lora`), the run folder, log_every = 1. `validate_every`
+    (0 = off, the default) and `validation_prompts` are optional node inputs; with validation on
+    and no prompts typed, the grid uses the dataset's first prompts. `extra` overrides all of it."""
     import yaml
 
     from .config import from_dict
@@ -91,16 +140,14 @@ def node_config(options: dict, run_dir: str, init_lora_path: str | None, data: P
     extra = yaml.safe_load(options.get("extra") or "") or {}
     if not isinstance(extra, dict):
         raise ValueError("extra: expected 'key: value' lines (YAML mapping)")
-    d = {k: options[k] for k in CONFIG_KEYS if k in options}
-    d.update(lora_rank=options["rank"], lora_alpha=float(options["rank"]), lora_targets=options["targets"],
-             mixed_precision=options["precision"], lora_init=init_lora_path or "", output_dir=run_dir,
-             output_name=safe_name(options["output_name"], "output_name"), log_every=1,
+    d = {k: options[k] for k in NODE_WIDGETS if k in options and k not in NODE_ONLY}
+    d.update(lora_alpha=float(options["lora_rank"]), lora_init=init_lora_path or "",
+             output_dir=run_dir, output_name=node_output_name(options), log_every=1,
              validate_every=int(options.get("validate_every") or 0))
     if d["validate_every"]:
         d["validation_prompts"] = validation_prompts_of(options, data)
     d.update(extra)
     return from_dict(d, source="Train Preference LoRA")
-
 
 
 @dataclass
@@ -160,7 +207,7 @@ def run_training(backend, data: PreferenceData, cfg, *, resume: bool, cache_dir:
     offset = None
     if result.steps_done > 0:
         offset = backend.export_offset()
-        offset.metadata = {"npo_suite.method": cfg.method, "npo_suite.steps": str(result.steps_done)}
+        offset.metadata = npo_metadata(method=cfg.method, steps=result.steps_done)
     losses = read_losses(run_dir / "metrics.csv")
     state = "interrupted" if result.interrupted else "finished"
     report = (f"{cfg.method}: {state} at step {result.steps_done}/{cfg.steps}"

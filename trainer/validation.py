@@ -194,20 +194,16 @@ def base_model_hash(cfg, backend) -> str:
 
 
 def lora_metadata(cfg, backend, method, step: int) -> dict[str, str]:
-    """Safetensors metadata of the trained LoRA (ARCHITECTURE.md "Output")."""
-    meta = {
-        "npo_suite.role": method_role(method, cfg),
-        "npo_suite.method": cfg.method,
-        "npo_suite.beta": str(getattr(cfg, "beta", "")),
-        "npo_suite.lambda": str(getattr(cfg, "lam", getattr(cfg, "bdpo_lambda", ""))),
-        "npo_suite.base_model_hash": base_model_hash(cfg, backend),
-        "npo_suite.base_model": os.path.basename(str(cfg.model).rstrip("/")) if cfg.model else "",
-        "npo_suite.steps": str(step),
-        "npo_suite.effective_batch": str(cfg.effective_batch),
-        "npo_suite.lr": str(cfg.lr),
-    }
-    meta.update({f"npo_suite.{k}": v for k, v in getattr(backend, "lora_metadata", dict)().items()})
-    return meta
+    """Safetensors metadata of the trained LoRA: the `npo_*` fields of core/offsets/schema.py."""
+    from ..core.offsets.schema import npo_metadata
+
+    return npo_metadata(
+        role=method_role(method, cfg), method=cfg.method, beta=getattr(cfg, "beta", ""),
+        **{"lambda": getattr(cfg, "lam", getattr(cfg, "bdpo_lambda", ""))},
+        base_model_hash=base_model_hash(cfg, backend),
+        base_model=os.path.basename(str(cfg.model).rstrip("/")) if cfg.model else "",
+        steps=step, effective_batch=cfg.effective_batch, lr=cfg.lr,
+        **getattr(backend, "lora_metadata", dict)())
 
 
 def save_lora(cfg, backend, method, step: int, out: Path) -> Path:

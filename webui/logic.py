@@ -38,6 +38,7 @@ from ..core.branch_lora import BranchOffsets
 from ..core.npo import (ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, chunk_kinds, match_deltas, row_groups,
                         sigma_bound)
 from ..core.offsets.keys import SD15_UNET, SDXL_UNET, diffusers_to_ldm, unet_block_prefixes
+from ..core.offsets.schema import metadata_lines
 from ..core.offsets.types import DenseDelta, LowRankDelta, Offset, coverage_line
 from ..core.paths import safe_relative_name
 
@@ -180,6 +181,16 @@ def resolve_offset_file(name: str, dirs: Sequence[str | os.PathLike]) -> Path:
         if p.is_file():
             return p
     raise FileNotFoundError(f"NPO: offset file {name!r} not found in {', '.join(str(d) for d in dirs)}")
+
+
+def offset_summary(offset: Offset, name: str) -> str:
+    """The panel's note on a chosen file: what was recognised (LoadReport), its notes, and its NPO
+    metadata (core/offsets/schema.py: method, role, β, λ, base model hash, steps)."""
+    s = offset.report.summary() if offset.report is not None else name
+    if offset.report is not None and offset.report.notes:
+        s += " (" + "; ".join(offset.report.notes) + ")"
+    meta = metadata_lines(offset.metadata)
+    return s + ("; " + ", ".join(meta) if meta else "")
 
 
 class OffsetCache:

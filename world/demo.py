@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.offsets.schema import read_npo_metadata
+
 
 @dataclass
 class DemoConfig:
@@ -227,8 +229,10 @@ def run_demo(dc: DemoConfig, log=print) -> dict:
     runs = {"cfg": sample_run(bundle, prompts, seeds, "cfg", None, dc)}
     for m in dc.methods:
         off = load_offset(str(loras[m]), unet_base)
-        role = off.metadata.get("role", "") if hasattr(off, "metadata") and off.metadata else ""
-        if m.startswith("snpo") or role == "snpo":
+        role = read_npo_metadata(off.metadata).get("role")  # the trainer writes the method's role
+        if role not in ("negative", "snpo"):
+            raise ValueError(f"{loras[m]}: the demo samples negative or snpo LoRAs; this one's role is {role!r}")
+        if role == "snpo":
             runs[m] = sample_run(bundle, prompts, seeds, "snpo", Offsets(snpo=off), dc)
         else:
             runs[m] = sample_run(bundle, prompts, seeds, "npo", Offsets(neg=off, beta=dc.npo_beta_offset), dc)

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..trainer.methods import METHODS
 from .demo import DemoConfig, eval_prompts, sample_run, score_images, summarize, train_lora
 
-ALL = ("dpo", "npo", "bdpo", "snpo", "snpo_naive", "tdft", "ddspo")
+ALL = tuple(METHODS)
 
 
 def llr_trajectory(metrics_csv: Path) -> dict:
@@ -49,12 +50,13 @@ def variants(method: str, lora, loras: dict, dc: DemoConfig) -> list[tuple[str, 
     """(label, mode, Offsets) to sample for a trained method."""
     from ..diffusers_host.generate import Offsets
 
-    if method in ("dpo", "bdpo", "ddspo"):
+    m = METHODS[method]
+    if m.role == "positive":
         return [(method, "cfg", Offsets(pos=lora))]
-    if method.startswith("snpo"):
+    if m.role == "snpo":
         return [(method, "snpo", Offsets(snpo=lora))]
-    if method == "tdft":
-        return [("tdft (Self-NPO, beta=1)", "npo", Offsets(neg=lora, alpha=0.0, beta=1.0))]
+    if m.data_kind != "pairs":  # a data-free negative offset (Self-NPO)
+        return [(f"{method} (Self-NPO, beta=1)", "npo", Offsets(neg=lora, alpha=0.0, beta=1.0))]
     out = [(f"npo (beta={b})", "npo", Offsets(neg=lora, beta=b)) for b in (0.5, 1.0, 2.0)]
     if "dpo" in loras:
         out += [(f"npo+dpo (alpha={a}, beta=1)", "npo", Offsets(pos=loras["dpo"], neg=lora, alpha=a, beta=1.0))
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m npo_suite.world.results", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/results")
     ap.add_argument("--world", default=None)
-    ap.add_argument("--methods", nargs="+", default=["dpo", "npo", "bdpo", "snpo", "snpo_naive", "tdft"], choices=ALL)
+    ap.add_argument("--methods", nargs="+", default=[m for m in ALL if m != "ddspo"], choices=ALL)
     ap.add_argument("--train-steps", type=int, default=DemoConfig.train_steps)
     ap.add_argument("--eval-seeds", type=int, default=DemoConfig.eval_seeds)
     ap.add_argument("--beta", type=float, default=DemoConfig.beta)
@@ -130,9 +132,9 @@ def main(argv=None) -> int:
     ddspo_file = pairs_path.parent / "ddspo_winners.jsonl"
     ddspo_file.write_text("".join(json.dumps({"prompt": r["prompt"], "image": r["chosen"]}) + "\n"
                                   for r in read_pairs(pairs_path)), encoding="utf-8")
-    data_for = {"tdft": prompts_file, "ddspo": ddspo_file}
+    data_for = {"pairs": pairs_path, "images_or_prompts": prompts_file, "prompts_with_winners": ddspo_file}
     for m in args.methods:
-        data = data_for.get(m, pairs_path)
+        data = data_for[METHODS[m].data_kind]
         try:
             tr, secs = train_lora(world_dir, m, data, out / f"train_{m}", dc)
         except Exception as e:  # record the failure, go on with the other methods

@@ -9,6 +9,7 @@ module's weights), `extract` (SVD), with `keys` (module names per model family),
 deltas) and `schema` (formats, roles, metadata keys). Public API (stable; other modules call these):
   load_offset(path, base=None, *, family=None, allow_pickle=False, strict=True) -> Offset
   offset_from_state_dict(sd, base=None, *, name="<memory>", family=None, strict=True, metadata=None) -> Offset
+  scan_offset(path, *, allow_pickle=False) -> Offset   (what a file holds; checked against no model)
   save_offset(offset, path, *, format="kohya", metadata=None, base=None, family=None) -> Path
   offset_to_state_dict(offset, *, format="kohya", base=None, family=None) -> dict[str, Tensor]
   offset_from_peft(model, adapter_name="policy", component="unet") -> dict[str, LowRankDelta]
@@ -26,7 +27,7 @@ conventions are documented in docs/offsets.md.
 from .extract import extract_lora
 from .keys import normalize_unet_state_dict
 from .merge import applied, component_module, materialize, merged_state_dict, module_for_path
-from .read import diff_between, load_offset, load_unet_state_dict, offset_from_state_dict
+from .read import diff_between, load_offset, load_unet_state_dict, offset_from_state_dict, scan_offset
 from .schema import FORMATS, ROLES, Term
 from .types import DenseDelta, Delta, LoadReport, LowRankDelta, Offset
 from .write import model_hash, offset_from_peft, offset_to_state_dict, save_offset
@@ -34,5 +35,5 @@ from .write import model_hash, offset_from_peft, offset_to_state_dict, save_offs
 __all__ = [
     "FORMATS", "ROLES", "Term", "DenseDelta", "Delta", "LoadReport", "LowRankDelta", "Offset", "applied", "component_module", "diff_between", "extract_lora", "load_offset", "load_unet_state_dict",
     "materialize", "merged_state_dict", "model_hash", "module_for_path", "normalize_unet_state_dict",
-    "offset_from_peft", "offset_from_state_dict", "offset_to_state_dict", "save_offset",
+    "offset_from_peft", "offset_from_state_dict", "offset_to_state_dict", "save_offset", "scan_offset",
 ]

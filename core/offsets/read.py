@@ -45,6 +45,31 @@ def load_offset(path, base=None, *, family: str | None = None, allow_pickle: boo
     return offset_from_state_dict(sd, base, name=str(path), family=family, strict=strict, metadata=meta)
 
 
+def scan_offset(path, *, allow_pickle: bool = False) -> Offset:
+    """What a file holds, checked against no model (inspecting a file whose model is unknown).
+
+    Deltas are keyed by the file's own module names (kohya names stay flat: resolving them needs a
+    model's module table); `report.family` is the detected family or None; nothing is matched, so
+    nothing can mismatch. `load_offset` with a `base` is the check before use.
+    """
+    path = Path(path)
+    sd, meta = _read_tensors(path, allow_pickle)
+    if not sd:
+        raise ValueError(f"{path}: the file contains no tensors")
+    entries, fmt, skipped = _parse_keys(sd, str(path))
+    if fmt == "full_unet":
+        raise ValueError(f"{path}: a full UNet state dict, not an offset; pass the UNet it was fine-tuned from as base")
+    out = Offset(metadata=dict(meta))
+    for e in entries:
+        comp = out.unet if e.component == "unet" else out.text_encoders.setdefault(e.component, {})
+        if e.name in comp:
+            raise ValueError(f"{path}: module {e.component}:{e.name} is given twice ({', '.join(e.parts.values())})")
+        comp[e.name] = _make_delta(e, sd, str(path))
+    out.report = LoadReport(path=str(path), format=fmt, family=detect_family(entries, sd), matched=len(entries),
+                            unmatched_keys=skipped, notes=["names and shapes not checked: no model given"])
+    return out
+
+
 def offset_from_state_dict(sd: dict[str, torch.Tensor], base=None, *, name: str = "<memory>", family: str | None = None,
                            strict: bool = True, metadata: dict[str, str] | None = None) -> Offset:
     """`load_offset` on tensors already in memory (`name` is used in messages)."""

@@ -17,7 +17,7 @@ from .keys import (
     strip_peft_name,
     targets_from_base,
 )
-from .schema import BASE_MODEL_VERSION, FORMATS, ROLES
+from .schema import BASE_MODEL_VERSION, FORMATS, metadata_value, validate_metadata
 from .types import Delta, DenseDelta, LowRankDelta, Offset, _shape_fits, delta_shape
 
 
@@ -47,7 +47,8 @@ def save_offset(offset: Offset, path, *, format: str = "kohya", metadata: dict |
 
 
 def build_metadata(offset: Offset, family: str, path: Path, metadata: dict | None) -> dict[str, str]:
-    """kohya `ss_*` fields + `npo_*` fields (all str). See docs/offsets.md for the list."""
+    """kohya `ss_*` fields + `npo_*` fields (all str; schema.py, docs/offsets.md); the role is validated
+    in either spelling (`npo_role`, or `npo_suite.role` carried over from an older file)."""
     meta = {k: v for k, v in (offset.metadata or {}).items() if isinstance(v, str)}
     ranks = sorted({d.rank for c in offset.components().values() for d in c.values() if isinstance(d, LowRankDelta)})
     alphas = sorted({d.scale * d.rank for c in offset.components().values() for d in c.values() if isinstance(d, LowRankDelta)})
@@ -55,19 +56,13 @@ def build_metadata(offset: Offset, family: str, path: Path, metadata: dict | Non
                  "ss_output_name": path.stem})
     if ranks:
         meta["ss_network_dim"] = str(ranks[-1])
-        meta["ss_network_alpha"] = _num(alphas[-1])  # the alpha _common_alpha writes for every module
+        meta["ss_network_alpha"] = metadata_value(alphas[-1])  # the alpha _common_alpha writes for every module
     for k, v in (metadata or {}).items():
         if v is None:
             continue
-        meta[str(k)] = v if isinstance(v, str) else _num(v) if isinstance(v, (int, float)) else str(v)
-    role = meta.get("npo_role")
-    if role is not None and role not in ROLES:
-        raise ValueError(f"{path}: npo_role must be one of {ROLES}, got {role!r}")
+        meta[str(k)] = metadata_value(v)
+    validate_metadata(meta, str(path))
     return meta
-
-
-def _num(v) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:

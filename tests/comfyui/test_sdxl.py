@@ -349,7 +349,7 @@ def test_sdxl_train_preference_lora_in_workflow_then_lora_loader(sdxl, caplog):
     assert set(back.unet) == set(offset.unet)
     for k, d in offset.unet.items():
         assert torch.allclose(back.unet[k].dense(), d.dense(), atol=1e-6), k
-    assert back.metadata.get("npo_suite.method") == "dpo"
+    assert back.metadata.get("npo_method") == "dpo"
 
     # the stock LoraLoader applies every key (no "lora key not loaded"), and the LoRA changes the output
     h = Graph()

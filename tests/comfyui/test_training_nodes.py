@@ -51,8 +51,8 @@ def datasets(comfy):
 
 
 def train_inputs(**kw):
-    d = dict(method="npo", beta=5000.0, lam=0.9, snpo_p=0.5, steps=2, lr=1e-3, rank=4, targets="attn", batch_size=1,
-             grad_accum=1, resolution=64, precision="no", optimizer="adamw", gradient_checkpointing=False, seed=0,
+    d = dict(method="npo", beta=5000.0, lam=0.9, snpo_p=0.5, steps=2, lr=1e-3, lora_rank=4, lora_targets="attn", batch_size=1,
+             grad_accum=1, resolution=64, mixed_precision="no", optimizer="adamw", gradient_checkpointing=False, seed=0,
              ref_update_every=0, ref_bound=0.005, ref_on_exceed="freeze", timestep_sampler="uniform",
              timestep_weight="none", output_name="npo_test", resume=False, checkpoint_every=1, init_lora="none",
              extra="")
@@ -168,7 +168,13 @@ def test_train_in_workflow_then_lora_loader_and_npo_guider(comfy, datasets, capl
     assert set(back.unet) == set(offset.unet)
     for k, d in offset.unet.items():
         assert torch.allclose(back.unet[k].dense(), d.dense(), atol=1e-6), k
-    assert back.metadata.get("npo_suite.role") == "negative" and back.metadata.get("npo_suite.method") == "npo"
+    assert back.metadata.get("npo_role") == "negative" and back.metadata.get("npo_method") == "npo"
+    # ... and the Load Weight Offset node's report shows its metadata (issue 13: one schema)
+    from npo_suite.nodes.offsets import offset_report
+
+    report = offset_report(back, lora_name).splitlines()
+    assert {"method: npo", "role: negative", "β: 5000", "λ: 0.9", "steps: 2",
+            f"base model hash: {back.metadata['npo_base_model_hash']}"} <= set(report), report
     h = {"1": g["1"], "6": g["6"], "7": g["7"], "9": g["9"], "10": g["10"],
          "20": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
                                                        "strength_model": 1.0, "strength_clip": 1.0}},
@@ -379,7 +385,7 @@ def test_tdft_self_npo_from_prompt_list(comfy, datasets, caplog):
 
     offset, path = _prompt_list_run(comfy, "tdft", "tdft_k: 1\n", False, caplog)
     keys, meta = _lora_keys(path)
-    assert meta.get("npo_suite.method") == "tdft" and meta.get("npo_suite.role") == "negative"
+    assert meta.get("npo_method") == "tdft" and meta.get("npo_role") == "negative"
     assert not [k for k in keys if "ema" in k.lower()]
     modules = {k.split(".")[0] for k in keys}
     assert len(keys) == 3 * len(modules)  # one lora_down / lora_up / alpha per module: one adapter only
@@ -393,7 +399,7 @@ def test_tdft_self_npo_from_prompt_list(comfy, datasets, caplog):
 def test_ddspo_from_prompt_list_with_winner_images(comfy, datasets, caplog):
     offset, path = _prompt_list_run(comfy, "ddspo", "ddspo_beta: 16000\n", True, caplog)
     keys, meta = _lora_keys(path)
-    assert meta.get("npo_suite.method") == "ddspo" and meta.get("npo_suite.role") == "positive"
+    assert meta.get("npo_method") == "ddspo" and meta.get("npo_role") == "positive"
     assert len(keys) == 3 * len({k.split(".")[0] for k in keys})
     assert any(float(d.up.abs().max()) > 0 for d in offset.unet.values())
 
@@ -414,3 +420,29 @@ def test_validation_grid_output(comfy, datasets):
     assert grid.shape == (1, 2 * 64, 2 * 64, 3), grid.shape  # rows: 2 prompts; columns: 1 seed x (base, LoRA)
     assert torch.isfinite(grid).all() and "validation grid: step_000002.png" in report
     assert (comfy.root / "output" / "npo_suite_runs" / "validated" / "validation" / "step_000002.png").is_file()
+
+
+def test_node_widgets_are_trainconfig_fields(comfy, datasets):
+    """Issue 13: the node's widgets carry TrainConfig's names, defaults, ranges and help (one source:
+    the fields; the node once had steps 500 / checkpoint_every 100 and renamed rank, precision)."""
+    import dataclasses
+
+    import nodes
+
+    from npo_suite.trainer.config import TrainConfig
+    from npo_suite.trainer.methods import METHODS
+    from npo_suite.trainer.session import NODE_ONLY, NODE_WIDGETS
+
+    spec = nodes.NODE_CLASS_MAPPINGS["NPOSuite_TrainPreferenceLoRA"].INPUT_TYPES()
+    inputs = {**spec["required"], **spec.get("optional", {})}
+    assert [n for n in inputs if n not in ("model", "clip", "vae", "dataset")] == list(NODE_WIDGETS)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in NODE_WIDGETS:
+        if name in NODE_ONLY:
+            continue
+        opts = inputs[name][1]
+        assert opts["default"] == fields[name].default, name
+        assert opts["tooltip"] == fields[name].metadata["help"], name
+    assert inputs["steps"][1]["default"] == 1000 and inputs["checkpoint_every"][1]["default"] == 500
+    assert list(inputs["method"][1].get("options") or inputs["method"][0]) == list(METHODS)
+    assert inputs["beta"][1]["min"] == fields["beta"].metadata["min"] and inputs["lora_rank"][1]["max"] == 256

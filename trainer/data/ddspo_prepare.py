@@ -306,7 +306,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", required=True, help="reference model: a diffusers folder (SD1.x or SDXL)")
     parser.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or .jsonl "
-                        "({prompt, id?, neg_prompt?})")
+                        "({prompt, id?, negative_prompt? (alias neg_prompt)})")
     parser.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
     parser.add_argument("--losers", choices=("generate", "none"), default="generate",
                         help="generate loser images from the degraded prompts, or none (efficient variant)")

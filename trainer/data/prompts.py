@@ -5,8 +5,9 @@ Prompt files:
   *.txt    one prompt per line; blank lines are counted as `empty_prompt` and skipped.
            Id: `<line number>-<first 8 hex of sha1(prompt)>` (stable when lines are appended,
            and an edited line gets a new id).
-  *.jsonl  `{"prompt": ..., "id"?: ..., "neg_prompt"?: ..., "image"?: <path relative to the file>}`
-           (`caption`/`text` accepted for prompt). Default id as for .txt.
+  *.jsonl  `{"prompt": ..., "id"?: ..., "negative_prompt"?: ..., "image"?: <path relative to the file>}`
+           (`caption`/`text` accepted for prompt, `neg_prompt` for negative_prompt: see
+           `negative_prompt_of`, which `generate --prompts` reads too). Default id as for .txt.
 """
 from __future__ import annotations
 
@@ -15,6 +16,20 @@ from pathlib import Path
 
 from .pairs import Source, _first, caption_of, captions_for, iter_jsonl, list_images
 from .records import PromptRecord
+
+
+NEGATIVE_PROMPT_KEYS = ("negative_prompt", "neg_prompt")  # the documented name, then its alias
+
+
+def negative_prompt_of(obj: dict, where: str = "prompts line") -> str | None:
+    """The negative prompt of one JSONL prompts line (`negative_prompt`, alias `neg_prompt`), or None.
+
+    A line that gives both spellings with different values is refused (ValueError), not resolved.
+    """
+    given = {k: str(obj[k]) for k in NEGATIVE_PROMPT_KEYS if obj.get(k) is not None}
+    if len(set(given.values())) > 1:
+        raise ValueError(f"{where}: both {' and '.join(given)} are given and differ: keep one")
+    return next(iter(given.values()), None)
 
 
 def line_id(n: int, prompt: str) -> str:
@@ -57,9 +72,13 @@ class PromptsFile(Source):
                 if not image.is_file():
                     summary.skip("missing_file", f"{self.path.name}:{n}: {image}")
                     continue
-            neg = obj.get("neg_prompt")
+            try:
+                neg = negative_prompt_of(obj, f"{self.path.name}:{n}")
+            except ValueError as e:
+                summary.skip("bad_row", str(e))
+                continue
             rid = str(obj["id"]) if obj.get("id") is not None else line_id(n, prompt)
-            yield PromptRecord(rid, prompt, image, str(neg) if neg is not None else None)
+            yield PromptRecord(rid, prompt, image, neg)
 
 
 class ImageFolder(Source):
