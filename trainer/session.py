@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import os
 import shutil
-import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.atomic import copy_file
 from ..core.paths import inside, safe_relative_name as safe_name
 from .data.records import DataSummary
 from .data.sources import PreferenceData
@@ -211,18 +210,8 @@ def run_and_release(make_backend: Callable[[], Any], data: PreferenceData, cfg, 
 
 
 def publish_lora(src: Path, loras_dir: str, name: str) -> Path:
-    """Copy the trained LoRA into ComfyUI's loras folder atomically (temp file + os.replace)."""
+    """Copy the trained LoRA into ComfyUI's loras folder atomically (core.atomic)."""
     dst = inside(loras_dir, f"{safe_name(name, 'output name')}.safetensors", "output name")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return dst
+    return copy_file(src, dst)
 
 

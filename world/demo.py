@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.atomic import write_text
+
 
 @dataclass
 class DemoConfig:
@@ -131,9 +133,7 @@ def write_run(dirpath: Path, name: str, images, prompts, seeds, mode: str, extra
         to_png(im, dirpath / f)
         items.append({"file": f, "prompt": p, "seed": int(s), "mode": mode})
     m = {"command": "demo", "run": name, "mode": mode, **(extra or {}), "images": items}
-    tmp = dirpath / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(m, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, dirpath / "manifest.json")
+    write_text(dirpath / "manifest.json", json.dumps(m, indent=1) + "\n")
     return dirpath
 
 

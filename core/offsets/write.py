@@ -1,14 +1,14 @@
 """Saving offsets: kohya / PEFT / diff state dicts, safetensors metadata, model hashes."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..atomic import save_safetensors
+from ..finite import first_nonfinite
 
 from .keys import (
     FAMILY_NAMES,
@@ -71,20 +71,13 @@ def _num(v) -> str:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
+    """Refuse non-finite tensors (ValueError naming the key), then write via core.atomic."""
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: offsets are saved as .safetensors (got {path.suffix or 'no suffix'})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise ValueError(f"{path}: not written, tensor {bad!r} holds a non-finite value (NaN or inf)")
+    save_safetensors(path, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, meta)
 
 
 def _family_of_offset(offset: Offset, base) -> str:
