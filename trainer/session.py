@@ -152,7 +152,8 @@ def last_validation_grid(run_dir: Path) -> Path | None:
 def run_training(backend, data: PreferenceData, cfg, *, resume: bool, cache_dir: str | None,
                  stop_requested: Callable[[], bool] | None = None,
                  progress: Callable[[int, int, float], None] | None = None,
-                 on_ready: Callable[[Any], None] | None = None) -> RunOutcome:
+                 on_ready: Callable[[Any], None] | None = None,
+                 warning: Callable[[str], None] | None = None) -> RunOutcome:
     """Train on an already-built backend (the caller closes it). Writes the LoRA into cfg.output_dir.
 
     `on_ready(backend)` runs after the data is encoded, right before the first step (the ComfyUI
@@ -166,7 +167,8 @@ def run_training(backend, data: PreferenceData, cfg, *, resume: bool, cache_dir:
     stream = build_stream(data, cfg, backend, cache_dir)
     if on_ready is not None:
         on_ready(backend)
-    result = train(cfg, backend=backend, callbacks=Callbacks(stop_requested, progress), data=stream, resume=resume_from)
+    result = train(cfg, backend=backend, callbacks=Callbacks(stop_requested, progress, warning), data=stream,
+                   resume=resume_from)
     offset = None
     if result.steps_done > 0:
         offset = backend.export_offset()
@@ -175,7 +177,9 @@ def run_training(backend, data: PreferenceData, cfg, *, resume: bool, cache_dir:
     state = "interrupted" if result.interrupted else "finished"
     report = (f"{cfg.method}: {state} at step {result.steps_done}/{cfg.steps}"
               + (f", loss {result.last_metrics['loss']:.4f}" if "loss" in result.last_metrics else "")
-              + (" (resumed)" if resume_from else "") + f"\n{data.report()}")
+              + (" (resumed)" if resume_from else "")
+              + (f", {result.skipped_nonfinite} non-finite step(s) skipped" if result.skipped_nonfinite else "")
+              + "".join(f"\nwarning: {w}" for w in result.warnings) + f"\n{data.report()}")
     grid = last_validation_grid(run_dir) if cfg.validate_every else None
     if grid is not None:
         report += f"\nvalidation grid: {grid.name} (rows: prompts; columns: seed x (base, LoRA))"
@@ -186,7 +190,8 @@ def run_and_release(make_backend: Callable[[], Any], data: PreferenceData, cfg, 
                     cache_dir: str | None, stop_requested: Callable[[], bool] | None = None,
                     progress: Callable[[int, int, float], None] | None = None,
                     on_ready: Callable[[Any], None] | None = None,
-                    release: Callable[[], None] | None = None) -> RunOutcome:
+                    release: Callable[[], None] | None = None,
+                    warning: Callable[[str], None] | None = None) -> RunOutcome:
     """Build a backend, train (`run_training`), then release every training-only object, on success,
     error and interrupt alike: `backend.close()` (hooks, forward patches, LoRA layers and params,
     requires_grad flags, grads), the loop's optimizer/scheduler/accelerator (the frames of a failed
@@ -196,7 +201,7 @@ def run_and_release(make_backend: Callable[[], Any], data: PreferenceData, cfg, 
     backend = make_backend()
     try:
         return run_training(backend, data, cfg, resume=resume, cache_dir=cache_dir, stop_requested=stop_requested,
-                            progress=progress, on_ready=on_ready)
+                            progress=progress, on_ready=on_ready, warning=warning)
     except BaseException as e:
         traceback.clear_frames(e.__traceback__)  # finished frames only: this one keeps running
         raise
