@@ -310,7 +310,10 @@ def test_signal_stops_at_a_step_boundary_and_saves(sig, sd15_dir, tmp_path):
     ck = ckpt.resolve("latest", out)
     assert ckpt.load(ck).step == done and ck.name == ckpt.step_name(done)
     assert len(metrics_rows(out)) == done
-    assert load_offset(out / "dpo_lora.safetensors").metadata["npo_suite.steps"] == str(done)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "dpo_lora.safetensors"), "pt") as f:
+        assert f.metadata()["npo_suite.steps"] == str(done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,3 +359,62 @@ def test_health_warning_stays_in_the_progress_text():
     first = d.update(3, 10, 0.5).text
     assert first.splitlines()[1:] == ["warning: step 2: loss spike 4"]  # sent at once, under the status line
     assert d.update(10, 10, 0.5).text.endswith("\nwarning: step 2: loss spike 4")
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16: the GradScaler's own skip (real torch GradScaler + accelerate's AcceleratedOptimizer, on CPU)
+# ---------------------------------------------------------------------------------------------
+class _ScaledAcc:
+    """The parts of accelerate's Accelerator that train_step uses, under fp16 loss scaling."""
+
+    num_processes, process_index, device = 1, 0, torch.device("cpu")
+
+    def __init__(self, scaler):
+        self.scaler = scaler
+        self.opt = None
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def clip_grad_norm_(self, params, max_norm):
+        self.scaler.unscale_(self.opt.optimizer)  # as Accelerator.unscale_gradients does
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def test_fp16_scaler_skip_counts_and_nan_loss_lowers_the_scale():
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from npo_suite.trainer.loop import train_step
+
+    Accelerator(cpu=True)  # the shared state AcceleratedOptimizer reads
+    from npo_suite.trainer.methods import StepOut
+
+    p = torch.nn.Parameter(torch.ones(3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    acc = _ScaledAcc(scaler)
+    acc.opt = opt = AcceleratedOptimizer(torch.optim.AdamW([p], lr=0.1), device_placement=False, scaler=scaler)
+    losses = iter([lambda: (p ** 2).sum(), lambda: (p ** 2).sum() * float("nan"),
+                   lambda: (p * 1e36).sum(), lambda: (p ** 2).sum()])  # the 3rd: finite loss, scaled grads overflow
+
+    class Backend:
+        def trainable_parameters(self):
+            return [p]
+
+    class Method:
+        def compute(self, backend, batch, cfg, generator):
+            loss = next(losses)()
+            return StepOut(loss, {})
+
+    cfg = tiny_cfg("m", "d", "o")
+    results = []
+    for step in range(4):
+        before, scale = p.detach().clone(), scaler.get_scale()
+        _, _, applied = train_step(cfg, acc, Backend(), Method(), iter([None]), opt, step, torch.Generator())
+        results.append((applied, torch.equal(before, p.detach()), scaler.get_scale() / scale))
+    assert results == [(True, False, 1.0), (False, True, 0.5), (False, True, 0.5), (True, False, 1.0)]

@@ -15,13 +15,14 @@ accuracy, lr over steps).
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..core.atomic import atomic_path
+from ..core.atomic import append_bytes, atomic_path
 from ..core.guidance import GUIDANCE
 from ..core.schedule import gather
 
@@ -83,9 +84,10 @@ class MetricsLog:
         self.rows.append(row)
         if grew:
             self._rewrite()
-        else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self._columns()).writerow(row)
+        else:  # a failed append (disk full) is cut back: no torn row for a resumed run to read
+            line = io.StringIO(newline="")
+            csv.DictWriter(line, fieldnames=self._columns()).writerow(row)
+            append_bytes(self.path, line.getvalue().encode("utf-8"))
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
