@@ -100,9 +100,13 @@ def test_evaluation_and_progress_decode_like_training(tmp_path):
 
     ramp = np.linspace(0, 0.5 * 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "0000.png")
-    (tmp_path / "manifest.json").write_text(json.dumps({"images": [{"file": "0000.png", "prompt": "p", "seed": 0}]}))
-    (im,) = load_images(read_run(tmp_path))
+    clear = np.zeros((16, 16, 4), np.uint8)  # fully transparent, black colour channels
+    Image.fromarray(clear, "RGBA").save(tmp_path / "0001.png")
+    items = [{"file": f"000{i}.png", "prompt": "p", "seed": i} for i in range(2)]
+    (tmp_path / "manifest.json").write_text(json.dumps({"images": items}))
+    im, transparent = load_images(read_run(tmp_path))
     assert im.mode == "RGB" and abs(np.asarray(im, np.float64).mean() - ramp.mean() / 257) < 0.5
+    assert transparent.mode == "RGB" and (np.asarray(transparent) == 255).all()  # on white, as viewers show it
     t = image_tensor(tmp_path / "0000.png")  # [1, H, W, 3] in [0, 1]
     assert t.shape == (1, 16, 16, 3) and abs(float(t.mean()) * 255 - ramp.mean() / 257) < 0.5
     assert torch.is_tensor(t)

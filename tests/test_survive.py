@@ -2,7 +2,6 @@
 ENOSPC), SIGTERM, run-health warnings, and the non-finite refusal of the writers and the loader."""
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import errno
@@ -19,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import data_for, load_pipe, make_pairs, tiny_cfg  # noqa: E402
+from test_train_smoke import backend_for  # noqa: E402
+from train_fixtures import data_for, make_pairs, tiny_cfg  # noqa: E402
 
 from npo_suite.core import atomic  # noqa: E402
 from npo_suite.core.offsets import load_offset  # noqa: E402
@@ -27,19 +27,6 @@ from npo_suite.trainer import checkpoint as ckpt  # noqa: E402
 from npo_suite.trainer.loop import Callbacks, NonFiniteError, train  # noqa: E402
 from npo_suite.trainer.methods import METHODS  # noqa: E402
 from npo_suite.trainer.progress import ProgressDisplay, RunHealth  # noqa: E402
-
-_PIPES: dict = {}
-
-
-def backend_for(model_dir, cfg):
-    from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
-
-    if str(model_dir) not in _PIPES:
-        _PIPES[str(model_dir)] = load_pipe(model_dir)
-    opts = BackendOptions(lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, None, cfg.seed),
-                          resolution=cfg.resolution)
-    return DiffusersBackend.from_pipeline(copy.deepcopy(_PIPES[str(model_dir)]), options=opts)
-
 
 def metrics_rows(out) -> list[dict]:
     with open(Path(out) / "metrics.csv", newline="") as f:
@@ -140,6 +127,26 @@ def test_diverging_run_stops_with_clear_error_and_keeps_the_finite_state(sd15_di
         assert all_finite(load_file(str(p / "adapters.safetensors")))
     assert all_finite(load_file(str(out / "dpo_lora.safetensors")))
     assert int(metrics_rows(out)[-1]["train/skipped_nonfinite"]) == 4
+
+
+def test_nonfinite_weights_are_never_saved_and_the_last_good_checkpoint_stays(sd15_dir, tmp_path):
+    """Weights that went non-finite (an overflowing update): no checkpoint of them, keep_last keeps
+    the last finite one, and the final LoRA is refused naming it."""
+    cfg = tiny_cfg(sd15_dir, data_for("dpo", tmp_path), tmp_path / "out", steps=3, checkpoint_every=1, keep_last=1,
+                   max_nonfinite_steps=0)
+    backend = backend_for(sd15_dir, cfg)
+
+    def progress(step, total, loss):
+        if step == 1:
+            with torch.no_grad():
+                backend.trainable_parameters()[0].fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match=r"step 3: the LoRA is not written, policy/.* non-finite.*step_000001"):
+        train(cfg, backend=backend, callbacks=Callbacks(progress=progress))
+    ckdir = ckpt.checkpoints_dir(cfg.output_dir)
+    assert [p.name for p in ckpt.list_checkpoints(ckdir)] == ["step_000001"]
+    assert (ckdir / ckpt.LATEST).read_text().strip() == "step_000001"
+    assert all_finite(load_file(str(ckdir / "step_000001" / "adapters.safetensors")))
+    assert not (Path(cfg.output_dir) / "dpo_lora.safetensors").exists()
 
 
 def test_checkpoint_and_lora_writers_refuse_nonfinite(tmp_path):
