@@ -10,8 +10,10 @@ Layout of `output_dir/checkpoints/`:
     latest                     a one-line pointer ("step_000200"), written last, atomically
 
 A checkpoint directory is first written as `.tmp_step_000200`, then renamed in one
-`os.replace`; `latest` is replaced afterwards. A crash (even SIGKILL) leaves either the old or
-the new checkpoint, never half of one. `.pt` files hold only tensors and plain containers and
+`os.replace` (`core.atomic.replace_dir`); `latest` is replaced afterwards (`core.atomic`). A crash
+(even SIGKILL) or a full disk leaves either the old or the new checkpoint, never half of one; a
+write error removes the temp folder and names the checkpoint. Adapters holding NaN/inf are
+refused, so every checkpoint on disk is a finite state. `.pt` files hold only tensors and plain containers and
 are read with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations

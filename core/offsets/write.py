@@ -42,7 +42,7 @@ def save_offset(offset: Offset, path, *, format: str = "kohya", metadata: dict |
     tensors = offset_to_state_dict(offset, format=format, base=base, family=family)
     fam = family or _family_of_offset(offset, base)
     meta = build_metadata(offset, fam, path, metadata)
-    _atomic_save(tensors, path, meta)
+    _save_finite(path, tensors, meta)
     return path
 
 
@@ -70,7 +70,7 @@ def _num(v) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+def _save_finite(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Refuse non-finite tensors (ValueError naming the key), then write via core.atomic."""
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: offsets are saved as .safetensors (got {path.suffix or 'no suffix'})")

@@ -95,7 +95,7 @@ def source_tag(src) -> str:
     return f"obj:{src!r}"
 
 
-def save_item(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+def save_item(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """One cache item, atomically (core.atomic); clone: rows of one batch tensor are views of one
     storage, which safetensors refuses."""
     save_safetensors(path, {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
@@ -207,7 +207,7 @@ class LatentCache:
             tensors = {k: v.to(self.store_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         path = self.item_path(kind, record.id, variant)
         if path is not None:
-            save_item(tensors, self._metadata(kind, record), path)
+            save_item(path, tensors, self._metadata(kind, record))
         return _as_read(tensors)
 
     def contains(self, record: PairRecord | PromptRecord, variant: int = 0) -> bool:

@@ -181,7 +181,7 @@ def prepare(pipe, records: Iterable[PromptRecord], out_dir: str | os.PathLike, c
             if lat_l is not None:
                 tensors["latents_l"] = lat_l[i].to(dtype)
             meta = {"id": r.id, "prompt": r.prompt, "neg_prompt": negs[i], "seed": str(seeds[i])}
-            save_item(tensors, meta, out / rel)
+            save_item(out / rel, tensors, meta)
             files = {"latents": rel}
             if save_images:
                 files.update(_save_images(gen_pipe, out, r.id, lat_w[i], None if lat_l is None else lat_l[i]))
