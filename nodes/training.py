@@ -255,7 +255,6 @@ class NodeProgress:
             _send_progress_text(f"{self.method}: {upd.text}", self.node_id)
             self.display.spent("text", time.perf_counter() - t0)
 
-
     def warning(self, message: str) -> None:
         """A health warning of the run: logged now, and kept under every later progress text line."""
         log.warning("npo_suite train %s: %s", self.method, message)
