@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from ..core import offsets as O
 from ..core.offsets.schema import metadata_lines, npo_metadata, read_npo_metadata
+from ..core.atomic import atomic_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,15 +142,7 @@ def _merge(args) -> int:
         if any(o.components().get(comp) for o, _ in terms):
             module = O.component_module(pipe, comp)
             module.load_state_dict(O.merged_state_dict(module, terms, comp))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out} ({', '.join(f'{p}:{s:g}' for p, s in map(parse_offset_arg, args.offset))})")
     return 0

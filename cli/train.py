@@ -66,10 +66,15 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from ..trainer.loop import train
+    from ..trainer.loop import NonFiniteError, train
 
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except (NonFiniteError, OSError) as e:  # diverged / a write failed (disk full): the message names the files
+        print(f"train: {e}", file=sys.stderr)
+        return 1
     state = "interrupted at" if result.interrupted else "finished"
+    skipped = f"; {result.skipped_nonfinite} non-finite step(s) skipped" if result.skipped_nonfinite else ""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"train: {state} step {result.steps_done}/{cfg.steps}; LoRA: {result.lora_path}")
+        print(f"train: {state} step {result.steps_done}/{cfg.steps}{skipped}; LoRA: {result.lora_path}")
     return 130 if result.interrupted else 0

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
+
 
 @dataclass
 class PairedStats:
@@ -116,8 +118,7 @@ def plot_comparison(named: dict[str, PairedStats], path: str | Path, title: str 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
     return path

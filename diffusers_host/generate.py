@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..core.atomic import atomic_path
 from ..core.branch_lora import branch_offsets
 from ..core.conditioning import encode_text, vae_decode
 from ..core.guidance import GUIDANCE, MODES, RESCALE_SPACES, guide, offset_active
@@ -288,15 +287,8 @@ def _load_offsets(args, bundle) -> tuple[Offsets, dict]:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def to_pil(img: torch.Tensor):

@@ -87,12 +87,14 @@ def pair_runs(a: list[Entry], b: list[Entry]) -> list[tuple[Entry, Entry]]:
 
 
 def load_images(entries: list[Entry]) -> list:
-    from PIL import Image
+    """The run's images as RGB, decoded as training does (`trainer.data.records.load_image`: EXIF
+    orientation, 16-bit and float scaled, alpha on white); one that cannot be decoded faithfully
+    is refused (ValueError naming it), since skipping it would unpair the comparison."""
+    from ..trainer.data.records import load_image
 
     out = []
     for e in entries:
         if not e.path.is_file():
             raise FileNotFoundError(f"image listed in the manifest is missing: {e.path}")
-        with Image.open(e.path) as im:
-            out.append(im.copy())
+        out.append(load_image(e.path))
     return out

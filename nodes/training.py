@@ -203,7 +203,7 @@ def train_in_comfy(model, clip, vae, data, options: dict):
         outcome = session.run_and_release(lambda: ComfyBackend.from_comfy(model, clip, vae, options=opts), data, cfg,
                                        resume=options.get("resume", True), cache_dir=cache,
                                        stop_requested=mm.processing_interrupted, progress=shown,
-                                       on_ready=on_ready, release=mm.soft_empty_cache)
+                                       on_ready=on_ready, release=mm.soft_empty_cache, warning=shown.warning)
     lora_name = None
     if outcome.lora_path is not None:
         session.publish_lora(outcome.lora_path, folder_paths.get_folder_paths("loras")[0], name)
@@ -252,6 +252,11 @@ class NodeProgress:
             log.info("npo_suite train %s: %s", self.method, upd.text)
             _send_progress_text(f"{self.method}: {upd.text}", self.node_id)
             self.display.spent("text", time.perf_counter() - t0)
+
+    def warning(self, message: str) -> None:
+        """A health warning of the run: logged now, and kept under every later progress text line."""
+        log.warning("npo_suite train %s: %s", self.method, message)
+        self.display.warn(message)
 
 
 def _executing_node_id() -> str | None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from npo_suite.core.atomic import write_bytes
 from npo_suite.trainer import checkpoint as ckpt
 
 
@@ -77,6 +78,6 @@ def test_rng_roundtrip():
 
 def test_atomic_write_bytes(tmp_path):
     p = tmp_path / "f.txt"
-    ckpt.atomic_write_bytes(p, b"one")
-    ckpt.atomic_write_bytes(p, b"two")
+    write_bytes(p, b"one")
+    write_bytes(p, b"two")
     assert p.read_bytes() == b"two" and [q.name for q in tmp_path.iterdir()] == ["f.txt"]

@@ -10,8 +10,10 @@ Layout of `output_dir/checkpoints/`:
     latest                     a one-line pointer ("step_000200"), written last, atomically
 
 A checkpoint directory is first written as `.tmp_step_000200`, then renamed in one
-`os.replace`; `latest` is replaced afterwards. A crash (even SIGKILL) leaves either the old or
-the new checkpoint, never half of one. `.pt` files hold only tensors and plain containers and
+`os.replace` (`core.atomic.replace_dir`); `latest` is replaced afterwards (`core.atomic`). A crash
+(even SIGKILL) or a full disk leaves either the old or the new checkpoint, never half of one; a
+write error removes the temp folder and names the checkpoint. Adapters holding NaN/inf are
+refused, so every checkpoint on disk is a finite state. `.pt` files hold only tensors and plain containers and
 are read with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
@@ -28,6 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.atomic import named_error, replace_dir, write_bytes, write_durable
+from ..core.finite import first_nonfinite
+
 FORMAT_VERSION = 1
 LATEST = "latest"
 
@@ -36,27 +41,12 @@ def step_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder + os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    _fsync_write(tmp, data)
-    os.replace(tmp, path)
-
-
 def _torch_save(obj: Any, path: Path) -> None:
     import io
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _fsync_write(path, buf.getvalue())
+    write_durable(path, buf.getvalue())
 
 
 def capture_rng() -> dict[str, Any]:
@@ -115,40 +105,33 @@ def write_rng(tmp: Path, rank: int) -> None:
 
 def commit(tmp: Path, step: int, adapters: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
            config_yaml: str, keep_last: int) -> Path:
-    """Write the main files into `tmp`, rename it to step_N, move `latest`, prune; main process only."""
+    """Write the main files into `tmp`, rename it to step_N, move `latest`, prune; main process only.
+
+    Refuses (ValueError naming the tensor) adapters with a non-finite value: a checkpoint always
+    holds a finite state. On a write error (disk full) the temp folder is removed, the previous
+    checkpoints and `latest` are unchanged, and the OSError names the checkpoint."""
     from safetensors.torch import save as st_save
 
     flat = {f"{a}/{k}": v.detach().cpu().contiguous() for a, sd in adapters.items() for k, v in sd.items()}
-    _fsync_write(tmp / "adapters.safetensors", st_save(flat, metadata={"format": "npo_suite-checkpoint"}))
-    _torch_save(state, tmp / "state.pt")
-    _fsync_write(tmp / "config.yaml", config_yaml.encode("utf-8"))
-    _fsync_write(tmp / "meta.json", json.dumps({"step": step, "time": time.time(), "version": FORMAT_VERSION}).encode())
+    bad = first_nonfinite(flat)
     final = tmp.parent / step_name(step)
-    if final.exists():  # re-saving the same step (e.g. interrupt right after a periodic save)
-        old = tmp.parent / f".old_{step_name(step)}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(tmp.parent)
-    atomic_write_bytes(tmp.parent / LATEST, (final.name + "\n").encode())
+    try:
+        if bad is not None:
+            raise ValueError(f"checkpoint {final}: not written, tensor {bad!r} holds a non-finite value")
+        write_durable(tmp / "adapters.safetensors", st_save(flat, metadata={"format": "npo_suite-checkpoint"}))
+        _torch_save(state, tmp / "state.pt")
+        write_durable(tmp / "config.yaml", config_yaml.encode("utf-8"))
+        meta = {"step": step, "time": time.time(), "version": FORMAT_VERSION}
+        write_durable(tmp / "meta.json", json.dumps(meta).encode())
+        replace_dir(tmp, final)  # re-saving the same step (interrupt right after a periodic save) replaces it
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and str(final) not in str(e):
+            raise named_error(e, final, "saving checkpoint") from e
+        raise
+    write_bytes(tmp.parent / LATEST, (final.name + "\n").encode())
     prune(tmp.parent, keep_last)
     return final
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

@@ -170,6 +170,9 @@ class TrainConfig(MethodConfig):
     adam_eps: float = _h(1e-8, "Adam epsilon")
     weight_decay: float = _h(1e-2, "decoupled weight decay")
     max_grad_norm: float = _h(1.0, "clip the global grad norm to this (0 = no clipping)")
+    max_nonfinite_steps: int = _h(20, "stop the run (saving its last finite state) after this many consecutive steps "
+                                      "whose loss or gradient norm is not finite; such steps change nothing and are "
+                                      "counted as train/skipped_nonfinite (0 = never stop)")
     # --- precision and memory
     mixed_precision: str = _h("no", "no | fp16 | bf16: autocast dtype; frozen base weights are stored in it (GPU)",
                               choices=PRECISIONS)
@@ -204,7 +207,7 @@ class TrainConfig(MethodConfig):
                      "validation_sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "validate_every", "lr_warmup_steps"):
+        for name in ("checkpoint_every", "validate_every", "lr_warmup_steps", "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("mixed_precision", PRECISIONS),

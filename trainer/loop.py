@@ -14,8 +14,14 @@ Determinism and distribution:
   network; after the accumulated backward the LoRA gradients (the only trainable weights, a few
   MB) are averaged with one all-reduce. The UNet is not wrapped in DDP: methods may run several
   forwards per step (policy, reference, EMA teacher) that DDP's reducer would reject.
-- Ctrl-C (SIGINT) and `callbacks.stop_requested()` stop at the next step boundary, then save a
-  checkpoint and the LoRA so far; a second Ctrl-C aborts at once.
+- Ctrl-C (SIGINT), SIGTERM and `callbacks.stop_requested()` stop at the next step boundary, then
+  save a checkpoint and the LoRA so far; a second signal aborts at once.
+- Non-finite steps: a step whose loss or gradient norm is not finite (on any process) changes
+  nothing: no optimizer, scheduler, EMA (`method.after_step`) or reference-update step; under
+  fp16 the GradScaler's own overflow skip counts the same. Such steps are counted
+  (`train/skipped_nonfinite`) and warned about once (`progress.RunHealth`, also the run's other
+  health warnings); after `max_nonfinite_steps` in a row the run saves its last finite state and
+  raises `NonFiniteError`. Checkpoints and LoRAs holding a non-finite tensor are never written.
 """
 from __future__ import annotations
 
@@ -29,8 +35,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..core.finite import first_nonfinite, is_finite
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .progress import RunHealth
 
 
 @dataclass
@@ -39,6 +47,11 @@ class Callbacks:
 
     stop_requested: Callable[[], bool] | None = None
     progress: Callable[[int, int, float], None] | None = None  # (step, total, loss)
+    warning: Callable[[str], None] | None = None  # a health warning (each kind once per run)
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped after `max_nonfinite_steps` consecutive non-finite steps (message: step, causes, files)."""
 
 
 @dataclass
@@ -49,6 +62,8 @@ class TrainResult:
     interrupted: bool
     last_metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
+    skipped_nonfinite: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- setup helpers
@@ -102,26 +117,28 @@ def micro_seed(seed: int, global_micro: int) -> int:
 
 
 class StopFlag:
-    """Set by SIGINT (first Ctrl-C; the second raises KeyboardInterrupt) or by `stop_requested`."""
+    """Set by SIGINT / SIGTERM (the first; a second raises KeyboardInterrupt) or by `stop_requested`."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, callback: Callable[[], bool] | None):
-        self.callback, self.set, self._old = callback, False, None
+        self.callback, self.set, self._old = callback, False, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._on_sigint)
+            self._old = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
         return self
 
-    def _on_sigint(self, *_):
+    def _on_signal(self, signum, _frame):
         if self.set:
             raise KeyboardInterrupt
         self.set = True
-        print("\ninterrupt: finishing this step, then saving a checkpoint and the LoRA (Ctrl-C again to abort)",
-              file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and the LoRA "
+              "(again to abort)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
     def __call__(self) -> bool:
         return self.set or bool(self.callback and self.callback())
@@ -129,24 +146,40 @@ class StopFlag:
 
 # ---------------------------------------------------------------------------- step helpers
 def train_step(cfg, acc, backend, method, data: Iterator, opt, step: int, generator: torch.Generator):
-    """One optimizer step: grad_accum micro-batches -> all-reduce LoRA grads -> clip -> step. Returns (metrics, batch)."""
+    """One optimizer step: grad_accum micro-batches -> all-reduce LoRA grads -> clip -> step.
+
+    Returns (metrics, batch, applied). `applied` is False when the loss (on any process) or the
+    gradient norm is not finite: the optimizer did not step. Under fp16 the GradScaler decides:
+    a non-finite loss poisons the gradients so that its inf check skips the step and lowers the
+    scale (its own overflow skips are reported the same way)."""
     params = backend.trainable_parameters()
     sums: dict[str, float] = {}
+    finite = True
     for k in range(cfg.grad_accum):
         batch = next(data)
         generator.manual_seed(micro_seed(cfg.seed, (step * cfg.grad_accum + k) * acc.num_processes + acc.process_index))
         with acc.autocast():
             out = method.compute(backend, batch, cfg, generator)
         acc.backward(out.loss / cfg.grad_accum)
+        finite = finite and is_finite(out.loss.detach())
         for name, v in {"loss": out.loss, **out.metrics}.items():
             sums[name] = sums.get(name, 0.0) + float(v) / cfg.grad_accum
+    finite = not any_process(acc, not finite)
+    scaler = getattr(acc, "scaler", None)
+    if not finite and scaler is not None:
+        for p in params:
+            if p.grad is not None:
+                p.grad.fill_(math.nan)
     all_reduce_grads(acc, params)
     norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-    opt.step()
+    finite = finite and is_finite(norm)
+    if finite or scaler is not None:
+        opt.step()
+    applied = finite and not getattr(opt, "step_was_skipped", False)
     opt.zero_grad(set_to_none=True)
     metrics = reduce_metrics(acc, sums)
     metrics["grad_norm"] = float(norm)
-    return metrics, batch
+    return metrics, batch, applied
 
 
 def all_reduce_grads(acc, params: list[torch.nn.Parameter]) -> None:
@@ -180,7 +213,7 @@ def any_process(acc, flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def save_checkpoint(cfg, acc, backend, method, opt, sched, data, updater, step: int) -> Path | None:
+def save_checkpoint(cfg, acc, backend, method, opt, sched, data, updater, step: int, skipped: int = 0) -> Path | None:
     """All processes write their RNG; the main process writes the rest and commits (checkpoint.py)."""
     out = Path(cfg.output_dir)
     tmp = ckpt.begin(out, step) if acc.is_main_process else ckpt.checkpoints_dir(out) / f".tmp_{ckpt.step_name(step)}"
@@ -191,7 +224,8 @@ def save_checkpoint(cfg, acc, backend, method, opt, sched, data, updater, step: 
     if acc.is_main_process:
         adapters = {a: backend.adapter_state(a) for a in backend.adapters}
         state = {"step": step, "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
-                 "data": _state(data), "reference": _state(updater), "method": _state(method)}
+                 "data": _state(data), "reference": _state(updater), "method": _state(method),
+                 "skipped_nonfinite": skipped}
         path = ckpt.commit(tmp, step, adapters, state, cfg.to_yaml(), cfg.keep_last)
     acc.wait_for_everyone()
     return path
@@ -201,7 +235,7 @@ def _state(obj) -> Any:
     return obj.state_dict() if obj is not None and hasattr(obj, "state_dict") else None
 
 
-def restore(path: Path, cfg, acc, backend, opt, sched, data, updater, method) -> int:
+def restore(path: Path, cfg, acc, backend, opt, sched, data, updater, method, run=None) -> int:
     """Load a checkpoint into the live objects; returns the step to continue from."""
     import yaml
 
@@ -224,6 +258,8 @@ def restore(path: Path, cfg, acc, backend, opt, sched, data, updater, method) ->
     rng = c.rng(acc.process_index)
     if rng is not None:
         ckpt.restore_rng(rng)
+    if run is not None:
+        run.skipped, run.path, run.last_saved = int(c.state.get("skipped_nonfinite", 0)), path, c.step
     return c.step
 
 
@@ -236,7 +272,7 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
 
     from .methods import METHODS
     from .reference import ReferenceUpdater
-    from .validation import MetricsLog, save_lora, validate
+    from .validation import MetricsLog, validate
 
     cb = callbacks or Callbacks()
     acc = make_accelerator(cfg)
@@ -252,37 +288,105 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps)
     updater = ReferenceUpdater.from_config(cfg)
     generator = torch.Generator(device=acc.device if acc.device.type == "cuda" else "cpu")
-    step = restore(ckpt.resolve(resume, out), cfg, acc, backend, opt, sched, data, updater, method) if resume else 0
+    run = RunState(cfg, acc, backend, method, opt, sched, data, updater, cb)
+    step = restore(ckpt.resolve(resume, out), cfg, acc, backend, opt, sched, data, updater, method, run) if resume else 0
     log = MetricsLog(out, enabled=acc.is_main_process, resume_step=step)
     bar = _progress_bar(cfg, step, acc.is_main_process)
     metrics: dict[str, Any] = {}
-    last_saved, path, interrupted = None, None, False
+    interrupted, bad_in_a_row = False, 0
     with StopFlag(cb.stop_requested) as stop:
         while step < cfg.steps and not (interrupted := any_process(acc, stop())):
-            metrics, batch = train_step(cfg, acc, backend, method, data, opt, step, generator)
+            metrics, batch, applied = train_step(cfg, acc, backend, method, data, opt, step, generator)
             metrics["lr"] = sched.get_last_lr()[0]
-            sched.step()
             step += 1
-            method.after_step(backend, cfg)
-            event = updater.maybe_update(step, backend, batch) if updater is not None else None
-            if step % cfg.log_every == 0 or event or step == cfg.steps:
+            event = None
+            if applied:  # a skipped step changes nothing: no scheduler, EMA or reference step
+                sched.step()
+                method.after_step(backend, cfg)
+                event = updater.maybe_update(step, backend, batch) if updater is not None else None
+            run.skipped += not applied
+            bad_in_a_row = 0 if applied else bad_in_a_row + 1
+            metrics["train/skipped_nonfinite"] = run.skipped
+            run.observe(step, metrics, skipped=not applied, bar=bar)
+            if step % cfg.log_every == 0 or event or step == cfg.steps or not applied:
                 log.write(step, {**metrics, **(event or {})})
+            if cfg.max_nonfinite_steps and bad_in_a_row >= cfg.max_nonfinite_steps:
+                break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                path = save_checkpoint(cfg, acc, backend, method, opt, sched, data, updater, step)
-                last_saved = step
+                run.checkpoint(step)
             if cfg.validate_every and step % cfg.validate_every == 0 and acc.is_main_process:
                 validate(cfg, backend, method, step, out, log)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"skipped": run.skipped} if run.skipped else {}))
             if cb.progress:
                 cb.progress(step, cfg.steps, metrics["loss"])
     bar.close()
-    if interrupted and last_saved != step:  # a periodic save already covers step otherwise
-        path = save_checkpoint(cfg, acc, backend, method, opt, sched, data, updater, step)
-    lora = save_lora(cfg, backend, method, step, out) if acc.is_main_process and step > 0 else None
+    diverged = bool(cfg.max_nonfinite_steps) and bad_in_a_row >= cfg.max_nonfinite_steps
+    if (interrupted or diverged) and run.last_saved != step:  # a periodic save already covers step otherwise
+        run.checkpoint(step)
+    lora = run.save_lora(step) if acc.is_main_process and step > 0 else None
     log.close()
     acc.wait_for_everyone()
-    return TrainResult(out, lora, step, interrupted, metrics, path)
+    if diverged:
+        raise NonFiniteError(nonfinite_message(cfg, step, bad_in_a_row, metrics, run.path, lora))
+    return TrainResult(out, lora, step, interrupted, metrics, run.path, run.skipped, run.warnings)
+
+
+class RunState:
+    """What the loop keeps about its own run: skipped steps, health warnings, the last checkpoint saved."""
+
+    def __init__(self, cfg, acc, backend, method, opt, sched, data, updater, cb: Callbacks):
+        self.cfg, self.acc, self.backend, self.method, self.cb = cfg, acc, backend, method, cb
+        self.objects = (opt, sched, data, updater)
+        self.health = RunHealth()
+        self.skipped, self.warnings = 0, []
+        self.last_saved: int | None = None
+        self.path: Path | None = None
+
+    def observe(self, step: int, metrics: dict, skipped: bool, bar) -> None:
+        if not self.acc.is_main_process:
+            return
+        for msg in self.health.observe(step, metrics, skipped=skipped, cfg=self.cfg):
+            self.warnings.append(msg)
+            bar.write(f"warning: {msg}", file=sys.stderr)
+            if self.cb.warning:
+                self.cb.warning(msg)
+
+    def nonfinite_weights(self) -> str | None:
+        """The first adapter tensor holding a NaN/inf ("adapter/key"), else None."""
+        return first_nonfinite((f"{a}/{k}", v) for a in self.backend.adapters
+                               for k, v in self.backend.adapter_state(a).items())
+
+    def checkpoint(self, step: int) -> None:
+        """Save a checkpoint unless the weights are not finite (then the last good one stays `latest`)."""
+        bad = self.nonfinite_weights()
+        if bad is not None:
+            self.warnings.append(f"step {step}: checkpoint not written, {bad} holds a non-finite value; "
+                                 f"the last good checkpoint is {self.path}")
+            print(f"warning: {self.warnings[-1]}", file=sys.stderr)
+            return
+        self.path = save_checkpoint(self.cfg, self.acc, self.backend, self.method, *self.objects, step,
+                                    skipped=self.skipped)
+        self.last_saved = step
+
+    def save_lora(self, step: int) -> Path | None:
+        from .validation import save_lora
+
+        bad = self.nonfinite_weights()
+        if bad is not None:
+            raise NonFiniteError(f"step {step}: the LoRA is not written, {bad} holds a non-finite value; "
+                                 f"the last good checkpoint is {self.path} (resume from it with a lower lr)")
+        return save_lora(self.cfg, self.backend, self.method, step, Path(self.cfg.output_dir))
+
+
+def nonfinite_message(cfg, step: int, n: int, metrics: dict, checkpoint: Path | None, lora: Path | None) -> str:
+    precision = {"fp16": "fp16 (it overflows: try bf16 or no)"}.get(cfg.mixed_precision, cfg.mixed_precision)
+    return (f"step {step}: {n} consecutive steps with a non-finite loss or gradient norm "
+            f"(loss {metrics.get('loss', math.nan):.4g}, grad norm {metrics.get('grad_norm', math.nan):.4g}); "
+            f"the run stopped (max_nonfinite_steps={cfg.max_nonfinite_steps}). Likely causes: lr {cfg.lr:g} too high, "
+            f"beta {cfg.beta:g} too high (the preference logits overflow), precision {precision}. Nothing of the "
+            f"skipped steps was applied; the last finite state is saved: checkpoint {checkpoint}, LoRA {lora}. "
+            "Resume with `--resume latest` and a lower lr or beta.")
 
 
 def _progress_bar(cfg, step: int, enabled: bool):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import os
 import shutil
-import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.offsets.schema import npo_metadata
+from ..core.atomic import copy_file
 from ..core.paths import inside, safe_relative_name as safe_name
 from .data.records import DataSummary
 from .data.sources import PreferenceData
@@ -189,7 +188,8 @@ def last_validation_grid(run_dir: Path) -> Path | None:
 def run_training(backend, data: PreferenceData, cfg, *, resume: bool, cache_dir: str | None,
                  stop_requested: Callable[[], bool] | None = None,
                  progress: Callable[[int, int, float], None] | None = None,
-                 on_ready: Callable[[Any], None] | None = None) -> RunOutcome:
+                 on_ready: Callable[[Any], None] | None = None,
+                 warning: Callable[[str], None] | None = None) -> RunOutcome:
     """Train on an already-built backend (the caller closes it). Writes the LoRA into cfg.output_dir.
 
     `on_ready(backend)` runs after the data is encoded, right before the first step (the ComfyUI
@@ -203,7 +203,8 @@ def run_training(backend, data: PreferenceData, cfg, *, resume: bool, cache_dir:
     stream = build_stream(data, cfg, backend, cache_dir)
     if on_ready is not None:
         on_ready(backend)
-    result = train(cfg, backend=backend, callbacks=Callbacks(stop_requested, progress), data=stream, resume=resume_from)
+    result = train(cfg, backend=backend, callbacks=Callbacks(stop_requested, progress, warning), data=stream,
+                   resume=resume_from)
     offset = None
     if result.steps_done > 0:
         offset = backend.export_offset()
@@ -212,7 +213,9 @@ def run_training(backend, data: PreferenceData, cfg, *, resume: bool, cache_dir:
     state = "interrupted" if result.interrupted else "finished"
     report = (f"{cfg.method}: {state} at step {result.steps_done}/{cfg.steps}"
               + (f", loss {result.last_metrics['loss']:.4f}" if "loss" in result.last_metrics else "")
-              + (" (resumed)" if resume_from else "") + f"\n{data.report()}")
+              + (" (resumed)" if resume_from else "")
+              + (f", {result.skipped_nonfinite} non-finite step(s) skipped" if result.skipped_nonfinite else "")
+              + "".join(f"\nwarning: {w}" for w in result.warnings) + f"\n{data.report()}")
     grid = last_validation_grid(run_dir) if cfg.validate_every else None
     if grid is not None:
         report += f"\nvalidation grid: {grid.name} (rows: prompts; columns: seed x (base, LoRA))"
@@ -223,7 +226,8 @@ def run_and_release(make_backend: Callable[[], Any], data: PreferenceData, cfg, 
                     cache_dir: str | None, stop_requested: Callable[[], bool] | None = None,
                     progress: Callable[[int, int, float], None] | None = None,
                     on_ready: Callable[[Any], None] | None = None,
-                    release: Callable[[], None] | None = None) -> RunOutcome:
+                    release: Callable[[], None] | None = None,
+                    warning: Callable[[str], None] | None = None) -> RunOutcome:
     """Build a backend, train (`run_training`), then release every training-only object, on success,
     error and interrupt alike: `backend.close()` (hooks, forward patches, LoRA layers and params,
     requires_grad flags, grads), the loop's optimizer/scheduler/accelerator (the frames of a failed
@@ -233,7 +237,7 @@ def run_and_release(make_backend: Callable[[], Any], data: PreferenceData, cfg, 
     backend = make_backend()
     try:
         return run_training(backend, data, cfg, resume=resume, cache_dir=cache_dir, stop_requested=stop_requested,
-                            progress=progress, on_ready=on_ready)
+                            progress=progress, on_ready=on_ready, warning=warning)
     except BaseException as e:
         traceback.clear_frames(e.__traceback__)  # finished frames only: this one keeps running
         raise
@@ -247,18 +251,8 @@ def run_and_release(make_backend: Callable[[], Any], data: PreferenceData, cfg, 
 
 
 def publish_lora(src: Path, loras_dir: str, name: str) -> Path:
-    """Copy the trained LoRA into ComfyUI's loras folder atomically (temp file + os.replace)."""
+    """Copy the trained LoRA into ComfyUI's loras folder atomically (core.atomic)."""
     dst = inside(loras_dir, f"{safe_name(name, 'output name')}.safetensors", "output name")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return dst
+    return copy_file(src, dst)
 
 

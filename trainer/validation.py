@@ -15,12 +15,14 @@ accuracy, lr over steps).
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..core.atomic import append_bytes, atomic_path
 from ..core.guidance import GUIDANCE
 from ..core.sampling import ddim_timesteps, guided_denoiser, sample_ddim
 from .stream import latent_shape
@@ -70,12 +72,10 @@ class MetricsLog:
         return cols
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self._columns())
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -85,9 +85,10 @@ class MetricsLog:
         self.rows.append(row)
         if grew:
             self._rewrite()
-        else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self._columns()).writerow(row)
+        else:  # a failed append (disk full) is cut back: no torn row for a resumed run to read
+            line = io.StringIO(newline="")
+            csv.DictWriter(line, fieldnames=self._columns()).writerow(row)
+            append_bytes(self.path, line.getvalue().encode("utf-8"))
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -158,17 +159,15 @@ def plot_curves(log: MetricsLog, out: Path) -> None:
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()
-    tmp = out / ".curves.png.tmp.png"
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(out / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    os.replace(tmp, out / "curves.png")
-    with open(out / ".curves.csv.tmp", "w", newline="") as f:
+    with atomic_path(out / "curves.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", *keys])
         series = {k: dict(zip(*log.series(k))) for k in keys}
         for s in sorted({s for k in keys for s in series[k]}):
             w.writerow([s, *[series[k].get(s, "") for k in keys]])
-    os.replace(out / ".curves.csv.tmp", out / "curves.csv")
 
 
 def validate(cfg, backend, method, step: int, out: Path, log: MetricsLog) -> Path:
@@ -176,9 +175,8 @@ def validate(cfg, backend, method, step: int, out: Path, log: MetricsLog) -> Pat
     vdir = Path(out) / "validation"
     vdir.mkdir(parents=True, exist_ok=True)
     path = vdir / f"step_{step:06d}.png"
-    tmp = vdir / f".step_{step:06d}.tmp.png"
-    validation_grid(cfg, backend, method_role(method, cfg)).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        validation_grid(cfg, backend, method_role(method, cfg)).save(tmp)
     plot_curves(log, Path(out))
     return path
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.atomic import replace_dir
+
 WORLD_FORMAT = "npo_suite.digits_world"
 WORLD_VERSION = 1
 CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -221,17 +223,6 @@ def _train_unet(unet, cond_table, prompt_ids, x0, cfg: WorldConfig, abar, log, g
     return float(np.mean(losses[-100:])), time.time() - t0
 
 
-def _atomic_replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished directory into place; an existing `out` is replaced only after `tmp` is complete."""
-    old = None
-    if out.exists():
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, log=print,
                 diagnose_samples: int = 200, command: str | None = None) -> Path:
     """Train the world's base model and its reward models, and save everything to `out_dir` (atomically).
@@ -305,7 +296,7 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, l
             world = World(tmp, unet, text_encoder, tokenizer, scheduler, manifest)
             manifest["diagnostics"] = diagnose(world, rm, n=diagnose_samples)
         (tmp / "world.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _atomic_replace_dir(tmp, out)
+        replace_dir(tmp, out)  # an existing `out` is replaced only once `tmp` is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from ..core.offsets.schema import read_npo_metadata
+from ..core.atomic import write_text
 
 
 @dataclass
@@ -133,9 +133,7 @@ def write_run(dirpath: Path, name: str, images, prompts, seeds, mode: str, extra
         to_png(im, dirpath / f)
         items.append({"file": f, "prompt": p, "seed": int(s), "mode": mode})
     m = {"command": "demo", "run": name, "mode": mode, **(extra or {}), "images": items}
-    tmp = dirpath / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(m, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, dirpath / "manifest.json")
+    write_text(dirpath / "manifest.json", json.dumps(m, indent=1) + "\n")
     return dirpath
 
 

@@ -17,6 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..core.atomic import write_text
+
 from .build import all_prompts, parse_prompt
 
 # sample_fn(prompts, seeds) -> images [N, 8, 8] float in [0, 1]
@@ -96,9 +98,7 @@ def make_pairs(sample_fn: SampleFn, reward, out_dir: str | os.PathLike, *, promp
                       "reward_chosen": round(float(r[w]), 6), "reward_rejected": round(float(r[l]), 6),
                       "seed_chosen": rows_s[w], "seed_rejected": rows_s[l]})
     path = out / "pairs.jsonl"
-    tmp = out / ".pairs.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(x) + "\n" for x in lines))
     return PairStats(len(prompts), len(rows_p), len(lines), dropped, float(np.mean(margins)) if margins else 0.0, path)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ..trainer.methods import METHODS
+from ..core.atomic import write_text
+
 from .demo import DemoConfig, eval_prompts, sample_run, score_images, summarize, train_lora
 
 ALL = tuple(METHODS)
@@ -150,9 +151,7 @@ def main(argv=None) -> int:
             imgs = sample_run(bundle, prompts, seeds, mode, offs, dc)
             res["runs"][label] = {**summarize(base, score_images(reward, imgs, prompts), dc.n_boot, dc.seed),
                                   "method": m, "mode": mode, "sample_seconds": round(time.time() - t0, 1)}
-            tmp = out / ".results.json.tmp"
-            tmp.write_text(json.dumps(res, indent=2) + "\n")
-            os.replace(tmp, res_path)
+            write_text(res_path, json.dumps(res, indent=2) + "\n")
             write_table(res, out / "results.md")
             r = res["runs"][label]
             print(f"results: {label}: win {r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..finite import first_nonfinite
 from .keys import (
     FAMILY_NAMES,
     Target,
@@ -72,9 +73,14 @@ def scan_offset(path, *, allow_pickle: bool = False) -> Offset:
 
 def offset_from_state_dict(sd: dict[str, torch.Tensor], base=None, *, name: str = "<memory>", family: str | None = None,
                            strict: bool = True, metadata: dict[str, str] | None = None) -> Offset:
-    """`load_offset` on tensors already in memory (`name` is used in messages)."""
+    """`load_offset` on tensors already in memory (`name` is used in messages). Refuses tensors
+    holding NaN or inf (a diverged training run): ValueError naming `name` and the first bad key."""
     if not sd:
         raise ValueError(f"{name}: the file contains no tensors")
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        raise ValueError(f"{name}: tensor {bad!r} holds a non-finite value (NaN or inf); refusing the file "
+                         "(was it saved by a diverged training run?)")
     if family is not None and family not in FAMILY_NAMES:
         raise ValueError(f"{name}: unknown family {family!r} (expected one of {sorted(FAMILY_NAMES)})")
     entries, fmt, skipped = _parse_keys(sd, name)

@@ -1,14 +1,14 @@
 """Saving offsets: kohya / PEFT / diff state dicts, safetensors metadata, model hashes."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..atomic import save_safetensors
+from ..finite import first_nonfinite
 
 from .keys import (
     FAMILY_NAMES,
@@ -42,7 +42,7 @@ def save_offset(offset: Offset, path, *, format: str = "kohya", metadata: dict |
     tensors = offset_to_state_dict(offset, format=format, base=base, family=family)
     fam = family or _family_of_offset(offset, base)
     meta = build_metadata(offset, fam, path, metadata)
-    _atomic_save(tensors, path, meta)
+    _save_finite(path, tensors, meta)
     return path
 
 
@@ -65,21 +65,14 @@ def build_metadata(offset: Offset, family: str, path: Path, metadata: dict | Non
     return meta
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
+def _save_finite(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Refuse non-finite tensors (ValueError naming the key), then write via core.atomic."""
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: offsets are saved as .safetensors (got {path.suffix or 'no suffix'})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise ValueError(f"{path}: not written, tensor {bad!r} holds a non-finite value (NaN or inf)")
+    save_safetensors(path, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, meta)
 
 
 def _family_of_offset(offset: Offset, base) -> str:

@@ -238,6 +238,26 @@ def test_interrupt_saves_and_resume_continues(comfy, datasets, monkeypatch):
     assert probe.shape == next(iter(dm.parameters())).shape
 
 
+def test_diverging_run_stops_with_a_clear_error_and_warns_in_the_progress_text(comfy, datasets, monkeypatch):
+    """The node runs the same loop: lr 1e6 gives NaN steps that change nothing, a warning in the node's
+    progress text, then NonFiniteError naming the step and causes; nothing is published."""
+    from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
+    from npo_suite.trainer.loop import NonFiniteError
+
+    spy = _ProgressSpy(monkeypatch)
+    monkeypatch.setattr("npo_suite.nodes.training._executing_node_id", lambda: "7")
+    with torch.inference_mode():
+        model, clip, vae = _checkpoint(comfy)
+        data = PreferenceDataset.execute("pairs3", None, None, "").args[0]
+    opts = train_inputs(method="dpo", steps=12, lr=1e6, output_name="diverged", checkpoint_every=0,
+                        extra="max_nonfinite_steps: 3")
+    with torch.inference_mode(), pytest.raises(NonFiniteError, match=r"3 consecutive steps .* lr 1e\+06 too high"):
+        TrainPreferenceLoRA.execute(model, clip, vae, data, **opts)
+    assert any("warning: step" in t and "not finite" in t for t, _ in spy.texts)
+    assert not (comfy.root / "loras" / "diverged.safetensors").exists()
+    assert all(p.grad is None for p in model.model.diffusion_model.parameters())
+
+
 def _with_text_model_prefix(src, dst):
     """A copy of the harness checkpoint in the SD1.5 release layout for diffusers' single-file loader.
 

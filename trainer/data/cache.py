@@ -17,7 +17,7 @@ Each file holds `latents_w`/`latents_l` (pairs) or `latents` (prompt records wit
 and the SDXL size conditioning (`size_w`, `size_l`, [6] ints); metadata holds the record id,
 prompt and a tag of each image source (path + size + mtime, or a bytes digest). A file whose
 metadata no longer matches its record (prompt edited, image replaced) is recomputed. Files are
-written atomically (temp file + os.replace), so a killed run leaves no torn item.
+written atomically (`core.atomic`), so a killed run or a full disk leaves no torn item.
 
 SDXL: the pair's `time_ids` are the winner's size conditioning (both images of a pair get the
 same crop fractions and flip; Pick-a-Pic pairs have equal sizes, so they are then identical).
@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
 from ..batches import Cond
+from ...core.atomic import save_safetensors
 from .pairs import ParquetCell
 from .records import BadRecord, DataSummary, PairRecord, PromptRecord, load_image
 from .transforms import ImageTransform, SizeCond
@@ -95,21 +95,11 @@ def source_tag(src) -> str:
     return f"obj:{src!r}"
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        # clone: rows of one batch tensor are views of one storage, which safetensors refuses
-        save_file({k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()},
-                  tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def save_item(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """One cache item, atomically (core.atomic); clone: rows of one batch tensor are views of one
+    storage, which safetensors refuses."""
+    save_safetensors(path, {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+                            for k, v in tensors.items()}, metadata)
 
 
 def _cond_tensors(cond: Cond, row: int, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -217,7 +207,7 @@ class LatentCache:
             tensors = {k: v.to(self.store_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         path = self.item_path(kind, record.id, variant)
         if path is not None:
-            _atomic_save(tensors, self._metadata(kind, record), path)
+            save_item(path, tensors, self._metadata(kind, record))
         return _as_read(tensors)
 
     def contains(self, record: PairRecord | PromptRecord, variant: int = 0) -> bool:

@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,8 @@ import torch
 
 from ...core.conditioning import vae_decode
 from ...diffusers_host.loading import bundle_from_pipeline
-from .cache import LatentCache, _atomic_save
+from ...core.atomic import atomic_path, write_text
+from .cache import LatentCache, save_item
 from .prompts import PromptsFile
 from .records import DataSummary, PromptRecord
 
@@ -76,19 +76,6 @@ def latents_relpath(record_id: str) -> str:
     return f"latents/{h[:2]}/{h}.safetensors"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
@@ -121,7 +108,7 @@ def _check_config(out: Path, cfg: PrepareConfig) -> None:
             raise ValueError(f"{path}: this folder was generated with other settings {diff} "
                              f"(saved, requested); use another --out or the same settings")
     else:
-        _atomic_write_text(path, json.dumps(want, indent=2) + "\n")
+        write_text(path, json.dumps(want, indent=2) + "\n")
 
 
 def _resolve_size(pipe, cfg: PrepareConfig) -> tuple[int, int]:
@@ -182,14 +169,14 @@ def prepare(pipe, records: Iterable[PromptRecord], out_dir: str | os.PathLike, c
             if lat_l is not None:
                 tensors["latents_l"] = lat_l[i].to(dtype)
             meta = {"id": r.id, "prompt": r.prompt, "neg_prompt": negs[i], "seed": str(seeds[i])}
-            _atomic_save(tensors, meta, out / rel)
+            save_item(out / rel, tensors, meta)
             files = {"latents": rel}
             if save_images:
                 files.update(_save_images(bundle.vae, out, r.id, lat_w[i], None if lat_l is None else lat_l[i]))
             lines.append(json.dumps({"id": r.id, "prompt": r.prompt, "neg_prompt": negs[i], "seed": seeds[i],
                                      "files": files}, ensure_ascii=False))
         part = out / PARTS_DIR / f"part-{time.time_ns():020d}-{os.getpid()}.jsonl"
-        _atomic_write_text(part, "\n".join(lines) + "\n")  # the chunk counts as done only from here
+        write_text(part, "\n".join(lines) + "\n")  # the chunk counts as done only from here
         stats["done"] += len(pending)
         done.update(r.id for r in pending)
         pending.clear()
@@ -221,7 +208,7 @@ def _consolidate(out: Path) -> None:
     """All entries into manifest.jsonl (atomic), then remove the parts (a crash in between only
     leaves duplicates, which read_manifest drops)."""
     entries = read_manifest(out)
-    _atomic_write_text(out / MANIFEST_NAME, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    write_text(out / MANIFEST_NAME, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
     parts = out / PARTS_DIR
     if parts.is_dir():
         for p in parts.glob("part-*.jsonl"):
@@ -240,11 +227,8 @@ def _save_images(vae, out: Path, record_id: str, lat_w: torch.Tensor, lat_l: tor
         px = vae_decode(vae, lat[None])[0].clamp(-1, 1)  # [3, H, W]
         arr = ((px + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         rel = f"images/{h[:2]}/{h}_{name[-1]}.png"
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=(out / rel).parent, prefix=".tmp-", suffix=".png")
-        os.close(fd)
-        Image.fromarray(arr).save(tmp)
-        os.replace(tmp, out / rel)
+        with atomic_path(out / rel) as tmp:
+            Image.fromarray(arr).save(tmp)
         files[name] = rel
     return files
 

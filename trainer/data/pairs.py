@@ -26,6 +26,17 @@ from .records import IMAGE_EXTS, DataSummary, PairRecord
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 
 
+def _shard_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import pyarrow as pa
+    except ImportError:
+        return (OSError,)
+    return (OSError, pa.ArrowException)
+
+
+SHARD_ERRORS = _shard_errors()  # what pyarrow raises for a truncated or corrupt parquet file
+
+
 class Source:
     """Base of all sources: de-duplicates ids, counts, prints the summary at the end of a pass."""
 
@@ -99,7 +110,10 @@ class ParquetCell:
     def __call__(self) -> bytes:
         from .records import BadRecord
 
-        value = _row_group_column(self.path, self.row_group, self.column)[self.row].as_py()
+        try:
+            value = _row_group_column(self.path, self.row_group, self.column)[self.row].as_py()
+        except SHARD_ERRORS as e:
+            raise BadRecord("unreadable_shard", f"{self.path}: row group {self.row_group}: {e}") from None
         if isinstance(value, dict):  # HF `Image` feature stored as {"bytes": ..., "path": ...}
             value = value.get("bytes")
         if not value:
@@ -145,7 +159,10 @@ class PickAPicParquet(Source):
         import pyarrow.parquet as pq
 
         for f in self.files:
-            names = set(pq.ParquetFile(f).schema_arrow.names)
+            try:
+                names = set(pq.ParquetFile(f).schema_arrow.names)
+            except SHARD_ERRORS:
+                continue  # unreadable: skipped and counted in every pass (_records)
             missing = [c for c in PICKAPIC_COLUMNS if c not in names]
             if missing:
                 raise ValueError(f"{f}: not a Pick-a-Pic shard, missing column(s) {missing} "
@@ -155,12 +172,21 @@ class PickAPicParquet(Source):
         import pyarrow.parquet as pq
 
         for f in self.files:
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except SHARD_ERRORS as e:
+                summary.skip("unreadable_shard", f"{f}: {e}")
+                continue
             cols = ["caption", "label_0", "label_1"]
             has_id = "ranking_id" in pf.schema_arrow.names
             offset = 0
             for rg in range(pf.num_row_groups):
-                table = pf.read_row_group(rg, columns=cols + (["ranking_id"] if has_id else []))
+                try:
+                    table = pf.read_row_group(rg, columns=cols + (["ranking_id"] if has_id else []))
+                except SHARD_ERRORS as e:
+                    summary.skip("unreadable_shard", f"{f} row group {rg}: {e}")
+                    offset += pf.metadata.row_group(rg).num_rows
+                    continue
                 rows = table.to_pydict()
                 for i in range(table.num_rows):
                     rid = str(rows["ranking_id"][i]) if has_id else f"{f.stem}:{offset + i}"

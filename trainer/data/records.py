@@ -13,6 +13,9 @@ dropped. Reasons (the keys of `DataSummary.skipped`):
   missing_partner  a chosen image without its rejected image (or the reverse)
   missing_file     an image path that does not exist
   corrupt_image    bytes PIL cannot decode (truncated, not an image, ...)
+  unsupported_image  decodable, but no faithful 8-bit RGB exists (float / 32-bit values outside
+                   [0, 1] / [0, 65535], NaN, an exotic mode): refused, never guessed
+  unreadable_shard a Pick-a-Pic parquet file (or one of its row groups) that cannot be read
   bad_row          a JSONL line that is not a JSON object / lacks a required field
   empty_prompt     a blank line or empty prompt in a prompts file
   duplicate_id     an id already seen in the same pass
@@ -113,11 +116,19 @@ def read_source_bytes(src: ImageSource) -> bytes | object:
     return src  # a PIL image
 
 
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as viewers show them
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_SCALED_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
 def load_image(src: ImageSource, what: str = "image"):
-    """Decode `src` to an RGB PIL image; raises BadRecord('missing_file' | 'corrupt_image')."""
+    """Decode `src` to the 8-bit RGB PIL image a viewer shows (`to_rgb`); the one decoder of
+    training, the caches, evaluation and the ComfyUI nodes. Raises BadRecord('missing_file' |
+    'corrupt_image' | 'unsupported_image')."""
     from PIL import Image
 
     data = read_source_bytes(src)
+    name = src if isinstance(src, (str, os.PathLike)) else what
     if isinstance(data, Image.Image):
         img = data
     else:
@@ -125,12 +136,50 @@ def load_image(src: ImageSource, what: str = "image"):
             img = Image.open(io.BytesIO(data))
             img.load()  # force the full decode now: truncated files fail here, not later
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            name = src if isinstance(src, (str, os.PathLike)) else what
             raise BadRecord("corrupt_image", f"{name}: cannot decode image ({e})") from None
-    if img.mode != "RGB":
-        if img.mode in ("RGBA", "LA", "P"):
-            img = img.convert("RGBA")
-            bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(bg, img)
-        img = img.convert("RGB")
-    return img
+    return to_rgb(img, name)
+
+
+def to_rgb(img, name: str = "image"):
+    """8-bit RGB as an image viewer shows it:
+    - EXIF orientation applied (a phone photo is upright, `ImageOps.exif_transpose`);
+    - 16-bit grey ("I;16*", or "I" with values in 0..65535) scaled by 255/65535, not clipped;
+    - float ("F", e.g. a float TIFF) with values in [0, 1] scaled by 255;
+    - alpha ("RGBA", "LA", "PA", "P" with transparency) composited on `ALPHA_BACKGROUND` (white);
+    - other modes (L, P, CMYK, YCbCr, 1) through PIL's convert.
+    Anything else (float or 32-bit values out of range, NaN, modes PIL cannot convert) raises
+    BadRecord('unsupported_image') naming the reason."""
+    from PIL import Image, ImageOps
+
+    try:
+        img = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError) as e:  # a broken EXIF block
+        raise BadRecord("corrupt_image", f"{name}: cannot read its EXIF orientation ({e})") from None
+    if img.mode in _SCALED_MODES:
+        img = Image.fromarray(_scaled_to_uint8(img, _SCALED_MODES[img.mode], name), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        img = Image.alpha_composite(bg, rgba)
+    if img.mode == "RGB":
+        return img
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise BadRecord("unsupported_image", f"{name}: image mode {img.mode} has no RGB conversion ({e})") from None
+
+
+def _scaled_to_uint8(img, full_scale: float, name: str):
+    """uint8 [H, W] of a high-bit-depth grey image, `full_scale` mapping to 255; refuses out-of-range values."""
+    import numpy as np
+
+    a = np.asarray(img, dtype=np.float64)
+    if a.size and not np.isfinite(a).all():
+        raise BadRecord("unsupported_image", f"{name}: {img.mode} image holds NaN or inf values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo < 0 or hi > full_scale:
+        raise BadRecord("unsupported_image", f"{name}: {img.mode} image values span [{lo:g}, {hi:g}], outside "
+                                             f"[0, {full_scale:g}]: no faithful 8-bit rendering (convert it first)")
+    return np.round(a * (255.0 / full_scale)).astype(np.uint8)
