@@ -116,3 +116,28 @@ def test_cli_limit_then_resume(tmp_path, sd15_dir, capsys):
     assert cfg["steps"] == 1 and cfg["losers"] == "generate"
     with pytest.raises(FileNotFoundError, match="not a diffusers folder"):
         main(["ddspo-prepare", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(out)])
+
+
+def test_train_stream_reads_a_prepared_folder(tmp_path, sd15):
+    """`data_path` = a ddspo-prepare folder: the stream gives winners, generated losers and c⁻ (DdspoDataset)."""
+    import sys
+    from pathlib import Path
+
+    from npo_suite.trainer.stream import build_batches
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from methods_fake_backend import FakeBackend
+
+    out = tmp_path / "prep"
+    prepare(sd15, PromptsFile(write_prompts(tmp_path), verbose=False), out, PrepareConfig(model="tiny", steps=1),
+            verbose=False)
+    lat = latents_by_id(out)
+    be = FakeBackend()
+    cfg = TrainConfig(method="ddspo", data_path=[str(out)], batch_size=2, seed=0)
+    batch = next(build_batches(cfg, be, kind="prompts_with_winners"))
+    assert batch.latents.shape == batch.latents_l.shape == (2, 4, 8, 8) and len(batch.neg_cond) == 2
+    by_prompt = {e["prompt"]: lat[e["id"]] for e in read_manifest(out)}
+    for i, p in enumerate(batch.prompts):  # the loser is this prompt's own generated loser
+        assert torch.equal(batch.latents_l[i], by_prompt[p]["latents_l"].float())
+    with pytest.raises(ValueError, match="only method ddspo"):
+        build_batches(replace(cfg, method="tdft"), be, kind="images_or_prompts")

@@ -65,10 +65,11 @@ def other_loser_seed(cfg, data_kind: str) -> int | None:
 
 
 class PromptDataset(_RecordDataset):
-    """Prompt records through a LatentCache; item = {"id", "prompt", "cond", "latents", "neg_cond"}.
+    """Prompt records through a LatentCache; item = {"id", "prompt", "cond", "latents", "neg_cond",
+    "latents_l"}: "latents_l" is the record's `loser_image` latents (or None).
 
-    other_loser_seed: when set (DDSPO, ddspo_loser="other"), the item also holds "latents_l": the
-    image latents of record `other_index(seed, epoch, i, n)`; every record then needs an image."""
+    other_loser_seed: when set (DDSPO, ddspo_loser="other"), "latents_l" is instead the image
+    latents of record `other_index(seed, epoch, i, n)`; every record then needs an image."""
 
     def __init__(self, records: Sequence, cache: LatentCache, other_loser_seed: int | None = None):
         super().__init__(records, cache)
@@ -81,8 +82,9 @@ class PromptDataset(_RecordDataset):
         i, epoch = _key(key)
         rec: PromptRecord = self.records[i]
         try:
-            cond, lat, neg = self.cache.get_prompt(rec, self._variant(epoch))
-            item = {"id": rec.id, "prompt": rec.prompt, "cond": cond, "latents": lat, "neg_cond": neg}
+            c = self.cache.get_prompt(rec, self._variant(epoch))
+            item = {"id": rec.id, "prompt": rec.prompt, "cond": c.cond, "latents": c.latents, "neg_cond": c.neg_cond,
+                    "latents_l": c.latents_l}
             if self.other_loser_seed is not None:
                 item["latents_l"] = self._other_latents(other_index(self.other_loser_seed, epoch, i, len(self)), epoch)
         except BadRecord as e:

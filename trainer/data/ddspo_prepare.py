@@ -324,7 +324,8 @@ class DdspoDataset(torch.utils.data.Dataset):
         e = self.entries[i]
         t = self._latents(i)
         lat_l = self._loser(i, epoch, t)
-        cond, _, neg = self.cache.get_prompt(PromptRecord(e["id"], e["prompt"], None, e["neg_prompt"]))
+        c = self.cache.get_prompt(PromptRecord(e["id"], e["prompt"], None, e["neg_prompt"]))
+        cond, neg = c.cond, c.neg_cond
         return {"id": e["id"], "prompt": e["prompt"], "cond": cond, "neg_cond": neg,
                 "latents": t["latents_w"].float()[None],
                 "latents_l": None if lat_l is None else lat_l.float()[None]}

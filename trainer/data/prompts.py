@@ -5,8 +5,10 @@ Prompt files:
   *.txt    one prompt per line; blank lines are counted as `empty_prompt` and skipped.
            Id: `<line number>-<first 8 hex of sha1(prompt)>` (stable when lines are appended,
            and an edited line gets a new id).
-  *.jsonl  `{"prompt": ..., "id"?: ..., "neg_prompt"?: ..., "image"?: <path relative to the file>}`
-           (`caption`/`text` accepted for prompt). Default id as for .txt.
+  *.jsonl  `{"prompt": ..., "id"?: ..., "neg_prompt"?: ..., "image"?: <path relative to the file>,
+           "loser_image"?: <path>}` (`caption`/`text` accepted for prompt; `loser_image`, DDSPO's
+           loser generated from `neg_prompt`, needs `image`: a row with it alone is a `bad_row`).
+           Default id as for .txt.
 """
 from __future__ import annotations
 
@@ -51,15 +53,17 @@ class PromptsFile(Source):
             if not prompt:
                 summary.skip("empty_prompt", f"{self.path.name}:{n}")
                 continue
-            image = None
-            if obj.get("image") is not None:
-                image = root / str(obj["image"])
-                if not image.is_file():
-                    summary.skip("missing_file", f"{self.path.name}:{n}: {image}")
-                    continue
+            image, loser = (root / str(obj[k]) if obj.get(k) is not None else None for k in ("image", "loser_image"))
+            missing = [f for f in (image, loser) if f is not None and not f.is_file()]
+            if missing:
+                summary.skip("missing_file", f"{self.path.name}:{n}: {missing[0]}")
+                continue
+            if loser is not None and image is None:
+                summary.skip("bad_row", f"{self.path.name}:{n}: loser_image without image (the winner)")
+                continue
             neg = obj.get("neg_prompt")
             rid = str(obj["id"]) if obj.get("id") is not None else line_id(n, prompt)
-            yield PromptRecord(rid, prompt, image, str(neg) if neg is not None else None)
+            yield PromptRecord(rid, prompt, image, str(neg) if neg is not None else None, loser)
 
 
 class ImageFolder(Source):
