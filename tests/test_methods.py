@@ -378,3 +378,57 @@ def test_ddspo_linear_weighting_multiplies_outside_the_sigmoid():
     lin = run("ddspo", be, batch, MethodConfig(method="ddspo", ddspo_beta=100.0, ddspo_loss_weighting="linear"))
     assert torch.equal(plain.metrics["logit/mean"], lin.metrics["logit/mean"])  # the logit is unchanged
     assert not torch.allclose(plain.loss, lin.loss)
+
+
+class _SpyBackend(FakeBackend):
+    """Records the (x, t) of every teacher ("ema") call."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.ema_inputs = []
+
+    def predict_eps(self, x_t, t, cond, adapter="policy"):
+        if adapter == "ema":
+            self.ema_inputs.append((x_t.clone(), t.clone()))
+        return super().predict_eps(x_t, t, cond, adapter)
+
+
+def test_tdft_real_start_noises_the_images_to_t_prime():
+    """With images the rollout starts at x_{t'} = a_{t'}·x0 + σ_{t'}·eps (the paper); draws in the documented
+    order (grid index, s, then eps_start), so the start can be rebuilt by hand from the same seed."""
+    be = _SpyBackend(seed=0, lora_init_scale=0.3)
+    cfg = MethodConfig(method="tdft", tdft_k=2)
+    METHODS["tdft"].setup(be, cfg)
+    batch = prompt_batch(be)
+    METHODS["tdft"].compute(be, batch, cfg, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    index = (torch.rand(B, generator=g, dtype=torch.float64) * 25).long()
+    torch.rand(B, generator=g, dtype=torch.float64)  # s
+    eps_start = torch.randn(batch.latents.shape, generator=g)
+    t_prime = 40 * (index + 1) - 1
+    a, s = be.abar[t_prime].sqrt().float().reshape(-1, 1, 1, 1), (1 - be.abar[t_prime]).sqrt().float().reshape(-1, 1, 1, 1)
+    x_first, t_first = be.ema_inputs[0]
+    assert torch.equal(t_first, t_prime)
+    assert torch.allclose(x_first, a * batch.latents + s * eps_start, atol=1e-6)
+    # prompts only: pure noise at T - 1
+    be.ema_inputs.clear()
+    METHODS["tdft"].compute(be, prompt_batch(be, with_latents=False), cfg, torch.Generator().manual_seed(5))
+    assert torch.equal(be.ema_inputs[0][0], eps_start) and (be.ema_inputs[0][1] == 999).all()
+
+
+def test_tdft_guided_target_equals_the_authors_guided_x0():
+    """Self-NPO/train.py guides x0 (pred_x0 = cond_x0 + w (cond_x0 − uncond_x0)); our Tweedie of the guided eps equals it."""
+    from npo_suite.trainer.tdft import tweedie_x0
+
+    be = fresh()
+    for w in (-1.0, -5.0):
+        cfg = MethodConfig(method="tdft", tdft_guidance=w)
+        METHODS["tdft"].setup(be, cfg)
+        x, t = latents(6), torch.tensor([0, 399, 799])
+        abar_t = be.abar[t].float().reshape(-1, 1, 1, 1)
+        x0 = lambda e: (x - (1 - abar_t).sqrt() * e) / abar_t.sqrt()  # noqa: E731  predicted_origin, epsilon
+        cond_x0 = x0(be.predict_eps(x, t, be.encode_prompts(PROMPTS), "ema"))
+        uncond_x0 = x0(be.predict_eps(x, t, be.null_cond(B), "ema"))
+        theirs = cond_x0 + w * (cond_x0 - uncond_x0)
+        ours = tweedie_x0(x, _teacher_eps(be, cfg, x, t), abar_t)
+        assert torch.allclose(ours, theirs, atol=1e-4)

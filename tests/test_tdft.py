@@ -162,3 +162,15 @@ def test_grid_rollout_equals_the_authors_solver_loop():
 def test_rollout_clamps_below_zero():
     # t' = 39, five steps of 40 towards -161: 39 -> 0, then identity steps at 0
     assert rollout_timesteps(torch.tensor([39]), torch.tensor([-161]), 5)[:, 0].tolist() == [39, 0, 0, 0, 0, 0]
+
+
+def test_renoise_equals_the_authors_expression():
+    """Self-NPO/train.py: sampled_x = (x_prev / a_t + sqrt(nsr_s² − nsr_t²)·n)·a_s, nsr = σ/a."""
+    abar = sd_abar()
+    g = torch.Generator().manual_seed(2)
+    x, n = torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64)
+    t, s = torch.tensor([0, 399, 799]), torch.tensor([1, 700, 999])
+    a = lambda tt: abar[tt].sqrt().reshape(-1, 1, 1, 1)  # noqa: E731
+    nsr = lambda tt: ((1 - abar[tt]).sqrt() / abar[tt].sqrt()).reshape(-1, 1, 1, 1)  # noqa: E731
+    theirs = (x / a(t) + (nsr(s) ** 2 - nsr(t) ** 2).sqrt() * n) * a(s)
+    assert torch.allclose(renoise(x, t, s, abar, n), theirs, rtol=1e-10, atol=1e-10)

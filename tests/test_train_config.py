@@ -82,3 +82,20 @@ def test_cli_is_generated_from_the_dataclass(tmp_path, capsys):
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["lora_rank"] == 32 and out["gradient_checkpointing"] is False and out["beta"] == 2500.0
     assert out["data_path"] == ["x.jsonl", "y.jsonl"] and out["optimizer"] == "adamw8bit"
+
+
+def test_cli_takes_a_negative_teacher_guidance_and_the_ddspo_choices(capsys):
+    """The SDXL Self-NPO recipe (w = -5) and the DDSPO loser/weighting choices from the command line."""
+    from npo_suite.cli import train as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--method", "tdft", "--tdft-guidance", "-5", "--ddspo-loser", "other",
+                              "--ddspo-loss-weighting", "linear", "--print-config"])
+    assert cli.main(args) == 0
+    import yaml
+
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert (out["tdft_guidance"], out["ddspo_loser"], out["ddspo_loss_weighting"]) == (-5.0, "other", "linear")
+    assert cli.main(parser.parse_args(["--ddspo-loser", "mirror", "--print-config"])) != 0
+    assert "ddspo_loser 'mirror' is not one of ['generated', 'other', 'same']" in capsys.readouterr().err
