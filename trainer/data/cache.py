@@ -12,7 +12,8 @@ for random augmentation, the seed and variant count (`ImageTransform.key`). Rand
 cached per (seed, variant): epoch e uses variant e % variants, so `variants` fixed random
 crops/flips per image are cached and reused, never one stale crop for every epoch.
 
-Each file holds `latents_w`/`latents_l` (pairs) or `latents` (prompt records with an image),
+Each file holds `latents_w`/`latents_l` (pairs) or `latents` (prompt records with an image;
+`latents_l` too for a `loser_image`, whose tag is then part of the metadata),
 `hidden` and `added.<key>` of the `Cond`, `neg_hidden`/`neg_added.<key>` for a `neg_prompt`,
 and the SDXL size conditioning (`size_w`, `size_l`, [6] ints); metadata holds the record id,
 prompt and a tag of each image source (path + size + mtime, or a bytes digest). A file whose
