@@ -26,7 +26,7 @@ from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS
 from .ddspo import DDSPO_LOSERS, REWRITERS
 from .losses import LOSS_WEIGHTINGS, TDFT_X0_LOSSES
 from .reference import ON_EXCEED
-from .tdft import TDFT_STARTS, TDFT_TIMESTEPS
+from .tdft import FULL_SIM_STEPS, TDFT_STARTS, TDFT_TIMESTEPS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
@@ -65,7 +65,7 @@ class MethodConfig:
     tdft_timesteps: str = _m("TDFT timesteps: " + "; ".join(f"{k} = {v}" for k, v in TDFT_TIMESTEPS.items()),
                              default="solver_grid")
     tdft_solver_steps: int = _m("TDFT: solver grid size N (one teacher step spans T//N timesteps; authors 25)",
-                                default=25)
+                                default=FULL_SIM_STEPS)
     tdft_k: int = _m("TDFT: teacher solver steps K of the truncated rollout (authors 5)", default=5)
     tdft_start: str = _m("TDFT rollout start: " + "; ".join(f"{k} = {v}" for k, v in TDFT_STARTS.items()),
                          default="auto")
