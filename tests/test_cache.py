@@ -169,6 +169,49 @@ def test_prompt_dataset_and_no_dir_mode(tmp_path):
         LatentCache(tmp_path, "../x", enc.encode_images, enc.encode_prompts)
 
 
+def test_ddspo_loser_images_from_jsonl_and_from_another_prompt(tmp_path):
+    """A prompts JSONL `loser_image` (DDSPO's generated loser) reaches PromptBatch.latents_l; without it
+    the batch has none; `other_loser_seed` draws another record's image instead (never the own)."""
+    from npo_suite.trainer.data.prompts import PromptsFile
+
+    for k in range(3):
+        save_png(tmp_path / f"w{k}.png", 10 + k, size=(32, 32))
+        save_png(tmp_path / f"l{k}.png", 20 + k, size=(32, 32))
+    rows = [{"id": f"r{k}", "prompt": f"a red cat {k}", "neg_prompt": "a cat", "image": f"w{k}.png",
+             "loser_image": f"l{k}.png"} for k in range(3)]
+    rows += [{"id": "bad", "prompt": "x", "loser_image": "l0.png"}, {"id": "gone", "prompt": "y", "image": "w0.png",
+                                                                       "loser_image": "nope.png"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    src = PromptsFile(tmp_path / "p.jsonl", verbose=False)
+    recs = list(src)
+    assert [r.id for r in recs] == ["r0", "r1", "r2"] and recs[0].loser_image == tmp_path / "l0.png"
+    assert src.summary.skipped["bad_row"] == 1 and src.summary.skipped["missing_file"] == 1
+    enc = CountingEncoder()
+    cache = LatentCache(tmp_path / "cache", "m0", enc.encode_images, enc.encode_prompts, ImageTransform(16))
+    kept = cache.fill(recs, verbose=False)
+    ds = PromptDataset(kept, cache)
+    batch = collate_prompts([ds[i] for i in range(3)])
+    own = torch.cat([cache.get_prompt(r).latents for r in kept])
+    loser = torch.stack([enc.encode_images(ImageTransform(16)(Image.open(tmp_path / f"l{k}.png"), f"r{k}", 0)[0][None])[0]
+                         for k in range(3)])
+    assert torch.allclose(batch.latents, own) and torch.allclose(batch.latents_l, loser)
+    # records without a loser image: no latents_l (the method then refuses ddspo_loser='generated')
+    plain = [PromptRecord(r.id + "p", r.prompt, r.image, r.neg_prompt) for r in kept]
+    assert collate_prompts([PromptDataset(plain, cache)[i] for i in range(3)]).latents_l is None
+    # ddspo_loser='other': another prompt's winner, a pure function of (seed, epoch, index)
+    other = PromptDataset(plain, cache, other_loser_seed=7)
+    for epoch in range(3):
+        b = collate_prompts([other[(i, epoch)] for i in range(3)])
+        for i in range(3):
+            assert not torch.equal(b.latents_l[i], b.latents[i])
+            assert any(torch.equal(b.latents_l[i], b.latents[j]) for j in range(3))
+        assert torch.equal(b.latents_l, collate_prompts([other[(i, epoch)] for i in range(3)]).latents_l)
+    with pytest.raises(ValueError, match="at least 2 records"):
+        PromptDataset(plain[:1], cache, other_loser_seed=0)
+    with pytest.raises(ValueError, match="has no image"):
+        PromptDataset([plain[0], PromptRecord("t", "text only")], cache, other_loser_seed=0)[0]
+
+
 def test_pair_dataset_loader_with_sampler(tmp_path):
     d = tmp_path / "ds"
     recs = make_pairs(d, 4)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from npo_suite.trainer.batches import Cond
+from npo_suite.trainer.config import TrainConfig
 from npo_suite.trainer.data.cache import LatentCache
 from npo_suite.trainer.data.dataset import ResumableSampler, collate_prompts
 from npo_suite.trainer.data.ddspo_prepare import (MANIFEST_NAME, PARTS_DIR, DdspoDataset, PrepareConfig, prepare,
@@ -80,9 +82,13 @@ def test_efficient_variant_and_dataset(tmp_path, sd15):
         return Cond(torch.stack([torch.full((3, 4), float(len(q))) for q in prompts]))
 
     cache = LatentCache(tmp_path / "cache", "tiny", None, enc_prompts)
-    with pytest.raises(ValueError, match="loser='other'"):
+    with pytest.raises(ValueError, match="ddspo_loser 'other'"):
         DdspoDataset(out, cache)[0]
-    ds = DdspoDataset(out, cache, loser="other", seed=1)
+    assert DdspoDataset(out, cache, loser="none")[0]["latents_l"] is None  # ddspo_loser "same": no loser image
+    cfg = TrainConfig(method="ddspo", ddspo_loser="other", seed=1)
+    assert [DdspoDataset.for_config(out, cache, c).loser for c in
+            (cfg, replace(cfg, ddspo_loser="generated"), replace(cfg, ddspo_loser="same"))] == ["other", "generated", "none"]
+    ds = DdspoDataset.for_config(out, cache, cfg)
     sampler = ResumableSampler(len(ds), seed=0, batch_size=3)
     batch = collate_prompts([ds[k] for k in sampler])
     assert batch.latents.shape == batch.latents_l.shape == (3, 4, 8, 8)
@@ -130,3 +136,28 @@ def test_sampler_equals_the_diffusers_pipeline(sd15):
     ref = pipe(prompt=["a cat", "a dog"], height=h, width=w, num_inference_steps=3, guidance_scale=5.0, latents=noise,
                output_type="latent").images
     assert ours.shape == (2, 4, h // f, w // f) and torch.equal(ours, ref.float())
+
+
+def test_train_stream_reads_a_prepared_folder(tmp_path, sd15):
+    """`data_path` = a ddspo-prepare folder: the stream gives winners, generated losers and c⁻ (DdspoDataset)."""
+    import sys
+    from pathlib import Path
+
+    from npo_suite.trainer.stream import build_batches
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from methods_fake_backend import FakeBackend
+
+    out = tmp_path / "prep"
+    prepare(sd15, PromptsFile(write_prompts(tmp_path), verbose=False), out, PrepareConfig(model="tiny", steps=1),
+            verbose=False)
+    lat = latents_by_id(out)
+    be = FakeBackend()
+    cfg = TrainConfig(method="ddspo", data_path=[str(out)], batch_size=2, seed=0)
+    batch = next(build_batches(cfg, be, kind="prompts_with_winners"))
+    assert batch.latents.shape == batch.latents_l.shape == (2, 4, 8, 8) and len(batch.neg_cond) == 2
+    by_prompt = {e["prompt"]: lat[e["id"]] for e in read_manifest(out)}
+    for i, p in enumerate(batch.prompts):  # the loser is this prompt's own generated loser
+        assert torch.equal(batch.latents_l[i], by_prompt[p]["latents_l"].float())
+    with pytest.raises(ValueError, match="only method ddspo"):
+        build_batches(replace(cfg, method="tdft"), be, kind="images_or_prompts")

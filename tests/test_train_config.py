@@ -16,6 +16,13 @@ def test_presets_load_and_match_their_purpose():
     dc = load_config(preset="datacenter_sd15")
     assert dc.effective_batch == 2048 and dc.beta == 2000.0
     assert load_config(preset="sd15_8gb").gradient_checkpointing
+    # the authors' recipes: Self-NPO SD1.5 w = -1 and SDXL w = -5 (train_xl.py), DDSPO SDXL linear weighting
+    sd15, sdxl = load_config(preset="tdft_sd15"), load_config(preset="tdft_sdxl")
+    assert (sd15.method, sd15.tdft_guidance, sd15.tdft_loss, sd15.tdft_huber_c, sd15.effective_batch) == \
+        ("tdft", -1.0, "pseudo_huber", 1e-3, 20)
+    assert (sdxl.tdft_guidance, sdxl.tdft_timesteps, sdxl.effective_batch) == (-5.0, "solver_grid", 10)
+    dd = load_config(preset="ddspo_sdxl")
+    assert (dd.method, dd.ddspo_beta, dd.ddspo_loss_weighting, dd.ddspo_loser) == ("ddspo", 16000.0, "linear", "generated")
 
 
 def test_yaml_toml_and_set_precedence(tmp_path):
@@ -111,3 +118,20 @@ def test_node_widgets_are_generated_from_the_fields():
     assert widgets["lora_targets"].kind == "combo" and "attn" in widgets["lora_targets"].options
     assert (widgets["lora_rank"].kind, widgets["lora_rank"].min, widgets["lora_rank"].max) == ("int", 1, 256)
     assert widgets["gradient_checkpointing"].kind == "bool" and widgets["output_name"].kind == "str"
+
+
+def test_cli_takes_a_negative_teacher_guidance_and_the_ddspo_choices(capsys):
+    """The SDXL Self-NPO recipe (w = -5) and the DDSPO loser/weighting choices from the command line."""
+    from npo_suite.cli import train as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--method", "tdft", "--tdft-guidance", "-5", "--ddspo-loser", "other",
+                              "--ddspo-loss-weighting", "linear", "--print-config"])
+    assert cli.main(args) == 0
+    import yaml
+
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert (out["tdft_guidance"], out["ddspo_loser"], out["ddspo_loss_weighting"]) == (-5.0, "other", "linear")
+    assert cli.main(parser.parse_args(["--ddspo-loser", "mirror", "--print-config"])) != 0
+    assert "ddspo_loser 'mirror' is not one of ['generated', 'other', 'same']" in capsys.readouterr().err

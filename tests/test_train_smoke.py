@@ -60,6 +60,21 @@ def test_smoke_every_method(method, sd15_dir, tmp_path):
     assert rows[0].startswith("step,loss") and len(rows) == 3
 
 
+def test_ddspo_loser_sources_through_the_loop(sd15_dir, tmp_path):
+    """Winner-only data: ddspo_loser 'generated' is refused with a clear error; 'other' trains."""
+    from npo_suite.trainer.loop import train
+    from train_fixtures import make_prompts
+
+    data = make_prompts(tmp_path / "winners")  # {prompt, image} only
+    cfg = tiny_cfg(sd15_dir, data, tmp_path / "gen", method="ddspo", steps=1)
+    with pytest.raises(ValueError, match="ddspo_loser='generated'.*winner images only"):
+        train(cfg, backend=backend_for(sd15_dir, cfg))
+    cfg = tiny_cfg(sd15_dir, data, tmp_path / "other", method="ddspo", steps=2, ddspo_loser="other")
+    result = train(cfg, backend=backend_for(sd15_dir, cfg))
+    assert result.steps_done == 2 and math.isfinite(result.last_metrics["loss"])
+    assert 0 <= result.last_metrics["logit/saturated_frac"] <= 1
+
+
 def test_smoke_sdxl(sdxl_dir, tmp_path):
     from npo_suite.trainer.loop import train
 

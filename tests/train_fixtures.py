@@ -36,23 +36,30 @@ def make_pairs(root, n: int = 8, seed: int = 0) -> Path:
     return path
 
 
-def make_prompts(root, n: int = 8, seed: int = 0) -> Path:
-    """prompts.jsonl with one image each (TDFT starts from them, DDSPO uses them as winners)."""
+def make_prompts(root, n: int = 8, seed: int = 0, losers: bool = False) -> Path:
+    """prompts.jsonl with one image each (TDFT starts from them, DDSPO uses them as winners);
+    losers=True adds a `loser_image` and a `neg_prompt` per row (DDSPO's generated losers)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = [{"id": f"q{i}", "prompt": f"a detailed painting of a red {WORDS[i % len(WORDS)]} with a tree",
               "image": _png(root / f"i{i}.png", rng)} for i in range(n)]
+    if losers:
+        for i, x in enumerate(lines):
+            x.update(neg_prompt="a painting", loser_image=_png(root / f"l{i}.png", rng))
     path = root / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return path
 
 
 def data_for(method_name: str, root) -> Path:
-    """The data a method needs (its Method.data_kind)."""
+    """The data a method needs (its Method.data_kind); DDSPO's rows carry generated loser images."""
     from npo_suite.trainer.methods import METHODS
 
-    return make_pairs(Path(root) / "pairs") if METHODS[method_name].data_kind == "pairs" else make_prompts(Path(root) / "prompts")
+    kind = METHODS[method_name].data_kind
+    if kind == "pairs":
+        return make_pairs(Path(root) / "pairs")
+    return make_prompts(Path(root) / "prompts", losers=kind == "prompts_with_winners")
 
 
 def tiny_cfg(model_dir, data_path, out, **overrides):

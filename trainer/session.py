@@ -43,6 +43,7 @@ def build_stream(data: PreferenceData, cfg, backend, cache_dir: str | None):
     """The resumable batch stream of `trainer.stream`, over in-memory records: everything is
     encoded once up front (VAE, CLIP), so the UNet stays loaded during the steps."""
     from .data.cache import LatentCache
+    from .methods import METHODS
     from .stream import image_transform, stream_of
 
     cache = LatentCache.from_backend(cache_dir, backend_fingerprint(backend), backend, image_transform(cfg))
@@ -51,7 +52,7 @@ def build_stream(data: PreferenceData, cfg, backend, cache_dir: str | None):
     data.summary.skipped.update(encoded.skipped)
     if not records:
         raise ValueError(f"dataset {data.source}: no record could be read\n{data.report()}")
-    return stream_of(records, cache, cfg, backend, data.kind)
+    return stream_of(records, cache, cfg, backend, METHODS[cfg.method].data_kind)
 
 
 def backend_fingerprint(backend) -> str:

@@ -417,7 +417,7 @@ def test_tdft_self_npo_from_prompt_list(comfy, datasets, caplog):
 
 @pytest.mark.slow
 def test_ddspo_from_prompt_list_with_winner_images(comfy, datasets, caplog):
-    offset, path = _prompt_list_run(comfy, "ddspo", "ddspo_beta: 16000\n", True, caplog)
+    offset, path = _prompt_list_run(comfy, "ddspo", "ddspo_beta: 16000\nddspo_loser: other\n", True, caplog)
     keys, meta = _lora_keys(path)
     assert meta.get("npo_method") == "ddspo" and meta.get("npo_role") == "positive"
     assert len(keys) == 3 * len({k.split(".")[0] for k in keys})

@@ -12,7 +12,8 @@ for random augmentation, the seed and variant count (`ImageTransform.key`). Rand
 cached per (seed, variant): epoch e uses variant e % variants, so `variants` fixed random
 crops/flips per image are cached and reused, never one stale crop for every epoch.
 
-Each file holds `latents_w`/`latents_l` (pairs) or `latents` (prompt records with an image),
+Each file holds `latents_w`/`latents_l` (pairs) or `latents` (prompt records with an image;
+`latents_l` too for a `loser_image`, whose tag is then part of the metadata),
 `hidden` and `added.<key>` of the `Cond`, `neg_hidden`/`neg_added.<key>` for a `neg_prompt`,
 and the SDXL size conditioning (`size_w`, `size_l`, [6] ints); metadata holds the record id,
 prompt and a tag of each image source (path + size + mtime, or a bytes digest). A file whose
@@ -49,11 +50,13 @@ class CachedPair(NamedTuple):
 
 
 class CachedPrompt(NamedTuple):
-    """A batch of one prompt: cond (one row), latents [1, C, h, w] or None, neg_cond or None."""
+    """A batch of one prompt: cond (one row), latents [1, C, h, w] or None, neg_cond or None,
+    latents_l [1, C, h, w] (a record's `loser_image`) or None."""
 
     cond: Cond
     latents: torch.Tensor | None
     neg_cond: Cond | None
+    latents_l: torch.Tensor | None = None
 
 
 def fingerprint_modules(*modules: torch.nn.Module | None, extra: str = "") -> str:
@@ -176,6 +179,8 @@ class LatentCache:
             srcs = {"chosen": source_tag(record.chosen), "rejected": source_tag(record.rejected)}
         else:
             srcs = {"image": source_tag(record.image), "neg_prompt": repr(record.neg_prompt)}
+            if record.loser_image is not None:  # only then: entries of records without one stay valid
+                srcs["loser_image"] = source_tag(record.loser_image)
         return {"format": FORMAT, "kind": kind, "id": record.id, "prompt": record.prompt, **srcs}
 
     def _is_cached(self, kind: str, record, variant: int) -> bool:
@@ -223,7 +228,10 @@ class LatentCache:
         if record.image is None:
             return {}
         p, s = self.transform(load_image(record.image, record.id), record.id, variant)
-        return {"px_w": p, "size_w": s}
+        if record.loser_image is None:
+            return {"px_w": p, "size_w": s}
+        pl, sl = self.transform(load_image(record.loser_image, f"{record.id} (loser)"), record.id, variant)
+        return {"px_w": p, "size_w": s, "px_l": pl, "size_l": sl}
 
     def _encode_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         if self.encode_images_fn is None:
@@ -256,6 +264,11 @@ class LatentCache:
             for j, i in enumerate(with_img):
                 out[i]["latents"] = lat[j]
                 out[i]["size_w"] = preps[i]["size_w"].time_ids().long()
+        with_loser = [i for i, p in enumerate(preps) if "px_l" in p]
+        if with_loser:
+            lat_l = self._encode_images([preps[i]["px_l"] for i in with_loser])  # [M, C, h, w]
+            for j, i in enumerate(with_loser):
+                out[i]["latents_l"] = lat_l[j]
 
         def one(cond: Cond, j: int, i: int) -> Cond:
             c = cond.index(slice(j, j + 1))
@@ -284,7 +297,7 @@ class LatentCache:
         t = self._get("prompt", record, variant)
         lat = t["latents"][None] if "latents" in t else None
         neg = _cond_from(t, "neg_") if "neg_hidden" in t else None
-        return CachedPrompt(_cond_from(t), lat, neg)
+        return CachedPrompt(_cond_from(t), lat, neg, t["latents_l"][None] if "latents_l" in t else None)
 
     def _get(self, kind: str, record, variant: int) -> dict[str, torch.Tensor]:
         t = self._load(kind, record, variant)

@@ -5,9 +5,11 @@ Prompt files:
   *.txt    one prompt per line; blank lines are counted as `empty_prompt` and skipped.
            Id: `<line number>-<first 8 hex of sha1(prompt)>` (stable when lines are appended,
            and an edited line gets a new id).
-  *.jsonl  `{"prompt": ..., "id"?: ..., "negative_prompt"?: ..., "image"?: <path relative to the file>}`
-           (`caption`/`text` accepted for prompt, `neg_prompt` for negative_prompt: see
-           `negative_prompt_of`, which `generate --prompts` reads too). Default id as for .txt.
+  *.jsonl  `{"prompt": ..., "id"?: ..., "negative_prompt"?: ..., "image"?: <path relative to the file>,
+           "loser_image"?: <path>}` (`caption`/`text` accepted for prompt, `neg_prompt` for negative_prompt:
+           see `negative_prompt_of`, which `generate --prompts` reads too; `loser_image`, DDSPO's loser
+           generated from the negative prompt, needs `image`: a row with it alone is a `bad_row`).
+           Default id as for .txt.
 """
 from __future__ import annotations
 
@@ -66,19 +68,21 @@ class PromptsFile(Source):
             if not prompt:
                 summary.skip("empty_prompt", f"{self.path.name}:{n}")
                 continue
-            image = None
-            if obj.get("image") is not None:
-                image = root / str(obj["image"])
-                if not image.is_file():
-                    summary.skip("missing_file", f"{self.path.name}:{n}: {image}")
-                    continue
+            image, loser = (root / str(obj[k]) if obj.get(k) is not None else None for k in ("image", "loser_image"))
+            missing = [f for f in (image, loser) if f is not None and not f.is_file()]
+            if missing:
+                summary.skip("missing_file", f"{self.path.name}:{n}: {missing[0]}")
+                continue
+            if loser is not None and image is None:
+                summary.skip("bad_row", f"{self.path.name}:{n}: loser_image without image (the winner)")
+                continue
             try:
                 neg = negative_prompt_of(obj, f"{self.path.name}:{n}")
             except ValueError as e:
                 summary.skip("bad_row", str(e))
                 continue
             rid = str(obj["id"]) if obj.get("id") is not None else line_id(n, prompt)
-            yield PromptRecord(rid, prompt, image, neg)
+            yield PromptRecord(rid, prompt, image, neg, loser)
 
 
 class ImageFolder(Source):

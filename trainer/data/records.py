@@ -48,12 +48,14 @@ class PairRecord:
 @dataclass(frozen=True)
 class PromptRecord:
     """A prompt for the data-free methods (Self-NPO/TDFT, DDSPO); `image` optional (a real image
-    to start from), `neg_prompt` optional (DDSPO's degraded prompt c⁻)."""
+    to start from / DDSPO's winner), `neg_prompt` optional (DDSPO's degraded prompt c⁻),
+    `loser_image` optional (DDSPO's loser: the reference model's image for c⁻; needs `image`)."""
 
     id: str
     prompt: str
     image: ImageSource | None = None
     neg_prompt: str | None = None
+    loser_image: ImageSource | None = None
 
 
 class BadRecord(ValueError):
