@@ -87,8 +87,8 @@ if IN_WEBUI:
                 if off.report is not None and off.report.notes:
                     s += " (" + "; ".join(off.report.notes) + ")"
                 lines.append(f"**{role}**: {s}")
-            except (OSError, ValueError) as e:
-                lines.append(f"**{role}**: error: {e}")
+            except Exception as e:  # any failure is shown, e.g. a missing package
+                lines.append(f"**{role}**: error: {logic.error_text(e)}")
         return "\n\n".join(lines)
 
     # ------------------------------------------------------------------------------------------
