@@ -14,9 +14,9 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from npo_suite.core.offsets import materialize, save_offset
 from npo_suite.core.offsets.keys import diffusers_to_ldm, unet_block_prefixes
 from npo_suite.core.offsets.types import LowRankDelta, Offset
-from npo_suite.core.offsets import materialize, save_offset
 from npo_suite.webui import logic
 from npo_suite.webui.logic import (
     A1111RowCursor,

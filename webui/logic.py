@@ -164,7 +164,7 @@ def reported_errors(params: dict, logger: logging.Logger):
         yield
     except Exception as e:
         params[ERROR_KEY] = error_text(e)
-        logger.error("NPO error: %s", params[ERROR_KEY], exc_info=True)
+        logger.exception("NPO error: %s", params[ERROR_KEY])
         raise
 
 
@@ -398,7 +398,7 @@ class A1111Session:
         n = int(args[0].shape[0])  # x: [n, C, H, W]
         if self._reference:
             self.runtime.set_rows(None, self.sigma, n)
-            return None
+            return
         state = self.cursor.state()
         rows = self.cursor.take(n)
         if rows is None:
@@ -406,11 +406,10 @@ class A1111Session:
                                "refusing to guess which rows are unconditional")
         self._rows = rows
         self.runtime.set_rows(rows, self.sigma, n)
-        return None
 
     def _post(self, module, args, kwargs, out):
         if self.verify is None or self._reference:
-            return None
+            return
 
         def forward():
             self._reference = True
@@ -420,7 +419,6 @@ class A1111Session:
                 self._reference = False
 
         self.verify.check(self.runtime.unet, self.runtime.plan, self._rows, self.sigma, forward, out)
-        return None
 
     def close(self) -> None:
         if not self.closed:

@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from conftest import LORAS, running_webui, txt2img_payload, npo_args  # noqa: E402
+from conftest import LORAS, npo_args, running_webui, txt2img_payload
 
 
 def per_step(server, npo: bool, m: int, n: int, prompt: str) -> tuple[float, float]:
