@@ -49,6 +49,37 @@ def _init(name: str, shape, gen, std: float = 0.02):
     return torch.zeros(shape, dtype=torch.float16)
 
 
+def _vae_map() -> list[tuple[str, str]]:
+    """(diffusers, LDM) VAE name parts, as diffusers' convert_diffusers_to_original_stable_diffusion.py."""
+    m = [("conv_shortcut", "nin_shortcut"), ("conv_norm_out", "norm_out"), ("mid_block.attentions.0.", "mid.attn_1.")]
+    for i in range(4):
+        m += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.") for j in range(2)]
+        if i < 3:
+            m += [(f"down_blocks.{i}.downsamplers.0.", f"down.{i}.downsample."),
+                  (f"up_blocks.{i}.upsamplers.0.", f"up.{3 - i}.upsample.")]
+        m += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{3 - i}.block.{j}.") for j in range(3)]
+    m += [(f"mid_block.resnets.{i}.", f"mid.block_{i + 1}.") for i in range(2)]
+    return m
+
+
+_VAE_ATTN = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+
+
+def vae_key_to_ldm(k: str) -> str:
+    """A diffusers AutoencoderKL parameter name in the LDM single-file layout (A1111 loads only these;
+    the mid-block attention projections are 1x1 convs there)."""
+    attn = "attentions" in k
+    for hf, ldm in _VAE_MAP:
+        k = k.replace(hf, ldm)
+    if attn:
+        for hf, ldm in _VAE_ATTN:
+            k = k.replace(hf, ldm)
+    return k
+
+
+_VAE_MAP = _vae_map()
+
+
 def build_random_sd15(path: Path) -> None:
     """Random-weight SD1.5 single-file checkpoint, fp16 (~2 GB), atomic write."""
     import torch
@@ -75,7 +106,10 @@ def build_random_sd15(path: Path) -> None:
     for k, p in te.named_parameters():
         sd["cond_stage_model.transformer." + canonical_te_path(k)] = _init(k, tuple(p.shape), gen)
     for k, p in vae.named_parameters():
-        sd["first_stage_model." + k] = _init(k, tuple(p.shape), gen)
+        ldm = vae_key_to_ldm(k)
+        shape = tuple(p.shape) + ((1, 1) if ".mid.attn_1." in f".{ldm}" and ldm.endswith(("q.weight", "k.weight",
+                                                                                             "v.weight", "proj_out.weight")) else ())
+        sd["first_stage_model." + ldm] = _init(k, shape, gen)
     del unet, te, vae
     tmp = path.with_suffix(".tmp")
     save_file(sd, str(tmp))
