@@ -9,7 +9,8 @@ only talks to the WebUI (`modules.*`, gradio), and does nothing when imported ou
 
 Forge: a `model_function_wrapper` on the UnetPatcher (it receives `cond_or_uncond`), installed in
 `process_before_every_sampling` (so hires fix gets it too). A1111: hooks held for the batch and a
-row cursor reset by `on_cfg_denoiser` (uncond rows are the tail of `x_in`). Only Forge was run.
+row cursor reset by `on_cfg_denoiser` (uncond rows are the tail of `x_in`), `logic.A1111Session`.
+Both were run (tests/webui, docs/webui.md).
 """
 from __future__ import annotations
 
@@ -83,12 +84,12 @@ if IN_WEBUI:
             try:
                 off = _CACHE.get(logic.resolve_offset_file(name, offset_dirs()), family)
                 lines.append(f"**{role}**: {logic.offset_summary(off, name)}")
-            except (OSError, ValueError) as e:
-                lines.append(f"**{role}**: error: {e}")
+            except Exception as e:  # any failure is shown, e.g. a missing package
+                lines.append(f"**{role}**: error: {logic.error_text(e)}")
         return "\n\n".join(lines)
 
     # ------------------------------------------------------------------------------------------
-    # A1111: rows via on_cfg_denoiser + a pre-forward hook (registered once per process)
+    # A1111: one logic.A1111Session per batch; on_cfg_denoiser (registered once) starts each step
     # ------------------------------------------------------------------------------------------
     def _a1111_on_cfg_denoiser(params) -> None:
         sess = _A1111_ACTIVE.get("session")
@@ -100,31 +101,29 @@ if IN_WEBUI:
         if type(params.denoiser).__name__ == "CFGDenoiserTimesteps":  # DDIM/PLMS/UniPC: a timestep, not a sigma
             abar = float(shared.sd_model.alphas_cumprod[round(sigma)])
             sigma = ((1 - abar) / abar) ** 0.5
-        sess["sigma"] = sigma
-        sess["cursor"].reset(int(params.x.shape[0]), int(uncond.shape[0]))
+        if not sess.step(getattr(params.denoiser, "p", None), int(params.x.shape[0]), int(uncond.shape[0]), sigma):
+            _A1111_ACTIVE.pop("session", None)
+            log.warning("NPO: released the offsets of an earlier generation that did not finish")
 
     def _a1111_begin(p, settings, eta, delta) -> None:
         _a1111_end()
         dm = unet_module(p.sd_model)
         plan, lines = logic.build_plan(settings, dm, eta, delta)
-        rt = logic.NPORuntime(dm, plan)
-        cursor = logic.A1111RowCursor()
-        sess = {"runtime": rt, "cursor": cursor, "sigma": float("inf")}
-
-        def pre_hook(mod, args):
-            n = int(args[0].shape[0])
-            rt.set_rows(cursor.take(n), sess["sigma"], n)
-
-        rt.hold()
-        sess["handle"] = dm.register_forward_pre_hook(pre_hook)
-        _A1111_ACTIVE["session"] = sess
+        _A1111_ACTIVE["session"] = logic.A1111Session(dm, plan, p, logic.verify_log_from_env())
         print("[NPO] A1111: " + " | ".join(lines))
 
     def _a1111_end() -> None:
         sess = _A1111_ACTIVE.pop("session", None)
         if sess is not None:
-            sess["handle"].remove()
-            sess["runtime"].release()
+            sess.close()
+
+    def use_empty_negative(p) -> None:
+        """SNPO: the unconditional input is the encoded empty prompt. Set before the WebUI slices the
+        batch's prompts (`process` runs after `setup_prompts`), so the infotext shows what was encoded."""
+        p.all_negative_prompts = [""] * len(p.all_negative_prompts)
+        p.main_negative_prompt = ""
+        if getattr(p, "all_hr_negative_prompts", None):
+            p.all_hr_negative_prompts = [""] * len(p.all_hr_negative_prompts)
 
     # ------------------------------------------------------------------------------------------
     # X/Y/Z plot axes
@@ -211,31 +210,30 @@ if IN_WEBUI:
             return logic.NPOSettings(**logic.settings_dict(s))  # re-normalise overridden values
 
         def process(self, p, *args):
-            s = self.settings(p, args)
+            _a1111_end()  # every generation starts clean: one whose sampling raised never reached postprocess
             p._npo_state = None
+            s = self.settings(p, args)
             if not s.enabled:
                 return
-            try:
+            with logic.reported_errors(p.extra_generation_params, log):
                 s.validate()
+                if not is_forge(p.sd_model):
+                    refusal = logic.a1111_refusal(p.sd_model, getattr(p, "refiner_checkpoint", None))
+                    if refusal:
+                        raise ValueError(refusal)
                 eta, delta = load_offsets(s, model_family(p.sd_model))
                 logic.build_plan(s, unet_module(p.sd_model), eta, delta)  # refuse before anything runs
-            except (OSError, ValueError) as e:
-                p.extra_generation_params["NPO error"] = str(e).replace(",", ";")[:200]
-                raise
             p._npo_state = (s, eta, delta)
             p.extra_generation_params.update(s.infotext())
+            if s.mode == "SNPO":
+                use_empty_negative(p)
 
         def process_batch(self, p, *args, **kwargs):
             state = getattr(p, "_npo_state", None)
-            if state is None:
+            if state is None or is_forge(p.sd_model):
                 return
-            s, eta, delta = state
-            if s.mode == "SNPO":  # the unconditional input is the encoded empty prompt
-                p.negative_prompts = [""] * len(p.negative_prompts)
-                if getattr(p, "hr_negative_prompts", None):
-                    p.hr_negative_prompts = [""] * len(p.hr_negative_prompts)
-            if not is_forge(p.sd_model):
-                _a1111_begin(p, s, eta, delta)
+            with logic.reported_errors(p.extra_generation_params, log):
+                _a1111_begin(p, *state)
 
         def process_before_every_sampling(self, p, *args, **kwargs):  # Forge only (first pass and hires)
             state = getattr(p, "_npo_state", None)

@@ -1,34 +1,62 @@
-"""install.py (Forge/A1111): installs only what is missing, through the WebUI's pip helper, never torch."""
+"""install.py (Forge/A1111): installs only absent requirements of requirements-webui.txt, through
+the WebUI's pip helper, with every installed distribution pinned; never torch, never an upgrade."""
 import importlib.util
 import os
+import re
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_install():
-    os.environ["NPO_SUITE_SKIP_INSTALL"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("npo_install", ROOT / "install.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        del os.environ["NPO_SUITE_SKIP_INSTALL"]
+    spec = importlib.util.spec_from_file_location("npo_install", ROOT / "install.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # not __main__: installs nothing
+    return mod
 
 
-def test_installs_only_missing_and_never_torch(tmp_path):
+def test_installs_only_absent_pinned_to_installed_versions(tmp_path, capsys):
     mod = _load_install()
     req = tmp_path / "requirements.txt"
-    req.write_text("torch>=2.0\ntorchvision\nsafetensors>=0.1\nnumpy>=999.0\nnpo-suite-surely-absent-pkg>=1.0\n# comment\n\n")
+    req.write_text("torch>=2.0\ntorchvision\nsafetensors>=0.1\nnumpy>=999.0\nnpo-suite-surely-absent-pkg>=1.0\n"
+                   "# comment\n\n")
     calls = []
-    asked = mod.install(str(req), lambda args, desc: calls.append(args))
-    assert asked == ["numpy>=999.0", "npo-suite-surely-absent-pkg>=1.0"]
-    assert calls == ['install "numpy>=999.0"', 'install "npo-suite-surely-absent-pkg>=1.0"']
-    assert not any("torch" in c for c in calls)
+
+    def run_pip(args, desc):
+        m = re.fullmatch(r'install "([^"]+)" -c "([^"]+)"', args)
+        assert m, args
+        calls.append((m.group(1), Path(m.group(2)).read_text().splitlines(), Path(m.group(2))))
+
+    asked = mod.install(str(req), run_pip)
+    assert asked == ["npo-suite-surely-absent-pkg>=1.0"]  # numpy is installed: older than asked, NOT upgraded
+    assert [c[0] for c in calls] == asked
+    pins = calls[0][1]
+    assert f"numpy=={metadata.version('numpy')}" in pins and f"torch=={metadata.version('torch')}" in pins
+    assert "numpy" in capsys.readouterr().out  # the too-old one is reported
+    assert not calls[0][2].exists()  # the constraints file is removed
 
 
-def test_project_requirements_have_no_torch():
+def test_nothing_to_do_calls_no_pip(tmp_path):
+    mod = _load_install()
+    req = tmp_path / "r.txt"
+    req.write_text("safetensors\ntorch\n")
+    assert mod.install(str(req), lambda *a: (_ for _ in ()).throw(AssertionError("pip called"))) == []
+
+
+def test_webui_requirements_are_few_and_have_no_torch():
+    mod = _load_install()
+    names = {mod._norm(n) for _, n, _ in mod.read_requirements(str(ROOT / mod.REQUIREMENTS))}
+    assert names == {"safetensors", "diffusers", "transformers"}
     names = [l.split(">=")[0].strip().lower() for l in (ROOT / "requirements.txt").read_text().splitlines()
              if l.strip() and not l.startswith("#")]
     assert "torch" not in names and "torchvision" not in names
+
+
+def test_run_outside_a_webui_does_nothing(tmp_path):
+    """ComfyUI-Manager runs install.py too: without the WebUI's `launch` module it is a no-op."""
+    r = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=60)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
+from npo_suite.core.offsets import materialize, save_offset
 from npo_suite.core.offsets.keys import diffusers_to_ldm, unet_block_prefixes
 from npo_suite.core.offsets.types import LowRankDelta, Offset
-from npo_suite.core.offsets import materialize, save_offset
 from npo_suite.webui import logic
 from npo_suite.webui.logic import (
     A1111RowCursor,
+    A1111Session,
     ForgeNPOWrapper,
     NPORuntime,
     NPOSettings,
@@ -113,7 +115,8 @@ def test_infotext_round_trip_and_paste():
     assert paste_value({"Steps": "20"}, "enabled") is False and paste_value({}, "negative") == logic.NONE
     assert NPOSettings(False, negative="d.safetensors").infotext() == {}
     snpo = NPOSettings(True, "SNPO", negative="snpo.safetensors", alpha=0.7)
-    assert snpo.infotext() == {"NPO mode": "SNPO", "NPO negative": "snpo.safetensors", "NPO beta": "1"}
+    assert snpo.infotext() == {"NPO mode": "SNPO", "NPO negative": "snpo.safetensors", "NPO beta": "1",
+                               "NPO uncond": "empty prompt"}  # says what was encoded as the uncond input
     assert NPOSettings.from_infotext(snpo.infotext()).mode == "SNPO"
 
 
@@ -280,33 +283,100 @@ def test_sigma_range_and_snpo_groups(unet, offsets):
     assert [w for _, w in snpo.groups()["snpo"]] == [0.7] and snpo.groups()["pos"] == []
 
 
-def test_a1111_hooks_with_cursor_equal_merged_two_model(unet, offsets, case):
-    """A1111: x_in = [cond rows, uncond rows (last)], the UNet called on the whole tensor or on
-    consecutive slices; a pre-forward hook takes each call's rows from the cursor."""
+class LDMUNet(nn.Module):
+    """The tiny UNet under LDM module names, called the way A1111's DiffusionWrapper calls its
+    UNet: `diffusion_model(x, t, context=...)`."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        for name, child in ldm_view(unet).named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_unet", unet)  # not a submodule: its modules are the ones above
+
+    def forward(self, x, timesteps, context=None):
+        return self._unet(x, timesteps, encoder_hidden_states=context).sample
+
+
+def test_a1111_session_layouts_equal_merged_two_model(unet, offsets, case, tmp_path):
+    """A1111: x_in = [cond rows, uncond rows (last)], the UNet called on the whole tensor, on
+    consecutive slices (batch_cond_uncond off / cond and uncond of different token lengths), or on
+    the cond rows only (skip-early-CFG, NGMS); each call gets its rows, a call the step does not
+    explain is refused, and the verify hook logs the merged-weights comparison per call."""
     eta, delta = offsets
-    view = ldm_view(unet)
-    plan, _ = build_plan(NPOSettings(True, "NPO", "e", ALPHA, "d", BETA), view, eta, delta, [unet.config])
-    rt = NPORuntime(view, plan)
-    cur = A1111RowCursor()
+    model = LDMUNet(unet)
+    plan, _ = build_plan(NPOSettings(True, "NPO", "e", ALPHA, "d", BETA), model, eta, delta, [unet.config])
     x, cond, uncond, t, ref_pos, ref_neg = case
-    handle = unet.register_forward_pre_hook(lambda mod, a: rt.set_rows(cur.take(a[0].shape[0]), 2.0, a[0].shape[0]))
-    rt.hold()
+    owner = object()
+    sess = A1111Session(model, plan, owner, VerifyLog(tmp_path / "v.jsonl", limit=10))
     try:
         with torch.no_grad():
-            cur.reset(4, 2)  # on_cfg_denoiser
-            whole = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, uncond])).sample
-            cur.reset(4, 2)
-            a = unet(x, t, encoder_hidden_states=cond).sample
-            b = unet(x, t, encoder_hidden_states=uncond).sample
-            outside = unet(x, t, encoder_hidden_states=uncond).sample  # not in a CFG step: no offsets
+            assert sess.step(owner, 4, 2, 2.0)
+            whole = model(torch.cat([x, x]), t, context=torch.cat([cond, uncond]))
+            sess.step(owner, 4, 2, 2.0)
+            a, b = model(x, t, context=cond), model(x, t, context=uncond)
+            sess.step(owner, 4, 2, 2.0)
+            skipped = model(x, t, context=cond)  # uncond dropped before the UNet
+            sess.step(owner, 4, 2, 2.0)
+            model(torch.cat([x, x]), t, context=torch.cat([cond, uncond]))
+            with pytest.raises(RuntimeError, match="does not explain"):
+                model(x, t, context=uncond)  # a 5th and 6th row in a 4-row step
     finally:
-        rt.release()
-        handle.remove()
+        sess.close()
     assert rel_err(whole[:2], ref_pos) < TOL and rel_err(whole[2:], ref_neg) < TOL
-    assert rel_err(a, ref_pos) < TOL and rel_err(b, ref_neg) < TOL
+    assert rel_err(a, ref_pos) < TOL and rel_err(b, ref_neg) < TOL and rel_err(skipped, ref_pos) < TOL
+    recs = [json.loads(r) for r in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert [r["rows"] for r in recs] == [["cond"] * 2 + ["uncond"] * 2, ["cond"] * 2, ["uncond"] * 2, ["cond"] * 2,
+                                         ["cond"] * 2 + ["uncond"] * 2]
+    assert all(r["max_abs_diff_merged"] < TOL * r["max_abs_out"] for r in recs)
+    assert recs[2]["groups"] == ["neg", "neg"] and recs[2]["max_abs_diff_plain"] > 1e-3
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in [model, *unet.modules()])
+
+
+def test_a1111_session_belongs_to_its_generation(unet, offsets, case):
+    """A generation whose sampling raised never reaches postprocess_batch: the next generation's
+    first CFG step closes the stale session, and its UNet calls run without offsets."""
+    eta, delta = offsets
+    model = LDMUNet(unet)
+    plan, _ = build_plan(NPOSettings(True, "NPO", "e", ALPHA, "d", BETA), model, eta, delta, [unet.config])
+    x, cond, uncond, t, _, _ = case
+    failed, nxt = object(), object()
+    sess = A1111Session(model, plan, failed)
     with torch.no_grad():
-        assert torch.allclose(outside, unet(x, t, encoder_hidden_states=uncond).sample)
-    assert not any(m._forward_hooks for m in unet.modules())
+        sess.step(failed, 4, 2, 2.0)
+        model(x, t, context=cond)  # ... and then the failed generation's sampling raised
+        assert sess.step(nxt, 4, 2, 2.0) is False and sess.closed
+        out = model(torch.cat([x, x]), t, context=torch.cat([cond, uncond]))
+        plain = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, uncond])).sample
+    assert torch.equal(out, plain)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in [model, *unet.modules()])
+    sess.close()  # idempotent
+
+
+def test_a1111_refusals():
+    class Model:
+        cond_stage_key = "txt"
+
+    assert logic.a1111_refusal(Model(), None) is None and logic.a1111_refusal(Model(), "None") is None
+    assert "refiner" in logic.a1111_refusal(Model(), "sdxl_refiner.safetensors")
+    Model.cond_stage_key = "edit"
+    assert "InstructPix2Pix" in logic.a1111_refusal(Model(), None)
+
+
+def test_errors_are_reported_never_swallowed(caplog):
+    """Without diffusers the kohya loader's ImportError used to vanish (only OSError/ValueError
+    were reported): every exception goes to the infotext and the log, and is re-raised."""
+    params = {}
+    with caplog.at_level(logging.ERROR, logger="npo_suite"):
+        with pytest.raises(ModuleNotFoundError):
+            with logic.reported_errors(params, logging.getLogger("npo_suite")):
+                raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+    assert "diffusers is not installed" in params["NPO error"] and "install.py" in params["NPO error"]
+    assert "NPO error" in caplog.text and "diffusers" in caplog.text
+    params = {}
+    with pytest.raises(RuntimeError):
+        with logic.reported_errors(params, logging.getLogger("npo_suite")):
+            raise RuntimeError("a, b")
+    assert params == {"NPO error": "a; b"}
 
 
 def test_kohya_file_through_cache_maps_to_ldm(unet, tmp_path):

@@ -1,18 +1,25 @@
-"""Real-WebUI harness (opt-in): set WEBUI_PATH to a Forge checkout and WEBUI_PYTHON to a Python that
-has Forge's requirements (default: WEBUI_PATH/venv/bin/python, else this Python), e.g.
+"""Real-WebUI harness (opt-in): set WEBUI_PATH to a Forge or an Automatic1111 checkout (which one is
+detected: Forge has `modules_forge/`), and WEBUI_PYTHON to a Python with its requirements (default:
+WEBUI_PATH/venv/bin/python, else WEBUI_PATH/../venv/bin/python as ../shared/harness/*-setup.sh
+build it, else this Python), e.g.
 
-    WEBUI_PATH=/work/forge WEBUI_PYTHON=/work/forge_venv/bin/python OMP_NUM_THREADS=1 \
-        python -m pytest -q tests/webui
+    WEBUI_PATH=/work/hosts/a1111/src OMP_NUM_THREADS=2 python -m pytest -q tests/webui
+    WEBUI_PATH=/work/hosts/forge/src OMP_NUM_THREADS=2 python -m pytest -q tests/webui
 
-Nothing here imports the WebUI: the server runs as a subprocess (API only, loopback, CPU, no
-download) and the tests talk HTTP. This package is symlinked into WEBUI_PATH/extensions as
-`npo_suite`. A random-weight SD1.5 checkpoint (diffusers classes with SD1.5 configs from
-configs/sd15, UNet keys converted to the LDM single-file layout), three kohya LoRAs (eta, delta,
-an SNPO/"style" one) are written under WEBUI_PATH/models once (`npo_suite_*` names).
+A1111 builds `CLIPTokenizer.from_pretrained("openai/clip-vit-large-patch14")` for any SD1.5 model,
+offline too: WEBUI_HF_HOME (default WEBUI_PATH/../hf-home, which a1111-setup.sh builds) is used as
+HF_HOME. Nothing here imports the WebUI: first the extension's install.py runs the way the WebUI
+runs it (`launch.run_extension_installer`, with pip's view of the environment recorded before and
+after), then the server runs as a subprocess (API only, loopback, CPU, no download, NPO_SUITE_VERIFY
+set) and the tests talk HTTP. This package is symlinked into WEBUI_PATH/extensions as `npo_suite`.
+A random-weight SD1.5 checkpoint (diffusers classes with SD1.5 configs from configs/sd15, UNet keys
+converted to the LDM single-file layout), three kohya LoRAs (eta, delta, an SNPO/"style" one) are
+written under WEBUI_PATH/models once (`npo_suite_*` names).
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -42,6 +49,37 @@ def _init(name: str, shape, gen, std: float = 0.02):
     return torch.zeros(shape, dtype=torch.float16)
 
 
+def _vae_map() -> list[tuple[str, str]]:
+    """(diffusers, LDM) VAE name parts, as diffusers' convert_diffusers_to_original_stable_diffusion.py."""
+    m = [("conv_shortcut", "nin_shortcut"), ("conv_norm_out", "norm_out"), ("mid_block.attentions.0.", "mid.attn_1.")]
+    for i in range(4):
+        m += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.") for j in range(2)]
+        if i < 3:
+            m += [(f"down_blocks.{i}.downsamplers.0.", f"down.{i}.downsample."),
+                  (f"up_blocks.{i}.upsamplers.0.", f"up.{3 - i}.upsample.")]
+        m += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{3 - i}.block.{j}.") for j in range(3)]
+    m += [(f"mid_block.resnets.{i}.", f"mid.block_{i + 1}.") for i in range(2)]
+    return m
+
+
+_VAE_ATTN = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+
+
+def vae_key_to_ldm(k: str) -> str:
+    """A diffusers AutoencoderKL parameter name in the LDM single-file layout (A1111 loads only these;
+    the mid-block attention projections are 1x1 convs there)."""
+    attn = "attentions" in k
+    for hf, ldm in _VAE_MAP:
+        k = k.replace(hf, ldm)
+    if attn:
+        for hf, ldm in _VAE_ATTN:
+            k = k.replace(hf, ldm)
+    return k
+
+
+_VAE_MAP = _vae_map()
+
+
 def build_random_sd15(path: Path) -> None:
     """Random-weight SD1.5 single-file checkpoint, fp16 (~2 GB), atomic write."""
     import torch
@@ -68,7 +106,10 @@ def build_random_sd15(path: Path) -> None:
     for k, p in te.named_parameters():
         sd["cond_stage_model.transformer." + canonical_te_path(k)] = _init(k, tuple(p.shape), gen)
     for k, p in vae.named_parameters():
-        sd["first_stage_model." + k] = _init(k, tuple(p.shape), gen)
+        ldm = vae_key_to_ldm(k)
+        shape = tuple(p.shape) + ((1, 1) if ".mid.attn_1." in f".{ldm}" and ldm.endswith(("q.weight", "k.weight",
+                                                                                             "v.weight", "proj_out.weight")) else ())
+        sd["first_stage_model." + ldm] = _init(k, shape, gen)
     del unet, te, vae
     tmp = path.with_suffix(".tmp")
     save_file(sd, str(tmp))
@@ -103,9 +144,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Forge:
-    def __init__(self, url: str, proc: subprocess.Popen, log_path: Path, verify_path: Path):
-        self.url, self.proc, self.log_path, self.verify_path = url, proc, log_path, verify_path
+# layout options the tests change; A1111 does not restore an override equal to its default, so
+# they are set explicitly (start and after each test that changes them)
+LAYOUT_DEFAULTS = {"batch_cond_uncond": True, "skip_early_cond": 0.0, "s_min_uncond": 0.0, "pad_cond_uncond": False}
+
+
+def detect_flavour(root: Path) -> str | None:
+    """'forge', 'a1111', or None when `root` is neither."""
+    if not (root / "launch.py").is_file():
+        return None
+    if (root / "modules_forge").is_dir():
+        return "forge"
+    if (root / "modules" / "sd_samplers_cfg_denoiser.py").is_file():
+        return "a1111"
+    return None
+
+
+def webui_python(root: Path) -> str:
+    for cand in (os.environ.get("WEBUI_PYTHON"), root / "venv/bin/python", root.parent / "venv/bin/python"):
+        if cand and Path(cand).exists():
+            return str(cand)
+    return sys.executable
+
+
+class WebUI:
+    def __init__(self, flavour: str, url: str, proc: subprocess.Popen, log_path: Path, verify_path: Path,
+                 install: dict):
+        self.flavour, self.url, self.proc, self.log_path, self.verify_path = flavour, url, proc, log_path, verify_path
+        self.install = install
 
     def post(self, route: str, payload: dict, timeout: float = 600) -> dict:
         req = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
@@ -117,6 +183,21 @@ class Forge:
         with urllib.request.urlopen(self.url + route, timeout=60) as r:
             return json.loads(r.read())
 
+    def set_options(self, opts: dict) -> None:
+        """Set the WebUI options this host has (Forge lacks some of A1111's)."""
+        have = self.get("/sdapi/v1/options")
+        known = {k: v for k, v in opts.items() if k in have}
+        if known:
+            self.post("/sdapi/v1/options", known)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc): robust to a shared CPU."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def reset_layout(self) -> None:
+        self.set_options(LAYOUT_DEFAULTS)
+
     def verify_records(self) -> list[dict]:
         if not self.verify_path.exists():
             return []
@@ -127,11 +208,6 @@ class Forge:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux /proc): robust to a shared CPU."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def payload(self, npo: list | None = None, **kw) -> dict:
         return txt2img_payload(npo, **kw)
@@ -151,15 +227,54 @@ def decode_image(b64: str):
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB")).astype("int16")
 
 
-@pytest.fixture(scope="session")
-def forge(tmp_path_factory):
-    if not WEBUI_PATH:
-        pytest.skip("WEBUI_PATH is not set (path to a Forge checkout)")
-    root = Path(WEBUI_PATH)
-    if not (root / "launch.py").is_file():
-        pytest.skip(f"WEBUI_PATH={root} has no launch.py")
-    python = os.environ.get("WEBUI_PYTHON") or (str(root / "venv/bin/python") if (root / "venv/bin/python").exists()
-                                                 else sys.executable)
+def _pip_versions(python: str) -> dict[str, str]:
+    out = subprocess.run([python, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True)
+    return {d["name"].lower().replace("_", "-"): d["version"] for d in json.loads(out.stdout)}
+
+
+def run_installer(root: Path, python: str, ext: Path) -> dict:
+    """install.py the way the WebUI runs it at start-up (launch.run_extension_installer: a subprocess
+    with the WebUI on PYTHONPATH, pip through launch.run_pip), then `pip check`."""
+    before = _pip_versions(python)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    env.pop("PIP_CONSTRAINT", None)
+    code = f"import launch; launch.run_extension_installer({str(ext)!r})"
+    r = subprocess.run([python, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True)
+    return {"rc": r.returncode, "output": r.stdout + r.stderr, "before": before, "after": _pip_versions(python),
+            "pip_check_rc": check.returncode, "pip_check": check.stdout + check.stderr}
+
+
+def launch_args(flavour: str, port: int, ckpt: Path) -> list[str]:
+    common = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-python-version-check",
+              "--skip-version-check", "--no-download-sd-model", "--nowebui", "--api", "--server-name", "127.0.0.1",
+              "--port", str(port), "--no-hashing", "--ckpt", str(ckpt)]
+    if flavour == "forge":
+        return common + ["--always-cpu"]
+    return common + ["--use-cpu", "all", "--no-half", "--do-not-download-clip"]
+
+
+class Unavailable(Exception):
+    """WEBUI_PATH does not lead to a usable host (the tests skip with this reason)."""
+
+
+def prepare(root: Path) -> tuple[str, str, dict]:
+    """(flavour, python, environment) for a server at `root`; writes the checkpoint, LoRAs and the
+    extension link once. Raises Unavailable with the reason when `root` is not a usable host."""
+    flavour = detect_flavour(root)
+    if flavour is None:
+        raise Unavailable(f"WEBUI_PATH={root} is neither a Forge nor an Automatic1111 checkout (no launch.py + modules)")
+    python = webui_python(root)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONUNBUFFERED="1")
+    env.pop("WEBUI_PATH", None)
+    env.pop("NPO_SUITE_VERIFY", None)
+    if flavour == "a1111":
+        hf = Path(os.environ.get("WEBUI_HF_HOME") or root.parent / "hf-home")
+        if not (hf / "hub" / "models--openai--clip-vit-large-patch14").is_dir():
+            raise Unavailable(f"A1111 needs an HF cache with openai/clip-vit-large-patch14's tokenizer "
+                              f"(WEBUI_HF_HOME={hf}; a1111-setup.sh builds one)")
+        env["HF_HOME"] = str(hf)
     models = root / "models"
     (models / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
     for d in ("Lora", "npo"):
@@ -170,33 +285,42 @@ def forge(tmp_path_factory):
     if not all((models / ("Lora" if r == "style" else "npo") / n).exists() for r, n in LORAS.items()):
         build_loras(models / "Lora", models / "npo")
     link = root / "extensions" / "npo_suite"
+    if link.is_symlink() and link.resolve() != REPO:
+        link.unlink()  # an earlier checkout's link: test this one
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
-    tmp = tmp_path_factory.mktemp("forge")
+    elif link.resolve() != REPO:
+        raise Unavailable(f"{link} exists and is not a link to {REPO}")
+    return flavour, python, env
+
+
+@contextlib.contextmanager
+def running_webui(root: Path, tmp: Path, verify: bool = True, install: bool = True):
+    """A started server (WebUI object); stopped on exit. `install`: run install.py first, as the
+    WebUI does; `verify`: NPO_SUITE_VERIFY on (costs extra forwards: off for timing)."""
+    flavour, python, env = prepare(root)
+    installed = run_installer(root, python, root / "extensions" / "npo_suite") if install else {}
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", NPO_SUITE_VERIFY=str(tmp / "verify.jsonl"),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONUNBUFFERED="1")
-    env.pop("WEBUI_PATH", None)
-    cmd = [python, "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
-           "--skip-python-version-check", "--skip-version-check", "--no-download-sd-model", "--always-cpu",
-           "--nowebui", "--server-name", "127.0.0.1", "--port", str(port), "--no-hashing",
-           "--ckpt", str(ckpt)]
-    log_path = tmp / "forge.log"
+    if verify:
+        env["NPO_SUITE_VERIFY"] = str(tmp / "verify.jsonl")
+    log_path = tmp / "webui.log"
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=logf, stderr=subprocess.STDOUT)
-    server = Forge(f"http://127.0.0.1:{port}", proc, log_path, tmp / "verify.jsonl")
+        proc = subprocess.Popen([python, "launch.py", *launch_args(flavour, port, root / "models/Stable-diffusion" / CKPT)],
+                                cwd=root, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    server = WebUI(flavour, f"http://127.0.0.1:{port}", proc, log_path, tmp / "verify.jsonl", installed)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"Forge exited with {proc.returncode}:\n{server.log()[-4000:]}")
+                raise RuntimeError(f"{flavour} exited with {proc.returncode}:\n{server.log()[-4000:]}")
             try:
                 server.get("/sdapi/v1/sd-models")
                 break
             except OSError:
                 if time.time() > deadline:
-                    pytest.fail(f"Forge did not start in 300 s:\n{server.log()[-4000:]}")
+                    raise RuntimeError(f"{flavour} did not start in 600 s:\n{server.log()[-4000:]}") from None
                 time.sleep(2)
+        server.reset_layout()
         yield server
     finally:
         proc.terminate()
@@ -204,6 +328,18 @@ def forge(tmp_path_factory):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory):
+    if not WEBUI_PATH:
+        pytest.skip("WEBUI_PATH is not set (path to a Forge or an Automatic1111 checkout)")
+    try:
+        prepare(Path(WEBUI_PATH))
+    except Unavailable as e:
+        pytest.skip(str(e))
+    with running_webui(Path(WEBUI_PATH), tmp_path_factory.mktemp("webui")) as server:
+        yield server
 
 
 def txt2img_payload(npo: list | None = None, **kw) -> dict:
