@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 
 
-def _scorer_options(p: argparse.ArgumentParser) -> None:
+def _scorer_options(p: argparse.ArgumentParser, multiple: bool = True) -> None:
+    """--scorer (one or, with `multiple`, several) and the options of every scorer, incl. --device, --allow-pickle."""
     from ..evaluation.scorers import SCORERS
 
-    p.add_argument("--scorer", nargs="+", default=["world_reward"], choices=list(SCORERS),
-                   help="scorer(s): " + "; ".join(f"{k}: {v[1]}" for k, v in SCORERS.items()))
+    p.add_argument("--scorer", nargs="+" if multiple else None, default=["world_reward"] if multiple else "world_reward",
+                   choices=list(SCORERS), help="scorer" + ("(s)" if multiple else "") + ": "
+                   + "; ".join(f"{k}: {v[1]}" for k, v in SCORERS.items()))
     p.add_argument("--world", default=None, help="digits world folder for world_* scorers (default: shipped/cached world)")
     p.add_argument("--model-path", default=None, help="local model folder/file of an external scorer (never downloaded)")
     p.add_argument("--processor-path", default=None, help="local CLIP processor folder (default: --model-path)")
@@ -45,12 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _scorer_options(c)
 
 
+def scorer_settings(args) -> dict:
+    """The scorer options of parsed args (what `make_scorer` takes besides the name)."""
+    return {"world": args.world, "model_path": args.model_path, "processor_path": args.processor_path,
+            "head_path": args.head_path, "med_config": args.med_config, "device": args.device,
+            "allow_pickle": args.allow_pickle}
+
+
 def _make(name: str, args):
     from ..evaluation.scorers import make_scorer
 
-    return make_scorer(name, world=args.world, model_path=args.model_path, processor_path=args.processor_path,
-                       head_path=args.head_path, med_config=args.med_config, device=args.device,
-                       allow_pickle=args.allow_pickle)
+    return make_scorer(name, **scorer_settings(args))
 
 
 def _entries_for_score(args):
