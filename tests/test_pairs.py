@@ -249,3 +249,52 @@ def test_pairs_train_generate_loop_on_a_tiny_world(tmp_path, capsys):
                  "--margin", "0", "--out", str(tmp_path / "from_run"), "--json"]) == 0
     fr = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert fr["samples"] == 6 and fr["prompts"] == 3
+    # the strength sweep on validation seeds, world reward with the accuracy guard
+    assert main(["evaluate", "sweep", "--model", str(world), "--neg-offset", str(lora), "--betas", "0.5", "2",
+                 "--prompts", str(prompts), "--seeds", "0", "1", "--steps", "3", "--cfg", "3", "--n-boot", "100",
+                 "--scorer", "world_reward", "--guard", "world_correct", "--out", str(tmp_path / "sweep"), "--json"]) == 0
+    sw = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["alpha"], r["beta"]) for r in sw["rows"]] == [(1.0, 0.5), (1.0, 2.0)] and sw["n"] == 6
+    assert sw["chosen"] is None or sw["chosen"]["guard_diff"] >= -0.02
+    for f in ("sweep.md", "sweep.png", "sweep.json"):
+        assert (tmp_path / "sweep" / f).is_file()
+
+
+# ----------------------------------------------------------------------------- sweep
+
+def test_sweep_chooses_the_strongest_beta_that_keeps_the_guard():
+    from npo_suite.evaluation.sweep import choose
+
+    rows = [{"alpha": 1.0, "beta": 0.5, "guard_diff": 0.01}, {"alpha": 1.0, "beta": 1.0, "guard_diff": -0.015},
+            {"alpha": 1.0, "beta": 2.0, "guard_diff": -0.05}, {"alpha": 0.0, "beta": 1.0, "guard_diff": 0.0}]
+    best = choose(rows, tolerance=0.02)
+    assert (best["alpha"], best["beta"]) == (1.0, 1.0)  # beta 2 lowers the guard by 0.05 > 0.02
+    assert [r["guard_ok"] for r in rows] == [True, True, False, True]
+    assert choose(rows, tolerance=0.0)["beta"] == 1.0 and choose(rows, tolerance=0.0)["alpha"] == 0.0
+    assert choose([{"alpha": 1.0, "beta": 1.0, "guard_diff": -0.5}], 0.02) is None
+
+
+def test_sweep_scores_every_setting_against_plain_cfg_on_the_same_images():
+    from PIL import Image
+
+    from npo_suite.evaluation.sweep import grid, run_sweep
+
+    # fake renders: grey level = 100 + 50*beta (CFG: 100); the scorer likes grey, the guard dislikes beta 2
+    def render(alpha, beta):
+        return [Image.new("L", (2, 2), int(100 + 50 * (beta or 0)) + k) for k in range(4)]
+
+    class Grey:
+        def score(self, ims, prompts):
+            return np.asarray([np.asarray(i, dtype=float).mean() / 255 for i in ims])
+
+    class Guard:
+        def score(self, ims, prompts):
+            return np.asarray([0.0 if np.asarray(i).mean() > 190 else 1.0 for i in ims])
+
+    res = run_sweep(grid([1.0], [1.0, 2.0]), render, ["p"] * 4, Grey(), Guard(), n_boot=200)
+    r1, r2 = res["rows"]
+    assert res["base_mean"] == pytest.approx(np.mean([100 + k for k in range(4)]) / 255)
+    assert r1["win_rate"] == 1.0 and r1["diff"] == pytest.approx(50 / 255) and r1["guard_diff"] == 0.0
+    assert r2["guard_diff"] == -1.0 and r2["setting"] == "alpha=1 beta=2"
+    with pytest.raises(ValueError, match="beta = 0"):
+        grid([1.0], [0.0])
