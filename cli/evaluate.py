@@ -65,6 +65,7 @@ def _sweep_arguments(sub) -> None:
     w.add_argument("--negative-prompt", default="")
     w.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="validation seeds of every prompt")
     w.add_argument("--guard", default="world_correct", choices=list(SCORERS), help="guard scorer (must not drop)")
+    w.add_argument("--guard-model-path", default=None, help="local weights of the guard scorer (default: --model-path)")
     w.add_argument("--tolerance", type=float, default=0.02, help="largest drop of the guard's mean that still passes")
     w.add_argument("--cfg", type=float, default=7.5)
     w.add_argument("--steps", type=int, default=20)
@@ -213,7 +214,10 @@ def _sweep(args) -> int:
     settings = grid(args.alphas, args.betas)
     if args.world is None and (Path(args.model) / "reward").is_dir():
         args.world = args.model  # a world's own reward models
-    scorer, guard = _make(args.scorer, args), _make(args.guard, args)
+    from ..evaluation.scorers import make_scorer
+
+    scorer = _make(args.scorer, args)
+    guard = make_scorer(args.guard, **{**scorer_settings(args), "model_path": args.guard_model_path or args.model_path})
     items = read_prompts(args)
     jobs = [(it["prompt"], it["negative_prompt"], s) for it in items for s in it["seeds"]]
     with tqdm(total=len(settings), desc="sweep", unit="setting", file=sys.stderr) as bar:
