@@ -87,11 +87,6 @@ NOTES = {
     "pairs (JSONL, chosen/ + rejected/ folders, or Pick-a-Pic parquet) from ComfyUI's `datasets` folder, or takes "
     "two IMAGE batches and a prompt; **Train Preference LoRA** writes `models/loras/<output_name>.safetensors` "
     "(kohya, loads with the stock LoraLoader) and returns the offset, which the NPO Guider uses at once. See docs/comfyui_training.md.",
-    "collect_pairs_by_hand": "## Pick pairs by hand, train, guide\nQueue once: **Collect Preference Pairs** shows the "
-    "batch of 4. Click the preferred image (green), then the rejected one (red), queue again: the pair is appended "
-    "to `datasets/my_pairs` (re-queueing adds nothing). Repeat with other prompts and seeds. Later, **Preference "
-    "Dataset** `my_pairs` → **Train Preference LoRA** (npo) → **NPO Guider**. By score instead: put **Score Images** "
-    "(weights in `models/npo_rewards`) before it and set `choose` to *by score*. See docs/pairs.md."
 }
 
 

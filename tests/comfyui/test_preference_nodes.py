@@ -55,6 +55,13 @@ def _batch_graph(prompt="a photo of a cat"):
     return g
 
 
+def _core_batch():
+    """Four 64x64 images of two colours from core nodes only (EmptyImage x2 -> ImageBatch): no checkpoint."""
+    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x202020}},
+            "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0xC08040}},
+            "6": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}}}
+
+
 def _collect(choose, dataset, **kw):
     return {"class_type": "NPOSuite_CollectPreferencePairs", "inputs": {
         "images": ["6", 0], "dataset": dataset, "prompt": "a photo of a cat", "negative_prompt": "blurry",
@@ -69,13 +76,51 @@ def test_schemas_validate_and_nodes_are_registered(comfy):
     from npo_suite.nodes.preferences import NODES
 
     for cls in NODES:
-        schema = cls.GET_SCHEMA()
-        assert comfy.nodes.NODE_CLASS_MAPPINGS[schema.node_id] is cls
-        info = cls.GET_NODE_INFO_V1()
-        assert info["category"] == "training/npo"
+        node_id = cls.GET_SCHEMA().node_id
+        registered = comfy.nodes.NODE_CLASS_MAPPINGS[node_id]  # the class ComfyUI loaded from custom_nodes/
+        assert registered.__name__ == cls.__name__
+        info = registered.GET_NODE_INFO_V1()
+        assert info["category"] == "training/npo" and info["name"] == node_id
     import nodes
 
     assert "npo_suite" in nodes.EXTENSION_WEB_DIRS or any(d.endswith("web") for d in nodes.EXTENSION_WEB_DIRS.values())
+
+
+def test_score_and_collect_on_a_core_image_batch(comfy, folders):
+    """Light (no checkpoint): Score Images with the tiny local CLIP, auto-collect by score, then a hand pick."""
+    from npo_suite.evaluation.collect import make_local_scorer, score_tensor_batch
+
+    g = _core_batch()
+    g["7"] = {"class_type": "NPOSuite_ScoreImages", "inputs": {"images": ["6", 0], "prompt": "a photo of a cat",
+                                                               "scorer": "pickscore", "weights": "tiny_clip",
+                                                               "extra": "none"}}
+    c = _collect("by score", "core_ds", scores=["7", 0])
+    del c["inputs"]["model"]
+    g["8"] = c
+    out = comfy.run(g, ["6", "7", "8"])
+    images, scores = out["6"][0][0], out["7"][0][0]
+    direct = score_tensor_batch(make_local_scorer("pickscore", str(folders["rewards"] / "tiny_clip"), None), images,
+                                "a photo of a cat")
+    assert images.shape[0] == 4 and scores["scores"] == pytest.approx(direct)
+    assert len(set(round(x, 6) for x in direct)) == 2  # two colours, two scores (pickscore: no clamp at 0)
+    rows = _rows(folders["datasets"] / "core_ds" / "pairs.jsonl")
+    order = sorted(range(4), key=lambda i: (-direct[i], i))  # best_worst: equal scores ordered by index
+    best, worst = order[0], order[-1]
+    assert [(r["batch_index_chosen"], r["batch_index_rejected"], r["chosen_by"]) for r in rows] == \
+        [(best, worst, "scorer:pickscore")]
+    assert rows[0]["model_hash"] is None  # no MODEL connected
+    comfy.run(g, ["8"])  # re-queued
+    assert len(_rows(folders["datasets"] / "core_ds" / "pairs.jsonl")) == 1
+    h = _core_batch()
+    c = _collect("by hand", "core_hand", picks="3>0")
+    del c["inputs"]["model"]
+    h["7"] = c
+    comfy.run(h, ["7"])
+    rows = _rows(folders["datasets"] / "core_hand" / "pairs.jsonl")
+    assert [(r["batch_index_chosen"], r["batch_index_rejected"], r["chosen_by"]) for r in rows] == [(3, 0, "user")]
+    from npo_suite.nodes.training import PreferenceDataset
+
+    assert {"core_ds", "core_hand"} <= set(PreferenceDataset.GET_SCHEMA().inputs[0].options)
 
 
 def test_score_then_auto_collect_then_preference_dataset_trains(comfy, folders):
@@ -85,13 +130,13 @@ def test_score_then_auto_collect_then_preference_dataset_trains(comfy, folders):
 
     g = _batch_graph()
     g["7"] = {"class_type": "NPOSuite_ScoreImages", "inputs": {"images": ["6", 0], "prompt": "a photo of a cat",
-                                                               "scorer": "clip_score", "weights": "tiny_clip",
+                                                               "scorer": "pickscore", "weights": "tiny_clip",
                                                                "extra": "none"}}
     g["8"] = _collect("by score", "auto_ds", scores=["7", 0])
     out = comfy.run(g, ["6", "7", "8"])
     images, scores = out["6"][0][0], out["7"][0][0]
     assert images.shape[0] == 4 and len(scores["scores"]) == 4
-    direct = score_tensor_batch(make_local_scorer("clip_score", str(folders["rewards"] / "tiny_clip"), None), images,
+    direct = score_tensor_batch(make_local_scorer("pickscore", str(folders["rewards"] / "tiny_clip"), None), images,
                                 "a photo of a cat")
     assert scores["scores"] == pytest.approx(direct)
     order = np.argsort(-np.asarray(direct))
@@ -101,7 +146,7 @@ def test_score_then_auto_collect_then_preference_dataset_trains(comfy, folders):
     assert len(rows) == 1
     r = rows[0]
     assert (r["batch_index_chosen"], r["batch_index_rejected"]) == (int(order[0]), int(order[-1]))
-    assert r["chosen_by"] == "scorer:clip_score" and r["seed_chosen"] == 11 and r["negative_prompt"] == "blurry"
+    assert r["chosen_by"] == "scorer:pickscore" and r["seed_chosen"] == 11 and r["negative_prompt"] == "blurry"
     assert r["model_hash"] and len(r["model_hash"]) == 64
     # re-queue: nothing new
     comfy.run(g, ["8"])
