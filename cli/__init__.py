@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": (".world", "build or inspect the embedded digits world"),
     "train": (".train", "train a preference LoRA (the methods: train --help, --method)"),
     "generate": ("..diffusers_host.generate", "batch generation with cfg / npo / snpo guidance"),
+    "pairs": (".pairs", "preference pairs from a model's own samples, scored by any scorer (resumable)"),
     "evaluate": (".evaluate", "score images and compare two runs"),
     "offsets": (".offsets", "inspect, convert, merge and extract weight offsets (LoRAs, diffs)"),
     "ddspo-prepare": ("..trainer.data.ddspo_prepare", "generate DDSPO winner (and loser) latents from prompts"),

@@ -1,5 +1,6 @@
-"""`python -m npo_suite evaluate score|compare`: score a run's images, compare two runs paired by
-prompt and seed (mean difference and win rate with seeded bootstrap 95% CIs, Markdown table, PNG plot).
+"""`python -m npo_suite evaluate score|compare|sweep`: score a run's images, compare two runs paired by
+prompt and seed (mean difference and win rate with seeded bootstrap 95% CIs, Markdown table, PNG plot),
+sweep the NPO strength (alpha, beta) against plain CFG with a guard scorer (evaluation/sweep.py).
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from pathlib import Path
 import numpy as np
 
 
-def _scorer_options(p: argparse.ArgumentParser) -> None:
+def _scorer_options(p: argparse.ArgumentParser, multiple: bool = True) -> None:
+    """--scorer (one or, with `multiple`, several) and the options of every scorer, incl. --device, --allow-pickle."""
     from ..evaluation.scorers import SCORERS
 
-    p.add_argument("--scorer", nargs="+", default=["world_reward"], choices=list(SCORERS),
-                   help="scorer(s): " + "; ".join(f"{k}: {v[1]}" for k, v in SCORERS.items()))
+    p.add_argument("--scorer", nargs="+" if multiple else None, default=["world_reward"] if multiple else "world_reward",
+                   choices=list(SCORERS), help="scorer" + ("(s)" if multiple else "") + ": "
+                   + "; ".join(f"{k}: {v[1]}" for k, v in SCORERS.items()))
     p.add_argument("--world", default=None, help="digits world folder for world_* scorers (default: shipped/cached world)")
     p.add_argument("--model-path", default=None, help="local model folder/file of an external scorer (never downloaded)")
     p.add_argument("--processor-path", default=None, help="local CLIP processor folder (default: --model-path)")
@@ -43,14 +46,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--out", default=None, help="folder for compare.md, compare.png, compare.json")
     c.add_argument("--json", action="store_true", help="print one JSON line")
     _scorer_options(c)
+    _sweep_arguments(sub)
+
+
+def _sweep_arguments(sub) -> None:
+    from ..diffusers_host.generate import SCHEDULERS
+    from ..evaluation.scorers import SCORERS
+
+    w = sub.add_parser("sweep", help="sample an (alpha, beta) grid of NPO guidance on validation seeds; pick the "
+                       "strongest setting that does not lower the guard scorer")
+    w.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors or world folder")
+    w.add_argument("--neg-offset", required=True, help="negative offset delta (the NPO LoRA)")
+    w.add_argument("--pos-offset", default=None, help="positive offset eta (conditional rows; alpha weighs it)")
+    w.add_argument("--betas", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="weights of delta")
+    w.add_argument("--alphas", type=float, nargs="+", default=[1.0], help="weights of eta in the negative model")
+    w.add_argument("--prompt", action="append", default=[], help="a validation prompt (repeatable)")
+    w.add_argument("--prompts", help="validation prompts: .txt (one a line) or .jsonl")
+    w.add_argument("--negative-prompt", default="")
+    w.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="validation seeds of every prompt")
+    w.add_argument("--guard", default="world_correct", choices=list(SCORERS), help="guard scorer (must not drop)")
+    w.add_argument("--guard-model-path", default=None, help="local weights of the guard scorer (default: --model-path)")
+    w.add_argument("--tolerance", type=float, default=0.02, help="largest drop of the guard's mean that still passes")
+    w.add_argument("--cfg", type=float, default=7.5)
+    w.add_argument("--steps", type=int, default=20)
+    w.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    w.add_argument("--batch-size", type=int, default=16)
+    w.add_argument("--tokenizer", default=None)
+    w.add_argument("--family", choices=["sd1", "sdxl", "world"], default=None)
+    w.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    w.add_argument("--n-boot", type=int, default=5000)
+    w.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    w.add_argument("--out", default=None, help="folder for sweep.md, sweep.png, sweep.json")
+    w.add_argument("--json", action="store_true", help="print one JSON line")
+    _scorer_options(w, multiple=False)
+
+
+def scorer_settings(args) -> dict:
+    """The scorer options of parsed args (what `make_scorer` takes besides the name)."""
+    return {"world": args.world, "model_path": args.model_path, "processor_path": args.processor_path,
+            "head_path": args.head_path, "med_config": args.med_config, "device": args.device,
+            "allow_pickle": args.allow_pickle}
 
 
 def _make(name: str, args):
     from ..evaluation.scorers import make_scorer
 
-    return make_scorer(name, world=args.world, model_path=args.model_path, processor_path=args.processor_path,
-                       head_path=args.head_path, med_config=args.med_config, device=args.device,
-                       allow_pickle=args.allow_pickle)
+    return make_scorer(name, **scorer_settings(args))
 
 
 def _entries_for_score(args):
@@ -138,9 +179,69 @@ def _compare(args) -> int:
     return 0
 
 
+def _sweep_render(args, jobs):
+    """render(alpha, beta) -> PIL images of `jobs` [(prompt, negative, seed)]: npo mode, or plain CFG for None."""
+    import torch
+
+    from ..diffusers_host.generate import Offsets, _load_offsets, sample, to_pil
+    from ..diffusers_host.loading import load_model
+
+    bundle = load_model(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
+                        tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
+    ns = argparse.Namespace(pos_offset=args.pos_offset, neg_offset=args.neg_offset, snpo_offset=None, alpha=1.0,
+                            beta=1.0, allow_pickle=args.allow_pickle)
+    loaded, _ = _load_offsets(ns, bundle)
+
+    def render(alpha, beta):
+        mode = "cfg" if beta is None else "npo"
+        off = Offsets(loaded.pos, loaded.neg, None, alpha if alpha is not None else 1.0, beta or 1.0)
+        out = []
+        for i in range(0, len(jobs), args.batch_size):
+            ch = jobs[i:i + args.batch_size]
+            res = sample(bundle, [j[0] for j in ch], [j[2] for j in ch], mode, negative_prompts=[j[1] for j in ch],
+                         offsets=off, cfg_scale=args.cfg, steps=args.steps, scheduler=args.scheduler)
+            out += [to_pil(im) for im in res.images]
+        return out
+    return render
+
+
+def _sweep(args) -> int:
+    from tqdm import tqdm
+
+    from ..diffusers_host.generate import read_prompts
+    from ..evaluation.sweep import choose, grid, plot_sweep, run_sweep, table
+
+    settings = grid(args.alphas, args.betas)
+    if args.world is None and (Path(args.model) / "reward").is_dir():
+        args.world = args.model  # a world's own reward models
+    from ..evaluation.scorers import make_scorer
+
+    scorer = _make(args.scorer, args)
+    guard = make_scorer(args.guard, **{**scorer_settings(args), "model_path": args.guard_model_path or args.model_path})
+    items = read_prompts(args)
+    jobs = [(it["prompt"], it["negative_prompt"], s) for it in items for s in it["seeds"]]
+    with tqdm(total=len(settings), desc="sweep", unit="setting", file=sys.stderr) as bar:
+        res = run_sweep(settings, _sweep_render(args, jobs), [j[0] for j in jobs], scorer, guard, n_boot=args.n_boot,
+                        seed=args.seed, progress=bar.update)
+    best = choose(res["rows"], args.tolerance)
+    res.update(scorer=args.scorer, guard=args.guard, tolerance=args.tolerance, chosen=best)
+    md = (f"# NPO strength sweep: {args.scorer}, guard {args.guard}\n\n{len(jobs)} images per setting; plain CFG: "
+          f"{args.scorer} {res['base_mean']:.3f}, {args.guard} {res['base_guard']:.3f}.\n\n{table(res)}\n"
+          + (f"Strongest setting that keeps the guard (drop <= {args.tolerance}): **{best['setting']}**.\n" if best else
+             f"No setting keeps the guard (drop <= {args.tolerance}).\n"))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_sweep(res, out / "sweep.png", args.scorer, args.guard, args.tolerance)
+        (out / "sweep.md").write_text(md + "\n![sweep](sweep.png)\n", encoding="utf-8")
+        (out / "sweep.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(res) if args.json else md, end="\n" if args.json else "")
+    return 0
+
+
 def main(args) -> int:
     try:
-        return _score(args) if args.action == "score" else _compare(args)
+        return {"score": _score, "compare": _compare, "sweep": _sweep}[args.action](args)
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -17,7 +17,10 @@ def _training_nodes() -> list[type[io.ComfyNode]]:
         log.warning("NPO Suite: training nodes not loaded: %s: %s", type(e).__name__, e)
         return []
     training.register_folders()
-    return list(training.TRAINING_NODES)
+    from . import preferences
+
+    preferences.register_folder()
+    return [*training.TRAINING_NODES, *preferences.NODES]
 
 
 class NPOSuiteExtension(ComfyExtension):
