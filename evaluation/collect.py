@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.paths import inside, safe_relative_name
-from .pairing import Pair, Sample, append_jsonl, make_pairs, read_jsonl
+from .pairing import Sample, append_jsonl, make_pairs, read_jsonl
 
 PAIRS_FILE = "pairs.jsonl"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from npo_suite.evaluation.pairing import (PAIR_RULES, Sample, append_jsonl, make_pairs, read_jsonl)
-from npo_suite.evaluation.pairs import Job, build_dataset, check_config, collect, load_samples, plan_jobs
+from npo_suite.evaluation.pairs import build_dataset, check_config, collect, load_samples, plan_jobs
 
 
 def S(score, seed, prompt="a", neg=""):
