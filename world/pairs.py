@@ -95,10 +95,7 @@ def make_pairs(sample_fn: SampleFn, reward, out_dir: str | os.PathLike, *, promp
         lines.append({"prompt": rows_p[w], "chosen": names[0], "rejected": names[1],
                       "reward_chosen": round(float(r[w]), 6), "reward_rejected": round(float(r[l]), 6),
                       "seed_chosen": rows_s[w], "seed_rejected": rows_s[l]})
-    path = out / "pairs.jsonl"
-    tmp = out / ".pairs.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    path = _write_jsonl(out / "pairs.jsonl", lines)
     return PairStats(len(prompts), len(rows_p), len(lines), dropped, float(np.mean(margins)) if margins else 0.0, path)
 
 
@@ -116,3 +113,50 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
         rec["chosen_path"], rec["rejected_path"] = p.parent / rec["chosen"], p.parent / rec["rejected"]
         out.append(rec)
     return out
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in records), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_real_images(split, out_dir: str | os.PathLike) -> Path:
+    """The real digits of a split (build.DigitsSplit) as `prompts.jsonl` {"prompt", "image"} + PNGs: the
+    images TDFT noises when given images (Self-NPO's real-image starts). The prompt names the style
+    word where the digit has one (the base model was trained on both forms)."""
+    from .build import prompt_for
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (idx, im, label, style) in enumerate(zip(split.indices, split.images, split.labels, split.styles)):
+        name = f"images/real_{int(idx):04d}.png"
+        to_png(im / 16.0, out / name)
+        records.append({"prompt": prompt_for(int(label), style), "image": name, "digits_index": int(idx)})
+    return _write_jsonl(out / "prompts.jsonl", records)
+
+
+def make_ddspo_data(sample_fn: SampleFn, rewriter, out_dir: str | os.PathLike, *, prompts: list[str] | None = None,
+                    samples_per_prompt: int = 8, seed_offset: int = 200_000, batch: int = 256) -> Path:
+    """DDSPO's pairs as its paper makes them (seed 003 §3.3): for each prompt c and seed, the winner is
+    the base model's image for c and the loser its image for c⁻ = rewriter(c) from the SAME initial
+    noise. Written as `ddspo.jsonl` {"prompt", "neg_prompt", "image", "loser_image", "seed"} + PNGs.
+    Seeds start at `seed_offset` (never an evaluation or a pair seed)."""
+    prompts = list(prompts or all_prompts())
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows_p = [p for p in prompts for _ in range(samples_per_prompt)]
+    rows_s = [seed_offset + i for i in range(len(rows_p))]
+    negs = rewriter(rows_p, rows_s)
+    records = []
+    for j in range(0, len(rows_p), batch):
+        ps, ns, ss = rows_p[j:j + batch], negs[j:j + batch], rows_s[j:j + batch]
+        win, lose = (quantize01(sample_fn(x, ss).float()) for x in (ps, ns))  # [n, 8, 8] each
+        for p, n, s, w, l in zip(ps, ns, ss, win, lose):
+            names = [f"images/s{s}_{tag}.png" for tag in ("w", "l")]
+            to_png(w, out / names[0])
+            to_png(l, out / names[1])
+            records.append({"prompt": p, "neg_prompt": n, "image": names[0], "loser_image": names[1], "seed": s})
+    return _write_jsonl(out / "ddspo.jsonl", records)
