@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from npo_suite.trainer.batches import Cond
+from npo_suite.trainer.config import TrainConfig
 from npo_suite.trainer.data.cache import LatentCache
 from npo_suite.trainer.data.dataset import ResumableSampler, collate_prompts
 from npo_suite.trainer.data.ddspo_prepare import (MANIFEST_NAME, PARTS_DIR, DdspoDataset, PrepareConfig, prepare,
@@ -80,9 +82,13 @@ def test_efficient_variant_and_dataset(tmp_path, sd15):
         return Cond(torch.stack([torch.full((3, 4), float(len(q))) for q in prompts]))
 
     cache = LatentCache(tmp_path / "cache", "tiny", None, enc_prompts)
-    with pytest.raises(ValueError, match="loser='other'"):
+    with pytest.raises(ValueError, match="ddspo_loser 'other'"):
         DdspoDataset(out, cache)[0]
-    ds = DdspoDataset(out, cache, loser="other", seed=1)
+    assert DdspoDataset(out, cache, loser="none")[0]["latents_l"] is None  # ddspo_loser "same": no loser image
+    cfg = TrainConfig(method="ddspo", ddspo_loser="other", seed=1)
+    assert [DdspoDataset.for_config(out, cache, c).loser for c in
+            (cfg, replace(cfg, ddspo_loser="generated"), replace(cfg, ddspo_loser="same"))] == ["other", "generated", "none"]
+    ds = DdspoDataset.for_config(out, cache, cfg)
     sampler = ResumableSampler(len(ds), seed=0, batch_size=3)
     batch = collate_prompts([ds[k] for k in sampler])
     assert batch.latents.shape == batch.latents_l.shape == (3, 4, 8, 8)

@@ -4,8 +4,11 @@ import math
 import pytest
 import torch
 
-from npo_suite.trainer.losses import (LOSSES, bdpo_loss, bdpo_m_mix, ddspo_loss, dpo_loss, implicit_accuracy,
-                                      per_sample_mse)
+import torch.nn.functional as F
+
+from npo_suite.trainer.ddspo import ddspo_margins
+from npo_suite.trainer.losses import (LOSSES, SATURATED_LOGIT, bdpo_loss, bdpo_m_mix, ddspo_loss, dpo_loss,
+                                      implicit_accuracy, logit_metrics, loss_weight, per_sample_mse)
 
 
 def t(*v):
@@ -83,6 +86,57 @@ def test_ddspo_golden():
     out = ddspo_loss(t(0.01), t(0.03), beta=100)
     assert math.isclose(out.logit.item(), 1.0, rel_tol=1e-9)
     assert math.isclose(out.loss.item(), 0.31326168751822286, rel_tol=1e-9)
+
+
+def test_ddspo_linear_weighting_golden():
+    # two pairs, beta = 100 (s = 50): logits 1 and -1 ; t = 999 and 333 of T = 1000 -> weights 1 and 1/3
+    # loss = mean(log(1 + e^-1) * 1, log(1 + e^1) * 1/3) = (0.3132617 + 1.3132617/3) / 2 = 0.3755178
+    t_ = torch.tensor([999, 333])
+    w = loss_weight("linear", t_, 1000)
+    assert w.tolist() == [1.0, 333 / 999]
+    out = ddspo_loss(t(0.01, 0.03), t(0.03, 0.01), beta=100, outer_weight=w)
+    assert out.logit.tolist() == pytest.approx([1.0, -1.0])
+    assert math.isclose(out.loss.item(), (softplus(1.0) + softplus(-1.0) / 3) / 2, rel_tol=1e-9)
+    assert loss_weight("none", t_, 1000) is None
+    with pytest.raises(ValueError, match="loss weighting"):
+        loss_weight("cosine", t_, 1000)
+
+
+def test_ddspo_loss_equals_the_authors_dpo_loss_with_linear_weighting():
+    """KU-MIIL/DDSPO ddspo/dpo.py `dpo_loss(..., loss_weighting="linear")`, transcribed, on the same tensors:
+    model_pred = the policy on [x_w; x_l] under c, ref_pred = the reference on them under c, target =
+    [eps_ref(x_w, c); eps_ref(x_l, c⁻)] (TF-CPP)."""
+    g = torch.Generator().manual_seed(0)
+    B = 4
+    pol, ref, neg = (torch.randn(2 * B, 4, 8, 8, generator=g) for _ in range(3))
+    target = torch.cat([ref[:B], neg[B:]])
+    timesteps = torch.tensor([0, 250, 600, 999]).repeat(2)
+    beta = 16000.0 / 1000  # a beta that does not saturate on random tensors
+
+    def theirs(model_pred, ref_pred, target, beta_dpo, timesteps, num_train_timesteps=1000):
+        per_dim = list(range(1, model_pred.ndim))
+        model_losses = (model_pred.float() - target.float()).pow(2).mean(dim=per_dim)
+        model_losses_w, model_losses_l = model_losses.chunk(2)
+        ref_losses = (ref_pred.float() - target.float()).pow(2).mean(dim=per_dim)
+        ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+        inside_term = -0.5 * beta_dpo * ((model_losses_w - model_losses_l) - (ref_losses_w - ref_losses_l))
+        weights = timesteps.chunk(2)[0].float() / (num_train_timesteps - 1)
+        return (-F.logsigmoid(inside_term) * weights).mean(), inside_term
+
+    their_loss, their_logit = theirs(pol, ref, target, beta, timesteps)
+    mg = ddspo_margins(pol[:B], pol[B:], ref[:B], neg[B:], ref[B:])
+    ours = ddspo_loss(mg.m_w, mg.m_l, beta=beta, outer_weight=loss_weight("linear", timesteps[:B], 1000))
+    assert torch.allclose(ours.logit, their_logit, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(ours.loss, their_loss, rtol=1e-5, atol=1e-7)
+
+
+def test_logit_metrics_golden():
+    # |logit| = 0.5, 2, 12, 30 -> mean |logit| 11.125 ; two of four past 10 -> saturated 0.5 ; mean (−0.5+2−12+30)/4
+    m = logit_metrics(torch.tensor([-0.5, 2.0, -12.0, 30.0]))
+    assert SATURATED_LOGIT == 10.0
+    assert m["logit/abs_mean"].item() == pytest.approx(11.125)
+    assert m["logit/saturated_frac"].item() == pytest.approx(0.5)
+    assert m["logit/mean"].item() == pytest.approx(4.875)
 
 
 def test_gradients_dpo_golden():

@@ -15,7 +15,10 @@ from methods_fake_backend import FakeBackend  # noqa: E402
 
 B = 3
 PROMPTS = ["a red fox on a snowy hill", "two cats playing chess at night", "an old lighthouse in a storm"]
-PAIR_KEYS = {"loss", "implicit_acc", "mse/policy_w", "mse/policy_l", "mse/ref_w", "mse/ref_l", "llr/winner", "logit/mean"}
+PAIR_KEYS = {"loss", "implicit_acc", "mse/policy_w", "mse/policy_l", "mse/ref_w", "mse/ref_l", "llr/winner", "logit/mean",
+             "logit/abs_mean", "logit/saturated_frac"}
+DDSPO_KEYS = {"loss", "implicit_acc", "logit/mean", "logit/abs_mean", "logit/saturated_frac", "t/mean", "ddspo/m_w",
+              "ddspo/m_l", "ddspo/mse_policy_l", "ddspo/mse_ref_l"}
 
 
 def latents(seed):
@@ -35,7 +38,9 @@ def prompt_batch(be, with_latents=True, latents_l=None):
 
 
 def batch_for(method, be):
-    return pair_batch(be) if method.data_kind == "pairs" else prompt_batch(be)
+    if method.data_kind == "pairs":
+        return pair_batch(be)
+    return prompt_batch(be, latents_l=latents(4) if method.data_kind == "prompts_with_winners" else None)
 
 
 def run(name, be, batch, cfg=None, seed=0):
@@ -55,9 +60,12 @@ def test_registry_and_config():
     cfg = MethodConfig()
     assert (cfg.beta, cfg.lam, cfg.snpo_p, cfg.ddspo_beta, cfg.ref_bound) == (5000.0, 0.9, 0.5, 16000.0, 0.005)
     for bad, match in [(dict(method="ipo"), "method"), (dict(lam=0.0), "lam"), (dict(snpo_p=1.5), "snpo_p"),
-                       (dict(timestep_sampler="cosine"), "timestep_sampler"), (dict(tdft_teacher="x"), "tdft_teacher"),
+                       (dict(timestep_sampler="cosine"), "timestep_sampler"), (dict(tdft_start="x"), "tdft_start"),
                        (dict(ddspo_rewriter="local_lm"), "ddspo_rewriter_path"), (dict(ema_decay=1.0), "ema_decay"),
-                       (dict(ref_on_exceed="stop"), "ref_on_exceed"), (dict(ddspo_min_frac=0.8), "ddspo_min_frac")]:
+                       (dict(ref_on_exceed="stop"), "ref_on_exceed"), (dict(ddspo_min_frac=0.8), "ddspo_min_frac"),
+                       (dict(tdft_timesteps="x"), "tdft_timesteps"), (dict(tdft_loss="huber1"), "tdft_loss"),
+                       (dict(tdft_huber_c=0.0), "tdft_huber_c"), (dict(tdft_guidance=float("nan")), "tdft_guidance"),
+                       (dict(ddspo_loser="x"), "ddspo_loser"), (dict(ddspo_loss_weighting="x"), "ddspo_loss_weighting")]:
         with pytest.raises(ValueError, match=match):
             MethodConfig(**bad)
 
@@ -66,14 +74,17 @@ def test_registry_and_config():
 def test_every_method_finite_and_grads_only_on_policy(name):
     be = fresh()
     method = METHODS[name]
-    cfg = MethodConfig(method=name, timestep_sampler="gamma_bins", timestep_weight="snr_reward_scale")
+    # ddspo_beta 100: the paper's 16000 saturates the logit on this tiny network (no gradient left)
+    cfg = MethodConfig(method=name, timestep_sampler="gamma_bins", timestep_weight="snr_reward_scale", ddspo_beta=100.0)
     method.setup(be, cfg)
     out = method.compute(be, batch_for(method, be), cfg, torch.Generator().manual_seed(0))
     assert isinstance(out, StepOut) and out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert all(torch.isfinite(v) and v.ndim == 0 and not v.requires_grad for v in out.metrics.values())
     assert "loss" in out.metrics
-    if method.data_kind != "images_or_prompts":
+    if method.data_kind == "pairs":
         assert PAIR_KEYS <= set(out.metrics)
+    if method.data_kind == "prompts_with_winners":
+        assert set(out.metrics) == DDSPO_KEYS
     out.loss.backward()
     grads = [p.grad for p in be.trainable_parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
@@ -138,10 +149,11 @@ def test_reference_adapter_under_reference_update():
     assert be.calls == [("policy", 2 * B, True), ("ref", 2 * B, False)]
 
 
-@pytest.mark.parametrize("teacher,rows", [("uncond", B), ("low_cfg", 2 * B), ("few_steps", 2 * B)])
-def test_tdft_calls_and_ema_moves(teacher, rows):
+@pytest.mark.parametrize("w,rows,start", [(-1.0, B, "auto"), (0.0, B, "auto"), (0.5, 2 * B, "auto"),
+                                          (-5.0, 2 * B, "noise")])
+def test_tdft_calls_and_ema_moves(w, rows, start):
     be = fresh()
-    cfg = MethodConfig(method="tdft", tdft_teacher=teacher, tdft_k=3, ema_decay=0.9)
+    cfg = MethodConfig(method="tdft", tdft_guidance=w, tdft_start=start, tdft_k=3, ema_decay=0.9)
     m = METHODS["tdft"]
     m.setup(be, cfg)
     be.calls.clear()
@@ -149,6 +161,7 @@ def test_tdft_calls_and_ema_moves(teacher, rows):
     # K rollout steps + 1 Tweedie evaluation of the teacher, no grad; one student forward with grad
     assert be.calls == [("ema", rows, False)] * 4 + [("policy", B, True)]
     assert torch.isfinite(out.loss) and out.metrics["tdft/s_mean"] > out.metrics["tdft/t_mean"]
+    assert out.metrics["tdft/real_start"] == (1.0 if start == "auto" else 0.0)
     out.loss.backward()
     ema_before = {k: v.clone() for k, v in be.adapters["ema"].items()}
     with torch.no_grad():
@@ -159,6 +172,72 @@ def test_tdft_calls_and_ema_moves(teacher, rows):
         expected = ema_before[k] + (1 - 0.9) * (be.adapters["policy"][k].detach() - ema_before[k])
         assert torch.allclose(v, expected, atol=1e-6)
     assert any(not torch.equal(be.adapters["ema"][k], ema_before[k]) for k in ema_before)
+
+
+def test_tdft_ema_is_per_lora_factor_not_of_the_product():
+    """The teacher's offset is EMA(up)·EMA(down), which differs from EMA(up·down) (docs/methods.md)."""
+    be = fresh()
+    cfg = MethodConfig(method="tdft", ema_decay=0.5)
+    METHODS["tdft"].setup(be, cfg)
+    up0, down0 = be.adapters["ema"]["up1"].clone(), be.adapters["ema"]["down1"].clone()
+    with torch.no_grad():
+        be.adapters["policy"]["up1"].mul_(3.0)
+        be.adapters["policy"]["down1"].mul_(-1.0)
+    METHODS["tdft"].after_step(be, cfg)
+    # hand: each factor moves halfway: up = (1 + 3)/2 up0 = 2 up0, down = (1 - 1)/2 down0 = 0 -> offset 0
+    assert torch.allclose(be.adapters["ema"]["up1"], 2 * up0) and torch.count_nonzero(be.adapters["ema"]["down1"]) == 0
+    product_ema = 0.5 * (up0 @ down0) + 0.5 * (3 * up0 @ -down0)  # = -up0 @ down0, not 0
+    assert not torch.allclose(be.adapters["ema"]["up1"] @ be.adapters["ema"]["down1"], product_ema)
+
+
+def _teacher_eps(be, cfg, x, t):
+    return METHODS["tdft"].teacher_fn(be, cfg, be.encode_prompts(PROMPTS))(x, t)
+
+
+@pytest.mark.parametrize("w", [-1.0, -5.0, 0.0, 0.5, 3.0])
+def test_tdft_teacher_guidance_equals_the_formula(w):
+    """eps = eps_c + w·(eps_c − eps_∅) for any w (authors: −1 SD1.5, −5 SDXL); w = −1 is eps_∅ itself."""
+    be = fresh()
+    cfg = MethodConfig(method="tdft", tdft_guidance=w)
+    METHODS["tdft"].setup(be, cfg)
+    x, t = latents(5), torch.tensor([10, 500, 990])
+    cond = be.encode_prompts(PROMPTS)
+    e_c = be.predict_eps(x, t, cond, "ema")
+    e_u = be.predict_eps(x, t, be.null_cond(B), "ema")
+    got = _teacher_eps(be, cfg, x, t)
+    assert torch.allclose(got, e_c + w * (e_c - e_u), atol=1e-6)
+    if w == -1.0:
+        assert torch.equal(got, e_u)
+        assert not torch.allclose(got, e_c)
+
+
+def test_tdft_solver_grid_timesteps_on_the_method():
+    """The method's draws: t' on the 25-step grid, t = max(t' − 200, 0), P(t = 0) near 0.2, s in [t+1, T−1]."""
+    be = fresh()
+    cfg = MethodConfig(method="tdft")
+    assert (cfg.tdft_timesteps, cfg.tdft_solver_steps, cfg.tdft_k, cfg.tdft_guidance, cfg.tdft_loss,
+            cfg.tdft_huber_c) == ("solver_grid", 25, 5, -1.0, "pseudo_huber", 1e-3)
+    g = torch.Generator().manual_seed(0)
+    t_start, t_end = METHODS["tdft"].timesteps(be, cfg, 20000, g, torch.device("cpu"))
+    assert set(t_start.unique().tolist()) == {40 * k - 1 for k in range(1, 26)}
+    assert torch.equal(t_end.clamp(min=0), (t_start - 200).clamp(min=0))
+    t = t_end.clamp(min=0)
+    assert t.max().item() == 799
+    # P(t = 0) = 0.2; sd of the frequency over 20000 draws is 0.0028 -> 0.015 is > 5 sd
+    assert abs((t == 0).float().mean().item() - 0.2) < 0.015
+    # the earlier variant: t uniform over [0, T-2], t' = min(T-1, t + 200)
+    t_start, t_end = METHODS["tdft"].timesteps(be, replace(cfg, tdft_timesteps="uniform"), 2000, g, torch.device("cpu"))
+    assert torch.equal(t_start, (t_end + 200).clamp(max=999)) and t_end.max().item() > 800
+
+
+def test_tdft_start_images_refuses_prompts_only():
+    be = fresh()
+    cfg = MethodConfig(method="tdft", tdft_start="images")
+    METHODS["tdft"].setup(be, cfg)
+    with pytest.raises(ValueError, match="tdft_start='images' needs images"):
+        METHODS["tdft"].compute(be, prompt_batch(be, with_latents=False), cfg, torch.Generator().manual_seed(0))
+    out = METHODS["tdft"].compute(be, prompt_batch(be), cfg, torch.Generator().manual_seed(0))
+    assert out.metrics["tdft/real_start"] == 1.0
 
 
 def test_tdft_from_pure_noise_needs_latent_shape():
@@ -174,6 +253,7 @@ def test_tdft_from_pure_noise_needs_latent_shape():
 def test_ddspo_uses_perturbed_prompts_for_loser_targets():
     be = fresh()
     cfg = MethodConfig(method="ddspo")
+    assert cfg.ddspo_loser == "generated"
     batch = prompt_batch(be, latents_l=latents(4))
     be.encoded.clear()
     be.calls.clear()
@@ -188,7 +268,7 @@ def test_ddspo_uses_perturbed_prompts_for_loser_targets():
     # with c- = c the loser target is the reference's own prediction: a different loss
     c = run("ddspo", be, replace(batch, neg_cond=batch.cond), cfg)
     assert not torch.allclose(a.loss, c.loss)
-    assert c.metrics["mse/ref_l"] == 0  # mse(eps_ref(x_l, c), eps_ref(x_l, c))
+    assert c.metrics["ddspo/mse_ref_l"] == 0  # mse(eps_ref(x_l, c), eps_ref(x_l, c))
 
 
 def test_wrong_batch_type_is_a_clear_error():
@@ -223,7 +303,8 @@ def _real_batch(be, kind):
     cond = be.encode_prompts(["a cat", "a red dog"])
     if kind == "pairs":
         return PairBatch(x[0], x[1], cond, ["a cat", "a red dog"])
-    return PromptBatch(["a cat", "a red dog"], cond, latents=x[0], latent_shape=(4, 8, 8))
+    loser = x[1] if kind == "prompts_with_winners" else None  # DDSPO: an explicit loser image
+    return PromptBatch(["a cat", "a red dog"], cond, latents=x[0], latents_l=loser, latent_shape=(4, 8, 8))
 
 
 @pytest.mark.slow
@@ -256,3 +337,44 @@ def test_roles_declared_by_the_methods():
     roles = {k: m.role for k, m in METHODS.items()}
     assert roles == {"dpo": "positive", "npo": "negative", "bdpo": "positive", "snpo": "snpo",
                      "snpo_naive": "snpo", "tdft": "negative", "ddspo": "positive"}
+
+
+def test_ddspo_missing_loser_is_refused_unless_same_is_asked():
+    be = fresh()
+    winners_only = prompt_batch(be)
+    for loser in ("generated", "other"):
+        cfg = MethodConfig(method="ddspo", ddspo_loser=loser)
+        with pytest.raises(ValueError, match=f"ddspo_loser='{loser}'.*winner images only"):
+            run("ddspo", be, winners_only, cfg)
+    cfg = MethodConfig(method="ddspo", ddspo_loser="same")
+    with pytest.warns(UserWarning, match="x_l = x_w"):
+        METHODS["ddspo"].setup(fresh(), cfg)
+    same = run("ddspo", be, winners_only, cfg)
+    # "same" is x_l = x_w: identical to passing the winner as the loser image explicitly
+    explicit = run("ddspo", be, replace(winners_only, latents_l=winners_only.latents), MethodConfig(method="ddspo"))
+    assert torch.equal(same.loss, explicit.loss)
+    # and a real loser image gives another loss
+    other = run("ddspo", be, replace(winners_only, latents_l=latents(4)), MethodConfig(method="ddspo"))
+    assert not torch.allclose(other.loss, same.loss)
+
+
+def test_ddspo_metrics_are_named_for_what_they_are():
+    """No `mse/ref_w` (it was always 0) and no `mse/policy_w` (it was the margin m_w); the margins under ddspo/."""
+    be = fresh()
+    cfg = MethodConfig(method="ddspo", ddspo_beta=100.0)
+    batch = prompt_batch(be, latents_l=latents(4))
+    out = run("ddspo", be, batch, cfg)
+    assert set(out.metrics) == DDSPO_KEYS
+    m = out.metrics
+    assert torch.allclose(m["ddspo/m_l"], m["ddspo/mse_policy_l"] - m["ddspo/mse_ref_l"], atol=1e-7)
+    # logit = -(beta/2)(m_w - m_l) per row; with B rows the means obey the same linear relation
+    assert torch.allclose(m["logit/mean"], -(100.0 / 2) * (m["ddspo/m_w"] - m["ddspo/m_l"]), rtol=1e-4, atol=1e-5)
+
+
+def test_ddspo_linear_weighting_multiplies_outside_the_sigmoid():
+    be = fresh()
+    batch = prompt_batch(be, latents_l=latents(4))
+    plain = run("ddspo", be, batch, MethodConfig(method="ddspo", ddspo_beta=100.0))
+    lin = run("ddspo", be, batch, MethodConfig(method="ddspo", ddspo_beta=100.0, ddspo_loss_weighting="linear"))
+    assert torch.equal(plain.metrics["logit/mean"], lin.metrics["logit/mean"])  # the logit is unchanged
+    assert not torch.allclose(plain.loss, lin.loss)

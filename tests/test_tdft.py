@@ -1,11 +1,14 @@
 """Self-NPO TDFT math (seed 002 eq. 12–17)."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
-from npo_suite.trainer.tdft import (TDFT_TEACHERS, renoise, rollout_timesteps, truncated_rollout, tweedie_x0,
-                                    x0_distance)
+from npo_suite.trainer.losses import TDFT_X0_LOSSES, pseudo_huber, tdft_x0_loss
+from npo_suite.trainer.tdft import (grid_timesteps, renoise, rollout_timesteps, solver_grid, truncated_rollout,
+                                    tweedie_x0)
 
 
 def sd_abar(T=1000):
@@ -73,11 +76,89 @@ def test_rollout_grid_and_oracle_teacher_is_exact():
     assert torch.allclose(tweedie_x0(x_t, teacher(x_t, t_end), abar[t_end].reshape(-1, 1, 1, 1)), x0, atol=1e-9)
 
 
-def test_x0_distance_golden():
+def test_tdft_x0_loss_golden():
     pred, target = torch.zeros(1, 2), torch.tensor([[1.0, 3.0]])
-    assert x0_distance(pred, target, "l2").item() == pytest.approx((1 + 9) / 2)  # 5
-    # huber(delta=1): |1| -> 0.5*1^2 = 0.5 ; |3| -> 1*(3 - 0.5) = 2.5 ; mean 1.5
-    assert x0_distance(pred, target, "huber").item() == pytest.approx(1.5)
+    assert tdft_x0_loss(pred, target, "l2").item() == pytest.approx((1 + 9) / 2)  # 5
+    # F.huber_loss(delta=1): |1| -> 0.5*1^2 = 0.5 ; |3| -> 1*(3 - 0.5) = 2.5 ; mean 1.5
+    assert tdft_x0_loss(pred, target, "huber").item() == pytest.approx(1.5)
+    # pseudo-Huber c = 1e-3: sqrt(1 + 1e-6) - 1e-3 = 0.9990005 ; sqrt(9 + 1e-6) - 1e-3 = 2.9990002 ; mean 1.99900035
+    assert tdft_x0_loss(pred, target, "pseudo_huber", c=1e-3).item() == pytest.approx(
+        ((math.sqrt(1 + 1e-6) - 1e-3) + (math.sqrt(9 + 1e-6) - 1e-3)) / 2, rel=1e-6)
+    # small residuals: sqrt(r^2 + c^2) - c ~ r^2 / (2c): r = 1e-4, c = 1e-3 -> 4.98756e-6 (exact sqrt(1.01e-6) - 1e-3)
+    assert pseudo_huber(torch.tensor(1e-4, dtype=torch.float64), 1e-3).item() == pytest.approx(
+        math.sqrt(1.01e-6) - 1e-3, rel=1e-12)
+    assert pseudo_huber(torch.tensor(0.0), 1e-3).item() == 0.0
     with pytest.raises(ValueError, match="x0 loss"):
-        x0_distance(pred, target, "l1")
-    assert set(TDFT_TEACHERS) == {"uncond", "low_cfg", "few_steps"}
+        tdft_x0_loss(pred, target, "l1")
+    with pytest.raises(ValueError, match="c must be > 0"):
+        tdft_x0_loss(pred, target, "pseudo_huber", c=0.0)
+    assert TDFT_X0_LOSSES == ("pseudo_huber", "l2", "huber")
+
+
+def test_pseudo_huber_equals_the_authors_expression():
+    """G-U-N/Diffusion-NPO Self-NPO/train.py, --loss_type huber: a transcription on the same tensors."""
+    g = torch.Generator().manual_seed(0)
+    model_pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    huber_c = 0.001
+    theirs = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + huber_c ** 2) - huber_c)
+    ours = tdft_x0_loss(model_pred, target, "pseudo_huber", c=huber_c).mean()
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
+
+
+def test_solver_grid_and_its_timestep_distribution_hand_computed():
+    # the authors' DDIMSolver(timesteps=1000, ddim_timesteps=25): (arange(1, 26) * 40).round() - 1
+    assert solver_grid(1000, 25).tolist() == [40 * k - 1 for k in range(1, 26)]
+    t_start, t_raw = grid_timesteps(torch.arange(25), 1000, 25, 5)
+    t = t_raw.clamp(min=0)
+    assert t_start.tolist() == [39, 79, 119, 159, 199] + [40 * k - 1 for k in range(6, 26)]
+    # t = max(t' - 200, 0): indices 0..4 reach 0, the others t' - 200 = 39, 79, ..., 799
+    assert t.tolist() == [0] * 5 + [40 * k - 1 for k in range(1, 21)]
+    assert (t == 0).float().mean().item() == pytest.approx(0.2)  # P(t = 0) = 5/25, the index being uniform
+    assert t.max().item() == 799  # t never >= 800
+    with pytest.raises(ValueError, match="solver grid"):
+        solver_grid(10, 11)
+
+
+def _authors_solver_loop(teacher, x, index, abar, n=25, K=5, T=1000):
+    """A transcription of the rollout loop of G-U-N/Diffusion-NPO Self-NPO/train.py (DDIMSolver with
+    ddim_alpha_cumprods_prev, the index / mask_solver / tmp_timesteps bookkeeping), K solver steps."""
+    topk = T // n
+    ddim_timesteps = torch.from_numpy((np.arange(1, n + 1) * topk).round().astype(np.int64) - 1)
+    prev = torch.cat([abar[:1], abar[ddim_timesteps[:-1]]])  # ddim_alpha_cumprods_prev
+    tmp_t = ddim_timesteps[index]
+    mask = torch.ones(len(index), dtype=torch.float64)
+    for _ in range(K):
+        eps = teacher(x, tmp_t)
+        a, s = abar[tmp_t].sqrt().reshape(-1, 1, 1, 1), (1 - abar[tmp_t]).sqrt().reshape(-1, 1, 1, 1)
+        pred_x0 = (x - s * eps) / a
+        ap = prev[index].reshape(-1, 1, 1, 1)
+        x_new = ap.sqrt() * pred_x0 + (1 - ap).sqrt() * eps
+        x = x_new * mask.reshape(-1, 1, 1, 1) + x * (1 - mask).reshape(-1, 1, 1, 1)
+        index = index - 1
+        mask = torch.where(index < 0, 0.0, mask)
+        index = torch.where(index < 0, torch.zeros_like(index), index)
+        tmp_t = torch.where(tmp_t - topk < 0, torch.zeros_like(tmp_t), tmp_t - topk)
+    return x, tmp_t
+
+
+def test_grid_rollout_equals_the_authors_solver_loop():
+    abar = sd_abar()
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.3
+
+    def teacher(x, tt):  # any smooth deterministic eps(x, t)
+        return torch.einsum("oc,bchw->bohw", W, x) * (1 + tt.double() / 1000).reshape(-1, 1, 1, 1)
+
+    index = torch.tensor([0, 1, 4, 5, 6, 13, 24])
+    x0 = torch.randn(len(index), 4, 2, 2, generator=g, dtype=torch.float64)
+    t_start, t_raw = grid_timesteps(index, 1000, 25, 5)
+    x_start = abar[t_start].sqrt().reshape(-1, 1, 1, 1) * x0 + (1 - abar[t_start]).sqrt().reshape(-1, 1, 1, 1) * W[0, 0]
+    theirs, their_t = _authors_solver_loop(teacher, x_start.clone(), index.clone(), abar)
+    ours = truncated_rollout(teacher, x_start, t_start, t_raw, 5, abar)
+    assert their_t.tolist() == t_raw.clamp(min=0).tolist()
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_rollout_clamps_below_zero():
+    # t' = 39, five steps of 40 towards -161: 39 -> 0, then identity steps at 0
+    assert rollout_timesteps(torch.tensor([39]), torch.tensor([-161]), 5)[:, 0].tolist() == [39, 0, 0, 0, 0, 0]

@@ -16,6 +16,13 @@ def test_presets_load_and_match_their_purpose():
     dc = load_config(preset="datacenter_sd15")
     assert dc.effective_batch == 2048 and dc.beta == 2000.0
     assert load_config(preset="sd15_8gb").gradient_checkpointing
+    # the authors' recipes: Self-NPO SD1.5 w = -1 and SDXL w = -5 (train_xl.py), DDSPO SDXL linear weighting
+    sd15, sdxl = load_config(preset="tdft_sd15"), load_config(preset="tdft_sdxl")
+    assert (sd15.method, sd15.tdft_guidance, sd15.tdft_loss, sd15.tdft_huber_c, sd15.effective_batch) == \
+        ("tdft", -1.0, "pseudo_huber", 1e-3, 20)
+    assert (sdxl.tdft_guidance, sdxl.tdft_timesteps, sdxl.effective_batch) == (-5.0, "solver_grid", 10)
+    dd = load_config(preset="ddspo_sdxl")
+    assert (dd.method, dd.ddspo_beta, dd.ddspo_loss_weighting, dd.ddspo_loser) == ("ddspo", 16000.0, "linear", "generated")
 
 
 def test_yaml_toml_and_set_precedence(tmp_path):

@@ -19,6 +19,15 @@ import torch
 from .losses import per_sample_mse
 
 
+# where the loser image x_l comes from (MethodConfig.ddspo_loser); the only list of these names
+DDSPO_LOSERS = {
+    "generated": "the reference model's image for c- (the paper's pairs): the data must carry loser images "
+                 "(a ddspo-prepare folder made with --losers generate, or a prompts JSONL with loser_image)",
+    "other": "another prompt's image (the paper's efficient variant), drawn by the data layer",
+    "same": "the winner itself, x_l = x_w (only the prompt differs; not the paper: a warning is logged)",
+}
+
+
 # ---------------------------------------------------------------- loss pieces (pure functions)
 
 @dataclass

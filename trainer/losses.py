@@ -45,8 +45,11 @@ def _scale(beta: float, weight: torch.Tensor | None, like: torch.Tensor) -> torc
     return (beta / 2) * weight.to(device=like.device, dtype=like.dtype)
 
 
-def _out(logit: torch.Tensor) -> LossOut:
+def _out(logit: torch.Tensor, outer: torch.Tensor | None = None) -> LossOut:
+    """−log σ(logit) [B], times `outer` [B] (a weight outside the sigmoid) when given; mean = loss."""
     per = -F.logsigmoid(logit)  # [B]
+    if outer is not None:
+        per = per * outer.to(device=per.device, dtype=per.dtype)
     return LossOut(loss=per.mean(), logit=logit, per_sample=per)
 
 
@@ -90,15 +93,82 @@ def bdpo_loss(mse_pol_w: torch.Tensor, mse_pol_l: torch.Tensor, mse_ref_w: torch
     return _out(-(m_w - m_mix_l))
 
 
-def ddspo_loss(m_w: torch.Tensor, m_l: torch.Tensor, beta: float, weight: torch.Tensor | None = None) -> LossOut:
+def ddspo_loss(m_w: torch.Tensor, m_l: torch.Tensor, beta: float, weight: torch.Tensor | None = None,
+               outer_weight: torch.Tensor | None = None) -> LossOut:
     """DDSPO (seed 003 eq. 4–5), METHODS.md: logit = −(β/2)·w(t)·(m_w − m_l); paper β = 16000.
 
     m_w = mse(eps_w*, eps_θ(x_w)) (the reference term vanishes), m_l = mse(eps_l*, eps_θ(x_l)) −
-    mse(eps_l*, eps_ref(x_l, c)); see `trainer/ddspo.py` for the targets.
+    mse(eps_l*, eps_ref(x_l, c)); see `trainer/ddspo.py` for the targets. `weight` w(t) scales the
+    logit (inside the sigmoid); `outer_weight` [B] multiplies −log σ(logit) (outside it: the
+    authors' `--loss_weighting linear`, `loss_weight`).
     """
     m_w, m_l = _f(m_w), _f(m_l)
     s = _scale(beta, weight, m_w)
-    return _out(-(s * m_w - s * m_l))
+    return _out(-(s * m_w - s * m_l), outer_weight)
+
+
+# per-pair weights outside the sigmoid (MethodConfig.ddspo_loss_weighting); the only list of names
+LOSS_WEIGHTINGS = ("none", "linear")
+
+
+def loss_weight(kind: str, t: torch.Tensor, T: int) -> torch.Tensor | None:
+    """The weight of −log σ(logit) per pair [B], or None for "none".
+
+    "linear": t / (T − 1) (KU-MIIL/DDSPO `ddspo/dpo.py`, selected by their SDXL script): pairs at
+    t = 0 do not count, the noisiest count fully.
+    """
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return t.double() / (T - 1)
+    raise ValueError(f"unknown loss weighting {kind!r} (expected one of {LOSS_WEIGHTINGS})")
+
+
+# logits past this size are saturated: σ(−10) = 4.5e-5 is what is left of the gradient
+SATURATED_LOGIT = 10.0
+
+
+def logit_metrics(logit: torch.Tensor, prefix: str = "logit") -> dict[str, torch.Tensor]:
+    """Bradley-Terry logit statistics: mean, mean |logit| and the fraction with |logit| > SATURATED_LOGIT
+    (a pair past it gives almost no gradient: β too large for the learning rate, docs/training.md)."""
+    z = logit.detach().float()
+    return {f"{prefix}/mean": z.mean(), f"{prefix}/abs_mean": z.abs().mean(),
+            f"{prefix}/saturated_frac": (z.abs() > SATURATED_LOGIT).float().mean()}
+
+
+# the TDFT x0 distances (MethodConfig.tdft_loss); the only list of these names
+TDFT_X0_LOSSES = ("pseudo_huber", "l2", "huber")
+
+
+def pseudo_huber(r: torch.Tensor, c: float) -> torch.Tensor:
+    """sqrt(r² + c²) − c, elementwise (the authors' `--loss_type huber` with `--huber_c c`)."""
+    return torch.sqrt(r * r + c * c) - c
+
+
+def tdft_x0_loss(x0_pred: torch.Tensor, x0_target: torch.Tensor, kind: str = "pseudo_huber", c: float = 1e-3,
+                 huber_delta: float = 1.0) -> torch.Tensor:
+    """Per-sample x0-space distance of TDFT, seed 002 eq. 17: d(x0_θ(x_s, s, c), x0_hat) [B].
+
+    The mean over latent dims of an elementwise distance of r = x0_pred − x0_target:
+      "pseudo_huber": sqrt(r² + c²) − c (G-U-N/Diffusion-NPO `Self-NPO/train.py`; `train.sh` and
+                      `train_xl.sh` select it, c = 1e-3): ≈ r²/(2c) for |r| ≪ c, ≈ |r| beyond;
+      "l2":           r² (eq. 17 up to the constant dimension count);
+      "huber":        PyTorch's Huber loss `F.huber_loss(delta=huber_delta)`: r²/2 for |r| ≤ δ,
+                      δ(|r| − δ/2) beyond (a different loss from the authors').
+    The authors' scalar is the mean over every element, i.e. the batch mean of this [B].
+    """
+    r = _f(x0_pred) - _f(x0_target)
+    if kind == "pseudo_huber":
+        if not c > 0:
+            raise ValueError(f"pseudo-Huber c must be > 0, got {c}")
+        per = pseudo_huber(r, c)
+    elif kind == "l2":
+        per = r.pow(2)
+    elif kind == "huber":
+        per = F.huber_loss(r, torch.zeros_like(r), reduction="none", delta=huber_delta)
+    else:
+        raise ValueError(f"unknown TDFT x0 loss {kind!r} (expected one of {TDFT_X0_LOSSES})")
+    return per.flatten(1).mean(1)
 
 
 def implicit_accuracy(logit: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ then noise, then method-specific draws (SNPO branch, prompt-perturbation seeds, 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,9 +24,10 @@ from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS, add_noise, eps_
 from .backends.base import Backend
 from .batches import Cond, PairBatch, PromptBatch
 from .config import MethodConfig
-from .ddspo import PromptRewriter, build_rewriter, ddspo_margins
-from .losses import LossOut, bdpo_loss, ddspo_loss, dpo_loss, implicit_accuracy, per_sample_mse
-from .tdft import FULL_SIM_STEPS, TDFT_TEACHERS, renoise, truncated_rollout, tweedie_x0, x0_distance
+from .ddspo import DDSPO_LOSERS, PromptRewriter, build_rewriter, ddspo_margins
+from .losses import (LossOut, bdpo_loss, ddspo_loss, dpo_loss, implicit_accuracy, logit_metrics, loss_weight,
+                     per_sample_mse, tdft_x0_loss)
+from .tdft import grid_timesteps, renoise, truncated_rollout, tweedie_x0
 
 
 # ---------------------------------------------------------------- outputs
@@ -97,7 +99,7 @@ def preference_metrics(out: LossOut, m: PairMSE, t: torch.Tensor) -> dict[str, t
         "mse/ref_w": m.ref_w.detach().mean(),
         "mse/ref_l": m.ref_l.detach().mean(),
         "llr/winner": (m.pol_w - m.ref_w).detach().mean(),
-        "logit/mean": out.logit.detach().mean(),
+        **logit_metrics(out.logit),
         "t/mean": t.float().mean(),
     }
 
@@ -199,13 +201,19 @@ class SNPOMethod(PairMethod):
 class TDFTMethod(Method):
     """Self-NPO truncated diffusion fine-tuning, seed 002 eq. 14–17 (METHODS.md "Self-NPO").
 
-    1. t ~ sampler over [0, T−1); from a real latent noised to t' = min(T−1, t + K·stride) — or
-       pure noise at t' = T−1 (no latents, or the few_steps teacher) — K DDIM steps of the EMA
-       teacher (weakened, TDFT_TEACHERS) reach x_t.
-    2. Tweedie target x0_hat from the teacher at (x_t, t).
+    1. Timesteps (`tdft_timesteps`): "solver_grid" (the authors' code) draws t' uniformly on the
+       N-step solver grid and t = max(t' − K·T//N, 0); "uniform" draws t with `timestep_sampler`
+       and t' = min(T−1, t + K·T//N).
+    2. Start (`tdft_start`): a real latent noised to t' (the paper), or pure noise at t' = T−1
+       (prompts only: this project's variant); K DDIM steps of the EMA teacher with guidance w
+       (`teacher_fn`) reach x_t, and its Tweedie estimate at (x_t, t) is the target x0_hat.
     3. s ~ U{t+1, ..., T−1}; x_s = renoise(x_t, t -> s) (eq. 16).
-    4. loss = mean_B w(s)·dist(x0_θ(x_s, s, c), x0_hat) (eq. 17), dist = L2 or Huber.
-    The teacher is the "ema" adapter; `after_step` moves it toward the policy by (1 − decay).
+    4. loss = mean_B w(s)·d(x0_θ(x_s, s, c), x0_hat) (eq. 17; `losses.tdft_x0_loss`, default the
+       authors' pseudo-Huber).
+    The teacher is the "ema" adapter; `after_step` moves it toward the policy by (1 − decay). The
+    EMA is taken of each LoRA factor (down A, up B) separately, so the teacher's weight offset is
+    EMA(B)·EMA(A), not EMA(B·A) as an EMA of the full UNet (the authors') would be: equal at the
+    start (B = 0 in both) and up to second order in the factors' drift (docs/methods.md).
     """
 
     data_kind = "images_or_prompts"
@@ -218,18 +226,41 @@ class TDFTMethod(Method):
 
     @staticmethod
     def teacher_fn(backend: Backend, cfg: MethodConfig, cond: Cond):
-        """eps(x, t) of the EMA teacher, weakened as cfg.tdft_teacher says (no grad)."""
-        spec = TDFT_TEACHERS[cfg.tdft_teacher]
+        """eps(x, t) of the EMA teacher: eps_c + w·(eps_c − eps_∅), w = cfg.tdft_guidance (no grad).
+
+        The authors' form (`Self-NPO/train.py`: w = −1, `train_xl.py`: w = −5); w = −1 is eps_∅
+        and w = 0 is eps_c, each computed with one forward (the formula's value, not rounded twice).
+        """
+        w = cfg.tdft_guidance
         null = backend.null_cond(len(cond)).to(cond.hidden.device)
-        if not spec.guided:
-            return lambda x, t: backend.predict_eps(x, t, null, "ema")
-        both = Cond.cat([null, cond])  # [2B]
+        if w in (-1.0, 0.0):
+            only = null if w == -1.0 else cond
+            return lambda x, t: backend.predict_eps(x, t, only, "ema")
+        both = Cond.cat([cond, null])  # [2B]
 
         def guided(x, t):
             e = backend.predict_eps(torch.cat([x, x]), torch.cat([t, t]), both, "ema")  # [2B, C, h, w]
-            e_u, e_c = e.chunk(2)
-            return e_u + cfg.tdft_cfg * (e_c - e_u)
+            e_c, e_u = e.chunk(2)
+            return e_c + w * (e_c - e_u)
         return guided
+
+    @staticmethod
+    def timesteps(backend: Backend, cfg: MethodConfig, B: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t' [B], t_end [B]) as `cfg.tdft_timesteps` says; t_end < 0 means "stop at 0" (solver grid)."""
+        T, n, K = backend.num_train_timesteps, cfg.tdft_solver_steps, cfg.tdft_k
+        if cfg.tdft_timesteps == "solver_grid":
+            index = (_rand(B, generator, device) * n).long().clamp(max=n - 1)  # [B] uniform on {0..n-1}
+            return grid_timesteps(index, T, n, K)
+        t, _ = sample_timesteps(backend, cfg, B, generator, device, T=T - 1)  # [B] in [0, T-2]
+        return (t + K * (T // n)).clamp(max=T - 1), t
+
+    @staticmethod
+    def real_start(batch: PromptBatch, cfg: MethodConfig) -> bool:
+        """True: noise the batch's real latents to t'; False: start from pure noise at T−1."""
+        if cfg.tdft_start == "images" and batch.latents is None:
+            raise ValueError("tdft: tdft_start='images' needs images (a prompts file with images, or a captioned "
+                             "image folder); use tdft_start='noise' or 'auto' to train from prompts alone")
+        return batch.latents is not None and cfg.tdft_start != "noise"
 
     def compute(self, backend: Backend, batch: PromptBatch, cfg: MethodConfig, generator: torch.Generator | None = None) -> StepOut:
         _require(batch, PromptBatch, self.name)
@@ -240,32 +271,33 @@ class TDFTMethod(Method):
         if batch.latents is None and batch.latent_shape is None:
             raise ValueError("tdft: a PromptBatch without latents needs latent_shape (C, h, w) to start from noise")
         shape = (B, *batch.latent_shape) if batch.latents is None else tuple(batch.latents.shape)
-        t, _ = sample_timesteps(backend, cfg, B, generator, device, T=T - 1)  # [B] in [0, T-2]
+        real = self.real_start(batch, cfg)
+        t_start, t_end = self.timesteps(backend, cfg, B, generator, device)  # [B] each
+        t = t_end.clamp(min=0)  # [B] where the rollout ends
         s = t + 1 + (_rand(B, generator, device) * (T - 1 - t)).long().clamp(max=T - 2 - t)  # [B] in [t+1, T-1]
         eps_start = _randn(shape, generator, like)  # [B, C, h, w]
         eps_s = _randn(shape, generator, like)  # [B, C, h, w]
-        spec = TDFT_TEACHERS[cfg.tdft_teacher]
         with torch.no_grad():
-            if spec.from_noise or batch.latents is None:
-                t_start, x_start = torch.full_like(t, T - 1), eps_start
-            else:
-                stride = cfg.tdft_stride or max(1, T // FULL_SIM_STEPS)
-                t_start = (t + cfg.tdft_k * stride).clamp(max=T - 1)
+            if real:
                 x_start = add_noise(batch.latents, eps_start, gather(abar, t_start, batch.latents))
+            else:
+                t_start, t_end, x_start = torch.full_like(t, T - 1), t, eps_start
             teacher = self.teacher_fn(backend, cfg, cond)
-            x_t = truncated_rollout(teacher, x_start, t_start, t, cfg.tdft_k, abar)  # [B, C, h, w]
+            x_t = truncated_rollout(teacher, x_start, t_start, t_end, cfg.tdft_k, abar)  # [B, C, h, w]
             x0_hat = tweedie_x0(x_t, teacher(x_t, t), gather(abar, t, x_t))  # [B, C, h, w]
             x_s = renoise(x_t, t, s, abar, eps_s)  # [B, C, h, w]
         eps_student = backend.predict_eps(x_s, s, cond, "policy")  # [B, C, h, w]
         x0_student = eps_to_x0(eps_student, x_s, gather(abar, s, x_s))
-        dist = x0_distance(x0_student, x0_hat, cfg.tdft_loss)  # [B]
+        dist = tdft_x0_loss(x0_student, x0_hat, cfg.tdft_loss, cfg.tdft_huber_c)  # [B]
         w = TIMESTEP_WEIGHTS[cfg.timestep_weight](s, abar).to(dist)  # [B]
         loss = (w * dist).mean()
         return StepOut(loss, {
             "loss": loss.detach(),
             "tdft/x0_loss": dist.detach().mean(),
             "tdft/t_mean": t.float().mean(),
+            "tdft/t_start_mean": t_start.float().mean(),
             "tdft/s_mean": s.float().mean(),
+            "tdft/real_start": torch.tensor(float(real)),
             "tdft/target_std": x0_hat.float().std(),
         })
 
@@ -275,12 +307,14 @@ class TDFTMethod(Method):
 
 class DDSPOMethod(Method):
     """DDSPO, seed 003 eq. 4–5 (METHODS.md "DDSPO"): targets from the frozen reference under c
-    (winner) and c⁻ (loser); logit = −(β/2)·w(t)·(m_w − m_l), β = cfg.ddspo_beta.
+    (winner) and c⁻ (loser); logit = −(β/2)·w(t)·(m_w − m_l), β = cfg.ddspo_beta; with
+    `ddspo_loss_weighting` "linear" each pair's −log σ is multiplied by t/(T−1) (the authors' SDXL).
 
     c⁻ is batch.neg_cond when the data layer provides it, else the configured rewriter applied to
     batch.prompts (seeds drawn from the generator) and encoded with backend.encode_prompts. The
-    loser image is batch.latents_l (efficient variant: another prompt's image), else the winner
-    itself (then x_t^l = x_t^w and only the prompt differs). Forwards: policy [2B], reference [3B].
+    loser image follows `ddspo_loser` (DDSPO_LOSERS): "generated" and "other" take batch.latents_l,
+    which the data layer fills (a batch without it is an error, never a silent x_l = x_w);
+    "same" trains with x_l = x_w (only when asked; `setup` warns). Forwards: policy [2B], reference [3B].
     """
 
     data_kind = "prompts_with_winners"
@@ -299,18 +333,33 @@ class DDSPOMethod(Method):
     def setup(self, backend: Backend, cfg: MethodConfig) -> None:
         super().setup(backend, cfg)
         self.rewriter(cfg)  # load a local LM now, not at the first step
+        if cfg.ddspo_loser == "same":
+            warnings.warn("ddspo: ddspo_loser='same' trains with the loser image equal to the winner (x_l = x_w, "
+                          "only the prompt differs); this is not the paper's DDSPO: with shared noise the loss is "
+                          "linear in the policy's deviation and nothing holds it near the reference", stacklevel=2)
 
     def degraded_prompts(self, prompts: list[str], cfg: MethodConfig, generator: torch.Generator | None) -> list[str]:
         gen_device = _gdev(generator, torch.device("cpu"))
         seeds = torch.randint(0, 2 ** 62, (len(prompts),), generator=generator, device=gen_device).tolist()
         return self.rewriter(cfg)(prompts, seeds)
 
+    @staticmethod
+    def loser_latents(batch: PromptBatch, cfg: MethodConfig) -> torch.Tensor:
+        """x_l [B, C, h, w] as cfg.ddspo_loser says (class docstring); a missing loser is an error."""
+        if cfg.ddspo_loser == "same":
+            return batch.latents
+        if batch.latents_l is None:
+            raise ValueError(f"ddspo: ddspo_loser={cfg.ddspo_loser!r} ({DDSPO_LOSERS[cfg.ddspo_loser]}), but the "
+                             f"batch has winner images only; give loser images, or set ddspo_loser to 'other' "
+                             f"(another prompt's image) or 'same' (x_l = x_w, not the paper)")
+        return batch.latents_l
+
     def compute(self, backend: Backend, batch: PromptBatch, cfg: MethodConfig, generator: torch.Generator | None = None) -> StepOut:
         _require(batch, PromptBatch, self.name)
         if batch.latents is None:
             raise ValueError("ddspo needs winner latents (PromptBatch.latents): generate them with ddspo-prepare")
         x_w = batch.latents  # [B, C, h, w]
-        x_l = batch.latents_l if batch.latents_l is not None else x_w  # [B, C, h, w]
+        x_l = self.loser_latents(batch, cfg)  # [B, C, h, w]
         B, device = x_w.shape[0], x_w.device
         t, w = sample_timesteps(backend, cfg, B, generator, device)  # [B], [B]
         eps = _randn(x_w.shape, generator, x_w)  # [B, C, h, w]
@@ -331,10 +380,18 @@ class DDSPOMethod(Method):
             eps_ref = backend.predict_eps(x_ref, torch.cat([t, t, t]), c_ref, self.reference_adapter(cfg))
         e_w_c, e_l_neg, e_l_c = eps_ref.chunk(3)  # [B, C, h, w] each
         mg = ddspo_margins(eps_pol[:B], eps_pol[B:], e_w_c, e_l_neg, e_l_c)
-        out = ddspo_loss(mg.m_w, mg.m_l, beta=cfg.ddspo_beta, weight=w)
-        m = PairMSE(pol_w=mg.m_w, pol_l=mg.mse_pol_l, ref_w=torch.zeros_like(mg.m_w), ref_l=mg.mse_ref_l)
-        return StepOut(out.loss, {**preference_metrics(out, m, t),
-                                  "ddspo/m_w": mg.m_w.detach().mean(), "ddspo/m_l": mg.m_l.detach().mean()})
+        outer = loss_weight(cfg.ddspo_loss_weighting, t, backend.num_train_timesteps)  # [B] or None
+        out = ddspo_loss(mg.m_w, mg.m_l, beta=cfg.ddspo_beta, weight=w, outer_weight=outer)
+        return StepOut(out.loss, {
+            "loss": out.loss.detach(),
+            "implicit_acc": implicit_accuracy(out.logit),
+            **logit_metrics(out.logit),
+            "t/mean": t.float().mean(),
+            "ddspo/m_w": mg.m_w.detach().mean(),  # mse(eps_w*, eps_θ(x_w, c)): the policy's distance to the winner target
+            "ddspo/m_l": mg.m_l.detach().mean(),  # mse_policy_l − mse_ref_l: the loser margin
+            "ddspo/mse_policy_l": mg.mse_pol_l.detach().mean(),  # mse(eps_l*, eps_θ(x_l, c))
+            "ddspo/mse_ref_l": mg.mse_ref_l.detach().mean(),  # mse(eps_l*, eps_ref(x_l, c))
+        })
 
 
 # The one registry of methods: CLI choices, node dropdowns and tests read its keys.

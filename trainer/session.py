@@ -45,7 +45,9 @@ def build_stream(data: PreferenceData, cfg, backend, cache_dir: str | None):
     from functools import partial
 
     from .data.cache import LatentCache
-    from .data.dataset import PairDataset, PromptDataset, ResumableSampler, collate_pairs, collate_prompts
+    from .data.dataset import (PairDataset, PromptDataset, ResumableSampler, collate_pairs, collate_prompts,
+                               other_loser_seed)
+    from .methods import METHODS
     from .data.transforms import ImageTransform
     from .stream import BatchStream
 
@@ -61,8 +63,8 @@ def build_stream(data: PreferenceData, cfg, backend, cache_dir: str | None):
         return BatchStream(PairDataset(records, cache), sampler, collate_pairs, cfg.batch_size)
     shape = tuple(backend.encode_images(torch.zeros(1, 3, cfg.resolution, cfg.resolution)).shape[1:]) \
         if getattr(backend, "_encode_pixels", None) is not None else (4, cfg.resolution // 8, cfg.resolution // 8)
-    return BatchStream(PromptDataset(records, cache), sampler, partial(collate_prompts, latent_shape=shape),
-                       cfg.batch_size)
+    ds = PromptDataset(records, cache, other_loser_seed(cfg, METHODS[cfg.method].data_kind))
+    return BatchStream(ds, sampler, partial(collate_prompts, latent_shape=shape), cfg.batch_size)
 
 
 def backend_fingerprint(backend) -> str:

@@ -4,7 +4,9 @@
 process's micro-batches (`PairBatch` / `PromptBatch`) whose `state_dict()` is the sampler's data
 position (exact: no prefetching workers), so a checkpoint resumes on the very next pair.
 `kind` is the method's `data_kind`: "pairs" reads pair sources (JSONL, chosen/rejected folders,
-Pick-a-Pic parquet); the prompt kinds read prompts files or captioned image folders.
+Pick-a-Pic parquet); the prompt kinds read prompts files or captioned image folders; DDSPO
+("prompts_with_winners") also reads a `ddspo-prepare` folder, and its loser images follow
+`ddspo_loser` (the data layer draws "other"; "generated" needs them in the data).
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from functools import partial
 import torch
 
 from .data.cache import LatentCache, fingerprint_modules
-from .data.dataset import PairDataset, PromptDataset, ResumableSampler, collate_pairs, collate_prompts
+from .data.dataset import (PairDataset, PromptDataset, ResumableSampler, collate_pairs, collate_prompts,
+                           other_loser_seed)
+from .data.ddspo_prepare import DdspoDataset, is_prepared
 from .data.pairs import open_pairs
 from .data.prompts import open_prompts
 from .data.transforms import ImageTransform
@@ -54,15 +58,32 @@ class BatchStream:
         self._it = None
 
 
+def _prepared_folder(cfg, kind: str) -> str | None:
+    """The one data_path when it is a `ddspo-prepare` folder (only DDSPO trains on it), else None."""
+    prepared = [p for p in cfg.data_path if is_prepared(p)]
+    if not prepared:
+        return None
+    if kind != "prompts_with_winners":
+        raise ValueError(f"data {prepared[0]} is a ddspo-prepare folder: only method ddspo trains on it")
+    if len(cfg.data_path) != 1:
+        raise ValueError(f"data {cfg.data_path}: a ddspo-prepare folder must be the only data_path")
+    return prepared[0]
+
+
 def build_batches(cfg, backend, kind: str, rank: int = 0, world_size: int = 1) -> BatchStream:
     if not cfg.data_path:
         raise ValueError("config: `data_path` is empty; give a pairs/prompts file or folder")
+    prepared = _prepared_folder(cfg, kind)
     opener = open_pairs if kind == "pairs" else open_prompts
-    records = [r for p in cfg.data_path for r in opener(p, verbose=rank == 0)]
     transform = ImageTransform(cfg.resolution, cfg.crop, "random" if cfg.random_flip else "none", seed=cfg.seed)
     encoders = [getattr(backend, "vae", None), *getattr(backend, "text_encoders", [])]
     cache = LatentCache.from_backend(cfg.cache_dir or None, fingerprint_modules(*encoders, extra=backend.family),
                                      backend, transform)
+    if prepared is not None:
+        ds = DdspoDataset.for_config(prepared, cache, cfg)
+        sampler = ResumableSampler(len(ds), seed=cfg.seed, rank=rank, world_size=world_size, batch_size=cfg.batch_size)
+        return BatchStream(ds, sampler, collate_prompts, cfg.batch_size)
+    records = [r for p in cfg.data_path for r in opener(p, verbose=rank == 0)]
     records = cache.fill(records, verbose=rank == 0)
     if not records:
         raise ValueError(f"data {cfg.data_path}: no usable records")
@@ -70,4 +91,5 @@ def build_batches(cfg, backend, kind: str, rank: int = 0, world_size: int = 1) -
     if kind == "pairs":
         return BatchStream(PairDataset(records, cache), sampler, collate_pairs, cfg.batch_size)
     shape = tuple(backend.encode_images(torch.zeros(1, 3, cfg.resolution, cfg.resolution)).shape[1:])  # (C, h, w)
-    return BatchStream(PromptDataset(records, cache), sampler, partial(collate_prompts, latent_shape=shape), cfg.batch_size)
+    return BatchStream(PromptDataset(records, cache, other_loser_seed(cfg, kind)), sampler,
+                       partial(collate_prompts, latent_shape=shape), cfg.batch_size)

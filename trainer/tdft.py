@@ -1,27 +1,59 @@
 """Self-NPO truncated diffusion fine-tuning (TDFT) math, seed 002 eq. 10–17 (METHODS.md "Self-NPO").
 
-Pure tensor functions; `trainer/methods.py` (`TDFTMethod`) wires them to a backend.
+Pure tensor functions; `trainer/methods.py` (`TDFTMethod`) wires them to a backend, and the
+x0-space loss is `trainer/losses.py` `tdft_x0_loss`.
 Code names -> paper symbols:
     x_start, t_start   x_{t'}^{ref}: a real latent noised to t' (or pure noise at t' = T-1), eq. 14
     x_t, t             x_t^{ref}: after K teacher DDIM steps from t' (eq. 14)
     x0_hat             x_{t->0}^{ref}: the Tweedie estimate at (x_t, t), eq. 12–13
     x_s, s             the re-noised input, s > t (eq. 16)
     a, sigma           alpha = sqrt(abar), sigma = sqrt(1 - abar)
+    w                  the teacher's guidance: eps = eps_c + w·(eps_c − eps_∅) (authors' code)
+
+The authors' recipe (G-U-N/Diffusion-NPO `Self-NPO/train.py`, `train_xl.py`): a DDIM solver grid
+of N = 25 timesteps (T//N − 1, 2·T//N − 1, ..., T − 1); t' is a uniform grid point, K = 5 solver
+steps of T//N timesteps each go down from it, clamped at timestep 0, so t = max(t' − K·T//N, 0):
+on SD's T = 1000 t' ∈ {39, 79, ..., 999}, t ∈ {0, 39, ..., 799} (never ≥ 800) and P(t = 0) = 5/25.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..core.schedule import eps_to_x0, gather
 
 # the paper's baseline simulates the whole trajectory in 25 solver steps (seed 002 "Training
-# efficiency"); one TDFT solver step spans T / FULL_SIM_STEPS timesteps unless configured.
+# efficiency"; `--num_ddim_timesteps 25` in the authors' code): the default solver grid size N.
 FULL_SIM_STEPS = 25
 
-X0_LOSSES = ("l2", "huber")
+# how t' and t are drawn (MethodConfig.tdft_timesteps); the only list of these names
+TDFT_TIMESTEPS = {
+    "solver_grid": "t' uniform on the N-step solver grid, t = max(t' - K*T//N, 0) (the authors' code)",
+    "uniform": "t from timestep_sampler over [0, T-1), t' = min(T-1, t + K*T//N) (this project's earlier variant)",
+}
+
+# where the teacher's rollout starts (MethodConfig.tdft_start)
+TDFT_STARTS = {
+    "auto": "a real latent noised to t' when the batch has images, else pure noise at t' = T-1",
+    "images": "always a real latent noised to t' (the paper); a batch without images is an error",
+    "noise": "always pure noise at t' = T-1, K steps down to t (prompts-only: this project's variant)",
+}
+
+
+def solver_grid(T: int, n: int) -> torch.Tensor:
+    """The authors' DDIM grid [n]: round(k·(T//n)) − 1 for k = 1..n (`DDIMSolver.ddim_timesteps`)."""
+    if not 1 <= n <= T:
+        raise ValueError(f"TDFT solver grid needs 1 <= N <= T = {T}, got N = {n}")
+    return torch.arange(1, n + 1, dtype=torch.long) * (T // n) - 1
+
+
+def grid_timesteps(index: torch.Tensor, T: int, n: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t' [B], t_raw [B]) for solver-grid indices `index` [B] in [0, n): t' = grid[index],
+    t_raw = t' − K·(T//n), which may be negative; the rollout clamps it at 0
+    (`rollout_timesteps`), so the rollout ends at t = max(t_raw, 0) as in the authors' solver."""
+    t_start = solver_grid(T, n).to(index.device)[index]
+    return t_start, t_start - K * (T // n)
 
 
 def tweedie_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
@@ -49,12 +81,16 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, abar_from: torch.Tensor, abar_
 
 
 def rollout_timesteps(t_start: torch.Tensor, t_end: torch.Tensor, K: int) -> torch.Tensor:
-    """[K+1, B] integer grid from t_start to t_end (inclusive), evenly spaced per row."""
+    """[K+1, B] integer grid from t_start to t_end (inclusive), evenly spaced per row.
+
+    Grid points below 0 become 0: a row whose t_end < 0 reaches timestep 0 and then takes
+    identity steps, as the authors' solver does when its grid index drops below 0
+    (`grid_timesteps`: the spacing is then exactly T//N)."""
     if K < 1:
         raise ValueError(f"TDFT needs K >= 1 solver steps, got {K}")
     frac = torch.linspace(0, 1, K + 1, dtype=torch.float64).unsqueeze(1)  # [K+1, 1]
     ts, te = t_start.double().unsqueeze(0), t_end.double().unsqueeze(0)  # [1, B]
-    return (ts + (te - ts) * frac).round().long()
+    return (ts + (te - ts) * frac).round().long().clamp(min=0)
 
 
 @torch.no_grad()
@@ -71,42 +107,3 @@ def truncated_rollout(teacher_eps_fn: Callable[[torch.Tensor, torch.Tensor], tor
         eps = teacher_eps_fn(x, grid[k])  # [B, ...]
         x = ddim_step(x, eps, gather(abar, grid[k], x), gather(abar, grid[k + 1], x))
     return x
-
-
-def x0_distance(x0_pred: torch.Tensor, x0_target: torch.Tensor, kind: str = "l2", huber_delta: float = 1.0) -> torch.Tensor:
-    """Per-sample distance between the student's x0 and the Tweedie target (seed 002 eq. 17). [B]
-
-    "l2": mean squared error over latent dims (eq. 17 up to the constant dimension count);
-    "huber": mean Huber loss with `huber_delta` (robust at large s, where x0 = (x_s − σ eps)/a
-    magnifies eps errors by 1/a_s).
-    """
-    a, b = x0_pred.float(), x0_target.float()
-    if kind == "l2":
-        return (a - b).pow(2).flatten(1).mean(1)
-    if kind == "huber":
-        return F.huber_loss(a, b, reduction="none", delta=huber_delta).flatten(1).mean(1)
-    raise ValueError(f"unknown TDFT x0 loss {kind!r} (expected one of {X0_LOSSES})")
-
-
-class TeacherSpec:
-    """How the EMA teacher is weakened (seed 002 §3, METHODS.md step 1).
-
-    guided:     False -> the unconditional prediction eps(x, t, ∅) alone (the authors' code);
-                True  -> CFG eps_∅ + cfg·(eps_c − eps_∅) at `tdft_cfg` (low guidance).
-    from_noise: True -> the rollout always starts from pure noise at t' = T−1, so the K coarse
-                steps cover the whole trajectory (the weakening is the few-step solve itself).
-    """
-
-    def __init__(self, guided: bool, from_noise: bool):
-        self.guided, self.from_noise = guided, from_noise
-
-    def __repr__(self) -> str:
-        return f"TeacherSpec(guided={self.guided}, from_noise={self.from_noise})"
-
-
-# the only list of teacher names (MethodConfig.tdft_teacher)
-TDFT_TEACHERS = {
-    "uncond": TeacherSpec(guided=False, from_noise=False),
-    "low_cfg": TeacherSpec(guided=True, from_noise=False),
-    "few_steps": TeacherSpec(guided=True, from_noise=True),
-}

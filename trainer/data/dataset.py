@@ -1,5 +1,5 @@
 """Map-style datasets over (cached) records, a deterministic resumable sampler, and the collates
-to `PairBatch` / `PromptBatch` (defined in `trainer/methods.py`).
+to `PairBatch` / `PromptBatch` (defined in `trainer/batches.py`).
 
 Order: epoch e visits the records in `randperm(n, seed + e)` (or 0..n-1 with shuffle=False).
 The sampler yields `(index, epoch)` keys; the dataset uses the epoch to pick the augmentation
@@ -22,6 +22,7 @@ import torch
 
 from ..batches import Cond, PairBatch, PromptBatch
 from .cache import LatentCache
+from .ddspo_prepare import other_index
 from .records import BadRecord, DataSummary, PairRecord, PromptRecord
 
 
@@ -57,18 +58,45 @@ class PairDataset(_RecordDataset):
         return {"id": rec.id, "prompt": rec.prompt, "latents_w": lw, "latents_l": ll, "cond": cond}
 
 
+def other_loser_seed(cfg, data_kind: str) -> int | None:
+    """The seed of the other-prompt loser draw when the method trains on winners (DDSPO) with
+    `ddspo_loser` "other", else None (no loser drawn by the data layer)."""
+    return cfg.seed if data_kind == "prompts_with_winners" and cfg.ddspo_loser == "other" else None
+
+
 class PromptDataset(_RecordDataset):
-    """Prompt records through a LatentCache; item = {"id", "prompt", "cond", "latents", "neg_cond"}."""
+    """Prompt records through a LatentCache; item = {"id", "prompt", "cond", "latents", "neg_cond"}.
+
+    other_loser_seed: when set (DDSPO, ddspo_loser="other"), the item also holds "latents_l": the
+    image latents of record `other_index(seed, epoch, i, n)`; every record then needs an image."""
+
+    def __init__(self, records: Sequence, cache: LatentCache, other_loser_seed: int | None = None):
+        super().__init__(records, cache)
+        if other_loser_seed is not None and len(self.records) < 2:
+            raise ValueError(f"ddspo_loser='other' takes another prompt's image: needs at least 2 records, "
+                             f"got {len(self.records)}")
+        self.other_loser_seed = other_loser_seed
 
     def __getitem__(self, key):
         i, epoch = _key(key)
         rec: PromptRecord = self.records[i]
         try:
             cond, lat, neg = self.cache.get_prompt(rec, self._variant(epoch))
+            item = {"id": rec.id, "prompt": rec.prompt, "cond": cond, "latents": lat, "neg_cond": neg}
+            if self.other_loser_seed is not None:
+                item["latents_l"] = self._other_latents(other_index(self.other_loser_seed, epoch, i, len(self)), epoch)
         except BadRecord as e:
             self.summary.skip(e.reason, str(e))
             return None
-        return {"id": rec.id, "prompt": rec.prompt, "cond": cond, "latents": lat, "neg_cond": neg}
+        return item
+
+    def _other_latents(self, j: int, epoch: int) -> torch.Tensor:
+        rec = self.records[j]
+        lat = self.cache.get_prompt(rec, self._variant(epoch)).latents
+        if lat is None:
+            raise ValueError(f"ddspo_loser='other': record {rec.id!r} has no image; every prompt needs one "
+                             f"(its winner) to serve as another prompt's loser")
+        return lat
 
 
 def _cat_optional(items: list[dict], key: str, what: str):

@@ -70,6 +70,12 @@ def item_seed(seed: int, record_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{record_id}".encode("utf-8")).digest()[:7], "little")
 
 
+def other_index(seed: int, epoch: int, i: int, n: int) -> int:
+    """Another item's index j != i of n >= 2, a pure function of (seed, epoch, i): DDSPO's
+    efficient variant pairs prompt i with another prompt's image, a new one each epoch."""
+    return (i + 1 + item_seed(seed, f"{epoch}:{i}") % (n - 1)) % n
+
+
 def latents_relpath(record_id: str) -> str:
     h = hashlib.sha1(record_id.encode("utf-8")).hexdigest()
     return f"latents/{h[:2]}/{h}.safetensors"
@@ -271,19 +277,29 @@ class DdspoDataset(torch.utils.data.Dataset):
 
     loser="generated": x0_l is the image generated from c⁻ (needs --losers generate);
     loser="other": x0_l is another prompt's winner (efficient variant "Random-positive"), drawn
-    deterministically from (seed, epoch, index). Text conditioning (c and c⁻) goes through
-    `cache.get_prompt`, so it is encoded once. Keys: an index or (index, epoch) from ResumableSampler.
+    deterministically from (seed, epoch, index) (`dataset.other_index`);
+    loser="none": no x0_l (the method's ddspo_loser="same" uses the winner).
+    Text conditioning (c and c⁻) goes through `cache.get_prompt`, so it is encoded once. Keys: an
+    index or (index, epoch) from ResumableSampler.
     """
 
+    LOSERS = ("generated", "other", "none")
+
     def __init__(self, out_dir: str | os.PathLike, cache: LatentCache, loser: str = "generated", seed: int = 0):
-        if loser not in ("generated", "other"):
-            raise ValueError(f"loser must be 'generated' or 'other', got {loser!r}")
+        if loser not in self.LOSERS:
+            raise ValueError(f"loser must be one of {self.LOSERS}, got {loser!r}")
         self.out, self.cache, self.loser, self.seed = Path(out_dir), cache, loser, seed
         self.entries = read_manifest(self.out)
         if not self.entries:
             raise ValueError(f"{self.out}: no prepared DDSPO items (run `python -m npo_suite ddspo-prepare` first)")
         if loser == "other" and len(self.entries) < 2:
             raise ValueError(f"{self.out}: loser='other' needs at least 2 items")
+
+    @classmethod
+    def for_config(cls, out_dir: str | os.PathLike, cache: LatentCache, cfg) -> "DdspoDataset":
+        """The dataset for MethodConfig.ddspo_loser: generated -> "generated", other -> "other", same -> "none"."""
+        loser = {"generated": "generated", "other": "other", "same": "none"}[cfg.ddspo_loser]
+        return cls(out_dir, cache, loser=loser, seed=cfg.seed)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -293,21 +309,30 @@ class DdspoDataset(torch.utils.data.Dataset):
 
         return load_file(str(self.out / self.entries[i]["files"]["latents"]))
 
+    def _loser(self, i: int, epoch: int, t: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.loser == "none":
+            return None
+        if self.loser == "other":
+            return self._latents(other_index(self.seed, epoch, i, len(self.entries)))["latents_w"]
+        if "latents_l" not in t:
+            raise ValueError(f"{self.out / self.entries[i]['files']['latents']}: no loser latents (prepared with "
+                             f"--losers none): use ddspo_loser 'other' (another prompt's image)")
+        return t["latents_l"]
+
     def __getitem__(self, key):
         i, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         e = self.entries[i]
         t = self._latents(i)
-        if self.loser == "generated":
-            if "latents_l" not in t:
-                raise ValueError(f"{self.out / e['files']['latents']}: no loser latents (prepared with "
-                                 f"--losers none): use loser='other'")
-            lat_l = t["latents_l"]
-        else:
-            r = item_seed(self.seed, f"{epoch}:{i}") % (len(self.entries) - 1)
-            lat_l = self._latents((i + 1 + r) % len(self.entries))["latents_w"]
+        lat_l = self._loser(i, epoch, t)
         cond, _, neg = self.cache.get_prompt(PromptRecord(e["id"], e["prompt"], None, e["neg_prompt"]))
         return {"id": e["id"], "prompt": e["prompt"], "cond": cond, "neg_cond": neg,
-                "latents": t["latents_w"].float()[None], "latents_l": lat_l.float()[None]}
+                "latents": t["latents_w"].float()[None],
+                "latents_l": None if lat_l is None else lat_l.float()[None]}
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+    """True for a `ddspo-prepare` output folder (it holds ddspo_config.json)."""
+    return (Path(path) / CONFIG_NAME).is_file()
 
 
 # ---------------------------------------------------------------------------------------------
