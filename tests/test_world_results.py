@@ -57,8 +57,16 @@ def test_results_json_pooled_and_resumable(world, tmp_path, capsys):
     assert full["details"]["roles"] == {"snpo": "snpo", "tdft": "negative", "ddspo": "positive"}
     assert full["details"]["n_per_seed"] == 20  # 10 plain prompts x 2 evaluation seeds
     # the data each kind trained on
-    ddspo = [json.loads(x) for x in (out / "data" / "ddspo" / "ddspo.jsonl").read_text().splitlines()]
-    assert len(ddspo) == 30 and all(r["neg_prompt"] == GENERIC_PROMPT and r["loser_image"] != r["image"] for r in ddspo)
+    from npo_suite.trainer.data.ddspo_prepare import is_prepared, read_manifest
+    from safetensors.torch import load_file
+
+    prepared = out / "data" / "ddspo" / "prepared"
+    assert is_prepared(prepared)
+    entries = read_manifest(prepared)
+    assert len(entries) == 30 and all(e["neg_prompt"] == GENERIC_PROMPT for e in entries)
+    lat = load_file(str(prepared / entries[0]["files"]["latents"]))
+    assert lat["latents_w"].shape == lat["latents_l"].shape == (1, 8, 8)  # the loser: the base's image for c-
+    assert lat["latents_w"].min() >= -1 and lat["latents_w"].max() <= 1
     real = (out / "data" / "real_images" / "prompts.jsonl").read_text().splitlines()
     assert len(real) == 898 and "image" in json.loads(real[0])
     # a rerun reuses every (method, seed) run; a changed setting redoes them

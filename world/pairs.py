@@ -139,24 +139,37 @@ def write_real_images(split, out_dir: str | os.PathLike) -> Path:
 
 
 def make_ddspo_data(sample_fn: SampleFn, rewriter, out_dir: str | os.PathLike, *, prompts: list[str] | None = None,
-                    samples_per_prompt: int = 8, seed_offset: int = 200_000, batch: int = 256) -> Path:
+                    samples_per_prompt: int = 8, seed_offset: int = 200_000, batch: int = 256,
+                    settings: dict | None = None) -> Path:
     """DDSPO's pairs as its paper makes them (seed 003 §3.3): for each prompt c and seed, the winner is
     the base model's image for c and the loser its image for c⁻ = rewriter(c) from the SAME initial
-    noise. Written as `ddspo.jsonl` {"prompt", "neg_prompt", "image", "loser_image", "seed"} + PNGs.
-    Seeds start at `seed_offset` (never an evaluation or a pair seed)."""
+    noise. Written as a `ddspo-prepare` folder (trainer/data/ddspo_prepare.py: ddspo_config.json,
+    latents/ with latents_w and latents_l in the world's model space [1, 8, 8], manifest.jsonl),
+    read with ddspo_loser "generated"; the PNGs are kept under images/ for viewing. `settings`:
+    PrepareConfig fields recorded in ddspo_config.json (how the images were sampled). Seeds start at
+    `seed_offset` (never an evaluation or a pair seed). Returns the folder."""
+    from ..trainer.data.cache import _atomic_save
+    from ..trainer.data.ddspo_prepare import MANIFEST_NAME, PrepareConfig, _atomic_write_text, _check_config, latents_relpath
+
     prompts = list(prompts or all_prompts())
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    _check_config(out, PrepareConfig(**{"store_dtype": "float32", **(settings or {})}))
     rows_p = [p for p in prompts for _ in range(samples_per_prompt)]
     rows_s = [seed_offset + i for i in range(len(rows_p))]
     negs = rewriter(rows_p, rows_s)
-    records = []
+    entries = []
     for j in range(0, len(rows_p), batch):
         ps, ns, ss = rows_p[j:j + batch], negs[j:j + batch], rows_s[j:j + batch]
-        win, lose = (quantize01(sample_fn(x, ss).float()) for x in (ps, ns))  # [n, 8, 8] each
+        win, lose = (quantize01(sample_fn(x, ss).float()) for x in (ps, ns))  # [n, 8, 8] each in [0, 1]
         for p, n, s, w, l in zip(ps, ns, ss, win, lose):
-            names = [f"images/s{s}_{tag}.png" for tag in ("w", "l")]
-            to_png(w, out / names[0])
-            to_png(l, out / names[1])
-            records.append({"prompt": p, "neg_prompt": n, "image": names[0], "loser_image": names[1], "seed": s})
-    return _write_jsonl(out / "ddspo.jsonl", records)
+            rid = f"p{prompts.index(p):03d}_s{s}"
+            rel = latents_relpath(rid)
+            _atomic_save({"latents_w": (w * 2 - 1)[None], "latents_l": (l * 2 - 1)[None]},  # [1, 8, 8] in [-1, 1]
+                         {"id": rid, "prompt": p, "neg_prompt": n, "seed": str(s)}, out / rel)
+            images = {"image_w": f"images/{rid}_w.png", "image_l": f"images/{rid}_l.png"}
+            to_png(w, out / images["image_w"])
+            to_png(l, out / images["image_l"])
+            entries.append({"id": rid, "prompt": p, "neg_prompt": n, "seed": s, "files": {"latents": rel, **images}})
+    _atomic_write_text(out / MANIFEST_NAME, "".join(json.dumps(e) + "\n" for e in entries))
+    return out

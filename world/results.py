@@ -12,7 +12,8 @@ registry, never from its name:
     data (Method.data_kind)      pairs               the base model's own samples, labelled by the reward
                                  images_or_prompts   the generator split's real digits with their prompts
                                  prompts_with_winners  DDSPO's pairs: the base model's image for c (winner)
-                                                     and for c⁻ (loser, same noise), c⁻ by the world rewriter
+                                                     and for c⁻ (loser, same noise; ddspo_loser "generated"),
+                                                     c⁻ by the world rewriter, as a ddspo-prepare folder
     sampling (Method.role)       positive            LoRA on both CFG branches (mode cfg)
                                  negative            LoRA on the unconditional branch, alpha 0, beta 1 (mode npo)
                                  snpo                one LoRA, null prompt unconditional (mode snpo)
@@ -33,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,10 @@ class ResultsConfig(DemoConfig):
     seeds: tuple = (0, 1, 2)
     ddspo_samples_per_prompt: int = 8  # DDSPO winners (and losers) per prompt
     rewriter: str = "world_digits"  # DDSPO's c⁻ (trainer.ddspo.REWRITERS; world/rewrite.py)
+    # Per-method TrainConfig overrides. DDSPO: its paper's beta 16000 with lr scaled so that beta*lr equals
+    # the DPO family's (2000 * 1e-3): lr must follow beta (docs/training.md "Learning rate and beta";
+    # the authors' script scales lr as 1/beta too). Recorded in every run's stamp.
+    method_overrides: dict = field(default_factory=lambda: {"ddspo": {"lr": 1.25e-4}})
 
     @classmethod
     def quick(cls, **kw) -> "ResultsConfig":
@@ -109,6 +114,13 @@ def _stamp_matches(path: Path, stamp: dict) -> bool:
     return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("stamp") == stamp
 
 
+def _data_sha1(path: Path) -> str:
+    """Identity of a run's training data: the JSONL file, or a ddspo-prepare folder's manifest."""
+    from ..trainer.data.ddspo_prepare import MANIFEST_NAME
+
+    return hashlib.sha1((path / MANIFEST_NAME if path.is_dir() else path).read_bytes()).hexdigest()
+
+
 def _world_id(world_dir: Path) -> str:
     return hashlib.sha1((world_dir / "world.json").read_bytes()).hexdigest()[:12]
 
@@ -147,7 +159,7 @@ class Context:
                 "eval_prompts": rc.eval_prompts, "eval_seeds": rc.eval_seeds}
 
     def cached(self, name: str, stamp: dict, build) -> Path:
-        """OUT/data/<name>: built once by `build(dir) -> file`, reused while `stamp` is unchanged."""
+        """OUT/data/<name>: built once by `build(dir) -> file or folder in dir`, reused while `stamp` is unchanged."""
         d = self.out / "data" / name
         marker = d / "done.json"
         if _stamp_matches(marker, stamp):
@@ -196,18 +208,22 @@ def real_image_data(ctx: Context) -> Path:
 
 
 def ddspo_data(ctx: Context) -> Path:
-    """DDSPO's winners (c) and losers (c⁻, same noise) from the base model (world/pairs.py::make_ddspo_data)."""
+    """DDSPO's winners (c) and losers (c⁻, same noise) from the base model, as a ddspo-prepare folder
+    (world/pairs.py::make_ddspo_data)."""
     from ..trainer.ddspo import build_rewriter
     from .pairs import make_ddspo_data
 
     rc = ctx.rc
     stamp = {**ctx.sampling_stamp(), "samples_per_prompt": rc.ddspo_samples_per_prompt, "rewriter": rc.rewriter}
+    settings = {"model": str(ctx.world_dir), "losers": "generate", "rewriter": rc.rewriter, "steps": rc.sample_steps,
+                "cfg": rc.cfg_scale}
 
     def build(d):
         n = len(all_prompts()) * rc.ddspo_samples_per_prompt
         with sampling_bar(n, rc, "ddspo: winners and losers", calls=2) as bar:
-            return make_ddspo_data(ctx.base_sampler(bar), build_rewriter(rc.rewriter), d,
-                                   samples_per_prompt=rc.ddspo_samples_per_prompt)
+            folder = make_ddspo_data(ctx.base_sampler(bar), build_rewriter(rc.rewriter), d / "prepared",
+                                     samples_per_prompt=rc.ddspo_samples_per_prompt, settings=settings)
+        return folder
     return ctx.cached("ddspo", stamp, build)
 
 
@@ -244,9 +260,10 @@ def run_one(ctx: Context, name: str, seed: int) -> dict:
     run_dir = ctx.out / "runs" / name / f"seed{seed}"
     train_dir = ctx.out / "train" / f"{name}_seed{seed}"
     data = ctx.data(method.data_kind)
-    cfg = train_config(ctx.world_dir, name, data, train_dir, rc, seed=seed, ddspo_rewriter=rc.rewriter)
+    overrides = {"seed": seed, "ddspo_rewriter": rc.rewriter, **rc.method_overrides.get(name, {})}
+    cfg = train_config(ctx.world_dir, name, data, train_dir, rc, **overrides)
     stamp = {"train": {k: v for k, v in cfg.to_dict().items() if k != "output_dir"},
-             "data_sha1": hashlib.sha1(data.read_bytes()).hexdigest(), "sampling": ctx.sampling_stamp(),
+             "data_sha1": _data_sha1(data), "sampling": ctx.sampling_stamp(),
              "role": method.role}
     stamp = json.loads(json.dumps(stamp, default=str))  # as it reads back from run.json
     if _stamp_matches(run_dir / "run.json", stamp) and (run_dir / "scores.npz").is_file():
@@ -256,7 +273,7 @@ def run_one(ctx: Context, name: str, seed: int) -> dict:
         ctx.log(f"results: {name} seed {seed}: settings differ from the stored run (or it is unfinished); redoing it")
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(train_dir, ignore_errors=True)
-    tr, train_s = train_lora(ctx.world_dir, name, data, train_dir, rc, seed=seed, ddspo_rewriter=rc.rewriter)
+    tr, train_s = train_lora(ctx.world_dir, name, data, train_dir, rc, **overrides)
     unet_base = {"unet": ctx.bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(ctx.bundle.text_encoders)}}
     mode, offsets = sampling_for(method.role, load_offset(str(tr.lora_path), unet_base))
     t0 = time.time()
@@ -270,16 +287,24 @@ def run_one(ctx: Context, name: str, seed: int) -> dict:
     return {**summary, "scores": scores, "reused": False}
 
 
-def llr_trajectory(metrics_csv: Path) -> dict:
-    """`llr/winner` (mse_policy_w - mse_ref_w, trainer metric) at the first and last logged steps, mean, fraction > 0."""
+def metric_log(metrics_csv: Path, key: str) -> list[float]:
+    """The logged values of one trainer metric (metrics.csv column `key`), in step order; [] if never logged."""
     if not metrics_csv.is_file():
-        return {}
+        return []
     with open(metrics_csv, newline="") as f:
-        v = [float(r["llr/winner"]) for r in csv.DictReader(f) if r.get("llr/winner") not in (None, "")]
-    if not v:
-        return {}
-    return {"first": v[0], "last": v[-1], "mean": float(np.mean(v)), "frac_positive": float(np.mean(np.array(v) > 0)),
-            "n": len(v)}
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key) not in (None, "")]
+
+
+def llr_trajectory(metrics_csv: Path) -> dict:
+    """`llr/winner` (mse_policy_w - mse_ref_w, trainer metric) at the first and last logged steps, mean,
+    fraction > 0; and the last logged `logit/saturated_frac` (pairs with |logit| > 10) where logged."""
+    v = metric_log(metrics_csv, "llr/winner")
+    sat = metric_log(metrics_csv, "logit/saturated_frac")
+    out = {"saturated_last": sat[-1]} if sat else {}
+    if v:
+        out.update(first=v[0], last=v[-1], mean=float(np.mean(v)), frac_positive=float(np.mean(np.array(v) > 0)),
+                   n=len(v))
+    return out
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -369,17 +394,18 @@ def markdown(result: dict, details: dict) -> str:
                                  ("realism_win_rate", "realism win rate"), ("realism_ci_low", "realism CI low"),
                                  ("mean_reward", "mean reward"), ("accuracy", "accuracy"),
                                  ("guard", "right->wrong / wrong->right"), ("claim", "the paper says it improves")])
-    seed_rows = [{"method": m, "seed": s, **v, "llr_last": (v["llr"] or {}).get("last")}
+    seed_rows = [{"method": m, "seed": s, **v, "saturated": (v["llr"] or {}).get("saturated_last")}
                  for m, per in details["per_seed"].items() for s, v in per.items()]
     per_seed = markdown_table(seed_rows, [("method", "method"), ("seed", "training seed"), ("win_rate", "win rate"),
                                           ("mean_reward", "mean reward"), ("accuracy", "accuracy"),
                                           ("right_to_wrong", "right->wrong"), ("wrong_to_right", "wrong->right"),
-                                          ("realism", "realism"), ("train_seconds", "train s"),
+                                          ("realism", "realism"), ("saturated", "saturated logits (last log)"),
+                                          ("train_seconds", "train s"),
                                           ("sample_seconds", "sample s")])
     llr_rows = []
     for m, per in details["per_seed"].items():
-        traj = [v["llr"] for v in per.values() if v["llr"]]
-        if traj:  # only methods whose trainer logs llr/winner (the pair methods and DDSPO)
+        traj = [v["llr"] for v in per.values() if "first" in (v["llr"] or {})]
+        if traj:  # only methods whose trainer logs llr/winner (the pair methods)
             llr_rows.append({"method": m, **{k: float(np.mean([t[k] for t in traj])) for k in ("first", "last", "mean",
                                                                                                "frac_positive")}})
     llr = markdown_table(llr_rows, [("method", "method"), ("first", "first log"), ("last", "last log"),
@@ -389,7 +415,8 @@ def markdown(result: dict, details: dict) -> str:
         f"{' '.join(map(str, seeds))} --json --out {rc['out']}` ({details['seconds'] / 60:.1f} min; world "
         f"`{details['world_id']}`). Per training seed {n} images ({rc['eval_prompts']} prompts x {rc['eval_seeds']} "
         f"seeds), {rc['scheduler']} {rc['sample_steps']} steps, CFG {rc['cfg_scale']}; training {rc['train_steps']} "
-        f"steps, batch {rc['batch_size']}, lr {rc['lr']}, beta {rc['beta']}, LoRA rank {rc['lora_rank']}. Win rate = "
+        f"steps, batch {rc['batch_size']}, lr {rc['lr']}, beta {rc['beta']}, LoRA rank {rc['lora_rank']}, per-method "
+        f"overrides {json.dumps(rc['method_overrides'])}, every other setting the method's default. Win rate = "
         "P(method's reward > base's on the same prompt and evaluation seed), ties half, pooled over training seeds; "
         f"95% CI by the two-stage bootstrap (training seeds, then images; {rc['n_boot']} resamples). Base realism "
         f"{details['base_realism']:.3f}.", "", main, "", "Per training seed:", "", per_seed, "",
