@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     b = sub.add_parser("build", help="train the world's base model and reward models into a folder")
-    b.add_argument("--out", default=None, help="output folder (default: the cache, ~/.cache/npo_suite/world/digits_v1; "
+    b.add_argument("--out", default=None, help="output folder (default: the cache, ~/.cache/npo_suite/world/digits_v2; "
                                                 "the shipped copy is world/assets/digits_world)")
     for f in fields(WorldConfig):
         if f.name == "block_out_channels":

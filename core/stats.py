@@ -4,6 +4,11 @@ seeded percentile-bootstrap 95% CIs (Efron & Tibshirani 1993, ch. 13), Markdown 
 Win rate of B over A: mean over pairs of 1[b > a] + 0.5 * 1[b == a] (ties split, as the
 papers' pairwise preference rates count them). The bootstrap resamples PAIRS (rows), so the
 pairing by prompt and seed is kept.
+
+Over several training runs (one per training seed, each scored on the same prompts and seeds),
+`pooled_compare` pools the pairs of all runs and bootstraps in two stages (Davison & Hinkley
+1997, §3.8, nested resampling): training runs with replacement, then the pairs within each drawn
+run, so the CI covers the spread between training seeds as well as between images.
 """
 from __future__ import annotations
 
@@ -56,6 +61,54 @@ def bootstrap_ci(values, *, n_boot: int = 5000, seed: int = 0, level: float = 0.
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
+
+
+def grouped_bootstrap_means(groups, *, n_boot: int = 5000, seed: int = 0) -> np.ndarray:
+    """Two-stage bootstrap replicates [n_boot] of the mean of `groups` [G, N] (G runs of N rows).
+
+    One replicate: draw G groups with replacement, then N rows with replacement inside each drawn
+    group; the replicate is the mean of the G·N drawn values. With G = 1 it is the row bootstrap.
+    """
+    v = np.asarray(groups, dtype=np.float64)
+    if v.ndim != 2 or v.shape[0] == 0 or v.shape[1] == 0:
+        raise ValueError(f"grouped bootstrap needs a non-empty [groups, rows] array, got shape {v.shape}")
+    G, N = v.shape
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // (G * N))  # bound memory: [chunk, G, N] indices at a time
+    for s in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - s)
+        g = rng.integers(0, G, size=(k, G, 1))  # [k, G, 1] drawn runs
+        r = rng.integers(0, N, size=(k, G, N))  # [k, G, N] drawn rows inside each
+        means[s:s + k] = v[g, r].mean((1, 2))
+    return means
+
+
+def grouped_bootstrap_ci(groups, *, n_boot: int = 5000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of the mean of `groups` [G, N] from `grouped_bootstrap_means`."""
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(grouped_bootstrap_means(groups, n_boot=n_boot, seed=seed), [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def pooled_compare(a, b, *, n_boot: int = 5000, seed: int = 0, level: float = 0.95) -> PairedStats:
+    """B over A pooled over G training runs: a, b [G, N], row j of run g paired (same prompt and seed).
+
+    Point estimates over all G·N pairs; CIs by the two-stage bootstrap (module docstring), the same
+    resampled runs and rows for the difference and the win rate.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"pooled_compare needs two [runs, pairs] arrays of the same shape, got {a.shape} and {b.shape}")
+    if a.size == 0:
+        raise ValueError("pooled_compare: no pairs")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("pooled_compare: scores contain NaN or inf")
+    diff, wins = b - a, win_scores(a, b)
+    d_lo, d_hi = grouped_bootstrap_ci(diff, n_boot=n_boot, seed=seed, level=level)
+    w_lo, w_hi = grouped_bootstrap_ci(wins, n_boot=n_boot, seed=seed, level=level)
+    return PairedStats(int(a.size), float(a.mean()), float(b.mean()), float(diff.mean()), d_lo, d_hi,
+                       float(wins.mean()), w_lo, w_hi, int((a == b).sum()), n_boot, seed)
 
 
 def paired_compare(a, b, *, n_boot: int = 5000, seed: int = 0, level: float = 0.95) -> PairedStats:

@@ -30,7 +30,7 @@ def test_demo_quick_json(tmp_path, capsys):
     assert 0 <= res["base_mean_reward"] <= 1
     report = (out / "report.md").read_text()
     assert "win rate vs CFG" in report and "right->wrong" in report
-    for f in ("grid.png", "grid_seeds.png", "win_rates.png", "results.json", "pairs/pairs.jsonl",
+    for f in ("grid.png", "win_rates.png", "results.json", "pairs/pairs.jsonl",
               "train_npo/npo_lora.safetensors", "train_snpo/snpo_lora.safetensors", "images/cfg/manifest.json"):
         assert (out / f).is_file(), f
     # the demo's runs are valid `evaluate compare` inputs (same prompts and seeds)
@@ -38,3 +38,30 @@ def test_demo_quick_json(tmp_path, capsys):
                  "--world", str(world), "--n-boot", "100", "--json"]) == 0
     cmp = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cmp["n"] == 20
+
+
+def test_method_grid_layout(tmp_path):
+    """One block per run, one row per digit, one column per seed, each image upsampled 8x: the cell of
+    (run b, digit r, seed k) holds that run's image of the plain prompt for digit r and seed k."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from npo_suite.world.build import all_prompts
+    from npo_suite.world.demo import method_grid
+
+    prompts = [p for p in all_prompts() for _ in range(5)]
+    seeds = [s for _ in all_prompts() for s in range(5)]
+    value = torch.tensor([(i % 251) / 255 for i in range(len(prompts))])
+    runs = {"cfg": value[:, None, None].expand(-1, 8, 8), "npo": (1 - value)[:, None, None].expand(-1, 8, 8)}
+    path = method_grid(runs, prompts, seeds, tmp_path / "g.png", columns=4, scale=8, pad=2, gap=12)
+    with Image.open(path) as im:
+        a = np.asarray(im)
+    cell, head, left, block = 64, 16, 44, 4 * 66 - 2
+    assert a.shape == (head + 10 * 66 + 2, left + 2 * (block + 12))
+    for b, name in enumerate(runs):
+        for r in (0, 7):
+            for k in (0, 3):
+                i = prompts.index(f"a handwritten {['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine'][r]}") + k
+                y, x = head + r * 66 + cell // 2, left + b * (block + 12) + k * 66 + cell // 2
+                assert a[y, x] == round(float(runs[name][i, 0, 0]) * 255)

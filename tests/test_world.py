@@ -46,6 +46,13 @@ def test_quick_build_layout_and_sd_interfaces(quick_world):
     assert isinstance(w.tokenizer, CLIPTokenizer) and isinstance(w.scheduler, DDPMScheduler)
     assert w.unet.config.in_channels == 1 and w.unet.config.sample_size == 8
     assert len(w.scheduler.alphas_cumprod) == 1000
+    # SD1.x/SDXL's schedule (world v2): scaled_linear 0.00085..0.012, eps-prediction
+    sc = w.scheduler.config
+    assert (sc.beta_schedule, sc.beta_start, sc.beta_end, sc.prediction_type) == ("scaled_linear", 0.00085, 0.012, "epsilon")
+    abar = w.scheduler.alphas_cumprod.double()
+    snr_inv = (1 - abar) / abar  # SD's (1 - abar)/abar: 2.6 at t = 500, 70 at t = 900, 214 at t = 999
+    assert snr_inv[500].item() == pytest.approx(2.6, abs=0.1) and snr_inv[999].item() == pytest.approx(214, rel=0.01)
+    assert m["scheduler"]["beta_schedule"] == "scaled_linear" and m["generic_prompt"] == wb.GENERIC_PROMPT
     # one BPE token per world word: bos + 4 words + eos
     ids = w.tokenizer("a thin handwritten seven").input_ids
     assert len(ids) == 6
@@ -80,6 +87,13 @@ def test_world_cli_info_and_errors(quick_world, tmp_path, capsys):
     assert main(["world", "build", "--out", str(quick_world)]) == 0  # already built: no rebuild without --force
     assert "already built" in capsys.readouterr().out
     assert main(["world", "build", "--out", str(tmp_path / "x"), "--cfg-dropout", "1.5"]) == 2
+
+
+def test_world_config_generic_prompt_bounds():
+    assert wb.WorldConfig(generic_prob=0.0).generic_prob == 0.0
+    with pytest.raises(ValueError, match="generic_prob"):
+        wb.WorldConfig(cfg_dropout=0.5, generic_prob=0.5)
+    assert wb.parse_prompt(wb.GENERIC_PROMPT) == (None, None)  # the class-free prompt names no class
 
 
 def test_prompts_roundtrip():
@@ -192,8 +206,9 @@ def test_shipped_world_base_model_is_clearly_imperfect():
     px = res.images.float().mean(1).reshape(60, -1).numpy()
     labels = [wb.parse_prompt(p)[0] for p in prompts]
     acc = rm.accuracy(px, labels)
-    # measured at build time on 300 samples: accuracy 0.71, reward 0.66, realism -1.35 (real: 0.95, 0.83, -1.03)
+    # world v2, measured at build time on 300 samples: accuracy 0.20, reward 0.18, realism -1.29
+    # (real: 0.95, 0.83, -1.03): digit-like, the prompt's class followed weakly (docs/world.md)
     assert acc < real_acc - 0.1, (acc, real_acc)
-    assert acc > 0.3  # but it does draw digits: the prompt matters
+    assert acc > 0.1  # above chance (1 in 10): the prompt matters
     assert rm.reward(px, labels).mean() < rm.reward(real.pixels01(), real.labels).mean() - 0.05
     assert rm.realism(px).mean() < rm.realism(real.pixels01()).mean() - 0.1

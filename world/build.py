@@ -2,10 +2,12 @@
 
 Data: scikit-learn's bundled `load_digits` (1797 images, 8x8, grey levels 0..16, offline).
 Prompts: "a handwritten seven", optionally with a style word from the ink mass
-("a thin handwritten seven", "a thick handwritten seven"). The model has SD's interfaces
-(diffusers `UNet2DConditionModel`, `CLIPTextModel`, `CLIPTokenizer`, `DDPMScheduler`) but works
-in pixel space (in_channels=1, sample_size=8, no VAE), so the trainer, the guidance and the
-evaluation run on it unchanged. See docs/world.md.
+("a thin handwritten seven", "a thick handwritten seven"); the class-free "a handwritten digit"
+is trained too (GENERIC_PROMPT: what a prompt that lost its content means, world/rewrite.py).
+The model has SD's interfaces (diffusers `UNet2DConditionModel`, `CLIPTextModel`, `CLIPTokenizer`,
+`DDPMScheduler` on SD1.x/SDXL's scaled_linear schedule) but works in pixel space (in_channels=1,
+sample_size=8, no VAE), so the trainer, the guidance and the evaluation run on it unchanged.
+See docs/world.md.
 
 Folder layout (diffusers-style, no vae/):
     model_index.json  unet/  text_encoder/  tokenizer/  scheduler/
@@ -30,10 +32,11 @@ import torch
 from ..core.atomic import replace_dir
 
 WORLD_FORMAT = "npo_suite.digits_world"
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: SD's scaled_linear schedule, the class-free prompt trained
 CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 STYLE_WORDS = ("thin", "thick")
 WORLD_WORDS = ("a", "handwritten", "digit") + CLASS_WORDS + STYLE_WORDS
+GENERIC_PROMPT = "a handwritten digit"  # names no class: the content of every prompt removed
 SPLITS = ("gen", "reward_train", "reward_test")  # generator / reward classifier train / reward test
 PACKAGE_WORLD_DIR = Path(__file__).resolve().parent / "assets" / "digits_world"
 
@@ -126,6 +129,8 @@ class WorldConfig:
     block_out_channels: tuple = field(default=(32, 64), metadata={"help": "UNet channels per resolution (8x8, 4x4)"})
     cfg_dropout: float = field(default=0.1, metadata={"help": "probability of training on the empty prompt"})
     style_prob: float = field(default=0.5, metadata={"help": "probability of naming the style word when a sample has one"})
+    generic_prob: float = field(default=0.1, metadata={"help": "probability of training on the class-free prompt "
+                                                               "'a handwritten digit'"})
     text_hidden: int = field(default=32, metadata={"help": "text encoder width (= UNet cross_attention_dim)"})
     text_layers: int = field(default=2, metadata={"help": "text encoder layers (random init, frozen)"})
     max_length: int = field(default=16, metadata={"help": "tokenizer model_max_length"})
@@ -137,6 +142,8 @@ class WorldConfig:
             raise ValueError("WorldConfig: steps and batch_size must be >= 1")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"WorldConfig: cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        if not 0.0 <= self.generic_prob < 1.0 - self.cfg_dropout:
+            raise ValueError(f"WorldConfig: need 0 <= generic_prob < 1 - cfg_dropout, got {self.generic_prob}")
 
 
 def unet_config_world(cfg: WorldConfig) -> dict:
@@ -151,10 +158,11 @@ def unet_config_world(cfg: WorldConfig) -> dict:
 
 
 def make_scheduler():
-    """DDPM's own linear schedule (Ho et al. 2020), T = 1000, eps-prediction."""
+    """SD1.x/SDXL's schedule: scaled_linear betas 0.00085..0.012, T = 1000, eps-prediction
+    (the `scheduler_config.json` of runwayml/stable-diffusion-v1-5 and SDXL base)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, prediction_type="epsilon")
 
 
@@ -195,7 +203,8 @@ def _encode(tokenizer, text_encoder, prompts):
 
 
 def _train_unet(unet, cond_table, prompt_ids, x0, cfg: WorldConfig, abar, log, gen):
-    """eps-prediction MSE (Ho et al. 2020 eq. 14) with CFG dropout to the empty prompt (row 0 of cond_table)."""
+    """eps-prediction MSE (Ho et al. 2020 eq. 14) with CFG dropout to the empty prompt (row 0 of
+    cond_table) and, with probability generic_prob, the class-free prompt (prompt_ids column 2)."""
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     n, losses = len(x0), []
@@ -204,7 +213,9 @@ def _train_unet(unet, cond_table, prompt_ids, x0, cfg: WorldConfig, abar, log, g
     for step in range(cfg.steps):
         rows = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         pid = prompt_ids[rows, (torch.rand(cfg.batch_size, generator=gen) < cfg.style_prob).long()]  # [B]
-        pid = torch.where(torch.rand(cfg.batch_size, generator=gen) < cfg.cfg_dropout, torch.zeros_like(pid), pid)
+        u = torch.rand(cfg.batch_size, generator=gen)  # [B]: < cfg_dropout empty, next generic_prob class-free
+        pid = torch.where(u < cfg.cfg_dropout + cfg.generic_prob, prompt_ids[rows, 2], pid)
+        pid = torch.where(u < cfg.cfg_dropout, torch.zeros_like(pid), pid)
         x = x0[rows]  # [B, 1, 8, 8]
         t = torch.randint(0, len(abar), (cfg.batch_size,), generator=gen)
         eps = torch.randn(x.shape, generator=gen)
@@ -255,15 +266,16 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, l
         text_encoder = CLIPTextModel(text_encoder_config(len(tokenizer), hidden=cfg.text_hidden, layers=cfg.text_layers,
                                                          projection_dim=cfg.text_hidden, max_pos=cfg.max_length)).eval()
         text_encoder.requires_grad_(False)
-        prompts = [""] + all_prompts()
-        cond_table = _encode(tokenizer, text_encoder, prompts)  # [1 + 30, L, D]
+        prompts = [""] + all_prompts() + [GENERIC_PROMPT]
+        cond_table = _encode(tokenizer, text_encoder, prompts)  # [1 + 30 + 1, L, D]
 
         # 3. UNet on the generator split
         g = splits["gen"]
         x0 = to_model_space(torch.from_numpy(g.images))  # [N, 1, 8, 8]
         plain = torch.tensor([1 + 3 * int(c) for c in g.labels])
         styled = torch.tensor([1 + 3 * int(c) + (1 + STYLE_WORDS.index(s) if s else 0) for c, s in zip(g.labels, g.styles)])
-        prompt_ids = torch.stack([plain, styled], 1)  # [N, 2]: column 1 used with probability style_prob
+        generic = torch.full_like(plain, len(prompts) - 1)
+        prompt_ids = torch.stack([plain, styled, generic], 1)  # [N, 3]: column 1 with p style_prob, 2 generic_prob
         scheduler = make_scheduler()
         abar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
         unet = UNet2DConditionModel(**unet_config_world(cfg))
@@ -285,7 +297,9 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, l
             "versions": _versions(),
             "config": asdict(cfg),
             "splits": {k: int(len(v)) for k, v in indices.items()},
-            "prompts": all_prompts(),
+            "prompts": all_prompts(), "generic_prompt": GENERIC_PROMPT,
+            "scheduler": {k: scheduler.config[k] for k in ("beta_schedule", "beta_start", "beta_end",
+                                                           "num_train_timesteps", "prediction_type")},
             "train": {"final_loss": final_loss, "seconds": round(seconds, 1)},
             "reward": {"classifier_accuracy_reward_test": float(rm.accuracy(test.pixels01(), test.labels)),
                        "classifier_accuracy_gen_split": float(rm.accuracy(g.pixels01(), g.labels)),

@@ -109,15 +109,26 @@ def eval_prompts(kind: str) -> list[str]:
     return all_prompts() if kind == "all" else [prompt_for(c) for c in range(10)]
 
 
-def sample_run(bundle, prompts, seeds, mode, offsets, dc: DemoConfig) -> torch.Tensor:
-    """Images [N, 8, 8] in [0, 1] (8-bit quantised, as saved) from generate.sample."""
+SAMPLE_BATCH = 256  # images per generate.sample call
+
+
+def sampling_bar(n_images: int, dc: DemoConfig, desc: str, calls: int = 1):
+    """A tqdm bar (stderr) over the sampler steps of `calls` sample_run calls of `n_images` each."""
+    from tqdm.auto import tqdm
+
+    total = calls * -(-n_images // SAMPLE_BATCH) * dc.sample_steps
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def sample_run(bundle, prompts, seeds, mode, offsets, dc: DemoConfig, progress=None) -> torch.Tensor:
+    """Images [N, 8, 8] in [0, 1] (8-bit quantised, as saved) from generate.sample; `progress()` once per step."""
     from ..diffusers_host.generate import sample
     from .pairs import quantize01
 
     out = []
-    for i in range(0, len(prompts), 256):
-        res = sample(bundle, prompts[i:i + 256], seeds[i:i + 256], mode, offsets=offsets, cfg_scale=dc.cfg_scale,
-                     steps=dc.sample_steps, scheduler=dc.scheduler)
+    for i in range(0, len(prompts), SAMPLE_BATCH):
+        res = sample(bundle, prompts[i:i + SAMPLE_BATCH], seeds[i:i + SAMPLE_BATCH], mode, offsets=offsets,
+                     cfg_scale=dc.cfg_scale, steps=dc.sample_steps, scheduler=dc.scheduler, progress=progress)
         out.append(quantize01(res.images.float().mean(1)))  # [n, 8, 8]
     return torch.cat(out)
 
@@ -160,21 +171,34 @@ def summarize(base: dict, other: dict, n_boot: int, seed: int) -> dict:
             "realism_ci": [re.ci_low, re.ci_high], "n": st.n}
 
 
-def image_grid(columns: dict[str, torch.Tensor], rows: int, path: Path, scale: int = 4, pad: int = 2) -> Path:
-    """Side-by-side grid PNG: one column block per run, `rows` images each, nearest-upsampled for viewing."""
-    from PIL import Image
+def method_grid(runs: dict[str, torch.Tensor], prompts: list[str], seeds: list[int], path: Path, columns: int = 4,
+                scale: int = 8, pad: int = 2, gap: int = 12) -> Path:
+    """Grid PNG for a person: one block per run (left to right, its name above), `columns`
+    evaluation seeds wide, one row per digit class (its plain prompt, the class word at the left);
+    each 8x8 image nearest-upsampled `scale` times. Same cell = same prompt and seed in every block."""
+    from PIL import Image, ImageDraw
 
-    names = list(columns)
-    cell = 8 * scale
-    per_col = max(1, min(rows, min(len(v) for v in columns.values())))
-    w = len(names) * (cell + pad) + pad
-    h = per_col * (cell + pad) + pad
-    canvas = Image.new("L", (w, h), 255)
-    for c, n in enumerate(names):
-        for r in range(per_col):
-            a = np.round(columns[n][r].numpy() * 255).astype(np.uint8)
-            im = Image.fromarray(a, mode="L").resize((cell, cell), Image.NEAREST)
-            canvas.paste(im, (pad + c * (cell + pad), pad + r * (cell + pad)))
+    from .build import CLASS_WORDS, prompt_for
+
+    index = {(p, int(s)): i for i, (p, s) in enumerate(zip(prompts, seeds))}
+    cols = sorted(set(int(s) for s in seeds))[:columns]
+    rows = [c for c in range(10) if all((prompt_for(c), s) in index for s in cols)]
+    if not rows:
+        raise ValueError("method_grid: no plain digit prompt was sampled on all of the grid's seeds")
+    cell, head, left = 8 * scale, 16, 44
+    block = len(cols) * (cell + pad) - pad
+    canvas = Image.new("L", (left + len(runs) * (block + gap), head + len(rows) * (cell + pad) + pad), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, c in enumerate(rows):
+        draw.text((2, head + r * (cell + pad) + cell // 2 - 5), CLASS_WORDS[c], fill=0)
+    for b, (name, imgs) in enumerate(runs.items()):
+        x0 = left + b * (block + gap)
+        draw.text((x0, 2), name, fill=0)
+        for r, c in enumerate(rows):
+            for k, s in enumerate(cols):
+                a = np.round(imgs[index[(prompt_for(c), s)]].numpy() * 255).astype(np.uint8)
+                im = Image.fromarray(a, mode="L").resize((cell, cell), Image.NEAREST)
+                canvas.paste(im, (x0 + k * (cell + pad), head + r * (cell + pad)))
     canvas.save(path)
     return path
 
@@ -186,7 +210,7 @@ def run_demo(dc: DemoConfig, log=print) -> dict:
     from ..core.offsets import load_offset
     from ..core.stats import PairedStats, markdown_table, paired_compare, plot_comparison
     from ..diffusers_host.generate import Offsets
-    from .build import ensure_world
+    from .build import all_prompts, ensure_world
     from .pairs import make_pairs
     from .reward import DigitsReward
 
@@ -200,9 +224,10 @@ def run_demo(dc: DemoConfig, log=print) -> dict:
 
     # 2. preference pairs from the base model's own samples
     t0 = time.time()
-    base_sampler = lambda ps, ss: sample_run(bundle, ps, ss, "cfg", None, dc)  # noqa: E731
-    pst = make_pairs(base_sampler, reward, out / "pairs", samples_per_prompt=dc.pair_samples_per_prompt,
-                     tie_margin=dc.tie_margin)
+    with sampling_bar(len(all_prompts()) * dc.pair_samples_per_prompt, dc, "pairs: base samples") as bar:
+        base_sampler = lambda ps, ss: sample_run(bundle, ps, ss, "cfg", None, dc, progress=bar.update)  # noqa: E731
+        pst = make_pairs(base_sampler, reward, out / "pairs", samples_per_prompt=dc.pair_samples_per_prompt,
+                         tie_margin=dc.tie_margin)
     if pst.pairs == 0:
         raise RuntimeError(f"no preference pairs: all {pst.samples // 2} candidate pairs were near-ties")
     timings["pairs_s"] = time.time() - t0
@@ -224,16 +249,21 @@ def run_demo(dc: DemoConfig, log=print) -> dict:
     prompts = [p for p in base_prompts for _ in range(dc.eval_seeds)]
     seeds = [s for _ in base_prompts for s in range(dc.eval_seeds)]
     unet_base = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
-    runs = {"cfg": sample_run(bundle, prompts, seeds, "cfg", None, dc)}
+
+    def run(mode, offsets, name):
+        with sampling_bar(len(prompts), dc, f"sample {name}") as bar:
+            return sample_run(bundle, prompts, seeds, mode, offsets, dc, progress=bar.update)
+
+    runs = {"cfg": run("cfg", None, "cfg")}
     for m in dc.methods:
         off = load_offset(str(loras[m]), unet_base)
         role = read_npo_metadata(off.metadata).get("role")  # the trainer writes the method's role
         if role not in ("negative", "snpo"):
             raise ValueError(f"{loras[m]}: the demo samples negative or snpo LoRAs; this one's role is {role!r}")
         if role == "snpo":
-            runs[m] = sample_run(bundle, prompts, seeds, "snpo", Offsets(snpo=off), dc)
+            runs[m] = run("snpo", Offsets(snpo=off), m)
         else:
-            runs[m] = sample_run(bundle, prompts, seeds, "npo", Offsets(neg=off, beta=dc.npo_beta_offset), dc)
+            runs[m] = run("npo", Offsets(neg=off, beta=dc.npo_beta_offset), m)
     timings["sample_s"] = time.time() - t0
 
     # 5. score, compare, report
@@ -247,11 +277,7 @@ def run_demo(dc: DemoConfig, log=print) -> dict:
                                                                n_boot=dc.n_boot, seed=dc.seed).as_dict().items()})
              for m in dc.methods}
     plot = plot_comparison(stats, out / "win_rates.png", title="world reward vs plain CFG (same prompt and seed)")
-    # grid: first seed of every prompt, columns = runs
-    first = [i for i, s in enumerate(seeds) if s == 0]
-    grid = image_grid({k: v[first] for k, v in runs.items()}, len(first), out / "grid.png")
-    grid_seeds = image_grid({k: v[:min(len(v), 2 * dc.eval_seeds)] for k, v in runs.items()}, 2 * dc.eval_seeds,
-                            out / "grid_seeds.png")
+    grid = method_grid(runs, prompts, seeds, out / "grid.png")
     base_mean, base_acc = float(scores["cfg"]["reward"].mean()), float(scores["cfg"]["correct"].mean())
     timings["total_s"] = time.time() - t_start
     result = {"methods": {m: {k: methods[m][k] for k in ("win_rate", "ci_low", "ci_high", "mean_reward", "accuracy",
@@ -281,14 +307,15 @@ def run_demo(dc: DemoConfig, log=print) -> dict:
                                                           for m in dc.methods) +
         f" (beta {dc.beta}, lambda {dc.lam}, lr {dc.lr}, batch {dc.batch_size}, LoRA rank {dc.lora_rank}).", "",
         "![win rates](win_rates.png)", "",
-        f"Seed 0 of every prompt, columns {', '.join(runs)} (left to right):", "", "![grid](grid.png)", "",
-        f"First two prompts, all seeds, columns {', '.join(runs)}:", "", "![seeds](grid_seeds.png)", "",
+        f"Samples, one block per run ({', '.join(runs)}, left to right): one row per digit (the plain prompt "
+        "'a handwritten <digit>'), one column per evaluation seed; the same cell is the same prompt and seed "
+        "(the same initial noise) in every block.", "", "![grid](grid.png)", "",
         f"Time: {timings['total_s']:.0f}s in all (" + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total_s") + ").",
     ]
     (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
     full = {**result, "details": methods, "train": train_info, "pairs": {"n": pst.pairs, "dropped_ties": pst.dropped_ties},
             "timings": timings, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.__dict__.items()},
-            "plot": str(plot), "grid": str(grid), "grid_seeds": str(grid_seeds)}
+            "plot": str(plot), "grid": str(grid)}
     (out / "results.json").write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
     return result
 

@@ -97,8 +97,7 @@ def make_pairs(sample_fn: SampleFn, reward, out_dir: str | os.PathLike, *, promp
         lines.append({"prompt": rows_p[w], "chosen": names[0], "rejected": names[1],
                       "reward_chosen": round(float(r[w]), 6), "reward_rejected": round(float(r[l]), 6),
                       "seed_chosen": rows_s[w], "seed_rejected": rows_s[l]})
-    path = out / "pairs.jsonl"
-    write_text(path, "".join(json.dumps(x) + "\n" for x in lines))
+    path = _write_jsonl(out / "pairs.jsonl", lines)
     return PairStats(len(prompts), len(rows_p), len(lines), dropped, float(np.mean(margins)) if margins else 0.0, path)
 
 
@@ -115,4 +114,62 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{p}:{n}: missing {', '.join(missing)}")
         rec["chosen_path"], rec["rejected_path"] = p.parent / rec["chosen"], p.parent / rec["rejected"]
         out.append(rec)
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    write_text(path, "".join(json.dumps(x) + "\n" for x in records))
+    return path
+
+
+def write_real_images(split, out_dir: str | os.PathLike) -> Path:
+    """The real digits of a split (build.DigitsSplit) as `prompts.jsonl` {"prompt", "image"} + PNGs: the
+    images TDFT noises when given images (Self-NPO's real-image starts). The prompt names the style
+    word where the digit has one (the base model was trained on both forms)."""
+    from .build import prompt_for
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (idx, im, label, style) in enumerate(zip(split.indices, split.images, split.labels, split.styles)):
+        name = f"images/real_{int(idx):04d}.png"
+        to_png(im / 16.0, out / name)
+        records.append({"prompt": prompt_for(int(label), style), "image": name, "digits_index": int(idx)})
+    return _write_jsonl(out / "prompts.jsonl", records)
+
+
+def make_ddspo_data(sample_fn: SampleFn, rewriter, out_dir: str | os.PathLike, *, prompts: list[str] | None = None,
+                    samples_per_prompt: int = 8, seed_offset: int = 200_000, batch: int = 256,
+                    settings: dict | None = None) -> Path:
+    """DDSPO's pairs as its paper makes them (seed 003 §3.3): for each prompt c and seed, the winner is
+    the base model's image for c and the loser its image for c⁻ = rewriter(c) from the SAME initial
+    noise. Written as a `ddspo-prepare` folder (trainer/data/ddspo_prepare.py: ddspo_config.json,
+    latents/ with latents_w and latents_l in the world's model space [1, 8, 8], manifest.jsonl),
+    read with ddspo_loser "generated"; the PNGs are kept under images/ for viewing. `settings`:
+    PrepareConfig fields recorded in ddspo_config.json (how the images were sampled). Seeds start at
+    `seed_offset` (never an evaluation or a pair seed). Returns the folder."""
+    from ..trainer.data.cache import save_item
+    from ..trainer.data.ddspo_prepare import MANIFEST_NAME, PrepareConfig, _check_config, latents_relpath
+
+    prompts = list(prompts or all_prompts())
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    _check_config(out, PrepareConfig(**{"store_dtype": "float32", **(settings or {})}))
+    rows_p = [p for p in prompts for _ in range(samples_per_prompt)]
+    rows_s = [seed_offset + i for i in range(len(rows_p))]
+    negs = rewriter(rows_p, rows_s)
+    entries = []
+    for j in range(0, len(rows_p), batch):
+        ps, ns, ss = rows_p[j:j + batch], negs[j:j + batch], rows_s[j:j + batch]
+        win, lose = (quantize01(sample_fn(x, ss).float()) for x in (ps, ns))  # [n, 8, 8] each in [0, 1]
+        for p, n, s, w, l in zip(ps, ns, ss, win, lose):
+            rid = f"p{prompts.index(p):03d}_s{s}"
+            rel = latents_relpath(rid)
+            save_item(out / rel, {"latents_w": (w * 2 - 1)[None], "latents_l": (l * 2 - 1)[None]},  # [1, 8, 8] in [-1, 1]
+                      {"id": rid, "prompt": p, "neg_prompt": n, "seed": str(s)})
+            images = {"image_w": f"images/{rid}_w.png", "image_l": f"images/{rid}_l.png"}
+            to_png(w, out / images["image_w"])
+            to_png(l, out / images["image_l"])
+            entries.append({"id": rid, "prompt": p, "neg_prompt": n, "seed": s, "files": {"latents": rel, **images}})
+    write_text(out / MANIFEST_NAME, "".join(json.dumps(e) + "\n" for e in entries))
     return out

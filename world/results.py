@@ -1,162 +1,463 @@
-"""Method table on the digits world (docs/RESULTS.md), every figure measured by this script.
+"""Every method of the registry on the digits world, over several training seeds (docs/RESULTS.md).
 
-    python -m npo_suite.world.results --out runs/results [--methods dpo npo bdpo snpo snpo_naive tdft]
+    python -m npo_suite.world.results --methods dpo npo bdpo snpo snpo_naive tdft ddspo --seeds 0 1 2 \\
+        --json --out runs/results [--report docs/RESULTS.md]
 
-Shares the demo's pieces (world/demo.py): pairs from the base model's own samples, LoRAs trained
-by `trainer.loop.train`, samples by `generate.sample`, scores by the world's reward. Each method is
-compared with plain CFG on the same prompts and seeds. Results are appended to
-`OUT/results.json` after every method (a partial run keeps what it measured) and the Markdown
-table `OUT/results.md` is rewritten from that file.
+Each method of `trainer.methods.METHODS` is trained once per training seed with `trainer.loop.train`
+(the demo's settings, world/demo.py::DemoConfig; the training seed sets the LoRA init, the data
+order and the noise), sampled with `generate.sample` on the same prompts and evaluation seeds as
+the base model (plain CFG), and scored by the world's reward. What a method needs comes from the
+registry, never from its name:
 
-How each LoRA is used at sampling time (METHODS.md "NPO guidance at sampling time"):
-    dpo, bdpo        positive offset on both CFG branches (mode cfg, pos=eta)
-    npo              negative offset on the unconditional branch (mode npo, neg=delta, beta grid;
-                     and alpha grid with eta = the dpo LoRA when dpo ran first)
-    snpo, snpo_naive one LoRA on both branches, null prompt unconditional (mode snpo)
-    tdft             Self-NPO: negative offset from TDFT, alpha = 0 (mode npo)
+    data (Method.data_kind)      pairs               the base model's own samples, labelled by the reward
+                                 images_or_prompts   the generator split's real digits with their prompts
+                                 prompts_with_winners  DDSPO's pairs: the base model's image for c (winner)
+                                                     and for c⁻ (loser, same noise; ddspo_loser "generated"),
+                                                     c⁻ by the world rewriter, as a ddspo-prepare folder
+    sampling (Method.role)       positive            LoRA on both CFG branches (mode cfg)
+                                 negative            LoRA on the unconditional branch, alpha 0, beta 1 (mode npo)
+                                 snpo                one LoRA, null prompt unconditional (mode snpo)
+
+Pooled over training seeds: every (prompt, evaluation seed, training seed) is one pair with the
+base image of the same prompt and evaluation seed; the 95% CIs come from the two-stage bootstrap
+of `core.stats.pooled_compare` (training seeds, then images). Resumable: each (method, seed) run
+keeps its LoRA and its scores under OUT/runs/; a rerun with the same settings reuses them, a run
+whose settings changed is redone (and says so). `--json` prints ONE line (module `summary_json`).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..trainer.methods import METHODS
-from ..core.atomic import write_text
+from ..core.atomic import atomic_path, write_text
+from .build import all_prompts
+from .demo import DemoConfig, eval_prompts, sample_run, sampling_bar, score_images, train_lora
 
-from .demo import DemoConfig, eval_prompts, sample_run, score_images, summarize, train_lora
+# What each paper says its method improves (its own evaluation), set beside what the world shows.
+PAPER_CLAIMS = {
+    "dpo": "Diffusion-DPO: human preference (PickScore, HPS, aesthetics) and prompt alignment",
+    "npo": "Diffusion-NPO: preference scores of any base or preference-tuned model via negative guidance",
+    "bdpo": "Diff-BDPO (Diff-SNPO paper): DPO's quality with the loser term bounded (stable training)",
+    "snpo": "Diff-SNPO: preference scores above DPO/NPO with one network",
+    "snpo_naive": "Diff-SNPO's ablation without the bound (lambda = 1)",
+    "tdft": "Self-NPO: quality (HPS, ImageReward, aesthetics) with no preference data",
+    "ddspo": "DDSPO: text-image alignment and visual quality with no labelled data",
+}
+SCORE_KEYS = ("reward", "correct", "realism")
 
-ALL = tuple(METHODS)
+
+@dataclass
+class ResultsConfig(DemoConfig):
+    """The demo's settings plus the methods, the training seeds and DDSPO's data size."""
+
+    out: str = "runs/results"
+    methods: tuple = ("dpo", "npo", "bdpo", "snpo", "snpo_naive", "tdft", "ddspo")
+    seeds: tuple = (0, 1, 2)
+    ddspo_samples_per_prompt: int = 8  # DDSPO winners (and losers) per prompt
+    rewriter: str = "world_digits"  # DDSPO's c⁻ (trainer.ddspo.REWRITERS; world/rewrite.py)
+    # Per-method TrainConfig overrides. DDSPO: its paper's beta 16000 with lr scaled so that beta*lr equals
+    # the DPO family's (2000 * 1e-3): lr must follow beta (docs/training.md "Learning rate and beta";
+    # the authors' script scales lr as 1/beta too). Recorded in every run's stamp.
+    method_overrides: dict = field(default_factory=lambda: {"ddspo": {"lr": 1.25e-4}})
+
+    @classmethod
+    def quick(cls, **kw) -> "ResultsConfig":
+        """Tiny step counts for the smoke test (numbers mean nothing)."""
+        return super().quick(**{"ddspo_samples_per_prompt": 1, **kw})
+
+
+# ----------------------------------------------------------------------------- how a role is sampled
+
+def sampling_for(role: str, lora):
+    """(mode, Offsets) for a LoRA of `role` (Method.role), METHODS.md "NPO guidance at sampling time"."""
+    from ..diffusers_host.generate import Offsets
+
+    table = {"positive": ("cfg", lambda: Offsets(pos=lora)),
+             "negative": ("npo", lambda: Offsets(neg=lora, alpha=0.0, beta=1.0)),
+             "snpo": ("snpo", lambda: Offsets(snpo=lora))}
+    if role not in table:
+        raise ValueError(f"no sampling rule for LoRA role {role!r} (expected one of {sorted(table)})")
+    mode, offsets = table[role]
+    return mode, offsets()
+
+
+# ----------------------------------------------------------------------------- small io helpers
+
+def _atomic_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def _save_scores(path: Path, scores: dict) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(scores[k]) for k in SCORE_KEYS})
+
+
+def _load_scores(path: Path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in SCORE_KEYS}
+
+
+def _stamp_matches(path: Path, stamp: dict) -> bool:
+    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("stamp") == stamp
+
+
+def _data_sha1(path: Path) -> str:
+    """Identity of a run's training data: the JSONL file, or a ddspo-prepare folder's manifest."""
+    from ..trainer.data.ddspo_prepare import MANIFEST_NAME
+
+    return hashlib.sha1((path / MANIFEST_NAME if path.is_dir() else path).read_bytes()).hexdigest()
+
+
+def _world_id(world_dir: Path) -> str:
+    return hashlib.sha1((world_dir / "world.json").read_bytes()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- the data of each kind
+
+class Context:
+    """What every run shares: the world, the base model, the reward, the evaluation set, the data."""
+
+    def __init__(self, rc: ResultsConfig, log):
+        from ..diffusers_host.loading import load_model
+        from .build import ensure_world
+        from .reward import DigitsReward
+
+        self.rc, self.log, self.out = rc, log, Path(rc.out)
+        self.world_dir = ensure_world(rc.world, log=log)
+        self.world_id = _world_id(self.world_dir)
+        self.bundle = load_model(str(self.world_dir))
+        self.reward = DigitsReward.for_world(self.world_dir)
+        base_prompts = eval_prompts(rc.eval_prompts)
+        self.prompts = [p for p in base_prompts for _ in range(rc.eval_seeds)]
+        self.seeds = [s for _ in base_prompts for s in range(rc.eval_seeds)]
+        self._data: dict[str, Path] = {}
+
+    def sample(self, prompts, seeds, mode="cfg", offsets=None, desc="sample"):
+        with sampling_bar(len(prompts), self.rc, desc) as bar:
+            return sample_run(self.bundle, prompts, seeds, mode, offsets, self.rc, progress=bar.update)
+
+    def base_sampler(self, bar):
+        """sample_fn(prompts, seeds) of plain CFG for world/pairs.py, advancing `bar` per step."""
+        return lambda ps, ss: sample_run(self.bundle, ps, ss, "cfg", None, self.rc, progress=bar.update)
+
+    def sampling_stamp(self) -> dict:
+        rc = self.rc
+        return {"world": self.world_id, "cfg_scale": rc.cfg_scale, "steps": rc.sample_steps, "scheduler": rc.scheduler,
+                "eval_prompts": rc.eval_prompts, "eval_seeds": rc.eval_seeds}
+
+    def cached(self, name: str, stamp: dict, build) -> Path:
+        """OUT/data/<name>: built once by `build(dir) -> file or folder in dir`, reused while `stamp` is unchanged."""
+        d = self.out / "data" / name
+        marker = d / "done.json"
+        if _stamp_matches(marker, stamp):
+            return d / json.loads(marker.read_text(encoding="utf-8"))["file"]
+        shutil.rmtree(d, ignore_errors=True)
+        t0 = time.time()
+        f = build(d)
+        _atomic_json(marker, {"stamp": stamp, "file": f.name, "seconds": round(time.time() - t0, 1)})
+        self.log(f"results: {name} data -> {f} ({time.time() - t0:.0f}s)")
+        return f
+
+    def data(self, kind: str) -> Path:
+        """The training data of a Method.data_kind (built on first use)."""
+        if kind not in self._data:
+            if kind not in DATA_KINDS:
+                raise ValueError(f"no world data for method data kind {kind!r} (expected one of {sorted(DATA_KINDS)})")
+            self._data[kind] = DATA_KINDS[kind](self)
+        return self._data[kind]
+
+
+def pair_data(ctx: Context) -> Path:
+    """Preference pairs from the base model's own samples (world/pairs.py::make_pairs)."""
+    from .pairs import make_pairs
+
+    rc = ctx.rc
+    stamp = {**ctx.sampling_stamp(), "samples_per_prompt": rc.pair_samples_per_prompt, "tie_margin": rc.tie_margin}
+
+    def build(d):
+        with sampling_bar(len(all_prompts()) * rc.pair_samples_per_prompt, rc, "pairs: base samples") as bar:
+            st = make_pairs(ctx.base_sampler(bar), ctx.reward, d, samples_per_prompt=rc.pair_samples_per_prompt,
+                            tie_margin=rc.tie_margin)
+        if st.pairs == 0:
+            raise RuntimeError(f"no preference pairs: all {st.samples // 2} candidate pairs were near-ties")
+        ctx.log(f"results: {st.pairs} pairs ({st.dropped_ties} near-ties dropped)")
+        return st.path
+    return ctx.cached("pairs", stamp, build)
+
+
+def real_image_data(ctx: Context) -> Path:
+    """The generator split's real digits with their prompts (world/pairs.py::write_real_images)."""
+    from .build import load_world_splits
+    from .pairs import write_real_images
+
+    return ctx.cached("real_images", {"world": ctx.world_id},
+                      lambda d: write_real_images(load_world_splits(ctx.world_dir)["gen"], d))
+
+
+def ddspo_data(ctx: Context) -> Path:
+    """DDSPO's winners (c) and losers (c⁻, same noise) from the base model, as a ddspo-prepare folder
+    (world/pairs.py::make_ddspo_data)."""
+    from ..trainer.ddspo import build_rewriter
+    from .pairs import make_ddspo_data
+
+    rc = ctx.rc
+    stamp = {**ctx.sampling_stamp(), "samples_per_prompt": rc.ddspo_samples_per_prompt, "rewriter": rc.rewriter}
+    settings = {"model": str(ctx.world_dir), "losers": "generate", "rewriter": rc.rewriter, "steps": rc.sample_steps,
+                "cfg": rc.cfg_scale}
+
+    def build(d):
+        n = len(all_prompts()) * rc.ddspo_samples_per_prompt
+        with sampling_bar(n, rc, "ddspo: winners and losers", calls=2) as bar:
+            folder = make_ddspo_data(ctx.base_sampler(bar), build_rewriter(rc.rewriter), d / "prepared",
+                                     samples_per_prompt=rc.ddspo_samples_per_prompt, settings=settings)
+        return folder
+    return ctx.cached("ddspo", stamp, build)
+
+
+# Method.data_kind -> the world data it trains on. The only list of these kinds here.
+DATA_KINDS = {"pairs": pair_data, "images_or_prompts": real_image_data, "prompts_with_winners": ddspo_data}
+
+
+# ----------------------------------------------------------------------------- one (method, seed) run
+
+def base_scores(ctx: Context) -> dict:
+    """Plain-CFG scores of the base model on the evaluation set (cached in OUT/runs/base)."""
+    d = ctx.out / "runs" / "base"
+    stamp = ctx.sampling_stamp()
+    if _stamp_matches(d / "run.json", stamp) and (d / "scores.npz").is_file():
+        return _load_scores(d / "scores.npz")
+    scores = score_images(ctx.reward, ctx.sample(ctx.prompts, ctx.seeds, desc="sample base"), ctx.prompts)
+    d.mkdir(parents=True, exist_ok=True)
+    _save_scores(d / "scores.npz", scores)
+    _atomic_json(d / "run.json", {"stamp": stamp})
+    return scores
+
+
+def run_one(ctx: Context, name: str, seed: int) -> dict:
+    """Train `name` with training seed `seed` (or reuse a finished run with the same settings), sample, score.
+
+    Returns {"scores": {reward, correct, realism} [N], "train_seconds", "sample_seconds", "llr", "reused"}.
+    """
+    from ..core.offsets import load_offset
+    from ..trainer.methods import METHODS
+    from .demo import train_config
+
+    method = METHODS[name]
+    rc = ctx.rc
+    run_dir = ctx.out / "runs" / name / f"seed{seed}"
+    train_dir = ctx.out / "train" / f"{name}_seed{seed}"
+    data = ctx.data(method.data_kind)
+    overrides = {"seed": seed, "ddspo_rewriter": rc.rewriter, **rc.method_overrides.get(name, {})}
+    cfg = train_config(ctx.world_dir, name, data, train_dir, rc, **overrides)
+    stamp = {"train": {k: v for k, v in cfg.to_dict().items() if k != "output_dir"},
+             "data_sha1": _data_sha1(data), "sampling": ctx.sampling_stamp(),
+             "role": method.role}
+    stamp = json.loads(json.dumps(stamp, default=str))  # as it reads back from run.json
+    if _stamp_matches(run_dir / "run.json", stamp) and (run_dir / "scores.npz").is_file():
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        return {**info["summary"], "scores": _load_scores(run_dir / "scores.npz"), "reused": True}
+    if run_dir.exists():
+        ctx.log(f"results: {name} seed {seed}: settings differ from the stored run (or it is unfinished); redoing it")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(train_dir, ignore_errors=True)
+    tr, train_s = train_lora(ctx.world_dir, name, data, train_dir, rc, **overrides)
+    unet_base = {"unet": ctx.bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(ctx.bundle.text_encoders)}}
+    mode, offsets = sampling_for(method.role, load_offset(str(tr.lora_path), unet_base))
+    t0 = time.time()
+    scores = score_images(ctx.reward, ctx.sample(ctx.prompts, ctx.seeds, mode, offsets, desc=f"sample {name} s{seed}"),
+                          ctx.prompts)
+    summary = {"train_seconds": round(train_s, 1), "sample_seconds": round(time.time() - t0, 1), "mode": mode,
+               "steps": tr.steps_done, "lora": str(tr.lora_path), "llr": llr_trajectory(train_dir / "metrics.csv")}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _save_scores(run_dir / "scores.npz", scores)
+    _atomic_json(run_dir / "run.json", {"stamp": stamp, "summary": summary})  # the run counts as done from here
+    return {**summary, "scores": scores, "reused": False}
+
+
+def metric_log(metrics_csv: Path, key: str) -> list[float]:
+    """The logged values of one trainer metric (metrics.csv column `key`), in step order; [] if never logged."""
+    if not metrics_csv.is_file():
+        return []
+    with open(metrics_csv, newline="") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key) not in (None, "")]
 
 
 def llr_trajectory(metrics_csv: Path) -> dict:
-    """`llr/winner` (mse_policy_w - mse_ref_w, trainer metric) at the first and last logged steps and its minimum."""
-    if not metrics_csv.is_file():
-        return {}
-    with open(metrics_csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("llr/winner") not in (None, "")]
-    if not rows:
-        return {}
-    v = [float(r["llr/winner"]) for r in rows]
-    return {"first": v[0], "last": v[-1], "max": max(v), "mean_last_quarter": float(np.mean(v[-max(1, len(v) // 4):])),
-            "steps": [int(r["step"]) for r in rows], "values": v}
-
-
-def variants(method: str, lora, loras: dict, dc: DemoConfig) -> list[tuple[str, str, object]]:
-    """(label, mode, Offsets) to sample for a trained method."""
-    from ..diffusers_host.generate import Offsets
-
-    m = METHODS[method]
-    if m.role == "positive":
-        return [(method, "cfg", Offsets(pos=lora))]
-    if m.role == "snpo":
-        return [(method, "snpo", Offsets(snpo=lora))]
-    if m.data_kind != "pairs":  # a data-free negative offset (Self-NPO)
-        return [(f"{method} (Self-NPO, beta=1)", "npo", Offsets(neg=lora, alpha=0.0, beta=1.0))]
-    out = [(f"npo (beta={b})", "npo", Offsets(neg=lora, beta=b)) for b in (0.5, 1.0, 2.0)]
-    if "dpo" in loras:
-        out += [(f"npo+dpo (alpha={a}, beta=1)", "npo", Offsets(pos=loras["dpo"], neg=lora, alpha=a, beta=1.0))
-                for a in (0.0, 0.5, 1.0)]
+    """`llr/winner` (mse_policy_w - mse_ref_w, trainer metric) at the first and last logged steps, mean,
+    fraction > 0; and the last logged `logit/saturated_frac` (pairs with |logit| > 10) where logged."""
+    v = metric_log(metrics_csv, "llr/winner")
+    sat = metric_log(metrics_csv, "logit/saturated_frac")
+    out = {"saturated_last": sat[-1]} if sat else {}
+    if v:
+        out.update(first=v[0], last=v[-1], mean=float(np.mean(v)), frac_positive=float(np.mean(np.array(v) > 0)),
+                   n=len(v))
     return out
 
 
-def write_table(res: dict, path: Path) -> None:
+# ----------------------------------------------------------------------------- pooling
+
+def pooled_summary(base: dict, runs: list[dict], n_boot: int, seed: int) -> dict:
+    """One method's figures over its training runs (each paired with the base on the same prompt and seed)."""
+    from ..core.stats import pooled_compare, right_to_wrong
+
+    def stack(key, src):
+        return np.stack([s[key] for s in src])  # [G, N]
+
+    others = [r["scores"] for r in runs]
+    bases = [base] * len(runs)
+    rew = pooled_compare(stack("reward", bases), stack("reward", others), n_boot=n_boot, seed=seed)
+    rea = pooled_compare(stack("realism", bases), stack("realism", others), n_boot=n_boot, seed=seed)
+    cb, co = stack("correct", bases), stack("correct", others)
+    return {"win_rate": rew.win_rate, "ci_low": rew.ci_low, "ci_high": rew.ci_high,
+            "realism_win_rate": rea.win_rate, "realism_ci_low": rea.ci_low,
+            "mean_reward": rew.mean_b, "accuracy": float(co.mean()),
+            "right_to_wrong": right_to_wrong(cb.reshape(-1), co.reshape(-1)),
+            "wrong_to_right": right_to_wrong(co.reshape(-1), cb.reshape(-1))}
+
+
+def per_seed_summary(base: dict, run: dict) -> dict:
+    from ..core.stats import paired_compare, right_to_wrong
+
+    s = run["scores"]
+    st = paired_compare(base["reward"], s["reward"], n_boot=1000, seed=0)
+    return {"win_rate": st.win_rate, "mean_reward": st.mean_b, "accuracy": float(np.mean(s["correct"])),
+            "realism": float(np.mean(s["realism"])), "right_to_wrong": right_to_wrong(base["correct"], s["correct"]),
+            "wrong_to_right": right_to_wrong(s["correct"], base["correct"]),
+            "train_seconds": run["train_seconds"], "sample_seconds": run["sample_seconds"], "llr": run["llr"]}
+
+
+def run_results(rc: ResultsConfig, log=None) -> dict:
+    """Every (method, seed) run, then the pooled figures; writes OUT/results.json and OUT/results.md."""
+    from ..trainer.methods import METHODS
+
+    log = log or (lambda *a: print(*a, file=sys.stderr))
+    unknown = [m for m in rc.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown} (the registry has {list(METHODS)})")
+    if not rc.seeds:
+        raise ValueError("no training seeds")
+    t_start = time.time()
+    ctx = Context(rc, log)
+    base = base_scores(ctx)
+    runs: dict[str, list[dict]] = {}
+    from tqdm.auto import tqdm
+
+    tasks = [(m, s) for m in rc.methods for s in rc.seeds]
+    for m, s in tqdm(tasks, desc="results: runs", file=sys.stderr, dynamic_ncols=True):
+        r = run_one(ctx, m, int(s))
+        runs.setdefault(m, []).append(r)
+        log(f"results: {m} seed {s}: {'reused' if r['reused'] else 'trained'}; win "
+            f"{per_seed_summary(base, r)['win_rate']:.3f}")
+    methods = {m: {**pooled_summary(base, rs, rc.n_boot, 0), "seeds": [int(s) for s in rc.seeds]}
+               for m, rs in runs.items()}
+    result = {"methods": methods, "base_accuracy": float(np.mean(base["correct"])),
+              "base_mean_reward": float(np.mean(base["reward"]))}
+    details = {"base_realism": float(np.mean(base["realism"])), "n_per_seed": len(ctx.prompts),
+               "per_seed": {m: {str(s): per_seed_summary(base, r) for s, r in zip(rc.seeds, rs)} for m, rs in runs.items()},
+               "roles": {m: METHODS[m].role for m in runs}, "data_kinds": {m: METHODS[m].data_kind for m in runs},
+               "world": str(ctx.world_dir), "world_id": ctx.world_id, "seconds": round(time.time() - t_start, 1),
+               "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in rc.__dict__.items()}}
+    _atomic_json(ctx.out / "results.json", {**result, "details": details})
+    write_text(ctx.out / "results.md", markdown(result, details))
+    return {**result, "details": details}
+
+
+# ----------------------------------------------------------------------------- the Markdown report
+
+BEGIN, END = "<!-- results:begin (written by python -m npo_suite.world.results) -->", "<!-- results:end -->"
+
+
+def markdown(result: dict, details: dict) -> str:
+    """The tables of docs/RESULTS.md: pooled figures with the paper's claim, per seed, llr/winner."""
     from ..core.stats import markdown_table
 
-    rows = [{"run": "base (plain CFG)", "mean_reward": res["base"]["mean_reward"], "accuracy": res["base"]["accuracy"],
-             "realism": res["base"]["realism"], "n": res["base"]["n"]}]
-    for label, r in res["runs"].items():
-        rows.append({"run": label, "mean_reward": r["mean_reward"], "win_rate": r["win_rate"],
-                     "ci": f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", "accuracy": r["accuracy"],
-                     "right_to_wrong": r["right_to_wrong"], "wrong_to_right": r["wrong_to_right"],
-                     "realism": r["realism"], "n": r["n"]})
-    table = markdown_table(rows, [("run", "run"), ("mean_reward", "mean reward"), ("win_rate", "win rate vs base"),
-                                  ("ci", "95% CI"), ("accuracy", "accuracy"), ("right_to_wrong", "right->wrong"),
-                                  ("wrong_to_right", "wrong->right"), ("realism", "realism"), ("n", "images")])
-    llr = [{"method": m, **{k: v for k, v in t.items() if k not in ("steps", "values")}}
-           for m, t in res["llr"].items() if t]
-    llr_table = markdown_table(llr, [("method", "method"), ("first", "llr/winner first log"), ("last", "last log"),
-                                     ("max", "max"), ("mean_last_quarter", "mean of last quarter")]) if llr else ""
-    path.write_text(table + "\n" + llr_table, encoding="utf-8")
+    rc = details["config"]
+    n, seeds = details["n_per_seed"], rc["seeds"]
+    rows = [{"method": "base (plain CFG)", "mean_reward": result["base_mean_reward"], "accuracy": result["base_accuracy"]}]
+    for m, r in result["methods"].items():
+        rows.append({**r, "method": f"{m} ({details['roles'][m]})", "ci": f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+                     "claim": PAPER_CLAIMS.get(m, ""), "guard": f"{r['right_to_wrong']} / {r['wrong_to_right']}"})
+    main = markdown_table(rows, [("method", "method (LoRA role)"), ("win_rate", "win rate"), ("ci", "95% CI"),
+                                 ("realism_win_rate", "realism win rate"), ("realism_ci_low", "realism CI low"),
+                                 ("mean_reward", "mean reward"), ("accuracy", "accuracy"),
+                                 ("guard", "right->wrong / wrong->right"), ("claim", "the paper says it improves")])
+    seed_rows = [{"method": m, "seed": s, **v, "saturated": (v["llr"] or {}).get("saturated_last")}
+                 for m, per in details["per_seed"].items() for s, v in per.items()]
+    per_seed = markdown_table(seed_rows, [("method", "method"), ("seed", "training seed"), ("win_rate", "win rate"),
+                                          ("mean_reward", "mean reward"), ("accuracy", "accuracy"),
+                                          ("right_to_wrong", "right->wrong"), ("wrong_to_right", "wrong->right"),
+                                          ("realism", "realism"), ("saturated", "saturated logits (last log)"),
+                                          ("train_seconds", "train s"),
+                                          ("sample_seconds", "sample s")])
+    llr_rows = []
+    for m, per in details["per_seed"].items():
+        traj = [v["llr"] for v in per.values() if "first" in (v["llr"] or {})]
+        if traj:  # only methods whose trainer logs llr/winner (the pair methods)
+            llr_rows.append({"method": m, **{k: float(np.mean([t[k] for t in traj])) for k in ("first", "last", "mean",
+                                                                                               "frac_positive")}})
+    llr = markdown_table(llr_rows, [("method", "method"), ("first", "first log"), ("last", "last log"),
+                                    ("mean", "mean of logs"), ("frac_positive", "fraction > 0")]) if llr_rows else ""
+    return "\n".join([
+        f"Command: `python -m npo_suite.world.results --methods {' '.join(result['methods'])} --seeds "
+        f"{' '.join(map(str, seeds))} --json --out {rc['out']}` ({details['seconds'] / 60:.1f} min; world "
+        f"`{details['world_id']}`). Per training seed {n} images ({rc['eval_prompts']} prompts x {rc['eval_seeds']} "
+        f"seeds), {rc['scheduler']} {rc['sample_steps']} steps, CFG {rc['cfg_scale']}; training {rc['train_steps']} "
+        f"steps, batch {rc['batch_size']}, lr {rc['lr']}, beta {rc['beta']}, LoRA rank {rc['lora_rank']}, per-method "
+        f"overrides {json.dumps(rc['method_overrides'])}, every other setting the method's default. Win rate = "
+        "P(method's reward > base's on the same prompt and evaluation seed), ties half, pooled over training seeds; "
+        f"95% CI by the two-stage bootstrap (training seeds, then images; {rc['n_boot']} resamples). Base realism "
+        f"{details['base_realism']:.3f}.", "", main, "", "Per training seed:", "", per_seed, "",
+        "Winner log-likelihood ratio `llr/winner` (mse_policy(winner) - mse_ref(winner); > 0: the winner's likelihood "
+        "fell), mean over training seeds of each run's logs:", "", llr])
 
+
+def write_report(path: Path, body: str) -> Path:
+    """Put `body` between the BEGIN/END markers of `path` (the rest of the file is kept); a new file gets just them."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else f"{BEGIN}\n{END}\n"
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{path}: needs exactly one {BEGIN!r} ... {END!r} block to replace")
+    head, rest = text.split(BEGIN)
+    tail = rest.split(END)[1]
+    return write_text(path, f"{head}{BEGIN}\n{body}\n{END}{tail}")
+
+
+# ----------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
-    from ..diffusers_host.loading import load_model
-    from ..core.offsets import load_offset
-    from .build import ensure_world
-    from .pairs import make_pairs, read_pairs
-    from .reward import DigitsReward
+    from ..trainer.methods import METHODS
 
+    d = ResultsConfig()
     ap = argparse.ArgumentParser(prog="python -m npo_suite.world.results", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/results")
-    ap.add_argument("--world", default=None)
-    ap.add_argument("--methods", nargs="+", default=[m for m in ALL if m != "ddspo"], choices=ALL)
-    ap.add_argument("--train-steps", type=int, default=DemoConfig.train_steps)
-    ap.add_argument("--eval-seeds", type=int, default=DemoConfig.eval_seeds)
-    ap.add_argument("--beta", type=float, default=DemoConfig.beta)
-    ap.add_argument("--pairs", default=None, help="reuse this pairs.jsonl (default: make them in OUT/pairs)")
+    ap.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="training seeds (default 0 1 2)")
+    ap.add_argument("--out", default=d.out, help="output folder (runs, data, results.json, results.md)")
+    ap.add_argument("--json", action="store_true", help="print ONE JSON line with the pooled figures")
+    ap.add_argument("--report", default=None, help="also write the tables into this Markdown file between the markers")
+    ap.add_argument("--world", default=None, help="world folder (default: the shipped world)")
+    ap.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
+    ap.add_argument("--train-steps", type=int, default=None, help=f"LoRA training steps (default {d.train_steps})")
+    ap.add_argument("--eval-seeds", type=int, default=None, help=f"evaluation seeds per prompt (default {d.eval_seeds})")
     args = ap.parse_args(argv)
-    dc = DemoConfig(out=args.out, world=args.world, train_steps=args.train_steps, eval_seeds=args.eval_seeds, beta=args.beta)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    world_dir = ensure_world(args.world)
-    bundle = load_model(str(world_dir))
-    reward = DigitsReward.for_world(world_dir)
-    if args.pairs:
-        pairs_path = Path(args.pairs)
+    kw = {k: v for k, v in (("out", args.out), ("world", args.world), ("train_steps", args.train_steps),
+                            ("eval_seeds", args.eval_seeds)) if v is not None}
+    kw.update(methods=tuple(args.methods), seeds=tuple(args.seeds))
+    rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
+    res = run_results(rc)
+    if args.report:
+        write_report(Path(args.report), markdown(res, res["details"]))
+    if args.json:
+        print(json.dumps({k: res[k] for k in ("methods", "base_accuracy", "base_mean_reward")}))
     else:
-        pairs_path = make_pairs(lambda ps, ss: sample_run(bundle, ps, ss, "cfg", None, dc), reward, out / "pairs",
-                                samples_per_prompt=dc.pair_samples_per_prompt, tie_margin=dc.tie_margin).path
-    prompts_file = out / "prompts.txt"  # data-free methods (tdft) read prompts only
-    prompts_file.write_text("\n".join(eval_prompts("all")) + "\n", encoding="utf-8")
-    base_prompts = eval_prompts(dc.eval_prompts)
-    prompts = [p for p in base_prompts for _ in range(dc.eval_seeds)]
-    seeds = [s for _ in base_prompts for s in range(dc.eval_seeds)]
-    base = score_images(reward, sample_run(bundle, prompts, seeds, "cfg", None, dc), prompts)
-    res_path = out / "results.json"
-    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    res.update({"command": "python -m npo_suite.world.results " + " ".join(sys.argv[1:] if argv is None else argv),
-                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.__dict__.items()},
-                "base": {"mean_reward": float(base["reward"].mean()), "accuracy": float(base["correct"].mean()),
-                         "realism": float(base["realism"].mean()), "n": len(prompts)}})
-    res.setdefault("runs", {})
-    res.setdefault("llr", {})
-    res.setdefault("train", {})
-    unet_base = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
-    loras = {}
-    # DDSPO (prompts_with_winners): prompt + the pair's winner image, paths relative to the pairs folder
-    ddspo_file = pairs_path.parent / "ddspo_winners.jsonl"
-    ddspo_file.write_text("".join(json.dumps({"prompt": r["prompt"], "image": r["chosen"]}) + "\n"
-                                  for r in read_pairs(pairs_path)), encoding="utf-8")
-    data_for = {"pairs": pairs_path, "images_or_prompts": prompts_file, "prompts_with_winners": ddspo_file}
-    for m in args.methods:
-        data = data_for[METHODS[m].data_kind]
-        try:
-            tr, secs = train_lora(world_dir, m, data, out / f"train_{m}", dc)
-        except Exception as e:  # record the failure, go on with the other methods
-            res["train"][m] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"results: {m} failed: {e}", file=sys.stderr)
-            res_path.write_text(json.dumps(res, indent=2) + "\n")
-            continue
-        loras[m] = load_offset(str(tr.lora_path), unet_base)
-        res["train"][m] = {"steps": tr.steps_done, "seconds": round(secs, 1), "lora": str(tr.lora_path)}
-        res["llr"][m] = llr_trajectory(out / f"train_{m}" / "metrics.csv")
-        for label, mode, offs in variants(m, loras[m], loras, dc):
-            t0 = time.time()
-            imgs = sample_run(bundle, prompts, seeds, mode, offs, dc)
-            res["runs"][label] = {**summarize(base, score_images(reward, imgs, prompts), dc.n_boot, dc.seed),
-                                  "method": m, "mode": mode, "sample_seconds": round(time.time() - t0, 1)}
-            write_text(res_path, json.dumps(res, indent=2) + "\n")
-            write_table(res, out / "results.md")
-            r = res["runs"][label]
-            print(f"results: {label}: win {r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
-                  f"reward {r['mean_reward']:.3f} acc {r['accuracy']:.3f} r->w {r['right_to_wrong']}", flush=True)
-    write_table(res, out / "results.md")
+        print(f"results: {Path(rc.out) / 'results.md'}")
     return 0
 
 
