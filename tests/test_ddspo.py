@@ -43,7 +43,7 @@ def test_perturb_edge_cases():
 
 
 def test_rewriter_registry_and_errors(tmp_path):
-    assert list(REWRITERS) == ["drop_words", "local_lm"]
+    assert list(REWRITERS) == ["drop_words", "local_lm", "world_digits"]
     rw = build_rewriter("drop_words", 0.4, 0.7)
     assert isinstance(rw, PromptRewriter) and isinstance(rw, DropWordsRewriter)
     assert rw([PROMPT, "a b c"], [1, 2]) == [perturb_prompt(PROMPT, 1), perturb_prompt("a b c", 2)]

@@ -24,7 +24,7 @@ def world(tmp_path_factory):
 def test_world_rewriter_removes_the_content():
     from npo_suite.trainer.ddspo import REWRITERS, build_rewriter
 
-    assert REWRITERS["world_digits"] is WorldDigitsRewriter  # registered by importing npo_suite.world
+    assert "world_digits" in REWRITERS and isinstance(build_rewriter("world_digits"), WorldDigitsRewriter)
     assert remove_content("a thick handwritten seven") == GENERIC_PROMPT == "a handwritten digit"
     assert remove_content("a handwritten one") == GENERIC_PROMPT
     rw = build_rewriter("world_digits")

@@ -158,9 +158,17 @@ class LocalLMRewriter:
 
 
 # name -> factory(min_frac, max_frac, path) -> PromptRewriter. The only list of rewriter names.
+def _world_digits(**kw) -> PromptRewriter:
+    """The embedded digits world's rule-based c⁻ (world/rewrite.py), imported when asked for."""
+    from ..world.rewrite import WorldDigitsRewriter
+
+    return WorldDigitsRewriter(**kw)
+
+
 REWRITERS = {
     "drop_words": DropWordsRewriter,
     "local_lm": LocalLMRewriter,
+    "world_digits": _world_digits,
 }
 
 

@@ -8,7 +8,7 @@ rewriter does what the LLM instruction asks, by rule: the digit word is generali
 and the style word removed, so every c⁻ is GENERIC_PROMPT ("a handwritten digit"), which the
 world's base model was trained on (WorldConfig.generic_prob).
 
-Registered in `trainer.ddspo.REWRITERS` as "world_digits" when `npo_suite.world` is imported.
+Listed in `trainer.ddspo.REWRITERS` as "world_digits" (imported from there when asked for).
 It is deterministic (the seeds are not needed) and has no fractions: `min_frac` / `max_frac`
 are accepted by the factory interface and not used; a model `path` is refused.
 """
@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..trainer.ddspo import REWRITERS
-from .build import CLASS_WORDS, GENERIC_PROMPT, STYLE_WORDS
+from .build import CLASS_WORDS, STYLE_WORDS
 
 REWRITER_NAME = "world_digits"
 
@@ -44,12 +43,3 @@ class WorldDigitsRewriter:
         if len(prompts) != len(seeds):
             raise ValueError(f"world_digits rewriter: {len(prompts)} prompts but {len(seeds)} seeds")
         return [remove_content(p) for p in prompts]
-
-
-def register() -> None:
-    """Add the rewriter to trainer.ddspo.REWRITERS (idempotent; another rewriter of that name is an error)."""
-    have = REWRITERS.get(REWRITER_NAME)
-    if have is not None and have is not WorldDigitsRewriter:
-        raise RuntimeError(f"trainer.ddspo.REWRITERS already holds a different {REWRITER_NAME!r}: {have!r}")
-    REWRITERS[REWRITER_NAME] = WorldDigitsRewriter
-
