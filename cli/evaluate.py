@@ -184,6 +184,7 @@ def _sweep_render(args, jobs):
     import torch
 
     from ..diffusers_host.generate import Offsets, _load_offsets, sample, to_pil
+    from ..core.npo import ALPHA_DEFAULT
     from ..diffusers_host.loading import load_model
 
     bundle = load_model(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
@@ -194,7 +195,7 @@ def _sweep_render(args, jobs):
 
     def render(alpha, beta):
         mode = "cfg" if beta is None else "npo"
-        off = Offsets(loaded.pos, loaded.neg, None, alpha if alpha is not None else 1.0, beta or 1.0)
+        off = Offsets(loaded.eta, loaded.delta, None, alpha if alpha is not None else ALPHA_DEFAULT, beta or 1.0)
         out = []
         for i in range(0, len(jobs), args.batch_size):
             ch = jobs[i:i + args.batch_size]

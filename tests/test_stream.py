@@ -30,7 +30,7 @@ class NoVAEBackend(PixelSpaceBackend):
         raise ValueError("no VAE given; connect a VAE to train on images")
 
 
-CFG = SimpleNamespace(resolution=16, crop="center", random_flip=False, seed=0, batch_size=2)
+CFG = SimpleNamespace(method="tdft", resolution=16, crop="center", random_flip=False, seed=0, batch_size=2)
 
 
 def _prompts():

@@ -319,8 +319,10 @@ def test_signal_stops_at_a_step_boundary_and_saves(sig, sd15_dir, tmp_path):
     assert len(metrics_rows(out)) == done
     from safetensors import safe_open
 
+    from npo_suite.core.offsets.schema import read_npo_metadata
+
     with safe_open(str(out / "dpo_lora.safetensors"), "pt") as f:
-        assert f.metadata()["npo_suite.steps"] == str(done)
+        assert read_npo_metadata(f.metadata())["steps"] == str(done)
 
 
 # ---------------------------------------------------------------------------------------------

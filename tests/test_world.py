@@ -206,9 +206,9 @@ def test_shipped_world_base_model_is_clearly_imperfect():
     px = res.images.float().mean(1).reshape(60, -1).numpy()
     labels = [wb.parse_prompt(p)[0] for p in prompts]
     acc = rm.accuracy(px, labels)
-    # world v2, measured at build time on 300 samples: accuracy 0.20, reward 0.18, realism -1.29
-    # (real: 0.95, 0.83, -1.03): digit-like, the prompt's class followed weakly (docs/world.md)
+    # world v2, measured at build time on 300 samples: accuracy 0.80, reward 0.74, realism -1.17
+    # (real: 0.95, 0.83, -1.03) (docs/world.md)
     assert acc < real_acc - 0.1, (acc, real_acc)
-    assert acc > 0.1  # above chance (1 in 10): the prompt matters
+    assert acc > 0.3  # but it does draw digits: the prompt matters
     assert rm.reward(px, labels).mean() < rm.reward(real.pixels01(), real.labels).mean() - 0.05
     assert rm.realism(px).mean() < rm.realism(real.pixels01()).mean() - 0.1

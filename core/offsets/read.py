@@ -46,6 +46,16 @@ def load_offset(path, base=None, *, family: str | None = None, allow_pickle: boo
     return offset_from_state_dict(sd, base, name=str(path), family=family, strict=strict, metadata=meta)
 
 
+def _check_tensors(sd: dict[str, torch.Tensor], name: str) -> None:
+    """Refuse an empty file and tensors holding NaN or inf (a diverged training run), naming the first bad key."""
+    if not sd:
+        raise ValueError(f"{name}: the file contains no tensors")
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        raise ValueError(f"{name}: tensor {bad!r} holds a non-finite value (NaN or inf); refusing the file "
+                         "(was it saved by a diverged training run?)")
+
+
 def scan_offset(path, *, allow_pickle: bool = False) -> Offset:
     """What a file holds, checked against no model (inspecting a file whose model is unknown).
 
@@ -55,8 +65,7 @@ def scan_offset(path, *, allow_pickle: bool = False) -> Offset:
     """
     path = Path(path)
     sd, meta = _read_tensors(path, allow_pickle)
-    if not sd:
-        raise ValueError(f"{path}: the file contains no tensors")
+    _check_tensors(sd, str(path))
     entries, fmt, skipped = _parse_keys(sd, str(path))
     if fmt == "full_unet":
         raise ValueError(f"{path}: a full UNet state dict, not an offset; pass the UNet it was fine-tuned from as base")
@@ -75,12 +84,7 @@ def offset_from_state_dict(sd: dict[str, torch.Tensor], base=None, *, name: str 
                            strict: bool = True, metadata: dict[str, str] | None = None) -> Offset:
     """`load_offset` on tensors already in memory (`name` is used in messages). Refuses tensors
     holding NaN or inf (a diverged training run): ValueError naming `name` and the first bad key."""
-    if not sd:
-        raise ValueError(f"{name}: the file contains no tensors")
-    bad = first_nonfinite(sd)
-    if bad is not None:
-        raise ValueError(f"{name}: tensor {bad!r} holds a non-finite value (NaN or inf); refusing the file "
-                         "(was it saved by a diverged training run?)")
+    _check_tensors(sd, name)
     if family is not None and family not in FAMILY_NAMES:
         raise ValueError(f"{name}: unknown family {family!r} (expected one of {sorted(FAMILY_NAMES)})")
     entries, fmt, skipped = _parse_keys(sd, name)
