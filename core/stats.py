@@ -97,33 +97,29 @@ def pooled_compare(a, b, *, n_boot: int = 5000, seed: int = 0, level: float = 0.
     Point estimates over all G·N pairs; CIs by the two-stage bootstrap (module docstring), the same
     resampled runs and rows for the difference and the win rate.
     """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"pooled_compare needs two [runs, pairs] arrays of the same shape, got {a.shape} and {b.shape}")
-    if a.size == 0:
-        raise ValueError("pooled_compare: no pairs")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("pooled_compare: scores contain NaN or inf")
-    diff, wins = b - a, win_scores(a, b)
-    d_lo, d_hi = grouped_bootstrap_ci(diff, n_boot=n_boot, seed=seed, level=level)
-    w_lo, w_hi = grouped_bootstrap_ci(wins, n_boot=n_boot, seed=seed, level=level)
-    return PairedStats(int(a.size), float(a.mean()), float(b.mean()), float(diff.mean()), d_lo, d_hi,
-                       float(wins.mean()), w_lo, w_hi, int((a == b).sum()), n_boot, seed)
+    return _compare(a, b, 2, grouped_bootstrap_ci, "pooled_compare", "two [runs, pairs] arrays of the same shape",
+                    n_boot=n_boot, seed=seed, level=level)
 
 
 def paired_compare(a, b, *, n_boot: int = 5000, seed: int = 0, level: float = 0.95) -> PairedStats:
     """Mean difference and win rate of B over A with bootstrap CIs (same resampled rows for both)."""
+    return _compare(a, b, 1, bootstrap_ci, "paired_compare", "two 1-D arrays of the same length",
+                    n_boot=n_boot, seed=seed, level=level)
+
+
+def _compare(a, b, ndim: int, ci, name: str, want: str, *, n_boot: int, seed: int, level: float) -> PairedStats:
+    """The checks and estimates shared by `paired_compare` (ndim 1) and `pooled_compare` (ndim 2, `ci` grouped)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired_compare needs two 1-D arrays of the same length, got {a.shape} and {b.shape}")
-    if len(a) == 0:
-        raise ValueError("paired_compare: no pairs")
+    if a.shape != b.shape or a.ndim != ndim:
+        raise ValueError(f"{name} needs {want}, got {a.shape} and {b.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name}: no pairs")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("paired_compare: scores contain NaN or inf")
+        raise ValueError(f"{name}: scores contain NaN or inf")
     diff, wins = b - a, win_scores(a, b)
-    d_lo, d_hi = bootstrap_ci(diff, n_boot=n_boot, seed=seed, level=level)
-    w_lo, w_hi = bootstrap_ci(wins, n_boot=n_boot, seed=seed, level=level)
-    return PairedStats(len(a), float(a.mean()), float(b.mean()), float(diff.mean()), d_lo, d_hi,
+    d_lo, d_hi = ci(diff, n_boot=n_boot, seed=seed, level=level)
+    w_lo, w_hi = ci(wins, n_boot=n_boot, seed=seed, level=level)
+    return PairedStats(int(a.size), float(a.mean()), float(b.mean()), float(diff.mean()), d_lo, d_hi,
                        float(wins.mean()), w_lo, w_hi, int((a == b).sum()), n_boot, seed)
 
 

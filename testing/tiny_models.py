@@ -91,3 +91,22 @@ def build_sdxl(directory: str | os.PathLike | None = None, seed: int = 0):
     if directory is not None:
         pipe.save_pretrained(directory, safe_serialization=True)
     return pipe
+
+
+def build_tiny_clip(directory: str | os.PathLike, tokenizer_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny CLIPModel + CLIPProcessor (random weights, 32 px images) saved to `directory`: a local
+    CLIP-style scorer for the evaluation and ComfyUI scoring tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = build_tokenizer(tokenizer_dir, max_length=16)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPModel(cfg).save_pretrained(directory)
+    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(directory)
+    return Path(directory)

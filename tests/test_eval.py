@@ -97,22 +97,10 @@ def test_pickle_head_refused_without_allow_pickle(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from npo_suite.testing.tiny_models import build_tokenizer
+    from npo_suite.testing.tiny_models import build_tiny_clip
 
     d = tmp_path_factory.mktemp("tiny_clip")
-    tok = build_tokenizer(d / "tok", max_length=16)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(d / "model")
-    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(d / "model")
+    build_tiny_clip(d / "model", d / "tok")
     return d / "model"
 
 

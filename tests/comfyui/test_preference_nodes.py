@@ -19,27 +19,14 @@ CKPT = "npo_random_sd15_v1.safetensors"
 @pytest.fixture(scope="module")
 def folders(comfy):
     """Temp `datasets/` and `models/npo_rewards/` (with a tiny random CLIP folder) for the nodes."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from npo_suite.testing.tiny_models import build_tokenizer
+    from npo_suite.testing.tiny_models import build_tiny_clip
 
     rewards, datasets = comfy.root / "npo_rewards", comfy.root / "datasets"
     rewards.mkdir(exist_ok=True)
     datasets.mkdir(exist_ok=True)
     comfy.folder_paths.folder_names_and_paths["npo_rewards"] = ([str(rewards)], set())
     comfy.folder_paths.folder_names_and_paths["npo_datasets"] = ([str(datasets)], set())
-    tok = build_tokenizer(comfy.root / "tok", max_length=16)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(rewards / "tiny_clip")
-    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(rewards / "tiny_clip")
+    build_tiny_clip(rewards / "tiny_clip", comfy.root / "tok")
     return {"rewards": rewards, "datasets": datasets}
 
 
