@@ -237,7 +237,8 @@ def model_hash(module_or_state_dict) -> str:
         t = sd[names[name]]
         flat = t.detach().reshape(-1)
         n = flat.numel()
-        idx = torch.linspace(0, max(n - 1, 0), steps=min(16, n)).round().long() if n else torch.zeros(0, dtype=torch.long)
+        idx = (torch.linspace(0, max(n - 1, 0), steps=min(16, n), dtype=torch.float64).round().long() if n  # float64: exact
+               else torch.zeros(0, dtype=torch.long))  # positions past 2**24 (float32 rounded n-1 up to n)
         vals = flat[idx.to(flat.device)].float().to(torch.float16).cpu()
         h.update(f"{name}|{tuple(t.shape)}|".encode())
         h.update(vals.numpy().tobytes())
