@@ -60,3 +60,18 @@ def test_run_outside_a_webui_does_nothing(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, capture_output=True, text=True,
                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=60)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+
+
+def test_comfyui_serves_the_widget_folder_once():
+    """ComfyUI registers a web folder from WEB_DIRECTORY (key: the folder name) and, separately, from
+    pyproject's [tool.comfy] web (key: the project name): both would load npo_pairs.js twice."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("npo_root_init", root / "__init__.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    web = (root / mod.WEB_DIRECTORY).resolve()
+    assert (web / "npo_pairs.js").is_file()
+    comfy = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["comfy"]
+    assert "web" not in comfy, "declare the web folder once (WEB_DIRECTORY), not also in [tool.comfy]"
