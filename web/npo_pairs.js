@@ -62,7 +62,8 @@ app.registerExtension({
       root.className = "npo-pairs-picker";
       root.style.cssText = "display:flex;flex-wrap:wrap;align-content:flex-start;min-height:72px;";
       this.__npoPairs = { root, images: [], chosen: null, rejected: null };
-      this.addDOMWidget("pair_picker", "npo_pair_picker", root, { serialize: false, hideOnZoom: false });
+      const w = this.addDOMWidget("pair_picker", "npo_pair_picker", root, { serialize: false, hideOnZoom: false });
+      w.serialize = false; // options.serialize keeps it out of the queued prompt; this keeps it out of widgets_values
       return r;
     };
     const onExecuted = nodeType.prototype.onExecuted;

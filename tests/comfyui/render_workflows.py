@@ -51,7 +51,7 @@ TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar sits above node.pos
 GAP_X, GAP_Y, MARGIN = 70, 36, 24
 NOTE_TYPES = {"Note", "MarkdownNote"}
 # Thumbnail subject: the first node of these types found in the workflow (else the first NPOSuite_ node).
-HERO = ("NPOSuite_TrainPreferenceLoRA", "NPOSuite_NPOGuider", "NPOSuite_ApplyNPO", "NPOSuite_DualModelNPOGuider",
+HERO = ("NPOSuite_CollectPreferencePairs", "NPOSuite_TrainPreferenceLoRA", "NPOSuite_NPOGuider", "NPOSuite_ApplyNPO", "NPOSuite_DualModelNPOGuider",
         "NPOSuite_SNPOGuider", "NPOSuite_ExtractOffset")
 
 # Notes added to API-format sources (a UI workflow keeps the note it has).
@@ -87,6 +87,12 @@ NOTES = {
     "pairs (JSONL, chosen/ + rejected/ folders, or Pick-a-Pic parquet) from ComfyUI's `datasets` folder, or takes "
     "two IMAGE batches and a prompt; **Train Preference LoRA** writes `models/loras/<output_name>.safetensors` "
     "(kohya, loads with the stock LoraLoader) and returns the offset, which the NPO Guider uses at once. See docs/comfyui_training.md.",
+    "collect_pairs_by_hand": "## Pick pairs by hand, train, guide\nQueue once: **Collect Preference Pairs** shows the "
+    "batch of 4. Click the preferred image (green), then the rejected one (red), queue again: the pair is appended "
+    "to `datasets/my_pairs` (re-queueing adds nothing). KSampler's seed stays *fixed*: the second queue must "
+    "render the same batch. Repeat with other prompts and seeds. Later, **Preference "
+    "Dataset** `my_pairs` → **Train Preference LoRA** (npo) → **NPO Guider**. By score instead: put **Score Images** "
+    "(weights in `models/npo_rewards`) before it and set `choose` to *by score*. See docs/pairs.md.",
 }
 
 

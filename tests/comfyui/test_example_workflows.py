@@ -28,7 +28,7 @@ WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 CKPT = "npo_random_sd15_v1.safetensors"
 NOTE_TYPES = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-VALIDATE_ONLY = {"train_npo_lora", "train_self_npo", "extract_offset"}  # training (run in test_training_nodes.py) / SVD of two full checkpoints
+VALIDATE_ONLY = {"train_npo_lora", "train_self_npo", "extract_offset", "collect_pairs_by_hand"}  # training (run in test_training_nodes.py) / SVD of two full checkpoints
 SEED_NAMES = ("seed", "noise_seed")
 
 

@@ -45,6 +45,16 @@ JS_FIX_SEED = """() => { for (const n of window.app.graph.nodes) for (const w of
 JS_QUEUE = "async () => { await window.app.queuePrompt(0, 1); }"
 JS_PICKS = "() => window.app.graph.nodes.find(n => n.type === 'NPOSuite_CollectPreferencePairs')" \
            ".widgets.find(w => w.name === 'picks').value"
+# the widget's script is registered (served from WEB_DIRECTORY as /extensions/npo_suite/npo_pairs.js)
+JS_EXTENSION = "() => (window.app.extensions || []).some(e => e.name === 'npo_suite.collect_pairs')"
+# bring the node into view at 100 % zoom: the frontend hides DOM widgets of nodes off screen
+JS_FOCUS = """() => { const c = window.app.canvas;
+  const n = window.app.graph.nodes.find(n => n.type === 'NPOSuite_CollectPreferencePairs');
+  c.ds.scale = 1; if (c.centerOnNode) c.centerOnNode(n); c.setDirty(true, true); }"""
+# what the widget holds (for the failure message)
+JS_STATE = """() => { const n = window.app.graph.nodes.find(n => n.type === 'NPOSuite_CollectPreferencePairs');
+  return { picker: !!n.__npoPairs, images: n.__npoPairs ? n.__npoPairs.images.length : null,
+           widgets: (n.widgets || []).map(w => w.name) }; }"""
 JS_QUEUE_EMPTY = """async () => { const r = await fetch('/api/queue'); const q = await r.json();
   return q.queue_running.length === 0 && q.queue_pending.length === 0; }"""
 
@@ -91,11 +101,16 @@ def test_click_two_thumbnails_then_queue_writes_exactly_that_pair(server):
         page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady", timeout=120000)
         page.evaluate("(g) => window.app.loadApiJson(g, 'picker.json')", GRAPH)
         page.wait_for_timeout(1000)
+        page.wait_for_function(JS_EXTENSION, timeout=30000)
         page.evaluate(JS_FIX_SEED)
         page.evaluate(JS_QUEUE)  # first run: shows the batch, no picks yet
         _wait_idle(page)
+        page.evaluate(JS_FOCUS)
         thumbs = page.locator(".npo-pairs-thumb")
-        thumbs.first.wait_for(timeout=60000)
+        try:
+            thumbs.first.wait_for(state="visible", timeout=60000)
+        except Exception as e:
+            raise AssertionError(f"no thumbnails after the first run: {page.evaluate(JS_STATE)}; page errors {errors}") from e
         assert thumbs.count() == 4
         assert not pairs.exists()
         page.locator('.npo-pairs-thumb[data-index="2"]').click()

@@ -146,8 +146,8 @@ def test_score_then_auto_collect_then_preference_dataset_trains(comfy, folders):
                             "inputs": {"dataset": "auto_ds", "prompt": ""}},
          "3": {"class_type": "NPOSuite_TrainPreferenceLoRA", "inputs": {
              "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "method": "npo", "beta": 5000.0,
-             "lam": 0.9, "snpo_p": 0.5, "steps": 1, "lr": 1e-3, "rank": 4, "targets": "attn", "batch_size": 1,
-             "grad_accum": 1, "resolution": 64, "precision": "no", "optimizer": "adamw", "gradient_checkpointing": False,
+             "lam": 0.9, "snpo_p": 0.5, "steps": 1, "lr": 1e-3, "lora_rank": 4, "lora_targets": "attn", "batch_size": 1,
+             "grad_accum": 1, "resolution": 64, "mixed_precision": "no", "optimizer": "adamw", "gradient_checkpointing": False,
              "seed": 0, "ref_update_every": 0, "ref_bound": 0.005, "ref_on_exceed": "freeze",
              "timestep_sampler": "uniform", "timestep_weight": "none", "output_name": "from_auto_ds", "resume": False,
              "checkpoint_every": 0, "init_lora": "none", "extra": ""}}}
