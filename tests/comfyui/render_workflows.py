@@ -87,6 +87,10 @@ NOTES = {
     "pairs (JSONL, chosen/ + rejected/ folders, or Pick-a-Pic parquet) from ComfyUI's `datasets` folder, or takes "
     "two IMAGE batches and a prompt; **Train Preference LoRA** writes `models/loras/<output_name>.safetensors` "
     "(kohya, loads with the stock LoraLoader) and returns the offset, which the NPO Guider uses at once. See docs/comfyui_training.md.",
+    "npo_strength_grid": "## Choosing the strength β\nOne seed, four samples side by side (Save Image shows the batch "
+    "as a grid): plain CFG, then NPO with the same negative offset at β = 0.25, 0.5 and 1. A negative LoRA that "
+    "helps at β = 0.5 can break samples at β = 1 on another model: take the strongest β that still looks right. "
+    "With scores instead of eyes: `python -m npo_suite evaluate sweep` (docs/pairs.md).",
     "collect_pairs_by_hand": "## Pick pairs by hand, train, guide\nQueue once: **Collect Preference Pairs** shows the "
     "batch of 4. Click the preferred image (green), then the rejected one (red), queue again: the pair is appended "
     "to `datasets/my_pairs` (re-queueing adds nothing). KSampler's seed stays *fixed*: the second queue must "
