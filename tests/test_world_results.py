@@ -95,6 +95,7 @@ def test_sampling_follows_the_lora_role():
     assert wr.sampling_for("positive", "L")[0] == "cfg" and wr.sampling_for("positive", "L")[1].eta == "L"
     mode, off = wr.sampling_for("negative", "L")
     assert mode == "npo" and off.delta == "L" and off.alpha == 0.0 and off.beta == 1.0
+    assert wr.sampling_for("negative", "L", beta=0.25)[1].beta == 0.25  # world.probe's strengths
     assert wr.sampling_for("snpo", "L")[1].snpo == "L"
     with pytest.raises(ValueError, match="no sampling rule"):
         wr.sampling_for("other", "L")

@@ -58,8 +58,6 @@ def parse_sets(items) -> dict:
 def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: ResultsConfig | None = None,
           log=None) -> dict:
     """{"rows": [{"row", ...pooled figures, "realism"}], "null": {"base": r, "lora": r}, ...}; see the module doc."""
-    from ..core.offsets import load_offset
-    from ..diffusers_host.generate import Offsets
     from ..trainer.methods import METHODS
     from .demo import score_images
 
@@ -82,18 +80,15 @@ def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: Resul
     null = {"base": realism(sample_run(ctx.bundle, null_prompts, ctx.seeds, "cfg", None, null_rc)), "lora": []}
     for s in seeds:
         run = run_one(ctx, method, int(s))
-        lora = load_offset(run["lora"], {"unet": ctx.bundle.unet,
-                                         **{f"te{i + 1}": te for i, te in enumerate(ctx.bundle.text_encoders)}})
-        mode, offsets = sampling_for(role, lora)
+        lora = ctx.load_lora(run["lora"])
         rows.setdefault(f"{role} (as world.results), strength 1", []).append(run["scores"])
-        if role == "negative":
-            for b in NEGATIVE_STRENGTHS:
-                imgs = ctx.sample(ctx.prompts, ctx.seeds, mode, Offsets(neg=lora, alpha=0.0, beta=b),
-                                  desc=f"{method} s{s} beta {b}")
-                rows.setdefault(f"{role}, strength {b}", []).append(score_images(ctx.reward, imgs, ctx.prompts))
-        imgs = ctx.sample(ctx.prompts, ctx.seeds, "cfg", Offsets(pos=lora), desc=f"{method} s{s} alone")
+        for b in NEGATIVE_STRENGTHS if role == "negative" else ():
+            imgs = ctx.sample(ctx.prompts, ctx.seeds, *sampling_for(role, lora, beta=b), desc=f"{method} s{s} beta {b}")
+            rows.setdefault(f"{role}, strength {b}", []).append(score_images(ctx.reward, imgs, ctx.prompts))
+        alone = sampling_for("positive", lora)  # the LoRA on both CFG branches
+        imgs = ctx.sample(ctx.prompts, ctx.seeds, *alone, desc=f"{method} s{s} alone")
         rows.setdefault("alone (LoRA on both branches)", []).append(score_images(ctx.reward, imgs, ctx.prompts))
-        null["lora"].append(realism(sample_run(ctx.bundle, null_prompts, ctx.seeds, "cfg", Offsets(pos=lora), null_rc)))
+        null["lora"].append(realism(sample_run(ctx.bundle, null_prompts, ctx.seeds, *alone, null_rc)))
     table = [{"row": name, **pooled_summary(base, [{"scores": x} for x in runs], rc.n_boot, 0),
               "realism": float(np.mean([np.mean(x["realism"]) for x in runs]))} for name, runs in rows.items()]
     result = {"method": method, "role": role, "seeds": [int(s) for s in seeds], "overrides": overrides or {},

@@ -77,12 +77,13 @@ class ResultsConfig(DemoConfig):
 
 # ----------------------------------------------------------------------------- how a role is sampled
 
-def sampling_for(role: str, lora):
-    """(mode, Offsets) for a LoRA of `role` (Method.role), METHODS.md "NPO guidance at sampling time"."""
+def sampling_for(role: str, lora, beta: float = 1.0):
+    """(mode, Offsets) for a LoRA of `role` (Method.role), METHODS.md "NPO guidance at sampling time";
+    `beta` is a negative LoRA's strength on the unconditional branch (world.probe varies it)."""
     from ..diffusers_host.generate import Offsets
 
     table = {"positive": ("cfg", lambda: Offsets(pos=lora)),
-             "negative": ("npo", lambda: Offsets(neg=lora, alpha=0.0, beta=1.0)),
+             "negative": ("npo", lambda: Offsets(neg=lora, alpha=0.0, beta=beta)),
              "snpo": ("snpo", lambda: Offsets(snpo=lora))}
     if role not in table:
         raise ValueError(f"no sampling rule for LoRA role {role!r} (expected one of {sorted(table)})")
@@ -140,6 +141,13 @@ class Context:
         self.prompts = [p for p in base_prompts for _ in range(rc.eval_seeds)]
         self.seeds = [s for _ in base_prompts for s in range(rc.eval_seeds)]
         self._data: dict[str, Path] = {}
+
+    def load_lora(self, path):
+        """A trained LoRA file as an Offset on the base model's UNet and text encoders."""
+        from ..core.offsets import load_offset
+
+        return load_offset(str(path), {"unet": self.bundle.unet,
+                                       **{f"te{i + 1}": te for i, te in enumerate(self.bundle.text_encoders)}})
 
     def sample(self, prompts, seeds, mode="cfg", offsets=None, desc="sample"):
         with sampling_bar(len(prompts), self.rc, desc) as bar:
@@ -247,7 +255,6 @@ def run_one(ctx: Context, name: str, seed: int) -> dict:
 
     Returns {"scores": {reward, correct, realism} [N], "train_seconds", "sample_seconds", "llr", "reused"}.
     """
-    from ..core.offsets import load_offset
     from ..trainer.methods import METHODS
     from .demo import train_config
 
@@ -270,8 +277,7 @@ def run_one(ctx: Context, name: str, seed: int) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(train_dir, ignore_errors=True)
     tr, train_s = train_lora(ctx.world_dir, name, data, train_dir, rc, **overrides)
-    unet_base = {"unet": ctx.bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(ctx.bundle.text_encoders)}}
-    mode, offsets = sampling_for(method.role, load_offset(str(tr.lora_path), unet_base))
+    mode, offsets = sampling_for(method.role, ctx.load_lora(tr.lora_path))
     t0 = time.time()
     scores = score_images(ctx.reward, ctx.sample(ctx.prompts, ctx.seeds, mode, offsets, desc=f"sample {name} s{seed}"),
                           ctx.prompts)
