@@ -3,7 +3,7 @@ nodes Score Images / Collect Preference Pairs call this; it imports no host).
 
 A dataset is a folder `<datasets root>/<name>/` holding `pairs.jsonl` (the trainer's JSONL pair
 format, trainer/data/pairs.py) and `images/<sha1 of the PNG>.png`, so `Preference Dataset` lists it
-and `trainer.data.sources.dataset_from_path` opens it. Every pair line records prompt, negative
+and `nodes.comfy.datasets.dataset_from_path` opens it. Every pair line records prompt, negative
 prompt, both seeds, the model hash and who chose it (`chosen_by`: "scorer:<name>" or "user").
 Pair ids are content hashes (prompt, negative prompt, chosen PNG, rejected PNG): a re-queued
 prompt that renders the same images adds nothing (the duplicates are counted).

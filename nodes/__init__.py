@@ -1,9 +1,9 @@
 """ComfyUI V3 nodes: NPO, Self-NPO (NPO with a TDFT offset) and SNPO sampling.
 
-Layout: `rows.py` (per-row offset bookkeeping and the branch wrapper; plain torch, tested without
-ComfyUI), `comfy_branch.py` (the ComfyUI adapter: key mapping, patches, guiders), `sampling.py`
-and `offsets.py` (thin V3 node shells), `extension.py` (the ComfyExtension). ComfyUI modules are
-imported only when ComfyUI asks for the extension, so `npo_suite.nodes.rows` imports anywhere.
+Layout: the V3 node shells `sampling.py`, `offsets.py`, `preferences.py`, `training.py` and
+`extension.py` (the ComfyExtension) here; what they run on ComfyUI's objects in the host room
+`comfy/` (see its `__init__`). ComfyUI modules are imported only when ComfyUI asks for the
+extension, so `npo_suite.nodes.comfy.rows` and the training side of `comfy/` import anywhere.
 """
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def weight_diff(tuned: dict, base: dict, model_patcher) -> dict:
     """{diffusers module path: DenseDelta(tuned − base)} for every changed weight (ComfyUI's own
     LDM -> diffusers map, so any UNet layout ComfyUI loads works, and partial dicts are fine)."""
     from ..core.offsets.types import DenseDelta
-    from .comfy_branch import diffusers_to_ldm_modules
+    from .comfy.branch import diffusers_to_ldm_modules
 
     to_diffusers = {v: k for k, v in diffusers_to_ldm_modules(model_patcher).items()}
     out = {}

@@ -1,10 +1,10 @@
-"""NPO / SNPO sampling nodes: thin V3 shells over `comfy_branch` (behaviour lives there)."""
+"""NPO / SNPO sampling nodes: thin V3 shells over `comfy.branch` (behaviour lives there)."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
 from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, NPOSpec, sigma_bound
-from .comfy_branch import (
+from .comfy.branch import (
     Guider_DualModelNPO,
     Guider_NPO,
     Guider_SNPO,

@@ -1,8 +1,8 @@
 """Training nodes (V3): Preference Dataset, Prompt List, Train Preference LoRA.
 
-Thin shells: datasets (`trainer/data/sources.py`), the run (`trainer/session.py`), progress and
-outputs (`trainer/progress.py`) and the memory estimate (`trainer/memory.py`) import nothing of ComfyUI,
-the network side in `trainer/backends/comfy.py`; the loop is `trainer.loop.train`, the same one
+Thin shells over the ComfyUI host room `nodes/comfy/`: the node's datasets (`datasets.py`), the run
+(`session.py`), progress and outputs (`progress.py`) and the memory estimate (`memory.py`) import
+nothing of ComfyUI, the network side is `backend.py`; the loop is `trainer.loop.train`, the same one
 the command line runs. Every dropdown reads a registry (METHODS, TIMESTEP_SAMPLERS, ...).
 """
 from __future__ import annotations
@@ -14,8 +14,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..core import paths
-from ..trainer import memory, progress, session
-from ..trainer.data import sources
+from .comfy import datasets, memory, progress, session
 from .sampling import NPOOffset
 
 CATEGORY = "training/npo"
@@ -53,7 +52,7 @@ class PreferenceDataset(io.ComfyNode):
             node_id="NPOSuite_PreferenceDataset", display_name="Preference Dataset", category=CATEGORY,
             description="Preference pairs (chosen beats rejected) from the datasets folder (JSONL, chosen/ + rejected/ "
                         "folders, Pick-a-Pic parquet) or from two IMAGE batches and a prompt.",
-            inputs=[io.Combo.Input("dataset", options=[FROM_IMAGES, *sources.list_datasets(dataset_roots())],
+            inputs=[io.Combo.Input("dataset", options=[FROM_IMAGES, *datasets.list_datasets(dataset_roots())],
                                    tooltip=f"a file or folder in ComfyUI's '{DATASETS_FOLDER}' folder, or {FROM_IMAGES}"),
                     io.Image.Input("chosen", optional=True, tooltip="preferred images (row i pairs with rejected row i)"),
                     io.Image.Input("rejected", optional=True),
@@ -67,16 +66,16 @@ class PreferenceDataset(io.ComfyNode):
         if dataset == FROM_IMAGES:
             if chosen is None or rejected is None:
                 raise ValueError(f"dataset {FROM_IMAGES}: connect both `chosen` and `rejected` IMAGE inputs")
-            data = sources.dataset_from_images(chosen, rejected, prompt.splitlines() or [""])
+            data = datasets.dataset_from_images(chosen, rejected, prompt.splitlines() or [""])
         else:
-            data = sources.dataset_from_path(sources.resolve_dataset(dataset_roots(), dataset), "pairs", dataset)
-        return io.NodeOutput(data, data.report(), ui=_ui(data.report(), sources.preview_images(data), cls))
+            data = datasets.dataset_from_path(datasets.resolve_dataset(dataset_roots(), dataset), "pairs", dataset)
+        return io.NodeOutput(data, data.report(), ui=_ui(data.report(), datasets.preview_images(data), cls))
 
 
 class PromptList(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = [f for f in sources.list_datasets(dataset_roots()) if f.lower().endswith((".txt", ".jsonl"))]
+        files = [f for f in datasets.list_datasets(dataset_roots()) if f.lower().endswith((".txt", ".jsonl"))]
         return io.Schema(
             node_id="NPOSuite_PromptList", display_name="Prompt List", category=CATEGORY,
             description="Prompts for the data-free methods (Self-NPO/TDFT, DDSPO), with a preview of DDSPO's degraded prompts.",
@@ -92,11 +91,11 @@ class PromptList(io.ComfyNode):
     @classmethod
     def execute(cls, source, prompts="", images=None, ddspo_min_frac=0.4, ddspo_max_frac=0.7, preview_seed=0) -> io.NodeOutput:
         if source == FROM_TEXT:
-            data = sources.prompt_list(prompts, images)
+            data = datasets.prompt_list(prompts, images)
         else:
-            data = sources.dataset_from_path(sources.resolve_dataset(dataset_roots(), source), "prompts", source)
-        text = data.report() + "\nDDSPO degraded prompts:\n" + sources.ddspo_preview(data, preview_seed, ddspo_min_frac, ddspo_max_frac)
-        return io.NodeOutput(data, text, ui=_ui(text, sources.preview_images(data), cls))
+            data = datasets.dataset_from_path(datasets.resolve_dataset(dataset_roots(), source), "prompts", source)
+        text = data.report() + "\nDDSPO degraded prompts:\n" + datasets.ddspo_preview(data, preview_seed, ddspo_min_frac, ddspo_max_frac)
+        return io.NodeOutput(data, text, ui=_ui(text, datasets.preview_images(data), cls))
 
 
 def _lora_choices() -> list[str]:
@@ -107,7 +106,7 @@ NODE_OPTIONAL = ("validate_every", "validation_prompts")  # appended after the o
 
 
 def _node_only_inputs() -> dict[str, io.Input]:
-    """The node's inputs that are not TrainConfig fields (trainer/session.py NODE_ONLY)."""
+    """The node's inputs that are not TrainConfig fields (nodes/comfy/session.py NODE_ONLY)."""
     return {
         "resume": io.Boolean.Input("resume", default=True, tooltip="continue the run <output_name> from its last checkpoint"),
         "init_lora": io.Combo.Input("init_lora", options=_lora_choices(), default=NO_LORA,
@@ -179,7 +178,7 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     the cache emptied. The UNet itself stays loaded for the next node (docs/comfyui_training.md)."""
     import comfy.model_management as mm
 
-    from ..trainer.backends.comfy import ComfyBackend, training_mode
+    from .comfy.backend import ComfyBackend, training_mode
     from ..trainer.backends.diffusers import BackendOptions, LoraOptions
 
     name = session.node_output_name(options)

@@ -79,7 +79,7 @@ def test_by_score_uses_the_pairing_rule_and_records_the_scorer(tmp_path):
 
 
 def test_collected_folder_is_a_dataset_the_trainer_opens(tmp_path):
-    from npo_suite.trainer.data.sources import dataset_from_path, list_datasets
+    from npo_suite.nodes.comfy.datasets import dataset_from_path, list_datasets
 
     collect.collect_batch(tmp_path / "ds", batch(), prompt="p", negative_prompt="", seed=0, model_hash=None,
                           by_hand=True, picks="3>0,1>2")

@@ -14,7 +14,7 @@ import torch
 from conftest import load_sd15, load_sdxl
 
 from npo_suite.trainer.backends.base import Backend
-from npo_suite.trainer.backends.comfy import ComfyBackend, DiffusersView, _detach_inference_tensors, lcm_cat, view_config
+from npo_suite.nodes.comfy.backend import ComfyBackend, DiffusersView, _detach_inference_tensors, lcm_cat, view_config
 from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
 
 
@@ -241,50 +241,50 @@ def test_safe_names_and_inside(tmp_path):
 
 
 def test_datasets_from_images_and_prompts(tmp_path):
-    from npo_suite.trainer.data import sources
-    from npo_suite.trainer import session
+    from npo_suite.nodes.comfy import datasets
+    from npo_suite.nodes.comfy import session
 
     imgs = torch.rand(3, 16, 16, 3)
-    data = sources.dataset_from_images(imgs, imgs.flip(0), ["a cat"])
+    data = datasets.dataset_from_images(imgs, imgs.flip(0), ["a cat"])
     assert data.kind == "pairs" and data.counts() == {"records": 3, "skipped": 0, "ties": 0}
-    again = sources.dataset_from_images(imgs, imgs.flip(0), ["a cat"])
+    again = datasets.dataset_from_images(imgs, imgs.flip(0), ["a cat"])
     assert [r.id for r in data.records] == [r.id for r in again.records]  # content ids: stable
-    assert sources.preview_images(data, k=2, size=16).shape == (2, 16, 32, 3)
+    assert datasets.preview_images(data, k=2, size=16).shape == (2, 16, 32, 3)
     with pytest.raises(ValueError, match="pair row by row"):
-        sources.dataset_from_images(imgs, imgs[:2], ["x"])
+        datasets.dataset_from_images(imgs, imgs[:2], ["x"])
     with pytest.raises(ValueError, match="2 prompts for 3 pairs"):
-        sources.dataset_from_images(imgs, imgs, ["x", "y"])
-    pl = sources.prompt_list("a red cat on a mat\n\n# comment\na dog in the park at noon")
+        datasets.dataset_from_images(imgs, imgs, ["x", "y"])
+    pl = datasets.prompt_list("a red cat on a mat\n\n# comment\na dog in the park at noon")
     assert pl.kind == "prompts" and len(pl.records) == 2 and pl.counts()["skipped"] == 1
-    prev = sources.ddspo_preview(pl, 0, 0.4, 0.7)
+    prev = datasets.ddspo_preview(pl, 0, 0.4, 0.7)
     assert "a red cat on a mat\n  -> " in prev
     from npo_suite.trainer.ddspo import perturb_prompt
 
     assert repr(perturb_prompt("a red cat on a mat", 0, 0.4, 0.7)) in prev
     with pytest.raises(ValueError, match="no usable records"):
-        sources.prompt_list("\n# nothing\n")
+        datasets.prompt_list("\n# nothing\n")
     with pytest.raises(ValueError, match="connect a Prompt List"):
         session.check_data("tdft", data)
     session.check_data("npo", data)
 
 
 def test_dataset_folder_listing(tmp_path):
-    from npo_suite.trainer.data import sources
+    from npo_suite.nodes.comfy import datasets
     from train_fixtures import make_pairs
 
     make_pairs(tmp_path / "pairs_a", n=3)
     (tmp_path / "p.txt").write_text("a cat\n")
     (tmp_path / "ignored.png").write_bytes(b"")
-    assert sources.list_datasets([str(tmp_path)]) == ["p.txt", "pairs_a"]
-    data = sources.dataset_from_path(sources.resolve_dataset([str(tmp_path)], "pairs_a/pairs.jsonl"), "pairs", "pairs_a")
+    assert datasets.list_datasets([str(tmp_path)]) == ["p.txt", "pairs_a"]
+    data = datasets.dataset_from_path(datasets.resolve_dataset([str(tmp_path)], "pairs_a/pairs.jsonl"), "pairs", "pairs_a")
     assert len(data.records) == 3
     with pytest.raises(FileNotFoundError, match="not found"):
-        sources.resolve_dataset([str(tmp_path)], "nope")
+        datasets.resolve_dataset([str(tmp_path)], "nope")
 
 
 def test_node_config_publish_and_curve(tmp_path):
-    from npo_suite.trainer import session
-    from npo_suite.trainer import progress
+    from npo_suite.nodes.comfy import session
+    from npo_suite.nodes.comfy import progress
     from npo_suite.trainer.methods import METHODS
 
     opts = dict(method="snpo", beta=2000.0, lam=0.8, snpo_p=0.3, steps=4, lr=1e-4, lora_rank=4, lora_targets="attn", batch_size=2,
@@ -308,12 +308,12 @@ def test_node_config_publish_and_curve(tmp_path):
 
 def test_run_training_resume_and_interrupt(sd15_dir, tmp_path):
     """run_training on the tiny backend: an interrupted run saves; resume continues to the target step."""
-    from npo_suite.trainer.data import sources
-    from npo_suite.trainer import session
+    from npo_suite.nodes.comfy import datasets
+    from npo_suite.nodes.comfy import session
     from npo_suite.trainer.config import TrainConfig
 
     imgs = torch.rand(2, 16, 16, 3)
-    data = sources.dataset_from_images(imgs, torch.rand(2, 16, 16, 3), ["a cat"])
+    data = datasets.dataset_from_images(imgs, torch.rand(2, 16, 16, 3), ["a cat"])
     b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
     cfg = TrainConfig(method="npo", steps=3, lr=1e-3, lora_rank=2, lora_alpha=2.0, resolution=16, log_every=1,
                       checkpoint_every=1, output_dir=str(tmp_path / "run"), output_name="neg")
@@ -332,7 +332,7 @@ def test_dataset_folder_with_one_jsonl_opens_it(tmp_path):
     opens that JSONL; zero or several JSONL files is a clear error naming the folder."""
     from PIL import Image
 
-    from npo_suite.trainer.data.sources import dataset_from_path
+    from npo_suite.nodes.comfy.datasets import dataset_from_path
 
     d = tmp_path / "pairs3"
     d.mkdir()
@@ -358,7 +358,7 @@ class _Clock:
 
 
 def test_progress_display_text_mean_rate_eta_and_rate_limits():
-    from npo_suite.trainer.progress import ProgressDisplay, format_duration, format_rate
+    from npo_suite.nodes.comfy.progress import ProgressDisplay, format_duration, format_rate
 
     clock = _Clock()
     d = ProgressDisplay(10, text_every=0.5, image_every=5.0, mean_window=3, clock=clock)
@@ -388,7 +388,7 @@ def test_progress_display_text_mean_rate_eta_and_rate_limits():
 
 
 def test_progress_display_resumed_run_rate_counts_only_this_session():
-    from npo_suite.trainer.progress import ProgressDisplay
+    from npo_suite.nodes.comfy.progress import ProgressDisplay
 
     clock = _Clock()
     d = ProgressDisplay(100, clock=clock)
@@ -399,7 +399,7 @@ def test_progress_display_resumed_run_rate_counts_only_this_session():
 
 
 def test_loss_curve_preview_is_small_and_robust():
-    from npo_suite.trainer.progress import loss_curve_preview
+    from npo_suite.nodes.comfy.progress import loss_curve_preview
 
     for losses in ([], [(1, 0.5)], [(1, 0.5), (2, 0.5)], [(1, float("inf")), (2, 0.3), (3, 0.2)],
                    [(i, 1.0 / i) for i in range(1, 5000)]):
@@ -411,7 +411,7 @@ def test_loss_curve_preview_is_small_and_robust():
 
 
 def test_memory_estimate_items():
-    from npo_suite.trainer.memory import ACT_BYTES_PER_LATENT_PIXEL, ACTIVATION_SLACK, estimate_training_memory
+    from npo_suite.nodes.comfy.memory import ACT_BYTES_PER_LATENT_PIXEL, ACTIVATION_SLACK, estimate_training_memory
 
     base = dict(family="sd1", resolution=512, batch_size=1, data_kind="pairs", policy_params=1000, adapter_params=0,
                 optimizer="adamw", gradient_checkpointing=False, precision="fp16", float32_base_params=0)
@@ -432,7 +432,7 @@ def test_memory_estimate_items():
 
 
 def test_memory_estimate_for_backend_counts_extra_adapters(sd15_dir):
-    from npo_suite.trainer.memory import memory_estimate_for
+    from npo_suite.nodes.comfy.memory import memory_estimate_for
     from npo_suite.trainer.config import TrainConfig
 
     b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
@@ -452,9 +452,9 @@ def _release_run(sd15_dir, tmp_path, monkeypatch, fail_at=None, **cfg_kw):
     import weakref
 
     import npo_suite.trainer.loop as loop
-    from npo_suite.trainer.data import sources
-    from npo_suite.trainer import session
-    from npo_suite.trainer import memory
+    from npo_suite.nodes.comfy import datasets
+    from npo_suite.nodes.comfy import session
+    from npo_suite.nodes.comfy import memory
     from npo_suite.trainer.config import TrainConfig
 
     pipe = load_sd15(sd15_dir)
@@ -487,7 +487,7 @@ def _release_run(sd15_dir, tmp_path, monkeypatch, fail_at=None, **cfg_kw):
         if step == fail_at:
             raise RuntimeError("boom in step callback")
 
-    data = sources.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a cat"])
+    data = datasets.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a cat"])
     cfg = TrainConfig(**{**dict(method="npo", steps=2, lr=1e-2, lora_rank=2, lora_alpha=2.0, resolution=16, log_every=1,
                                 checkpoint_every=0, output_dir=str(tmp_path / "run"), output_name="neg"), **cfg_kw})
     outcome = error = None
@@ -529,15 +529,15 @@ def test_run_and_release_frees_training_objects_on_error(sd15_dir, tmp_path, mon
 
 
 def test_validation_from_node_options(sd15_dir, tmp_path, monkeypatch):
-    from npo_suite.trainer.data import sources
-    from npo_suite.trainer import session
-    from npo_suite.trainer import progress
+    from npo_suite.nodes.comfy import datasets
+    from npo_suite.nodes.comfy import session
+    from npo_suite.nodes.comfy import progress
 
     opts = dict(method="npo", beta=5000.0, lam=0.9, snpo_p=0.5, steps=2, lr=1e-3, lora_rank=2, lora_targets="attn", batch_size=1,
                 grad_accum=1, resolution=16, mixed_precision="no", optimizer="adamw", gradient_checkpointing=False, seed=0,
                 ref_update_every=0, ref_bound=0.005, ref_on_exceed="freeze", timestep_sampler="uniform",
                 timestep_weight="none", checkpoint_every=0, output_name="neg", extra="")
-    data = sources.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a red cat", "a blue dog"])
+    data = datasets.dataset_from_images(torch.rand(2, 16, 16, 3), torch.rand(2, 16, 16, 3), ["a red cat", "a blue dog"])
     assert session.node_config(opts, str(tmp_path), None, data).validate_every == 0  # old workflows: off
     cfg = session.node_config({**opts, "validate_every": 2}, str(tmp_path), None, data)
     assert cfg.validate_every == 2 and cfg.validation_prompts == ["a red cat", "a blue dog"]  # the dataset's prompts

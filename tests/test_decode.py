@@ -96,7 +96,7 @@ def test_bad_images_are_counted_by_reason_in_the_cache(tmp_path):
 def test_evaluation_and_progress_decode_like_training(tmp_path):
     """evaluation/runs.py load_images uses the same decoder (a 16-bit run image is not white)."""
     from npo_suite.evaluation.runs import load_images, read_run
-    from npo_suite.trainer.progress import image_tensor
+    from npo_suite.nodes.comfy.progress import image_tensor
 
     ramp = np.linspace(0, 0.5 * 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "0000.png")

@@ -141,7 +141,7 @@ CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")  # the fronten
 
 def _training_widget_values(node) -> dict:
     """name -> stored value of a Train Preference LoRA node (UI workflows store values by position)."""
-    from npo_suite.trainer.session import NODE_WIDGETS
+    from npo_suite.nodes.comfy.session import NODE_WIDGETS
 
     values, out = list(node["widgets_values"]), {}
     for name in NODE_WIDGETS:
@@ -156,9 +156,9 @@ def _training_widget_values(node) -> dict:
 @pytest.mark.parametrize("path", [p for p in WORKFLOWS if "NPOSuite_TrainPreferenceLoRA" in p.read_text()],
                          ids=lambda p: p.stem)
 def test_training_workflow_matches_the_node_widgets(path):
-    """Issue 13: the node's widgets are TrainConfig fields (trainer/session.py NODE_WIDGETS, generated
+    """Issue 13: the node's widgets are TrainConfig fields (nodes/comfy/session.py NODE_WIDGETS, generated
     from the fields): the example's widget inputs carry those names and every stored value fits."""
-    from npo_suite.trainer.session import NODE_ONLY, NODE_WIDGETS, config_widgets
+    from npo_suite.nodes.comfy.session import NODE_ONLY, NODE_WIDGETS, config_widgets
 
     widgets = config_widgets()
     for node in (n for n in json.loads(path.read_text())["nodes"] if n["type"] == "NPOSuite_TrainPreferenceLoRA"):

@@ -10,7 +10,7 @@ from torch import nn
 from npo_suite.core.offsets.types import DenseDelta, LowRankDelta, Offset
 from npo_suite.core.npo import COND, UNCOND, NPOSpec, npo_groups
 from npo_suite.core.npo import chunk_kinds as row_groups
-from npo_suite.nodes.rows import NPOBranchWrapper
+from npo_suite.nodes.comfy.rows import NPOBranchWrapper
 
 
 def test_row_groups_follow_cond_or_uncond_chunks():

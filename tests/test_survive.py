@@ -23,10 +23,11 @@ from train_fixtures import data_for, make_pairs, tiny_cfg  # noqa: E402
 
 from npo_suite.core import atomic  # noqa: E402
 from npo_suite.core.offsets import load_offset  # noqa: E402
+from npo_suite.nodes.comfy.progress import ProgressDisplay  # noqa: E402
 from npo_suite.trainer import checkpoint as ckpt  # noqa: E402
 from npo_suite.trainer.loop import Callbacks, NonFiniteError, train  # noqa: E402
 from npo_suite.trainer.methods import METHODS  # noqa: E402
-from npo_suite.trainer.progress import ProgressDisplay, RunHealth  # noqa: E402
+from npo_suite.trainer.health import RunHealth  # noqa: E402
 
 def metrics_rows(out) -> list[dict]:
     with open(Path(out) / "metrics.csv", newline="") as f:

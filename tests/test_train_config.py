@@ -89,7 +89,7 @@ def test_method_names_come_from_the_one_registry(monkeypatch):
     and the config's check, with no other list to edit."""
     from npo_suite.cli import train as cli
     from npo_suite.trainer.methods import METHODS
-    from npo_suite.trainer.session import config_widget
+    from npo_suite.nodes.comfy.session import config_widget
 
     monkeypatch.setitem(METHODS, "my_method", METHODS["dpo"])
     parser = argparse.ArgumentParser()
@@ -102,11 +102,11 @@ def test_method_names_come_from_the_one_registry(monkeypatch):
 
 
 def test_node_widgets_are_generated_from_the_fields():
-    """The ComfyUI training node's widgets (trainer/session.py) carry the fields' defaults and help."""
+    """The ComfyUI training node's widgets (nodes/comfy/session.py) carry the fields' defaults and help."""
     import dataclasses
 
     from npo_suite.trainer.config import OPTIMIZERS
-    from npo_suite.trainer.session import NODE_ONLY, NODE_WIDGETS, config_widgets
+    from npo_suite.nodes.comfy.session import NODE_ONLY, NODE_WIDGETS, config_widgets
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     widgets = config_widgets()

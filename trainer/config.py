@@ -37,7 +37,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 def _h(default: Any, help: str, **kw):
     """A field with its help text and UI metadata in `kw` (min, max, step, round; choices: the allowed
     values, presets: suggested ones, each a tuple or a function returning one), read by the ComfyUI
-    node's widgets (`trainer.session.config_widgets`) and the train CLI's help."""
+    node's widgets (`nodes.comfy.session.config_widgets`) and the train CLI's help."""
     if isinstance(default, list):
         return field(default_factory=lambda d=tuple(default): list(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})

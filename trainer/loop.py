@@ -19,7 +19,7 @@ Determinism and distribution:
 - Non-finite steps: a step whose loss or gradient norm is not finite (on any process) changes
   nothing: no optimizer, scheduler, EMA (`method.after_step`) or reference-update step; under
   fp16 the GradScaler's own overflow skip counts the same. Such steps are counted
-  (`train/skipped_nonfinite`) and warned about once (`progress.RunHealth`, also the run's other
+  (`train/skipped_nonfinite`) and warned about once (`health.RunHealth`, also the run's other
   health warnings); after `max_nonfinite_steps` in a row the run saves its last finite state and
   raises `NonFiniteError`. Checkpoints and LoRAs holding a non-finite tensor are never written.
 """
@@ -38,7 +38,7 @@ import torch
 from ..core.finite import first_nonfinite, is_finite
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .progress import RunHealth
+from .health import RunHealth
 
 
 @dataclass

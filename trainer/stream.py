@@ -1,7 +1,7 @@
 """The trainer's batch stream: trainer/data's sources -> cache -> resumable sampler -> collate.
 
 `build_batches(cfg, backend, kind, rank, world_size)` (the CLI trainer) and
-`trainer.session.build_stream` (the ComfyUI nodes, over in-memory records) both end in `stream_of`: it returns an endless iterator of this
+`nodes.comfy.session.build_stream` (the ComfyUI nodes, over in-memory records) both end in `stream_of`: it returns an endless iterator of this
 process's micro-batches (`PairBatch` / `PromptBatch`) whose `state_dict()` is the sampler's data
 position (exact: no prefetching workers), so a checkpoint resumes on the very next pair.
 `kind` is the method's `data_kind`: "pairs" reads pair sources (JSONL, chosen/rejected folders,

@@ -40,8 +40,8 @@ from typing import Callable
 import torch
 
 from ...core.schedule import gather, to_eps
-from ..batches import Cond
-from .diffusers import POLICY, BackendOptions, DiffusersBackend
+from ...trainer.batches import Cond
+from ...trainer.backends.diffusers import POLICY, BackendOptions, DiffusersBackend
 
 # ComfyUI ModelType names -> the prediction types of core.schedule.to_eps
 PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}

@@ -21,9 +21,9 @@ import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
 
-from ..core.npo import NPOSpec, match_deltas, npo_groups
-from ..core.offsets.keys import ClipKeyMap, clip_coverage_line, comfy_clip_deltas
-from ..core.offsets.types import LowRankDelta, Offset, coverage_line
+from ...core.npo import NPOSpec, match_deltas, npo_groups
+from ...core.offsets.keys import ClipKeyMap, clip_coverage_line, comfy_clip_deltas
+from ...core.offsets.types import LowRankDelta, Offset, coverage_line
 from .rows import NPOBranchWrapper
 
 

@@ -1,6 +1,7 @@
-"""Where training data comes from when a host hands it over: a dataset file or folder by name,
-image tensors (chosen/rejected), a typed prompt list. Each becomes a `PreferenceData` (records +
-a counted summary of what was skipped).
+"""The datasets of the ComfyUI training nodes (Preference Dataset, Prompt List): a dataset file or
+folder chosen by name in the datasets folder, IMAGE tensors (chosen/rejected), a typed prompt list.
+Each becomes a `PreferenceData` (records + a counted summary of what was skipped); the records
+come from the trainer's sources (`trainer/data/pairs.py`, `trainer/data/prompts.py`).
 
 Paths: every name is relative to a root folder the host owns; absolute paths and `..` are
 rejected (`safe_name`), and resolved paths must stay inside the folder."""
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ...core.paths import inside
-from .records import DataSummary, PairRecord, PromptRecord
+from ...trainer.data.records import DataSummary, PairRecord, PromptRecord
 
 DATASET_SUFFIXES = (".jsonl", ".txt", ".parquet")
 
@@ -83,8 +84,8 @@ def dataset_from_path(path: Path, kind: str, name: str) -> PreferenceData:
 
     A pairs folder with neither chosen/ nor .parquet files but exactly one .jsonl at its top (the JSONL
     with its images beside it, the layout `list_datasets` offers as a sub-folder) opens that JSONL."""
-    from .pairs import open_pairs
-    from .prompts import open_prompts
+    from ...trainer.data.pairs import open_pairs
+    from ...trainer.data.prompts import open_prompts
 
     if kind == "pairs" and path.is_dir() and not (path / "chosen").is_dir() and not any(path.glob("*.parquet")):
         jsonl = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() == ".jsonl")
@@ -143,7 +144,7 @@ def dataset_from_images(chosen: torch.Tensor, rejected: torch.Tensor, prompts: l
 def prompt_list(text: str, images: torch.Tensor | None = None) -> PreferenceData:
     """Prompts, one per line (blank lines and `#` comments skipped); `images` [N, H, W, C] optional:
     one per prompt (TDFT starts from them, DDSPO uses them as winners)."""
-    from .prompts import line_id
+    from ...trainer.data.prompts import line_id
 
     summary = DataSummary("prompts")
     lines = [(n, s.strip()) for n, s in enumerate(text.splitlines(), 1)]
@@ -167,7 +168,7 @@ def prompt_list(text: str, images: torch.Tensor | None = None) -> PreferenceData
 
 def ddspo_preview(data: PreferenceData, seed: int, min_frac: float, max_frac: float, n: int = 4) -> str:
     """The DDSPO degraded prompt c⁻ (seed 003 app. G, random word removal) of the first prompts."""
-    from ..ddspo import perturb_prompt
+    from ...trainer.ddspo import perturb_prompt
 
     lines = []
     for i, r in enumerate(data.records[:n]):
@@ -179,7 +180,7 @@ def preview_images(data: PreferenceData, k: int = 4, size: int = 128) -> torch.T
     """Up to k pairs side by side (chosen | rejected), or k prompt images: IMAGE [k, size, 2*size or size, 3]."""
     import numpy as np
 
-    from .records import load_image
+    from ...trainer.data.records import load_image
 
     tiles = []
     for r in data.records[:k]:

@@ -67,7 +67,7 @@ def estimate_training_memory(*, family: str, resolution: int, batch_size: int, d
 
 def memory_estimate_for(backend, cfg) -> MemoryEstimate:
     """`estimate_training_memory` for a built backend (its LoRA sizes, base dtype) and a TrainConfig."""
-    from .methods import METHODS
+    from ...trainer.methods import METHODS
 
     method = METHODS[cfg.method]
     policy = sum(p.numel() for p in backend.trainable_parameters())

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..core.branch_lora import BranchOffsets
-from ..core.npo import NPOSpec, chunk_kinds, npo_groups, row_groups
-from ..core.offsets.types import DenseDelta, LowRankDelta
+from ...core.branch_lora import BranchOffsets
+from ...core.npo import NPOSpec, chunk_kinds, npo_groups, row_groups
+from ...core.offsets.types import DenseDelta, LowRankDelta
 
 Delta = LowRankDelta | DenseDelta
 

@@ -1,6 +1,6 @@
-"""One training run for a host that owns the model (the ComfyUI nodes): config from the host's
-options, the run folder (resume or start over), the run itself through the project's one loop
-(`trainer.loop.train`), and the release of every training-only object afterwards."""
+"""One training run of the ComfyUI training node (a host that owns the model): the node's widgets
+(their order, TrainConfig from them), the run folder (resume or start over), the run itself through
+the project's one loop (`trainer.loop.train`), and the release of every training-only object afterwards."""
 from __future__ import annotations
 
 import gc
@@ -13,11 +13,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.offsets.schema import npo_metadata
-from ..core.atomic import copy_file
-from ..core.paths import inside, safe_relative_name as safe_name
-from .data.records import DataSummary
-from .data.sources import PreferenceData
+from ...core.offsets.schema import npo_metadata
+from ...core.atomic import copy_file
+from ...core.paths import inside, safe_relative_name as safe_name
+from ...trainer.data.records import DataSummary
+from .datasets import PreferenceData
 from .progress import read_losses
 
 RUNS_SUBDIR = "npo_suite_runs"  # inside the host's output folder: one folder per output name
@@ -27,7 +27,7 @@ RUNS_SUBDIR = "npo_suite_runs"  # inside the host's output folder: one folder pe
 # the run
 # ---------------------------------------------------------------------------------------------
 def data_kind_of(method: str) -> str:
-    from .methods import METHODS
+    from ...trainer.methods import METHODS
 
     return "pairs" if METHODS[method].data_kind == "pairs" else "prompts"
 
@@ -42,9 +42,9 @@ def check_data(method: str, data: PreferenceData) -> None:
 def build_stream(data: PreferenceData, cfg, backend, cache_dir: str | None):
     """The resumable batch stream of `trainer.stream`, over in-memory records: everything is
     encoded once up front (VAE, CLIP), so the UNet stays loaded during the steps."""
-    from .data.cache import LatentCache
-    from .methods import METHODS
-    from .stream import image_transform, stream_of
+    from ...trainer.data.cache import LatentCache
+    from ...trainer.methods import METHODS
+    from ...trainer.stream import image_transform, stream_of
 
     cache = LatentCache.from_backend(cache_dir, backend_fingerprint(backend), backend, image_transform(cfg))
     encoded = DataSummary("encode")
@@ -104,7 +104,7 @@ def config_widget(name: str) -> Widget:
     """The widget of TrainConfig field `name`: its type, default, help and UI metadata (trainer/config.py)."""
     import dataclasses
 
-    from .config import TrainConfig, field_types
+    from ...trainer.config import TrainConfig, field_types
 
     f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
     meta, tp = f.metadata, field_types()[name]
@@ -121,7 +121,7 @@ def config_widgets() -> dict[str, Widget]:
 
 def node_output_name(options: dict) -> str:
     """The run's LoRA name: the `output_name` widget, or '<method>_lora' when empty (TrainConfig's rule)."""
-    from .config import lora_name_of
+    from ...trainer.config import lora_name_of
 
     return safe_name(lora_name_of(options.get("output_name") or "", options["method"]), "output_name")
 
@@ -135,7 +135,7 @@ def node_config(options: dict, run_dir: str, init_lora_path: str | None, data: P
     and no prompts typed, the grid uses the dataset's first prompts. `extra` overrides all of it."""
     import yaml
 
-    from .config import from_dict
+    from ...trainer.config import from_dict
 
     extra = yaml.safe_load(options.get("extra") or "") or {}
     if not isinstance(extra, dict):
@@ -165,7 +165,7 @@ class RunOutcome:
 def prepare_run_dir(run_dir: Path, resume: bool) -> str | None:
     """`resume`: continue from the run's latest checkpoint (None if it has none). Otherwise start
     over: that run's old checkpoints are removed so they cannot mix with the new run."""
-    from . import checkpoint as ckpt
+    from ...trainer import checkpoint as ckpt
 
     ck = ckpt.checkpoints_dir(run_dir)
     if resume and (ck / ckpt.LATEST).is_file():
@@ -195,7 +195,7 @@ def run_training(backend, data: PreferenceData, cfg, *, resume: bool, cache_dir:
 
     `on_ready(backend)` runs after the data is encoded, right before the first step (the ComfyUI
     node asks model management for the training working set there)."""
-    from .loop import Callbacks, train
+    from ...trainer.loop import Callbacks, train
 
     check_data(cfg.method, data)
     run_dir = Path(cfg.output_dir)

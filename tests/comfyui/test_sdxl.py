@@ -168,7 +168,7 @@ def test_sdxl_npo_paths_agree_and_differ_from_cfg(sdxl, loras):
     assert "lora_unet_middle_block_1_proj_in.lora_up.weight" in keys
     assert not any(k.startswith("lora_unet_down_blocks") for k in keys)
     assert "model_function_wrapper" not in model.model_options  # NPO acts on clones only
-    from npo_suite.nodes.comfy_branch import unet_deltas_ldm
+    from npo_suite.nodes.comfy.branch import unet_deltas_ldm
 
     mapped, unmatched = unet_deltas_ldm(offset, model)
     assert len(mapped) == len(offset.unet) and not unmatched

@@ -200,8 +200,8 @@ def test_interrupt_saves_and_resume_continues(comfy, datasets, monkeypatch):
     import comfy.model_management as mm
     from comfy import utils as comfy_utils  # not `import comfy.utils`: that rebinds the `comfy` fixture name
 
-    from npo_suite.trainer import session
-    from npo_suite.trainer import progress
+    from npo_suite.nodes.comfy import session
+    from npo_suite.nodes.comfy import progress
     from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
 
     with torch.inference_mode():
@@ -291,8 +291,8 @@ def test_comfyui_and_cli_runs_agree(comfy, datasets, tmp_path):
     from npo_suite.diffusers_host.loading import load_model
     from npo_suite.core.offsets.types import Offset
     from npo_suite.core.offsets import load_offset, offset_from_peft, save_offset
-    from npo_suite.trainer import session
-    from npo_suite.trainer import progress
+    from npo_suite.nodes.comfy import session
+    from npo_suite.nodes.comfy import progress
     from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
     from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
     from npo_suite.trainer.config import TrainConfig
@@ -368,8 +368,8 @@ def _prompt_list_run(comfy, method: str, extra: str, with_images: bool, caplog):
     out = comfy.run(g, ["5"])["5"]
     offset, lora_name, report = out[0][0], out[2][0], out[4][0]
     assert lora_name == f"{name}.safetensors" and "finished at step 2/2" in report, report
-    from npo_suite.trainer import session
-    from npo_suite.trainer import progress
+    from npo_suite.nodes.comfy import session
+    from npo_suite.nodes.comfy import progress
 
     losses = progress.read_losses(comfy.root / "output" / session.RUNS_SUBDIR / name / "metrics.csv")
     assert [s for s, _ in losses] == [1, 2] and all(math.isfinite(v) for _, v in losses), losses
@@ -451,7 +451,7 @@ def test_node_widgets_are_trainconfig_fields(comfy, datasets):
 
     from npo_suite.trainer.config import TrainConfig
     from npo_suite.trainer.methods import METHODS
-    from npo_suite.trainer.session import NODE_ONLY, NODE_WIDGETS
+    from npo_suite.nodes.comfy.session import NODE_ONLY, NODE_WIDGETS
 
     spec = nodes.NODE_CLASS_MAPPINGS["NPOSuite_TrainPreferenceLoRA"].INPUT_TYPES()
     inputs = {**spec["required"], **spec.get("optional", {})}

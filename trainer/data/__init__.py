@@ -1,7 +1,8 @@
 """Training data: sources -> transforms -> latent/text cache -> datasets, sampler, collates.
 
   records.py        PairRecord, PromptRecord, DataSummary (skip counters), load_image
-  pairs.py          Pick-a-Pic parquet / HF, JSONL and folder pair sources (`open_pairs`)
+  pairs.py          the `Source` base (ids de-duplicated, skips counted) and the Pick-a-Pic parquet / HF,
+                    JSONL and folder pair sources (`open_pairs`)
   prompts.py        prompt files and captioned image folders (`open_prompts`)
   transforms.py     ImageTransform (resize, center/random crop, flip, SDXL size conditioning)
   cache.py          LatentCache: latents + text embeddings on disk, encoded once
