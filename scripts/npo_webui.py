@@ -4,12 +4,13 @@ NPO (Diffusion-NPO seed 001 §3.2): the WebUI's own batched CFG forward runs `th
 conditional rows and `theta + alpha*eta + beta*delta` on the unconditional rows (per-row low-rank
 offsets via forward hooks, `core.branch_lora`; no weight swapping, no second model). SNPO
 (seed 000 §4.3): one model `theta + eta + beta*delta` on every row, and the unconditional input is
-the encoded empty prompt. The WebUI-independent logic lives in `npo_suite.webui.logic`; this file
-only talks to the WebUI (`modules.*`, gradio), and does nothing when imported outside one.
+the encoded empty prompt. The WebUI-independent logic lives in `npo_suite.webui` (one module per
+concern, listed in its `__init__`); this file only talks to the WebUI (`modules.*`, gradio), and does
+nothing when imported outside one.
 
 Forge: a `model_function_wrapper` on the UnetPatcher (it receives `cond_or_uncond`), installed in
 `process_before_every_sampling` (so hires fix gets it too). A1111: hooks held for the batch and a
-row cursor reset by `on_cfg_denoiser` (uncond rows are the tail of `x_in`), `logic.A1111Session`.
+row cursor reset by `on_cfg_denoiser` (uncond rows are the tail of `x_in`), `webui.a1111_session`.
 Both were run (tests/webui, docs/webui.md).
 """
 from __future__ import annotations
@@ -32,8 +33,8 @@ except ImportError:  # imported by something else (tests, tools): define nothing
     IN_WEBUI = False
 
 
-def _package_logic():
-    """npo_suite.webui.logic: the installed package if already imported, else this extension folder."""
+def _import_package() -> None:
+    """`npo_suite`: the installed package if importable, else this extension folder."""
     if "npo_suite" not in sys.modules:
         try:
             importlib.import_module("npo_suite")
@@ -43,14 +44,24 @@ def _package_logic():
             mod = importlib.util.module_from_spec(spec)
             sys.modules["npo_suite"] = mod
             spec.loader.exec_module(mod)
-    return importlib.import_module("npo_suite.webui.logic")
 
 
 if IN_WEBUI:
-    logic = _package_logic()
-    _CACHE = logic.OffsetCache()
+    _import_package()
+    from npo_suite.core.npo import ALPHA_DEFAULT, BETA_DEFAULT
+    from npo_suite.webui import xyz_axes
+    from npo_suite.webui.a1111_session import A1111Session, a1111_refusal
+    from npo_suite.webui.forge_wrapper import ForgeNPOWrapper
+    from npo_suite.webui.infotext import INFOTEXT_KEYS, error_text, reported_errors
+    from npo_suite.webui.offset_files import OffsetCache, list_offset_files, resolve_offset_file
+    from npo_suite.webui.offset_notes import offset_summary
+    from npo_suite.webui.plan import build_plan
+    from npo_suite.webui.runtime import NPORuntime
+    from npo_suite.webui.settings import MODES, NONE, NPOSettings, paste_value
+    from npo_suite.webui.verify import verify_log_from_env
+
+    _CACHE = OffsetCache()
     _A1111_ACTIVE: dict = {}  # the A1111 session of the running batch: runtime, cursor, sigma conversion
-    XYZ_FIELDS = {"alpha": "npo_alpha", "beta": "npo_beta", "negative": "npo_negative", "mode": "npo_mode"}
 
     def offset_dirs() -> list[str]:
         """models/npo first, then the WebUI's LoRA folder (`--lora-dir`)."""
@@ -70,8 +81,8 @@ if IN_WEBUI:
 
     def load_offsets(settings, family: str):
         dirs = offset_dirs()
-        eta = _CACHE.get(logic.resolve_offset_file(settings.positive, dirs), family) if settings.positive else None
-        delta = _CACHE.get(logic.resolve_offset_file(settings.negative, dirs), family) if settings.negative else None
+        eta = _CACHE.get(resolve_offset_file(settings.positive, dirs), family) if settings.positive else None
+        delta = _CACHE.get(resolve_offset_file(settings.negative, dirs), family) if settings.negative else None
         return eta, delta
 
     def describe_files(positive: str, negative: str) -> str:
@@ -79,17 +90,17 @@ if IN_WEBUI:
         lines = []
         family = None  # detected from the file: reading shared.sd_model here could trigger a model load
         for role, name in (("positive η", positive), ("negative δ / SNPO", negative)):
-            if not name or name == logic.NONE:
+            if not name or name == NONE:
                 continue
             try:
-                off = _CACHE.get(logic.resolve_offset_file(name, offset_dirs()), family)
-                lines.append(f"**{role}**: {logic.offset_summary(off, name)}")
+                off = _CACHE.get(resolve_offset_file(name, offset_dirs()), family)
+                lines.append(f"**{role}**: {offset_summary(off, name)}")
             except Exception as e:  # any failure is shown, e.g. a missing package
-                lines.append(f"**{role}**: error: {logic.error_text(e)}")
+                lines.append(f"**{role}**: error: {error_text(e)}")
         return "\n\n".join(lines)
 
     # ------------------------------------------------------------------------------------------
-    # A1111: one logic.A1111Session per batch; on_cfg_denoiser (registered once) starts each step
+    # A1111: one A1111Session per batch; on_cfg_denoiser (registered once) starts each step
     # ------------------------------------------------------------------------------------------
     def _a1111_on_cfg_denoiser(params) -> None:
         sess = _A1111_ACTIVE.get("session")
@@ -108,8 +119,8 @@ if IN_WEBUI:
     def _a1111_begin(p, settings, eta, delta) -> None:
         _a1111_end()
         dm = unet_module(p.sd_model)
-        plan, lines = logic.build_plan(settings, dm, eta, delta)
-        _A1111_ACTIVE["session"] = logic.A1111Session(dm, plan, p, logic.verify_log_from_env())
+        plan, lines = build_plan(settings, dm, eta, delta)
+        _A1111_ACTIVE["session"] = A1111Session(dm, plan, p, verify_log_from_env())
         print("[NPO] A1111: " + " | ".join(lines))
 
     def _a1111_end() -> None:
@@ -129,23 +140,9 @@ if IN_WEBUI:
     # X/Y/Z plot axes
     # ------------------------------------------------------------------------------------------
     def register_xyz_axes() -> None:
-        mod = next((d.module for d in scripts.scripts_data if d.script_class.__module__ in ("xyz_grid.py", "xyz_grid")),
-                   None)
-        if mod is None or any(getattr(o, "label", "").startswith("[NPO]") for o in mod.axis_options):
-            return
-
-        def setter(attr):
-            def apply(p, x, xs):
-                setattr(p, attr, x)
-            return apply
-
-        mod.axis_options.extend([
-            mod.AxisOption("[NPO] Alpha", float, setter(XYZ_FIELDS["alpha"])),
-            mod.AxisOption("[NPO] Beta", float, setter(XYZ_FIELDS["beta"])),
-            mod.AxisOption("[NPO] Negative offset", str, setter(XYZ_FIELDS["negative"]),
-                           choices=lambda: logic.list_offset_files(offset_dirs())),
-            mod.AxisOption("[NPO] Mode", str, setter(XYZ_FIELDS["mode"]), choices=lambda: list(logic.MODES)),
-        ])
+        mod = xyz_axes.find_xyz_module(scripts.scripts_data)
+        if mod is not None:
+            xyz_axes.add_axes(mod, lambda: list_offset_files(offset_dirs()))
 
     script_callbacks.on_cfg_denoiser(_a1111_on_cfg_denoiser)
     script_callbacks.on_before_ui(register_xyz_axes)
@@ -164,21 +161,21 @@ if IN_WEBUI:
             return scripts.AlwaysVisible
 
         def ui(self, is_img2img):
-            choices = [logic.NONE] + logic.list_offset_files(offset_dirs())
+            choices = [NONE] + list_offset_files(offset_dirs())
             tab = "img2img" if is_img2img else "txt2img"
             with gr.Accordion("NPO: negative preference offsets", open=False, elem_id=f"npo_suite_{tab}"):
                 with gr.Row():
                     enabled = gr.Checkbox(label="Enable NPO", value=False)
-                    mode = gr.Radio(list(logic.MODES), value="NPO", label="Mode",
+                    mode = gr.Radio(list(MODES), value="NPO", label="Mode",
                                     info="NPO: δ on the unconditional rows. SNPO: one model, empty-prompt unconditional.")
                 with gr.Row():
-                    positive = gr.Dropdown(choices, value=logic.NONE, label="Positive offset η (optional)",
+                    positive = gr.Dropdown(choices, value=NONE, label="Positive offset η (optional)",
                                            allow_custom_value=True)
-                    alpha = gr.Slider(0.0, 1.0, value=logic.ALPHA_DEFAULT, step=0.05, label="α (η on the negative branch, NPO)")
+                    alpha = gr.Slider(0.0, 1.0, value=ALPHA_DEFAULT, step=0.05, label="α (η on the negative branch, NPO)")
                 with gr.Row():
-                    negative = gr.Dropdown(choices, value=logic.NONE, label="Negative offset δ (NPO) / SNPO offset",
+                    negative = gr.Dropdown(choices, value=NONE, label="Negative offset δ (NPO) / SNPO offset",
                                            allow_custom_value=True)
-                    beta = gr.Slider(0.0, 1.0, value=logic.BETA_DEFAULT, step=0.05, label="β (δ strength)")
+                    beta = gr.Slider(0.0, 1.0, value=BETA_DEFAULT, step=0.05, label="β (δ strength)")
                 with gr.Row():
                     sigma_min = gr.Number(value=0.0, label="σ min (0 = no lower bound)")
                     sigma_max = gr.Number(value=0.0, label="σ max (0 = no upper bound)")
@@ -186,15 +183,15 @@ if IN_WEBUI:
                 note = gr.Markdown("")
 
             def refreshed():
-                files = [logic.NONE] + logic.list_offset_files(offset_dirs())
+                files = [NONE] + list_offset_files(offset_dirs())
                 return gr.update(choices=files), gr.update(choices=files)
 
             refresh.click(fn=refreshed, inputs=[], outputs=[positive, negative])
             for dd in (positive, negative):
                 dd.change(fn=describe_files, inputs=[positive, negative], outputs=[note])
-            k = logic.INFOTEXT_KEYS
+            k = INFOTEXT_KEYS
             self.infotext_fields = [
-                (enabled, lambda d: logic.paste_value(d, "enabled")),
+                (enabled, lambda d: paste_value(d, "enabled")),
                 (mode, k["mode"]), (positive, k["positive"]), (alpha, k["alpha"]), (negative, k["negative"]),
                 (beta, k["beta"]), (sigma_min, k["sigma_min"]), (sigma_max, k["sigma_max"]),
             ]
@@ -203,11 +200,7 @@ if IN_WEBUI:
 
         @staticmethod
         def settings(p, args):
-            s = logic.NPOSettings(*args[:8])
-            for field, attr in XYZ_FIELDS.items():  # X/Y/Z plot overrides
-                if hasattr(p, attr):
-                    setattr(s, field, getattr(p, attr))
-            return logic.NPOSettings(**logic.settings_dict(s))  # re-normalise overridden values
+            return xyz_axes.apply_overrides(NPOSettings(*args[:8]), p)  # X/Y/Z plot overrides
 
         def process(self, p, *args):
             _a1111_end()  # every generation starts clean: one whose sampling raised never reached postprocess
@@ -215,14 +208,14 @@ if IN_WEBUI:
             s = self.settings(p, args)
             if not s.enabled:
                 return
-            with logic.reported_errors(p.extra_generation_params, log):
+            with reported_errors(p.extra_generation_params, log):
                 s.validate()
                 if not is_forge(p.sd_model):
-                    refusal = logic.a1111_refusal(p.sd_model, getattr(p, "refiner_checkpoint", None))
+                    refusal = a1111_refusal(p.sd_model, getattr(p, "refiner_checkpoint", None))
                     if refusal:
                         raise ValueError(refusal)
                 eta, delta = load_offsets(s, model_family(p.sd_model))
-                logic.build_plan(s, unet_module(p.sd_model), eta, delta)  # refuse before anything runs
+                build_plan(s, unet_module(p.sd_model), eta, delta)  # refuse before anything runs
             p._npo_state = (s, eta, delta)
             p.extra_generation_params.update(s.infotext())
             if s.mode == "SNPO":
@@ -232,7 +225,7 @@ if IN_WEBUI:
             state = getattr(p, "_npo_state", None)
             if state is None or is_forge(p.sd_model):
                 return
-            with logic.reported_errors(p.extra_generation_params, log):
+            with reported_errors(p.extra_generation_params, log):
                 _a1111_begin(p, *state)
 
         def process_before_every_sampling(self, p, *args, **kwargs):  # Forge only (first pass and hires)
@@ -242,10 +235,10 @@ if IN_WEBUI:
             s, eta, delta = state
             unet = p.sd_model.forge_objects.unet.clone()
             dm = unet.model.diffusion_model
-            plan, lines = logic.build_plan(s, dm, eta, delta)
+            plan, lines = build_plan(s, dm, eta, delta)
             previous = unet.model_options.get("model_function_wrapper")
             unet.set_model_unet_function_wrapper(
-                logic.ForgeNPOWrapper(logic.NPORuntime(dm, plan), previous, logic.verify_log_from_env()))
+                ForgeNPOWrapper(NPORuntime(dm, plan), previous, verify_log_from_env()))
             p.sd_model.forge_objects.unet = unet
             print("[NPO] Forge: " + " | ".join(lines))
 

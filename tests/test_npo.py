@@ -15,7 +15,8 @@ from npo_suite.core.npo import (ALPHA_DEFAULT, COND, UNCOND, NPOSpec, chunk_kind
                                 row_groups, sigma_bound, snpo_group)
 from npo_suite.core.offsets.types import DenseDelta, LowRankDelta, Offset, delta_fits, delta_numel
 from npo_suite.diffusers_host import generate
-from npo_suite.webui.logic import NPOPlan, NPOSettings
+from npo_suite.webui.plan import NPOPlan
+from npo_suite.webui.settings import NPOSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def _literal_alpha_defaults(path: Path) -> list:
     return found
 
 
-@pytest.mark.parametrize("rel", ["nodes/sampling.py", "scripts/npo_webui.py", "webui/logic.py",
+@pytest.mark.parametrize("rel", ["nodes/sampling.py", "scripts/npo_webui.py", "webui/settings.py", "webui/plan.py",
                                  "diffusers_host/generate.py"])
 def test_no_front_door_writes_its_own_alpha_default(rel):
     assert _literal_alpha_defaults(ROOT / rel) == []

@@ -137,7 +137,7 @@ def test_trained_lora_metadata_in_inspect_and_reports(sd15_dir, tmp_path, capsys
     from npo_suite.core.offsets import load_offset
     from npo_suite.core.offsets.schema import metadata_lines
     from npo_suite.trainer.loop import train
-    from npo_suite.webui.logic import offset_summary
+    from npo_suite.webui.offset_notes import offset_summary
 
     cfg = tiny_cfg(sd15_dir, data_for("npo", tmp_path / "data"), tmp_path / "out", method="npo", steps=2, lam=0.8)
     backend = backend_for(sd15_dir, cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import types
 
 import pytest
 import torch
@@ -17,23 +18,17 @@ import torch.nn.functional as F
 from npo_suite.core.offsets import materialize, save_offset
 from npo_suite.core.offsets.keys import diffusers_to_ldm, unet_block_prefixes
 from npo_suite.core.offsets.types import LowRankDelta, Offset
-from npo_suite.webui import logic
-from npo_suite.webui.logic import (
-    A1111RowCursor,
-    A1111Session,
-    ForgeNPOWrapper,
-    NPORuntime,
-    NPOSettings,
-    OffsetCache,
-    VerifyLog,
-    a1111_uncond_flags,
-    build_plan,
-    forge_uncond_flags,
-    list_offset_files,
-    paste_value,
-    resolve_offset_file,
-    unet_deltas_to_ldm,
-)
+from npo_suite.webui import xyz_axes
+from npo_suite.webui.a1111_session import A1111Session, a1111_refusal
+from npo_suite.webui.forge_wrapper import ForgeNPOWrapper
+from npo_suite.webui.infotext import reported_errors
+from npo_suite.webui.ldm_keys import unet_deltas_to_ldm
+from npo_suite.webui.offset_files import OffsetCache, list_offset_files, resolve_offset_file
+from npo_suite.webui.plan import build_plan
+from npo_suite.webui.row_layouts import A1111RowCursor, a1111_uncond_flags, forge_uncond_flags
+from npo_suite.webui.runtime import NPORuntime
+from npo_suite.webui.settings import NONE, NPOSettings, paste_value
+from npo_suite.webui.verify import VerifyLog
 from torch import nn
 
 TOL = 1e-4
@@ -112,7 +107,7 @@ def test_infotext_round_trip_and_paste():
                     "NPO sigma max": "10"}
     assert NPOSettings.from_infotext(info) == s
     assert paste_value(info, "enabled") is True and paste_value(info, "beta") == 0.8
-    assert paste_value({"Steps": "20"}, "enabled") is False and paste_value({}, "negative") == logic.NONE
+    assert paste_value({"Steps": "20"}, "enabled") is False and paste_value({}, "negative") == NONE
     assert NPOSettings(False, negative="d.safetensors").infotext() == {}
     snpo = NPOSettings(True, "SNPO", negative="snpo.safetensors", alpha=0.7)
     assert snpo.infotext() == {"NPO mode": "SNPO", "NPO negative": "snpo.safetensors", "NPO beta": "1",
@@ -162,6 +157,36 @@ def test_offset_cache_rereads_changed_file(tmp_path, unet):
     f.write_bytes(b"22")
     cache.get(f, "sd1")
     assert len(calls) == 2 and calls[0][2] is False
+
+
+def test_xyz_axes_register_once_and_override_the_panel():
+    """The X/Y/Z plot script is found among the loaded scripts, gets the four NPO axes once, and an
+    axis value set on `p` replaces the panel's value (normalised again: "None" = no offset)."""
+    class AxisOption:
+        def __init__(self, label, type, apply, choices=None):
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    class XYZScript:
+        pass
+
+    XYZScript.__module__ = "xyz_grid.py"  # the WebUI loads scripts by file name
+    xyz = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)])
+    other = types.SimpleNamespace(script_class=NPOSettings, module=object())
+    data = [other, types.SimpleNamespace(script_class=XYZScript, module=xyz)]
+    assert xyz_axes.find_xyz_module(data) is xyz and xyz_axes.find_xyz_module([other]) is None
+    assert xyz_axes.add_axes(xyz, lambda: ["d.safetensors"]) is True
+    assert xyz_axes.add_axes(xyz, lambda: []) is False  # on_before_ui calls it again
+    axes = {o.label: o for o in xyz.axis_options}
+    assert list(axes) == ["Seed", "[NPO] Alpha", "[NPO] Beta", "[NPO] Negative offset", "[NPO] Mode"]
+    assert axes["[NPO] Negative offset"].choices() == ["d.safetensors"]
+    assert axes["[NPO] Mode"].choices() == ["NPO", "SNPO"]
+    p = types.SimpleNamespace()
+    axes["[NPO] Beta"].apply(p, "0.25", None)
+    axes["[NPO] Negative offset"].apply(p, "None", None)
+    panel = NPOSettings(True, "NPO", "", 0.5, "d.safetensors", 1.0)
+    s = xyz_axes.apply_overrides(panel, p)
+    assert (s.beta, s.negative, s.alpha, s.mode) == (0.25, "", 0.5, "NPO")
+    assert xyz_axes.apply_overrides(NPOSettings(True, negative="d", beta=0.6), types.SimpleNamespace()).beta == 0.6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,10 +381,10 @@ def test_a1111_refusals():
     class Model:
         cond_stage_key = "txt"
 
-    assert logic.a1111_refusal(Model(), None) is None and logic.a1111_refusal(Model(), "None") is None
-    assert "refiner" in logic.a1111_refusal(Model(), "sdxl_refiner.safetensors")
+    assert a1111_refusal(Model(), None) is None and a1111_refusal(Model(), "None") is None
+    assert "refiner" in a1111_refusal(Model(), "sdxl_refiner.safetensors")
     Model.cond_stage_key = "edit"
-    assert "InstructPix2Pix" in logic.a1111_refusal(Model(), None)
+    assert "InstructPix2Pix" in a1111_refusal(Model(), None)
 
 
 def test_errors_are_reported_never_swallowed(caplog):
@@ -368,13 +393,13 @@ def test_errors_are_reported_never_swallowed(caplog):
     params = {}
     with caplog.at_level(logging.ERROR, logger="npo_suite"):
         with pytest.raises(ModuleNotFoundError):
-            with logic.reported_errors(params, logging.getLogger("npo_suite")):
+            with reported_errors(params, logging.getLogger("npo_suite")):
                 raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
     assert "diffusers is not installed" in params["NPO error"] and "install.py" in params["NPO error"]
     assert "NPO error" in caplog.text and "diffusers" in caplog.text
     params = {}
     with pytest.raises(RuntimeError):
-        with logic.reported_errors(params, logging.getLogger("npo_suite")):
+        with reported_errors(params, logging.getLogger("npo_suite")):
             raise RuntimeError("a, b")
     assert params == {"NPO error": "a; b"}
 

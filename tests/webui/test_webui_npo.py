@@ -20,7 +20,7 @@ import pytest
 if not os.environ.get("WEBUI_PATH"):
     pytest.skip("WEBUI_PATH is not set (real-WebUI tests are opt-in, see docs/webui.md)", allow_module_level=True)
 
-from npo_suite.webui.logic import NPOSettings
+from npo_suite.webui.settings import NPOSettings
 
 RTOL_SAME, RTOL_DIFF = 1e-4, 1e-2
 
