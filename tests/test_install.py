@@ -75,3 +75,17 @@ def test_comfyui_serves_the_widget_folder_once():
     assert (web / "npo_pairs.js").is_file()
     comfy = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["comfy"]
     assert "web" not in comfy, "declare the web folder once (WEB_DIRECTORY), not also in [tool.comfy]"
+
+
+def test_pyproject_ships_every_package_and_the_installer_requirements():
+    """`pip install .` ships what the hosts import: every folder with an `__init__.py` (the WebUI
+    modules included) is a listed package, and install.py's requirements file is package data."""
+    import tomllib
+
+    def packages(folder: Path, name: str) -> list[str]:  # folders reached through __init__.py files only
+        return [name] + [p for d in sorted(folder.iterdir()) if (d / "__init__.py").is_file() and d.name != "tests"
+                         for p in packages(d, f"{name}.{d.name}")]
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert sorted(packages(ROOT, "npo_suite")) == sorted(setuptools["packages"])
+    assert _load_install().REQUIREMENTS in setuptools["package-data"]["npo_suite"]
