@@ -142,3 +142,14 @@ def test_load_model_asks_the_family(sd15_dir, sdxl_dir):
     b = load_model(sdxl_dir)
     assert b.family == "sdxl" and b.family_spec is SDXL and len(b.text_encoders) == 2
     assert load_model(sd15_dir).family_spec is SD1
+
+
+def test_weight_module_map_is_the_one_ldm_key_loop():
+    """diffusers -> LDM module paths from a state-dict key map (ComfyUI's unet_to_diffusers), .weight pairs only."""
+    from npo_suite.core.offsets.keys import weight_module_map
+
+    key_map = {"down_blocks.0.attentions.0.proj_in.weight": "input_blocks.1.1.proj_in.weight",
+               "down_blocks.0.attentions.0.proj_in.bias": "input_blocks.1.1.proj_in.bias",
+               "conv_in.weight": "input_blocks.0.0.weight", "odd.weight": "odd.scale"}
+    assert weight_module_map(key_map) == {"down_blocks.0.attentions.0.proj_in": "input_blocks.1.1.proj_in",
+                                          "conv_in": "input_blocks.0.0"}
