@@ -185,7 +185,7 @@ def _sweep_render(args, jobs):
 
     from ..diffusers_host.generate import Offsets, _load_offsets, sample, to_pil
     from ..core.npo import ALPHA_DEFAULT
-    from ..diffusers_host.loading import load_model
+    from ..families.loading import load_model
 
     bundle = load_model(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
                         tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)

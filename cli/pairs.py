@@ -68,7 +68,7 @@ def _model_source(args):
     import torch
 
     from ..diffusers_host.generate import _load_offsets, sample, to_pil
-    from ..diffusers_host.loading import load_model, model_fingerprint
+    from ..families.loading import load_model, model_fingerprint
     from ..evaluation.pairs import plan_jobs
 
     jobs, dups = plan_jobs(_items(args), args.samples_per_prompt, args.seed_start)

@@ -1,1 +1,1 @@
-"""The diffusers host: model loading and batch generation (`python -m npo_suite generate`)."""
+"""The diffusers host: batch generation (`python -m npo_suite generate`)."""

@@ -19,7 +19,7 @@ import torch
 
 from ..core.atomic import atomic_path
 from ..core.branch_lora import branch_offsets
-from ..core.conditioning import encode_text, vae_decode
+from ..core.conditioning import vae_decode
 from ..core.guidance import GUIDANCE, MODES, RESCALE_SPACES, guide, offset_active
 from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_groups
 from ..core.offsets.types import Offset
@@ -77,9 +77,8 @@ def encode_prompts(bundle, prompts: list[str], groups=None, rows=None) -> Cond:
     rows = list(rows) if rows is not None else [None] * len(prompts)
     dev = bundle.device
     with torch.no_grad():
-        hidden, pooled = encode_text(bundle.tokenizers, bundle.text_encoders, prompts, dev,
-                                     sdxl=bundle.family == "sdxl",
-                                     run=lambda i, te, ids: _run_te(te, i, ids, groups, rows))
+        hidden, pooled = bundle.family_spec.encode_text(bundle.tokenizers, bundle.text_encoders, prompts, dev,
+                                                        run=lambda i, te, ids: _run_te(te, i, ids, groups, rows))
         if pooled is None:
             return Cond(hidden.to(bundle.dtype))  # [B, L, D]
         if bundle.force_zeros_for_empty_prompt:
@@ -87,11 +86,6 @@ def encode_prompts(bundle, prompts: list[str], groups=None, rows=None) -> Cond:
             hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
         return Cond(hidden.to(bundle.dtype), {"text_embeds": pooled.to(bundle.dtype)})
-
-
-def _time_ids(batch: int, height: int, width: int, dtype, device) -> torch.Tensor:
-    """SDXL micro-conditioning (original size, crop top-left, target size), in pixels: [B, 6]."""
-    return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).repeat(batch, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +148,8 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
     width = width or unet.config.sample_size * ls
     if height % ls or width % ls:
         raise ValueError(f"height/width must be multiples of {ls}, got {height}x{width}")
-    added_extra = {"time_ids": _time_ids(2 * b, height, width, dt, dev)} if bundle.family == "sdxl" else {}
+    time_ids = bundle.family_spec.size_ids(2 * b, (height, width), dtype=dt, device=dev)  # SDXL: [2B, 6]
+    added_extra = {"time_ids": time_ids} if time_ids is not None else {}
     # 2. initial noise, one generator per seed
     sched = build_scheduler(scheduler, bundle.scheduler)
     sched.set_timesteps(steps, device=dev)
@@ -275,7 +270,7 @@ def _load_offsets(args, bundle) -> tuple[Offsets, dict]:
     from ..core.offsets import load_offset
 
     base = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
-    fam = bundle.family if bundle.family in ("sd1", "sdxl") else None
+    fam = bundle.family if bundle.family_spec.offsets is not None else None  # families with offset files
     loaded, info = {}, {}
     for key, path in (("pos", args.pos_offset), ("neg", args.neg_offset), ("snpo", args.snpo_offset)):
         if path:
@@ -315,7 +310,7 @@ def main(args) -> int:
     from tqdm import tqdm
 
     from .. import __version__
-    from ..diffusers_host.loading import load_model, model_fingerprint
+    from ..families.loading import load_model, model_fingerprint
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

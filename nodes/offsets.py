@@ -8,11 +8,16 @@ from comfy_api.latest import io
 
 from ..core.offsets.schema import metadata_lines
 from ..core.paths import safe_relative_name
+from ..families import FAMILIES
 from .sampling import NPOOffset
 
 NPO_FOLDER = "npo"  # models/npo, registered by the extension on load
 OFFSET_EXTENSIONS = {".safetensors", ".ckpt", ".pt", ".bin", ".pth"}
-FAMILIES = ["auto", "sd1", "sdxl"]
+
+
+def family_options() -> list[str]:
+    """The family dropdown: "auto" (detected from the file) and every family with offset files."""
+    return ["auto", *(name for name, f in FAMILIES.items() if f.offsets is not None)]
 
 
 def register_folder() -> None:
@@ -51,7 +56,7 @@ class LoadWeightOffset(io.ComfyNode):
             node_id="NPOSuite_LoadWeightOffset", display_name="Load Weight Offset", category="sampling/npo",
             description="Load an NPO / preference offset (kohya, PEFT/diffusers, ComfyUI keys, LoCon, full-weight diff) from models/loras or models/npo.",
             inputs=[io.Combo.Input("offset_name", options=offset_files()),
-                    io.Combo.Input("family", options=FAMILIES, default="auto"),
+                    io.Combo.Input("family", options=family_options(), default="auto"),
                     io.Boolean.Input("allow_pickle", default=False,
                                      tooltip="allow .ckpt/.pt/.bin (loaded with weights_only=True)")],
             outputs=[NPOOffset.Output(display_name="offset"), io.String.Output(display_name="report")],

@@ -9,7 +9,8 @@ import torch
 
 from npo_suite.core.schedule import gather, to_eps
 from npo_suite.trainer.backends.base import Backend
-from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions, resolve_targets
+from npo_suite.families import get_family
+from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import load_pipe  # noqa: E402
@@ -166,6 +167,7 @@ def test_encode_decode_pixel_space(sd15_dir):
 
 
 def test_target_presets():
+    resolve_targets = get_family("sd1").lora_target_modules
     assert resolve_targets("attn") == ["to_q", "to_k", "to_v", "to_out.0"]
     assert "ff.net.2" in resolve_targets("attn_ff") and "conv1" in resolve_targets("attn+conv")
     assert resolve_targets("to_q, to_v") == ["to_q", "to_v"]

@@ -411,12 +411,13 @@ def test_loss_curve_preview_is_small_and_robust():
 
 
 def test_memory_estimate_items():
-    from npo_suite.nodes.comfy.memory import ACT_BYTES_PER_LATENT_PIXEL, ACTIVATION_SLACK, estimate_training_memory
+    from npo_suite.families import get_family
+    from npo_suite.nodes.comfy.memory import ACTIVATION_SLACK, estimate_training_memory
 
     base = dict(family="sd1", resolution=512, batch_size=1, data_kind="pairs", policy_params=1000, adapter_params=0,
                 optimizer="adamw", gradient_checkpointing=False, precision="fp16", float32_base_params=0)
     e = estimate_training_memory(**base)
-    act = ACT_BYTES_PER_LATENT_PIXEL["sd1"] * 64 * 64 * 2 * ACTIVATION_SLACK  # 2 rows (winner, loser)
+    act = get_family("sd1").activation_bytes_per_latent_pixel * 64 * 64 * 2 * ACTIVATION_SLACK  # 2 rows (winner, loser)
     assert (e.lora, e.grads, e.optimizer, e.autocast_weights) == (4000, 4000, 8000, 0)
     assert e.activations == int(act) and e.total == 16000 + int(act)
     assert "GiB" in e.report() and "activations" in e.report()

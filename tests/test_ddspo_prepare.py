@@ -123,7 +123,7 @@ def test_sampler_equals_the_diffusers_pipeline(sd15):
     exactly what the diffusers DDIM pipeline gives for the same noise, prompts and guidance."""
     from diffusers import DDIMScheduler
 
-    from npo_suite.diffusers_host.loading import bundle_from_pipeline
+    from npo_suite.families.loading import bundle_from_pipeline
     from npo_suite.trainer.data.ddspo_prepare import PrepareConfig, _generate, _resolve_size
 
     cfg = PrepareConfig(model="x", steps=3, cfg=5.0)

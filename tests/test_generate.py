@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from npo_suite.diffusers_host import generate
-from npo_suite.diffusers_host.loading import CONFIG_DIR, load_model
+from npo_suite.families.base import CONFIG_DIR
+from npo_suite.families.loading import load_model
 from npo_suite.core.offsets.types import LowRankDelta, Offset
 from npo_suite.core.offsets import save_offset
 
@@ -100,7 +101,9 @@ def test_pixel_space_world(sd15_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from npo_suite.testing.tiny_models import unet_config_sd15
+    from npo_suite.world.plugin import register
 
+    register()  # the pixel-space family is the world's plug-in
     d = tmp_path / "world"
     for sub in ("text_encoder", "tokenizer", "scheduler"):
         shutil.copytree(sd15_dir / sub, d / sub)

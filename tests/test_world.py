@@ -64,7 +64,10 @@ def test_quick_build_layout_and_sd_interfaces(quick_world):
 
 
 def test_project_loader_reads_the_world(quick_world):
-    from npo_suite.diffusers_host import loading
+    from npo_suite.families import loading
+    from npo_suite.world.plugin import register
+
+    register()
     b = loading.load_model(str(quick_world))
     assert b.family == "world" and b.vae is None and b.prediction_type == "epsilon"
 
@@ -194,7 +197,10 @@ def test_shipped_world_base_model_is_clearly_imperfect():
     real held-out digits under the reward: preference methods have something to improve."""
     assert (wb.PACKAGE_WORLD_DIR / "world.json").is_file(), "the shipped world is missing (world/assets/digits_world)"
     from npo_suite.diffusers_host import generate as gen
-    from npo_suite.diffusers_host.loading import load_model
+    from npo_suite.families.loading import load_model
+    from npo_suite.world.plugin import register
+
+    register()
 
     d = wb.PACKAGE_WORLD_DIR
     rm = DigitsReward.for_world(d)

@@ -56,9 +56,9 @@ def method_names() -> tuple[str, ...]:
 
 def target_presets() -> tuple[str, ...]:
     """The LoRA target presets (`lora_targets` also takes a comma list of module names)."""
-    from .backends.diffusers import TARGET_PRESETS
+    from ..families.base import UNET_LORA_TARGETS
 
-    return tuple(TARGET_PRESETS)
+    return tuple(UNET_LORA_TARGETS)
 
 
 @dataclass

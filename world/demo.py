@@ -206,18 +206,20 @@ def method_grid(runs: dict[str, torch.Tensor], prompts: list[str], seeds: list[i
 # ----------------------------------------------------------------------------- the demo
 
 def run_demo(dc: DemoConfig, log=print) -> dict:
-    from ..diffusers_host.loading import load_model
+    from ..families.loading import load_model
     from ..core.offsets import load_offset
     from ..core.stats import PairedStats, markdown_table, paired_compare, plot_comparison
     from ..diffusers_host.generate import Offsets
     from .build import all_prompts, ensure_world
     from .pairs import make_pairs
+    from .plugin import register
     from .reward import DigitsReward
 
     t_start = time.time()
     out = Path(dc.out)
     out.mkdir(parents=True, exist_ok=True)
     world_dir = ensure_world(dc.world, log=log)
+    register()  # the world family (a plug-in), before loading its model
     bundle = load_model(str(world_dir))
     reward = DigitsReward.for_world(world_dir)
     timings = {}

@@ -128,13 +128,15 @@ class Context:
     """What every run shares: the world, the base model, the reward, the evaluation set, the data."""
 
     def __init__(self, rc: ResultsConfig, log):
-        from ..diffusers_host.loading import load_model
+        from ..families.loading import load_model
         from .build import ensure_world
+        from .plugin import register
         from .reward import DigitsReward
 
         self.rc, self.log, self.out = rc, log, Path(rc.out)
         self.world_dir = ensure_world(rc.world, log=log)
         self.world_id = _world_id(self.world_dir)
+        register()  # the world family (a plug-in), before loading its model
         self.bundle = load_model(str(self.world_dir))
         self.reward = DigitsReward.for_world(self.world_dir)
         base_prompts = eval_prompts(rc.eval_prompts)

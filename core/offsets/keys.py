@@ -25,8 +25,6 @@ import torch
 
 from .types import delta_fits
 
-FAMILY_NAMES = {"sd1": "SD1.x", "sdxl": "SDXL"}
-
 # Standard architectures (the published configs of runwayml/stable-diffusion-v1-5 and
 # stabilityai/stable-diffusion-xl-base-1.0), used when the caller gives no model.
 SD15_UNET = dict(
@@ -47,6 +45,54 @@ CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hid
               max_position_embeddings=77, projection_dim=768)
 CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                  num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+
+
+
+@dataclass(frozen=True)
+class OffsetLayout:
+    """How the offset files of one model family name its modules (the format facts a reader and a
+    writer need, with no model at hand). A model family (`families/`) points at its layout; a new
+    family with LoRA files defines one and `families.register_family` registers it here.
+
+    unet: the standard UNet2DConditionModel config (names and shapes of `Target.standard`);
+    text_encoders: component -> (transformers class name, CLIPTextConfig kwargs);
+    kohya_unet: "diffusers" (`lora_unet_<diffusers path>`, kohya sd-scripts SD1.x) or "ldm"
+      (`lora_unet_<LDM path>`, sd-scripts SDXL); kohya_te: component -> kohya key prefix;
+    base_model_version: the kohya `ss_base_model_version` written.
+    """
+
+    name: str
+    display_name: str
+    unet: dict
+    text_encoders: dict
+    kohya_unet: str
+    kohya_te: dict
+    base_model_version: str
+
+
+LAYOUTS: dict[str, OffsetLayout] = {}
+
+
+def register_layout(layout: OffsetLayout) -> OffsetLayout:
+    """Add (or replace) the offset layout of a family; returns it."""
+    if layout.kohya_unet not in ("diffusers", "ldm"):
+        raise ValueError(f"offset layout {layout.name!r}: kohya_unet must be 'diffusers' or 'ldm', got {layout.kohya_unet!r}")
+    LAYOUTS[layout.name] = layout
+    _standard_target.cache_clear()
+    return layout
+
+
+def get_layout(family: str, who: str = "") -> OffsetLayout:
+    """The offset layout of `family`; ValueError listing the known ones."""
+    if family not in LAYOUTS:
+        raise ValueError(f"{who}unknown family {family!r} (expected one of {sorted(LAYOUTS)})")
+    return LAYOUTS[family]
+
+
+def display_name(family: str | None) -> str:
+    """'SD1.x' for 'sd1' (the family's own spelling when it has no layout)."""
+    return LAYOUTS[family].display_name if family in LAYOUTS else str(family)
+
 
 # LDM ResBlock sub-module names -> diffusers ResnetBlock2D names.
 _RESNET_LDM = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -96,6 +142,14 @@ def unet_block_prefixes(config) -> dict[str, str]:
                 m[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{n}.{2 if 'Attn' in kind else 1}.conv"
             n += 1
     return m
+
+
+def weight_module_map(key_map) -> dict[str, str]:
+    """{diffusers module path: LDM module path} from a {diffusers state-dict key: LDM state-dict key}
+    map (ComfyUI's `comfy.utils.unet_to_diffusers(unet_config)`), keeping the `.weight` pairs, in the
+    map's order. The one home of this loop (ComfyUI sampling nodes and the ComfyUI training backend)."""
+    n = len(".weight")
+    return {dk[:-n]: lk[:-n] for dk, lk in key_map.items() if dk.endswith(".weight") and lk.endswith(".weight")}
 
 
 def diffusers_to_ldm(path: str, prefixes: dict[str, str]) -> str | None:
@@ -218,8 +272,13 @@ def canonical_te_path(name: str) -> str:
 
 
 def unet_family(config) -> str:
-    """'sdxl' for a UNet with SDXL's text_time added conditioning, else 'sd1'."""
-    return "sdxl" if _cfg_get(config, "addition_embed_type") == "text_time" else "sd1"
+    """The layout whose standard UNet has the same added conditioning (`addition_embed_type`) as
+    `config`: 'sdxl' for SDXL's text_time, else 'sd1'."""
+    kind = _cfg_get(config, "addition_embed_type")
+    for layout in LAYOUTS.values():
+        if layout.unet.get("addition_embed_type") == kind:
+            return layout.name
+    return next(iter(LAYOUTS))
 
 
 def _guess_unet_config(shapes: dict) -> dict:
@@ -237,21 +296,21 @@ def _guess_unet_config(shapes: dict) -> dict:
 
 @lru_cache(maxsize=8)
 def _standard_target(family: str, component: str) -> Target:
+    import transformers
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    if family not in FAMILY_NAMES:
-        raise ValueError(f"unknown model family {family!r} (expected one of {sorted(FAMILY_NAMES)})")
+    if family not in LAYOUTS:
+        raise ValueError(f"unknown model family {family!r} (expected one of {sorted(LAYOUTS)})")
+    layout = LAYOUTS[family]
     with torch.device("meta"):
         if component == "unet":
-            module = UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD15_UNET))
-        elif component == "te1":
-            module = CLIPTextModel(CLIPTextConfig(**CLIP_L))
-        elif component == "te2" and family == "sdxl":
-            module = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))
+            module = UNet2DConditionModel(**layout.unet)
+        elif component in layout.text_encoders:
+            cls_name, cfg = layout.text_encoders[component]
+            module = getattr(transformers, cls_name)(transformers.CLIPTextConfig(**cfg))
         else:
-            raise ValueError(f"{FAMILY_NAMES[family]} has no component {component!r}")
-    return Target.from_module(module, component, family=family, source=f"standard {FAMILY_NAMES[family]}")
+            raise ValueError(f"{layout.display_name} has no component {component!r}")
+    return Target.from_module(module, component, family=family, source=f"standard {layout.display_name}")
 
 
 def targets_from_base(base) -> dict[str, Target]:
@@ -419,8 +478,10 @@ def normalize_unet_state_dict(sd: dict[str, torch.Tensor], config=None) -> dict[
     if ldm_pre is None and not any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for k in keys):
         return {k[len("unet."):] if k.startswith("unet.") else k: v for k, v in sd.items()}
     sub = {(k[len(ldm_pre):] if ldm_pre else k): v for k, v in sd.items() if ldm_pre is None or k.startswith(ldm_pre)}
-    if config is None:
-        config = SDXL_UNET if any(k.startswith("label_emb.") for k in sub) else SD15_UNET
+    if config is None:  # the standard layout with (label_emb, LDM's add_embedding) or without added conditioning
+        added = any(k.startswith("label_emb.") for k in sub)
+        config = next((l.unet for l in LAYOUTS.values() if bool(l.unet.get("addition_embed_type")) == added),
+                      next(iter(LAYOUTS.values())).unet)
     inverse = {v: k for k, v in unet_block_prefixes(config).items()}
     out = {}
     for k, v in sub.items():
@@ -428,3 +489,17 @@ def normalize_unet_state_dict(sd: dict[str, torch.Tensor], config=None) -> dict[
         d = ldm_to_diffusers(mod, inverse)
         out[(d + "." + pname) if d else k] = v
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The offset layouts of the two standard families (kohya sd-scripts' own naming; the published
+# SD1.5 / SDXL base architectures). Their family modules (families/sd1.py, families/sdxl.py)
+# point at these; core keeps them because every offset reader needs them without a model.
+# ---------------------------------------------------------------------------------------------
+SD1_LAYOUT = register_layout(OffsetLayout(
+    name="sd1", display_name="SD1.x", unet=SD15_UNET, text_encoders={"te1": ("CLIPTextModel", CLIP_L)},
+    kohya_unet="diffusers", kohya_te={"te1": "lora_te_"}, base_model_version="sd_v1"))
+SDXL_LAYOUT = register_layout(OffsetLayout(
+    name="sdxl", display_name="SDXL", unet=SDXL_UNET,
+    text_encoders={"te1": ("CLIPTextModel", CLIP_L), "te2": ("CLIPTextModelWithProjection", CLIP_BIGG)},
+    kohya_unet="ldm", kohya_te={"te1": "lora_te1_", "te2": "lora_te2_"}, base_model_version="sdxl_base_v1-0"))

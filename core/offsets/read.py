@@ -10,9 +10,11 @@ import torch
 
 from ..finite import first_nonfinite
 from .keys import (
-    FAMILY_NAMES,
+    LAYOUTS,
     Target,
     canonical_te_path,
+    display_name,
+    get_layout,
     normalize_unet_state_dict,
     strip_peft_name,
     targets_from_base,
@@ -85,8 +87,8 @@ def offset_from_state_dict(sd: dict[str, torch.Tensor], base=None, *, name: str 
     """`load_offset` on tensors already in memory (`name` is used in messages). Refuses tensors
     holding NaN or inf (a diverged training run): ValueError naming `name` and the first bad key."""
     _check_tensors(sd, name)
-    if family is not None and family not in FAMILY_NAMES:
-        raise ValueError(f"{name}: unknown family {family!r} (expected one of {sorted(FAMILY_NAMES)})")
+    if family is not None:
+        get_layout(family, f"{name}: ")
     entries, fmt, skipped = _parse_keys(sd, name)
     if fmt == "full_unet":
         return _full_unet_offset(sd, base, name, strict, metadata or {})
@@ -102,7 +104,7 @@ def offset_from_state_dict(sd: dict[str, torch.Tensor], base=None, *, name: str 
     ref_family = model_family or family
     if file_family and ref_family and file_family != ref_family:
         who = "the model is" if model_family else "the requested family is"
-        notes.append(f"the file looks like {FAMILY_NAMES[file_family]} but {who} {FAMILY_NAMES[ref_family]}")
+        notes.append(f"the file looks like {display_name(file_family)} but {who} {display_name(ref_family)}")
     if mismatched:
         head = "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in mismatched[:_MAX_LISTED])
         fams = f" ({notes[0]})" if notes else ""
@@ -293,8 +295,8 @@ def detect_family(entries, sd) -> str | None:
 
 def _best_standard_family(entries, sd) -> str:
     """Without a model or a decisive sign: the standard family that matches the most keys."""
-    best, best_score = "sd1", None
-    for fam in ("sd1", "sdxl"):
+    best, best_score = next(iter(LAYOUTS)), None
+    for fam in LAYOUTS:
         _, unmatched, mism = _assemble(entries, sd, {}, fam, "<probe>")
         score = (len(unmatched) + len(mism))
         if best_score is None or score < best_score:
@@ -304,8 +306,8 @@ def _best_standard_family(entries, sd) -> str:
 
 def _target_desc(targets, fam) -> str:
     if targets:
-        return f"given model ({FAMILY_NAMES.get(fam, fam)})"
-    return f"standard {FAMILY_NAMES.get(fam, fam)} architecture"
+        return f"given model ({display_name(fam)})"
+    return f"standard {display_name(fam)} architecture"
 
 
 def _target_for(targets: dict, fam: str, comp: str) -> Target | None:

@@ -11,13 +11,13 @@ from ..atomic import save_safetensors
 from ..finite import first_nonfinite
 
 from .keys import (
-    FAMILY_NAMES,
     Target,
     canonical_te_path,
+    get_layout,
     strip_peft_name,
     targets_from_base,
 )
-from .schema import BASE_MODEL_VERSION, FORMATS, metadata_value, validate_metadata
+from .schema import FORMATS, metadata_value, validate_metadata
 from .types import Delta, DenseDelta, LowRankDelta, Offset, _shape_fits, delta_shape
 
 
@@ -52,7 +52,7 @@ def build_metadata(offset: Offset, family: str, path: Path, metadata: dict | Non
     meta = {k: v for k, v in (offset.metadata or {}).items() if isinstance(v, str)}
     ranks = sorted({d.rank for c in offset.components().values() for d in c.values() if isinstance(d, LowRankDelta)})
     alphas = sorted({d.scale * d.rank for c in offset.components().values() for d in c.values() if isinstance(d, LowRankDelta)})
-    meta.update({"ss_network_module": "networks.lora", "ss_base_model_version": BASE_MODEL_VERSION[family],
+    meta.update({"ss_network_module": "networks.lora", "ss_base_model_version": get_layout(family).base_model_version,
                  "ss_output_name": path.stem})
     if ranks:
         meta["ss_network_dim"] = str(ranks[-1])
@@ -101,8 +101,7 @@ def offset_to_state_dict(offset: Offset, *, format: str = "kohya", base=None, fa
         raise ValueError(f"{len(dense)} dense (full-weight) deltas cannot be saved as a LoRA ({', '.join(dense[:3])}): "
                          "use format='diff' or extract_lora() first")
     fam = family or _family_of_offset(offset, base)
-    if fam not in FAMILY_NAMES:
-        raise ValueError(f"unknown family {fam!r} (expected one of {sorted(FAMILY_NAMES)})")
+    get_layout(fam)
     if not any(offset.components().values()):
         raise ValueError("the offset is empty: nothing to save")
     out: dict[str, torch.Tensor] = {}
@@ -157,13 +156,14 @@ def _plain_lora(d: LowRankDelta) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _kohya_names(comp: str, mods: dict, fam: str, base) -> dict[str, str]:
     """Module path -> kohya LoRA name (`lora_unet_...`, `lora_te_...`, `lora_te1_...`)."""
+    layout = get_layout(fam)
     if comp != "unet":
-        pre = "lora_te_" if (comp == "te1" and fam == "sd1") else f"lora_{comp}_"
+        pre = layout.kohya_te.get(comp, f"lora_{comp}_")
         return {p: pre + p.replace(".", "_") for p in mods}
-    if fam == "sd1":
+    if layout.kohya_unet == "diffusers":
         return {p: "lora_unet_" + p.replace(".", "_") for p in mods}
     targets = targets_from_base(base) if base is not None else {}
-    target = targets.get("unet") or Target.standard("sdxl", "unet")
+    target = targets.get("unet") or Target.standard(fam, "unet")
     to_ldm = target.to_ldm()
     out, bad = {}, []
     for p, d in mods.items():

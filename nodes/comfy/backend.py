@@ -39,7 +39,9 @@ from typing import Callable
 
 import torch
 
+from ...core.offsets.keys import weight_module_map
 from ...core.schedule import gather, to_eps
+from ...families import FAMILIES, detect_unet_config
 from ...trainer.batches import Cond
 from ...trainer.backends.diffusers import POLICY, BackendOptions, DiffusersBackend
 
@@ -91,9 +93,9 @@ def view_config(paths) -> dict:
             for i in range(n_down)]
     up = ["CrossAttnUpBlock2D" if any(p.startswith(f"up_blocks.{i}.attentions.") for p in paths) else "UpBlock2D"
           for i in range(n_up)]
-    sdxl = any(p.startswith("add_embedding.") for p in paths)
+    added = any(p.startswith("add_embedding.") for p in paths)  # SDXL-style text_time added conditioning
     return {"down_block_types": down, "up_block_types": up, "layers_per_block": lpb,
-            "addition_embed_type": "text_time" if sdxl else None}
+            "addition_embed_type": "text_time" if added else None}
 
 
 def network_ordered(modules: dict[str, torch.nn.Module], network: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -184,8 +186,9 @@ class ComfyBackend(DiffusersBackend):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{source}: prediction type {prediction_type!r} is not trainable here "
                              "(expected an eps- or v-prediction SD1.x/SDXL model)")
-        if family not in ("sd1", "sdxl"):
-            raise ValueError(f"{source}: unsupported model family {family!r} (expected sd1 or sdxl)")
+        if family not in FAMILIES or not FAMILIES[family].latent or FAMILIES[family].offsets is None:
+            known = [n for n, f in FAMILIES.items() if f.latent and f.offsets is not None]
+            raise ValueError(f"{source}: unsupported model family {family!r} (expected {' or '.join(known)})")
         self.device = torch.device(device)
         self.family, self.prediction_type, self.source = family, prediction_type, source
         self.abar = abar.to(torch.float64).cpu()
@@ -242,16 +245,15 @@ class ComfyBackend(DiffusersBackend):
                              "trainer supports SD1.x / SDXL eps- or v-prediction models")
         unet_config = base.model_config.unet_config
         modules, missing = {}, []
-        for dk, lk in comfy.utils.unet_to_diffusers(unet_config).items():
-            if not (dk.endswith(".weight") and lk.endswith(".weight")):
-                continue
+        for dk, lk in weight_module_map(comfy.utils.unet_to_diffusers(unet_config)).items():
             try:
-                modules[dk[:-7]] = dm.get_submodule(lk[:-7])
+                modules[dk] = dm.get_submodule(lk)
             except AttributeError:
-                missing.append(lk)
+                missing.append(lk + ".weight")
         if not modules:
             raise ValueError(f"{type(base).__name__}: no UNet module maps to a diffusers name; is this an SD1.x/SDXL model?")
-        family = "sdxl" if unet_config.get("adm_in_channels") else "sd1"
+        spec = detect_unet_config(unet_config)
+        family = spec.name
         sigmas = base.model_sampling.sigmas.detach().to("cpu", torch.float64)  # [T]
         abar = 1.0 / (1.0 + sigmas ** 2)
         mm.load_models_gpu([patcher], force_full_load=True)
@@ -270,7 +272,7 @@ class ComfyBackend(DiffusersBackend):
         def forward(x, t, cond: Cond):
             ensure_loaded()
             y = None
-            if family == "sdxl":  # ComfyUI SDXL.encode_adm: pooled text + Timestep(256) of the 6 size numbers
+            if spec.pooled and spec.time_ids:  # ComfyUI SDXL.encode_adm: pooled text + Timestep(256) of the 6 size numbers
                 ids = cond.added["time_ids"].to(device, torch.float32)  # [B, 6]
                 emb = embedder(ids.reshape(-1)).reshape(ids.shape[0], -1)  # [B, 1536]
                 y = torch.cat([cond.added["text_embeds"].to(device, torch.float32), emb.to(device)], dim=1).to(dtype)
@@ -406,10 +408,10 @@ class ComfyBackend(DiffusersBackend):
     def encode_prompts(self, prompts: list[str]) -> Cond:
         hidden, pooled = self._encode_text(list(prompts))
         h = lcm_cat(hidden).to(self.device)  # [B, L, D]
-        if self.family != "sdxl":
+        if not self.spec.pooled:
             return Cond(h)
         if any(p is None for p in pooled):
-            raise ValueError(f"{self.source}: the CLIP model returned no pooled output; SDXL needs it")
+            raise ValueError(f"{self.source}: the CLIP model returned no pooled output; {self.spec.display_name} needs it")
         return Cond(h, {"text_embeds": torch.cat(pooled).to(self.device), "time_ids": self.time_ids(len(prompts))})
 
     @torch.no_grad()

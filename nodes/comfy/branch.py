@@ -22,7 +22,7 @@ import comfy.samplers
 import comfy.utils
 
 from ...core.npo import NPOSpec, match_deltas, npo_groups
-from ...core.offsets.keys import ClipKeyMap, clip_coverage_line, comfy_clip_deltas
+from ...core.offsets.keys import ClipKeyMap, clip_coverage_line, comfy_clip_deltas, weight_module_map
 from ...core.offsets.types import LowRankDelta, Offset, coverage_line
 from .rows import NPOBranchWrapper
 
@@ -32,12 +32,7 @@ from .rows import NPOBranchWrapper
 # ---------------------------------------------------------------------------------------------
 def diffusers_to_ldm_modules(model_patcher) -> dict[str, str]:
     """diffusers UNet module path -> LDM module path inside `diffusion_model`."""
-    unet_config = model_patcher.model.model_config.unet_config
-    out = {}
-    for dk, lk in comfy.utils.unet_to_diffusers(unet_config).items():
-        if dk.endswith(".weight") and lk.endswith(".weight"):
-            out[dk[: -len(".weight")]] = lk[: -len(".weight")]
-    return out
+    return weight_module_map(comfy.utils.unet_to_diffusers(model_patcher.model.model_config.unet_config))
 
 
 def unet_deltas_ldm(offset: Offset | None, model_patcher) -> tuple[dict, list[str]]:

@@ -16,8 +16,8 @@ import torch
 # ~30 channel-widths: norms, q/k/v, attention out, GEGLU 8C + 4C + 4C; per ResNet ~7; x1.5 for
 # float32 norm statistics and residual copies), summed over the UNet levels at their resolution
 # (SD1.x: 320/640/1280 ch, attention on levels 0-2; SDXL: 320/640/1280 ch, 0/2/10 transformer
-# blocks). Not calibrated on a GPU: a planning figure, with ACTIVATION_SLACK for the allocator.
-ACT_BYTES_PER_LATENT_PIXEL = {"sd1": 350e3, "sdxl": 650e3}
+# blocks). Not calibrated on a GPU: a planning figure, with ACTIVATION_SLACK for the allocator. The figure is
+# the family's (`Family.activation_bytes_per_latent_pixel`: SD1.x 350e3, SDXL 650e3).
 ACTIVATION_SLACK = 1.3
 CHECKPOINTED_FRACTION = 0.15  # per-block checkpointing: block inputs + the largest block's recompute
 POLICY_ROWS = {"pairs": 2, "images_or_prompts": 1, "prompts_with_winners": 2}  # rows per sample with grad
@@ -44,6 +44,19 @@ class MemoryEstimate:
         return f"training memory estimate {self.total / 2**30:.2f} GiB ({parts})"
 
 
+def _activation_bytes(family: str) -> float:
+    from ...families import FAMILIES, get_family
+
+    try:
+        per_pixel = get_family(family).activation_bytes_per_latent_pixel
+    except ValueError:
+        per_pixel = None
+    if per_pixel is None:
+        known = sorted(n for n, f in FAMILIES.items() if f.activation_bytes_per_latent_pixel is not None)
+        raise ValueError(f"memory estimate: unknown family {family!r} (expected {known})")
+    return per_pixel
+
+
 def estimate_training_memory(*, family: str, resolution: int, batch_size: int, data_kind: str, policy_params: int,
                              adapter_params: int, optimizer: str, gradient_checkpointing: bool, precision: str,
                              float32_base_params: int = 0) -> MemoryEstimate:
@@ -51,13 +64,12 @@ def estimate_training_memory(*, family: str, resolution: int, batch_size: int, d
 
     policy_params / adapter_params: trainable LoRA parameters / those of the frozen extra adapters (ref, ema).
     float32_base_params: base weights held in float32 (autocast caches a 2-byte copy of each under fp16/bf16)."""
-    if family not in ACT_BYTES_PER_LATENT_PIXEL:
-        raise ValueError(f"memory estimate: unknown family {family!r} (expected {sorted(ACT_BYTES_PER_LATENT_PIXEL)})")
+    per_pixel = _activation_bytes(family)
     if data_kind not in POLICY_ROWS:
         raise ValueError(f"memory estimate: unknown data kind {data_kind!r} (expected {sorted(POLICY_ROWS)})")
     low = precision in ("fp16", "bf16")
     rows = POLICY_ROWS[data_kind] * batch_size
-    act = ACT_BYTES_PER_LATENT_PIXEL[family] * (resolution // 8) ** 2 * rows * (1 if low else 2) * ACTIVATION_SLACK
+    act = per_pixel * (resolution // 8) ** 2 * rows * (1 if low else 2) * ACTIVATION_SLACK
     if gradient_checkpointing:
         act *= CHECKPOINTED_FRACTION
     return MemoryEstimate(lora=4 * (policy_params + adapter_params), grads=4 * policy_params,

@@ -288,7 +288,7 @@ def test_comfyui_and_cli_runs_agree(comfy, datasets, tmp_path):
     one token: softmax over one key is constant, the true gradient of q and k is exactly zero, and AdamW
     turns each implementation's round-off there into lr-sized steps (observed rel difference ~1.0).
     """
-    from npo_suite.diffusers_host.loading import load_model
+    from npo_suite.families.loading import load_model
     from npo_suite.core.offsets.types import Offset
     from npo_suite.core.offsets import load_offset, offset_from_peft, save_offset
     from npo_suite.nodes.comfy import session

@@ -19,7 +19,7 @@ from ..batches import Cond
 
 @runtime_checkable
 class Backend(Protocol):
-    family: str  # "sd1", "sdxl", "world"
+    family: str  # a registered model family ("sd1", "sdxl", a plug-in's): families.get_family(family)
     prediction_type: str  # of the underlying network: "epsilon" or "v_prediction"
     abar: torch.Tensor  # [T] float64, alphas_cumprod of the model's own schedule
     device: torch.device

@@ -23,38 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
 
-from ...core.conditioning import encode_text, vae_decode
+from ...core.conditioning import vae_decode
 from ...core.schedule import abar_from_scheduler, gather, to_eps
+from ...families import Family, family_with_text_encoders, get_family
 from ..batches import Cond
 
 POLICY = "policy"
-
-# LoRA target-module presets (module-name suffixes matched by PEFT).
-TARGET_PRESETS: dict[str, list[str]] = {
-    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    "attn_ff+conv": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
-                     "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "time_emb_proj"],
-}
-TARGET_PRESETS["attn+conv"] = TARGET_PRESETS["attn"] + ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out"]
-
-
-def resolve_targets(targets: str | list[str]) -> list[str]:
-    """A preset name ("attn", "attn_ff", "attn+conv", "attn_ff+conv") or a comma list of module suffixes."""
-    if isinstance(targets, (list, tuple)):
-        return list(targets)
-    if targets in TARGET_PRESETS:
-        return list(TARGET_PRESETS[targets])
-    names = [s.strip() for s in targets.split(",") if s.strip()]
-    if not names:
-        raise ValueError(f"lora targets {targets!r}: expected a preset ({', '.join(TARGET_PRESETS)}) or module names")
-    return names
-
 
 @dataclass
 class LoraOptions:
@@ -84,7 +62,7 @@ class DiffusersBackend:
         self.device = torch.device(device)
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
-        self.family = family or ("sdxl" if len(self.text_encoders) == 2 else "sd1")
+        self.family = family or family_with_text_encoders(len(self.text_encoders)).name
         self.prediction_type = prediction_type or scheduler.config.prediction_type
         self.abar = abar_from_scheduler(scheduler)
         for m in [*self.text_encoders, *([vae] if vae is not None else []), unet]:
@@ -110,6 +88,11 @@ class DiffusersBackend:
         self._activate(POLICY)
         self._null: Cond | None = None
 
+    @property
+    def spec(self) -> Family:
+        """The model family (`families.get_family(self.family)`): text encoding, null conditioning, LoRA targets."""
+        return get_family(self.family)
+
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_pipeline(cls, pipe, **kwargs) -> "DiffusersBackend":
@@ -122,23 +105,17 @@ class DiffusersBackend:
 
     @classmethod
     def from_bundle(cls, bundle, **kwargs) -> "DiffusersBackend":
-        """From `diffusers_host.loading.ModelBundle` (its `force_zeros_for_empty_prompt` picks the SDXL ∅)."""
-        if bundle.family == "sdxl":
+        """From `families.loading.ModelBundle` (its `force_zeros_for_empty_prompt` picks the SDXL ∅)."""
+        if get_family(bundle.family).force_zeros_for_empty_prompt:
             kwargs["options"] = _with_null(kwargs.get("options"), getattr(bundle, "force_zeros_for_empty_prompt", True))
         return cls(bundle.unet, bundle.text_encoders, bundle.tokenizers, bundle.scheduler, bundle.vae,
                    family=bundle.family, prediction_type=bundle.prediction_type, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "DiffusersBackend":
-        """A diffusers folder or a single-file checkpoint, through `diffusers_host.loading.load_model`."""
-        try:
-            from ...diffusers_host.loading import load_model
-        except ImportError:  # diffusers_host.loading not installed in this build: diffusers folders only
-            from diffusers import DiffusionPipeline
+        """A diffusers folder or a single-file checkpoint, through `families.loading.load_model`."""
+        from ...families.loading import load_model
 
-            if not (Path(path) / "model_index.json").is_file():
-                raise FileNotFoundError(f"{path}: not a diffusers folder (no model_index.json)") from None
-            return cls.from_pipeline(DiffusionPipeline.from_pretrained(str(path)), **kwargs)
         return cls.from_bundle(load_model(path), **kwargs)
 
     def _make_lora_config(self, lora: LoraOptions):
@@ -146,7 +123,7 @@ class DiffusersBackend:
 
         if lora.rank < 1:
             raise ValueError(f"lora rank must be >= 1, got {lora.rank}")
-        return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=resolve_targets(lora.targets),
+        return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=self.spec.lora_target_modules(lora.targets),
                           init_lora_weights="gaussian")
 
     def _tuner_layers(self) -> list:
@@ -286,7 +263,7 @@ class DiffusersBackend:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         prompts = list(prompts)
-        hidden, pooled = encode_text(self.tokenizers, self.text_encoders, prompts, self.device, sdxl=self.family == "sdxl")
+        hidden, pooled = self.spec.encode_text(self.tokenizers, self.text_encoders, prompts, self.device)
         if pooled is None:
             return Cond(hidden.float())  # [B, L, D]
         return Cond(hidden.float(),  # [B, L, D1 + D2]
@@ -295,7 +272,7 @@ class DiffusersBackend:
     def null_cond(self, batch_size: int) -> Cond:
         if self._null is None:
             c = self.encode_prompts([""])
-            if self.family == "sdxl" and self.options.sdxl_null == "zeros":
+            if self.spec.force_zeros_for_empty_prompt and self.options.sdxl_null == "zeros":
                 c = Cond(torch.zeros_like(c.hidden), {"text_embeds": torch.zeros_like(c.added["text_embeds"]),
                                                       "time_ids": c.added["time_ids"]})
             self._null = c
@@ -334,7 +311,7 @@ class DiffusersBackend:
     def lora_metadata(self) -> dict[str, str]:
         o = self.options.lora
         return {"lora_rank": str(o.rank), "lora_alpha": str(o.alpha),
-                "lora_targets": ",".join(resolve_targets(o.targets)), "family": self.family}
+                "lora_targets": ",".join(self.spec.lora_target_modules(o.targets)), "family": self.family}
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self._params[POLICY])

@@ -30,7 +30,7 @@ from typing import Iterable
 import torch
 
 from ...core.conditioning import vae_decode
-from ...diffusers_host.loading import bundle_from_pipeline
+from ...families.loading import bundle_from_pipeline
 from ...core.atomic import atomic_path, write_text
 from .cache import LatentCache, save_item
 from .prompts import PromptsFile
@@ -152,7 +152,7 @@ def prepare(pipe, records: Iterable[PromptRecord], out_dir: str | os.PathLike, c
     rewriter = build_rewriter(cfg.rewriter, cfg.min_frac, cfg.max_frac, cfg.rewriter_path)
     bundle = bundle_from_pipeline(pipe)
     size = _resolve_size(pipe, cfg)
-    guidance = cfg.cfg if cfg.cfg is not None else (5.0 if hasattr(pipe, "text_encoder_2") else 7.5)
+    guidance = cfg.cfg if cfg.cfg is not None else bundle.family_spec.default_cfg
     dtype = DTYPES[cfg.store_dtype]
     stats = {"done": 0, "skipped_done": 0}
     pending: list[PromptRecord] = []

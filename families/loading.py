@@ -1,9 +1,11 @@
-"""Load a model for sampling: a diffusers folder, a single-file checkpoint, or a pixel-space world.
+"""Load a model for sampling or training: a diffusers folder, a single-file checkpoint, or a
+pixel-space folder of a plug-in family (the digits world).
 
 `load_model(path)` returns a `ModelBundle` (UNet, text encoder(s), tokenizer(s), VAE or None,
 scheduler, family, prediction type). Nothing is downloaded: single-file checkpoints are
-converted with the architecture configs shipped in `configs/sd15` and `configs/sdxl`, and the
-tokenizer (not stored in a single file) comes from a user folder (`tokenizer=`).
+converted with the architecture configs shipped in `configs/<family.config_dir>` (`configs/sd15`,
+`configs/sdxl`), and the tokenizer (not stored in a single file) comes from a user folder
+(`tokenizer=`). What differs per family is asked of the family (`families.base.Family`).
 """
 from __future__ import annotations
 
@@ -14,9 +16,18 @@ from pathlib import Path
 
 import torch
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from .base import (
+    CONFIG_DIR,
+    FAMILIES,
+    Family,
+    detect_folder,
+    detect_single_file,
+    family_with_text_encoders,
+    get_family,
+    read_model_index,
+)
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-FAMILIES = ("sd1", "sdxl", "world")
 
 
 @dataclass
@@ -33,6 +44,11 @@ class ModelBundle:
     source: str
     force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: the null conditioning is zeros
     extra: dict = field(default_factory=dict)
+
+    @property
+    def family_spec(self) -> Family:
+        """The registered `Family` called `family`."""
+        return get_family(self.family)
 
     @property
     def device(self) -> torch.device:
@@ -60,48 +76,41 @@ def _load_tokenizer(path: str | os.PathLike, source: str):
     return CLIPTokenizer.from_pretrained(str(p))
 
 
-def _detect_single_file_family(path: Path) -> str:
+def _detect_single_file_family(path: Path) -> Family:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.") for k in keys):
-        return "sd1"
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        raise ValueError(f"{path}: an LDM checkpoint without text-encoder weights; pass family='sd1' or 'sdxl'")
-    raise ValueError(f"{path}: not an SD1.x/SDXL single-file checkpoint (no model.diffusion_model.* keys); "
-                     f"for a diffusers model pass its folder")
+    return detect_single_file(keys, path)
 
 
 def _from_folder(path: Path, family: str | None, dtype, device, tokenizer) -> ModelBundle:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    index = {}
-    if (path / "model_index.json").exists():
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    index = read_model_index(path)
     for sub in ("unet", "scheduler", "text_encoder"):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"{path}: not a diffusers model folder (missing {sub}/)")
+    fam = detect_folder(path)
+    if fam is None:
+        raise ValueError(f"{path}: no registered model family has this folder layout (known: {sorted(FAMILIES)})")
+    if family is not None and family != fam.name:
+        get_family(family)
+        raise ValueError(f"{path}: looks like a {fam.name!r} model but family={family!r} was requested")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
     tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)]
-    xl = (path / "text_encoder_2").is_dir()
-    if xl:
+    if fam.text_encoders == 2:
         tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype))
     if tokenizer is not None:
         toks = [_load_tokenizer(tokenizer, str(path))] * len(tes)
     else:
         toks = [_load_tokenizer(path / "tokenizer", str(path))]
-        if xl:
+        if fam.text_encoders == 2:
             toks.append(_load_tokenizer(path / ("tokenizer_2" if (path / "tokenizer_2").is_dir() else "tokenizer"), str(path)))
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if (path / "vae").is_dir() else None
-    detected = "world" if vae is None else ("sdxl" if xl else "sd1")
-    if family is not None and family != detected:
-        raise ValueError(f"{path}: looks like a {detected!r} model but family={family!r} was requested")
-    return _bundle(unet, tes, toks, vae, _load_scheduler(path / "scheduler"), detected, str(path), device,
-                   bool(index.get("force_zeros_for_empty_prompt", xl)))
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if fam.latent else None
+    return _bundle(unet, tes, toks, vae, _load_scheduler(path / "scheduler"), fam.name, str(path), device,
+                   bool(index.get("force_zeros_for_empty_prompt", fam.force_zeros_for_empty_prompt)))
 
 
 def _load_scheduler(folder: Path):
@@ -118,37 +127,38 @@ def _load_scheduler(folder: Path):
 
 
 def _from_single_file(path: Path, family: str | None, dtype, device, tokenizer, config: str | None) -> ModelBundle:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     if tokenizer is None:
         raise ValueError(f"{path}: a single-file checkpoint holds no tokenizer; pass tokenizer=DIR (CLI: --tokenizer DIR), "
                          f"a folder with the CLIP tokenizer's vocab.json and merges.txt")
     tok = _load_tokenizer(tokenizer, str(path))
-    family = family or _detect_single_file_family(path)
-    if family not in ("sd1", "sdxl"):
-        raise ValueError(f"{path}: single-file checkpoints must be family 'sd1' or 'sdxl', got {family!r}")
-    cfg_dir = Path(config) if config else CONFIG_DIR / ("sdxl" if family == "sdxl" else "sd15")
+    fam = get_family(family) if family is not None else _detect_single_file_family(path)
+    if fam.single_file_pipeline is None:
+        known = [f.name for f in FAMILIES.values() if f.single_file_pipeline]
+        raise ValueError(f"{path}: single-file checkpoints must be family {' or '.join(repr(n) for n in known)}, "
+                         f"got {fam.name!r}")
+    cfg_dir = Path(config) if config else CONFIG_DIR / fam.config_dir
     if not (cfg_dir / "model_index.json").exists():
         raise FileNotFoundError(f"{cfg_dir}: no model_index.json (config folder for {path})")
-    if family == "sdxl":
-        pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(cfg_dir), tokenizer=tok, tokenizer_2=tok,
-                                                          torch_dtype=dtype, local_files_only=True)
-        tes = [pipe.text_encoder, pipe.text_encoder_2]
-    else:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(cfg_dir), tokenizer=tok, safety_checker=None,
-                                                        requires_safety_checker=False, torch_dtype=dtype, local_files_only=True)
-        tes = [pipe.text_encoder]
-    return _bundle(pipe.unet, tes, [tok] * len(tes), pipe.vae, pipe.scheduler, family, str(path), device, family == "sdxl")
+    extra = {f"tokenizer_{i + 1}": tok for i in range(1, fam.text_encoders)}
+    if fam.text_encoders == 1:  # the SD pipeline's safety checker is not part of the model
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, fam.single_file_pipeline).from_single_file(
+        str(path), config=str(cfg_dir), tokenizer=tok, **extra, torch_dtype=dtype, local_files_only=True)
+    tes = [pipe.text_encoder] + [getattr(pipe, f"text_encoder_{i + 1}") for i in range(1, fam.text_encoders)]
+    return _bundle(pipe.unet, tes, [tok] * len(tes), pipe.vae, pipe.scheduler, fam.name, str(path), device,
+                   fam.force_zeros_for_empty_prompt)
 
 
 def bundle_from_pipeline(pipe, source: str = "pipeline") -> ModelBundle:
     """A ModelBundle over a diffusers SD1.x / SDXL pipeline's own modules (shared, left as they are)."""
     tes = [te for te in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if te is not None]
     toks = [tk for tk in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if tk is not None]
-    family = "sdxl" if len(tes) == 2 else "sd1"
-    zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)) if family == "sdxl" else False
+    fam = family_with_text_encoders(len(tes))
+    zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)) if fam.force_zeros_for_empty_prompt else False
     pred = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
-    return ModelBundle(pipe.unet, tes, toks, getattr(pipe, "vae", None), pipe.scheduler, family, pred, source, zeros)
+    return ModelBundle(pipe.unet, tes, toks, getattr(pipe, "vae", None), pipe.scheduler, fam.name, pred, source, zeros)
 
 
 def _bundle(unet, tes, toks, vae, scheduler, family, source, device, zeros) -> ModelBundle:
@@ -162,14 +172,15 @@ def load_model(path, *, family: str | None = None, dtype: torch.dtype = torch.fl
                allow_pickle: bool = False, config: str | None = None) -> ModelBundle:
     """Load a diffusers folder, a single-file `.safetensors` (SD1.x/SDXL) or a pixel-space folder.
 
-    family: "sd1" / "sdxl" / "world" to check (folders) or force (single files); detected when None.
+    family: a registered family name ("sd1", "sdxl", a plug-in's) to check (folders) or force (single
+      files); detected when None.
     tokenizer: a CLIP tokenizer folder; required for single files, overrides a folder's own.
     config: a diffusers folder of configs for a single file (default: the shipped SD1.5/SDXL ones).
     Pickle checkpoints (.ckpt/.pt/.bin) are refused unless allow_pickle=True.
     """
     p = Path(path)
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r} (expected one of {FAMILIES})")
+    if family is not None:
+        get_family(family)
     if not p.exists():
         raise FileNotFoundError(f"model {str(p)!r} does not exist")
     if p.is_dir():
@@ -183,7 +194,8 @@ def load_model(path, *, family: str | None = None, dtype: torch.dtype = torch.fl
     if suffix != ".safetensors":
         # diffusers' single-file loader reads pickles with torch.load(weights_only=True).
         if family is None:
-            raise ValueError(f"{p}: pass family='sd1' or 'sdxl' for a pickle checkpoint")
+            known = [f.name for f in FAMILIES.values() if f.single_file_pipeline]
+            raise ValueError(f"{p}: pass family={' or '.join(repr(n) for n in known)} for a pickle checkpoint")
         if tokenizer is None:
             raise ValueError(f"{p}: a single-file checkpoint holds no tokenizer; pass tokenizer=DIR (CLI: --tokenizer DIR)")
         return _from_single_file(p, family, dtype, device, tokenizer, config)

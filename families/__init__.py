@@ -1,0 +1,25 @@
+"""Model families: one module per family (`sd1`, `sdxl`) behind the small `Family` protocol of
+`base.py`, the `FAMILIES` registry, detection, and model loading (`loading.load_model`).
+
+Everything above this package asks a family (`get_family(name)`) instead of testing its name.
+A plug-in family (e.g. the digits world, `world/plugin.py`) calls `register_family` itself.
+"""
+from .base import (
+    FAMILIES,
+    Family,
+    detect_folder,
+    detect_single_file,
+    detect_unet_config,
+    family_names,
+    family_with_text_encoders,
+    get_family,
+    register_family,
+)
+from .sd1 import SD1
+from .sdxl import SDXL
+
+register_family(SD1)
+register_family(SDXL)
+
+__all__ = ["FAMILIES", "Family", "SD1", "SDXL", "detect_folder", "detect_single_file", "detect_unet_config",
+           "family_names", "family_with_text_encoders", "get_family", "register_family"]
