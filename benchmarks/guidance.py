@@ -26,33 +26,50 @@ with SD1.5's config (configs/sd15/unet, 859.5M parameters) on meta and materiali
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CASES = ("cfg", "npo_fast", "npo_two_model")
+DTYPES = ("float32", "float16", "bfloat16")
+# SD1.5's UNet config, shipped in the package's root configs/ (as the model loader and the presets find it)
+SD15_UNET_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sd15" / "unet"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print one JSON object (else a table)")
-    p.add_argument("--full-size", action="store_true", help="random-init SD1.5-sized UNet (860M params)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5 full size, 20 tiny)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case")
-    p.add_argument("--rank", type=int, default=32, help="rank of the random eta and delta LoRAs")
-    p.add_argument("--latent", type=int, default=None, help="latent side (default 32 full size, 16 tiny)")
-    p.add_argument("--batch", type=int, default=1, help="images per step (each case runs 2*batch rows)")
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default float16 on CUDA, float32 on CPU")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or 1)")
+@dataclass(frozen=True)
+class GuidanceBenchConfig:
+    """What `bench guidance` measures; None picks the size-dependent default (see `resolved`)."""
+
+    full_size: bool = False  # random-init SD1.5-sized UNet (860M params) instead of the tiny one
+    steps: int | None = None  # timed steps per case (default 5 full size, 20 tiny)
+    warmup: int = 2  # untimed steps per case
+    rank: int = 32  # rank of the random eta and delta LoRAs
+    latent: int | None = None  # latent side (default 32 full size, 16 tiny)
+    batch: int = 1  # images per step (each case runs 2*batch rows)
+    alpha: float = 0.5
+    beta: float = 1.0
+    device: str | None = None  # default cuda when available, else cpu
+    dtype: str | None = None  # default float16 on CUDA, float32 on CPU
+    threads: int | None = None  # torch CPU threads (default: OMP_NUM_THREADS or 1)
+
+    def resolved(self) -> dict:
+        """Every setting filled in, as the plain dict the spawned measuring processes receive."""
+        if (self.steps is not None and self.steps < 1) or self.warmup < 0 or self.rank < 1 or self.batch < 1:
+            raise ValueError("bench guidance: --steps, --rank and --batch must be >= 1 and --warmup >= 0")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"bench guidance: dtype {self.dtype!r} is not one of {DTYPES}")
+        full = bool(self.full_size)
+        device = str(self.device or ("cuda" if _cuda() else "cpu"))
+        return {"full_size": full, "steps": self.steps or (5 if full else 20), "warmup": self.warmup, "rank": self.rank,
+                "latent": self.latent or (32 if full else 16), "batch": self.batch, "alpha": self.alpha,
+                "beta": self.beta, "device": device,
+                "dtype": self.dtype or ("float16" if device.startswith("cuda") else "float32"),
+                "threads": self.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)}
 
 
 def _cuda() -> bool:
@@ -72,6 +89,16 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def full_size_unet_on_meta():
+    """SD1.5's UNet (configs/sd15/unet) built on the meta device: its shapes, no memory, no init."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(str(SD15_UNET_CONFIG))
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
 def _build_unet(cfg: dict, device, dtype):
     import torch
     from diffusers import UNet2DConditionModel
@@ -79,10 +106,7 @@ def _build_unet(cfg: dict, device, dtype):
     from ..testing.tiny_models import unet_config_sd15
 
     if cfg["full_size"]:
-        config = UNet2DConditionModel.load_config(str(Path(__file__).resolve().parent / "configs" / "sd15" / "unet"))
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(config)
-        unet = unet.to_empty(device=device)
+        unet = full_size_unet_on_meta().to_empty(device=device)
         if dtype != torch.float32:
             unet = unet.to(dtype)
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -256,8 +280,9 @@ def _memory(case: str, cfg: dict) -> dict:
     return {"case": case, "peak_mem_bytes": int(peak)}
 
 
-def run(cfg: dict) -> dict:
+def run(config: GuidanceBenchConfig) -> dict:
     """Timing (one process, round-robin) and memory (one fresh process per case); ratios against cfg."""
+    cfg = config.resolved()
     timing = _in_child(_time_all, cfg)
     mem = {case: _in_child(_memory, case, cfg)["peak_mem_bytes"] for case in CASES}
     med = {c: statistics.median(v) for c, v in timing["times"].items()}
@@ -272,26 +297,3 @@ def run(cfg: dict) -> dict:
         "mem_npo_fast_over_cfg": mem["npo_fast"] / mem["cfg"],
         "mem_npo_two_model_over_cfg": mem["npo_two_model"] / mem["cfg"],
     }
-
-
-def main(args) -> int:
-    full = bool(args.full_size)
-    dtype = args.dtype or ("float16" if str(args.device).startswith("cuda") else "float32")
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
-    if (args.steps is not None and args.steps < 1) or args.warmup < 0 or args.rank < 1 or args.batch < 1:
-        raise ValueError("bench guidance: --steps, --rank and --batch must be >= 1 and --warmup >= 0")
-    cfg = {"full_size": full, "steps": args.steps or (5 if full else 20), "warmup": args.warmup, "rank": args.rank,
-           "latent": args.latent or (32 if full else 16), "batch": args.batch, "alpha": args.alpha, "beta": args.beta,
-           "device": str(args.device), "dtype": dtype, "threads": threads}
-    res = run(cfg)
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    print(f"bench guidance on {res['device']} ({res['dtype']}, {res['threads']} threads), UNet {res['unet_params'] / 1e6:.1f}M params, "
-          f"latent {res['latent']}x{res['latent']}, batch {res['batch']}, LoRA rank {res['rank']} on {res['lora_modules']} modules")
-    print(f"{'case':<15}{'step (ms)':>12}{'peak mem (MiB)':>16}")
-    for k in CASES:
-        print(f"{k:<15}{res['step_s'][k] * 1e3:>12.1f}{res['peak_mem_bytes'][k] / 2**20:>16.1f}")
-    print(f"npo_fast_over_cfg={res['npo_fast_over_cfg']:.3f}  npo_two_model_over_cfg={res['npo_two_model_over_cfg']:.3f}  "
-          f"mem_npo_fast_over_cfg={res['mem_npo_fast_over_cfg']:.3f}  mem_npo_two_model_over_cfg={res['mem_npo_two_model_over_cfg']:.3f}")
-    return 0

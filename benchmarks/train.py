@@ -20,27 +20,27 @@ encoded once, as with the latent cache).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
-    parser.add_argument("--full-size", action="store_true", help="SD1.5-sized UNet (random init) instead of the tiny model")
-    parser.add_argument("--latent", type=int, default=None, help="latent side (default: 8 tiny, 16 full size)")
-    parser.add_argument("--batch", type=int, default=None, help="pairs per step (default: 2 tiny, 1 full size)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default: 3 tiny, 1 full size)")
-    parser.add_argument("--iters", type=int, default=None, help="timed rounds (default: 15 tiny, 3 full size)")
-    parser.add_argument("--methods", nargs="+", default=None, help="subset of METHODS (default: all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="method hyper-parameter for every method (e.g. --set tdft_k=25), as `train --set`")
+@dataclass(frozen=True)
+class TrainBenchConfig:
+    """What `bench train` measures; None picks the size-dependent default."""
+
+    full_size: bool = False  # SD1.5-sized UNet (random init) instead of the tiny model
+    latent: int | None = None  # latent side (default: 8 tiny, 16 full size)
+    batch: int | None = None  # pairs per step (default: 2 tiny, 1 full size)
+    warmup: int | None = None  # warm-up rounds (default: 3 tiny, 1 full size)
+    iters: int | None = None  # timed rounds (default: 15 tiny, 3 full size)
+    methods: tuple[str, ...] | None = None  # subset of METHODS (default: all)
+    device: str | None = None  # default cuda when available, else cpu
+    sets: tuple[str, ...] = ()  # KEY=VALUE method hyper-parameters for every method, as `train --set`
 
 
 def build(full_size: bool, device: str):
@@ -110,21 +110,21 @@ def _peak_rss_mb(fn) -> float:
     return peak[0] / 2**20
 
 
-def run(args) -> dict:
+def run(bc: TrainBenchConfig) -> dict:
     from ..trainer.config import load_config
     from ..trainer.methods import METHODS
 
-    full = args.full_size
-    side = args.latent or (16 if full else 8)
-    B = args.batch or (1 if full else 2)
-    warmup = args.warmup if args.warmup is not None else (1 if full else 3)
-    iters = args.iters or (3 if full else 15)
-    backend, model = build(full, args.device)
-    cfg = load_config(overrides={"method": "dpo", "resolution": 8 * side}, sets=getattr(args, "set", None))
-    names = args.methods or list(METHODS)
+    full = bc.full_size
+    side = bc.latent or (16 if full else 8)
+    B = bc.batch or (1 if full else 2)
+    warmup = bc.warmup if bc.warmup is not None else (1 if full else 3)
+    iters = bc.iters or (3 if full else 15)
+    names = list(bc.methods or METHODS)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
-        raise SystemExit(f"bench train: unknown method(s) {unknown}; choose from {list(METHODS)}")
+        raise ValueError(f"bench train: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    backend, model = build(full, bc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(overrides={"method": "dpo", "resolution": 8 * side}, sets=list(bc.sets) or None)
     pair, prompt = batches(backend, B, side)
     opt = torch.optim.AdamW(backend.trainable_parameters(), lr=1e-12)  # a real step that barely moves
     gen = torch.Generator()
@@ -170,7 +170,7 @@ def run(args) -> dict:
     methods = {n: {"step_s": round(med[n], 5), "least_work_s": round(lw, 5), "ratio": round(med[n] / lw, 3),
                    "peak_mem_mb": round(mem[n], 1)} for n in names}
     out = {"model": model, "device": _device_name(backend.device), "batch_pairs": B, "latent": side,
-           "rounds": iters, "set": list(getattr(args, "set", None) or []), "least_work_peak_mem_mb": round(mem["least_work"], 1), "methods": methods}
+           "rounds": iters, "set": list(bc.sets), "least_work_peak_mem_mb": round(mem["least_work"], 1), "methods": methods}
     if "snpo" in med and "dpo" in med:
         out["snpo_over_dpo"] = round(med["snpo"] / med["dpo"], 3)
     return out
@@ -180,18 +180,3 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
-
-
-def main(args) -> int:
-    res = run(args)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    print(f"{res['model']} on {res['device']}: batch {res['batch_pairs']} pairs, latent {res['latent']}^2, "
-          f"median of {res['rounds']} rounds")
-    print(f"{'method':<12}{'step s':>10}{'least s':>10}{'ratio':>8}{'peak MB':>10}")
-    for n, m in res["methods"].items():
-        print(f"{n:<12}{m['step_s']:>10.4f}{m['least_work_s']:>10.4f}{m['ratio']:>8.2f}{m['peak_mem_mb']:>10.1f}")
-    if "snpo_over_dpo" in res:
-        print(f"snpo / dpo = {res['snpo_over_dpo']:.3f}")
-    return 0

@@ -1,26 +1,34 @@
 """`python -m npo_suite <command>`: the one command line; `scripts/*.py` wrap it.
 
-Each command lives in its own module exposing `add_arguments(parser)` and `main(args) -> int`;
-modules are imported only when their command runs, so `--help` stays fast.
+Each command lives in its own module of this package exposing `add_arguments(parser)` and
+`main(args) -> int`; the module parses and calls typed library functions. Modules are imported
+only when their command runs, so `--help` stays fast. A user error (a missing file, a bad value)
+ends in one line `error: ...` on stderr and exit status 2; NPO_SUITE_DEBUG=1 shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-# command name -> (module relative to this package, one-line help)
+# command name -> (module of this package, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("..world.demo", "build/load the embedded digits world, train NPO and SNPO LoRAs, write a report"),
-    "world": (".world", "build or inspect the embedded digits world"),
+    "demo": (".demo", "build/load the embedded digits world, train NPO and SNPO LoRAs, write a report"),
+    "world": (".world", "build or inspect the embedded digits world; its method table (results) and probe"),
     "train": (".train", "train a preference LoRA (the methods: train --help, --method)"),
-    "generate": ("..diffusers_host.generate", "batch generation with cfg / npo / snpo guidance"),
+    "generate": (".generate", "batch generation with cfg / npo / snpo guidance"),
     "pairs": (".pairs", "preference pairs from a model's own samples, scored by any scorer (resumable)"),
     "evaluate": (".evaluate", "score images and compare two runs"),
     "offsets": (".offsets", "inspect, convert, merge and extract weight offsets (LoRAs, diffs)"),
-    "ddspo-prepare": ("..trainer.data.ddspo_prepare", "generate DDSPO winner (and loser) latents from prompts"),
-    "bench": ("..benchmarks", "benchmarks: guidance and training step time and memory"),
+    "ddspo-prepare": (".ddspo_prepare", "generate DDSPO winner (and loser) latents from prompts"),
+    "bench": (".bench", "benchmarks: guidance and training step time and memory"),
 }
+
+# What a user can cause (a path that does not exist, a value out of range, a file of the wrong kind):
+# reported as one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)
+DEBUG_ENV = "NPO_SUITE_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(name: str):
+    """(module, parser) of command `name`: the module imported, its arguments added."""
+    module = importlib.import_module(COMMANDS[name][0], __package__)
+    parser = argparse.ArgumentParser(prog=f"python -m npo_suite {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    return module, parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         build_parser().print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(COMMANDS[name][0], __package__)
-    parser = argparse.ArgumentParser(prog=f"python -m npo_suite {name}", description=COMMANDS[name][1])
-    module.add_arguments(parser)
+    module, parser = command_parser(name)
     args = parser.parse_args(rest)
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def error_line(e: BaseException) -> str:
+    """The message of `e` on one line (its type name when it has none)."""
+    return " ".join(str(e).split()) or type(e).__name__

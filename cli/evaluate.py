@@ -29,6 +29,8 @@ def _scorer_options(p: argparse.ArgumentParser, multiple: bool = True) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..families import family_names
+
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     s = sub.add_parser("score", help="score the images of one run")
     src = s.add_mutually_exclusive_group(required=True)
@@ -72,7 +74,7 @@ def _sweep_arguments(sub) -> None:
     w.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
     w.add_argument("--batch-size", type=int, default=16)
     w.add_argument("--tokenizer", default=None)
-    w.add_argument("--family", choices=["sd1", "sdxl", "world"], default=None)
+    w.add_argument("--family", choices=family_names(), default=None)
     w.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     w.add_argument("--n-boot", type=int, default=5000)
     w.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -179,31 +181,45 @@ def _compare(args) -> int:
     return 0
 
 
+def sweep_setting(loaded, alpha: float | None, beta: float | None):
+    """(mode, offsets) of one sweep setting: plain CFG for beta None (the baseline), else NPO guidance with
+    the loaded eta and delta at weights alpha (None: the default) and beta. beta 0 stays 0 (no delta)."""
+    from ..core.npo import ALPHA_DEFAULT
+    from ..diffusers_host.generate import Offsets
+
+    if beta is None:
+        return "cfg", Offsets(loaded.eta, loaded.delta, None, ALPHA_DEFAULT if alpha is None else alpha)
+    return "npo", Offsets(loaded.eta, loaded.delta, None, ALPHA_DEFAULT if alpha is None else alpha, beta)
+
+
+def sweep_renderer(bundle, loaded, jobs, *, cfg_scale: float, steps: int, scheduler: str, batch_size: int):
+    """render(alpha, beta) -> PIL images of `jobs` [(prompt, negative, seed)]: npo mode, or plain CFG for beta None.
+    loaded: the NPOSpec of the offset files (its eta and delta; its weights are the setting's)."""
+    from ..diffusers_host.generate import sample, to_pil
+
+    def render(alpha, beta):
+        mode, off = sweep_setting(loaded, alpha, beta)
+        out = []
+        for i in range(0, len(jobs), batch_size):
+            ch = jobs[i:i + batch_size]
+            res = sample(bundle, [j[0] for j in ch], [j[2] for j in ch], mode, negative_prompts=[j[1] for j in ch],
+                         offsets=off, cfg_scale=cfg_scale, steps=steps, scheduler=scheduler)
+            out += [to_pil(im) for im in res.images]
+        return out
+    return render
+
+
 def _sweep_render(args, jobs):
-    """render(alpha, beta) -> PIL images of `jobs` [(prompt, negative, seed)]: npo mode, or plain CFG for None."""
     import torch
 
-    from ..diffusers_host.generate import Offsets, _load_offsets, sample, to_pil
-    from ..core.npo import ALPHA_DEFAULT
+    from ..diffusers_host.generate import load_offsets
     from ..families.loading import load_model
 
     bundle = load_model(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
                         tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
-    ns = argparse.Namespace(pos_offset=args.pos_offset, neg_offset=args.neg_offset, snpo_offset=None, alpha=1.0,
-                            beta=1.0, allow_pickle=args.allow_pickle)
-    loaded, _ = _load_offsets(ns, bundle)
-
-    def render(alpha, beta):
-        mode = "cfg" if beta is None else "npo"
-        off = Offsets(loaded.eta, loaded.delta, None, alpha if alpha is not None else ALPHA_DEFAULT, beta or 1.0)
-        out = []
-        for i in range(0, len(jobs), args.batch_size):
-            ch = jobs[i:i + args.batch_size]
-            res = sample(bundle, [j[0] for j in ch], [j[2] for j in ch], mode, negative_prompts=[j[1] for j in ch],
-                         offsets=off, cfg_scale=args.cfg, steps=args.steps, scheduler=args.scheduler)
-            out += [to_pil(im) for im in res.images]
-        return out
-    return render
+    loaded, _ = load_offsets(bundle, pos=args.pos_offset, neg=args.neg_offset, allow_pickle=args.allow_pickle)
+    return sweep_renderer(bundle, loaded, jobs, cfg_scale=args.cfg, steps=args.steps, scheduler=args.scheduler,
+                          batch_size=args.batch_size)
 
 
 def _sweep(args) -> int:
@@ -219,7 +235,7 @@ def _sweep(args) -> int:
 
     scorer = _make(args.scorer, args)
     guard = make_scorer(args.guard, **{**scorer_settings(args), "model_path": args.guard_model_path or args.model_path})
-    items = read_prompts(args)
+    items = read_prompts(args.prompt, args.prompts, args.negative_prompt, args.seeds)
     jobs = [(it["prompt"], it["negative_prompt"], s) for it in items for s in it["seeds"]]
     with tqdm(total=len(settings), desc="sweep", unit="setting", file=sys.stderr) as bar:
         res = run_sweep(settings, _sweep_render(args, jobs), [j[0] for j in jobs], scorer, guard, n_boot=args.n_boot,

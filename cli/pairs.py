@@ -18,6 +18,8 @@ from .evaluate import _scorer_options, scorer_settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..families import family_names
+
     from ..core.guidance import GUIDANCE
     from ..diffusers_host.generate import SCHEDULERS
     from ..evaluation.pairing import PAIR_RULES
@@ -46,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16, help="images rendered and scored per step of the resume log")
     p.add_argument("--tokenizer", help="CLIP tokenizer folder (single-file checkpoints)")
-    p.add_argument("--family", choices=["sd1", "sdxl", "world"], default=None)
+    p.add_argument("--family", choices=family_names(), default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--rule", default="best_worst", choices=list(PAIR_RULES),
                    help="pairing rule: " + "; ".join(f"{k}: {v[1]}" for k, v in PAIR_RULES.items()))
@@ -59,24 +61,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _items(args) -> list[dict]:
     from ..diffusers_host.generate import read_prompts
 
-    ns = argparse.Namespace(prompt=args.prompt, prompts=args.prompts, negative_prompt=args.negative_prompt, seeds=[])
-    return read_prompts(ns)
+    return read_prompts(args.prompt, args.prompts, args.negative_prompt, seeds=())
 
 
 def _model_source(args):
     """(jobs, render, config, duplicate prompts) for --model: generate.sample on fixed seeds."""
     import torch
 
-    from ..diffusers_host.generate import _load_offsets, sample, to_pil
+    from ..diffusers_host.generate import load_offsets, sample, to_pil
     from ..families.loading import load_model, model_fingerprint
     from ..evaluation.pairs import plan_jobs
 
     jobs, dups = plan_jobs(_items(args), args.samples_per_prompt, args.seed_start)
     bundle = load_model(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
                         tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
-    ns = argparse.Namespace(pos_offset=args.pos_offset, neg_offset=args.neg_offset, snpo_offset=args.snpo_offset,
-                            alpha=args.alpha, beta=args.beta, allow_pickle=args.allow_pickle)
-    offsets, info = _load_offsets(ns, bundle)
+    offsets, info = load_offsets(bundle, pos=args.pos_offset, neg=args.neg_offset, snpo=args.snpo_offset,
+                                 alpha=args.alpha, beta=args.beta, allow_pickle=args.allow_pickle)
     settings = dict(cfg_scale=args.cfg, steps=args.steps, scheduler=args.scheduler, sigma_min=args.sigma_min,
                     sigma_max=args.sigma_max, height=args.height, width=args.width)
 
@@ -95,11 +95,11 @@ def _run_source(args):
     from PIL import Image
 
     from ..evaluation.pairs import Job
-    from ..evaluation.runs import _manifest_path, read_run
+    from ..evaluation.runs import manifest_path, read_run
 
     entries = read_run(args.from_run)
     spec = args.from_run if Path(args.from_run).exists() else args.from_run.rsplit(":", 1)[0]
-    manifest = json.loads(_manifest_path(Path(spec)).read_text(encoding="utf-8"))
+    manifest = json.loads(manifest_path(Path(spec)).read_text(encoding="utf-8"))
     negs = {str(r.get("file") or r.get("path") or r.get("image")): str(r.get("negative_prompt") or "")
             for r in (manifest.get("images", []) if isinstance(manifest, dict) else manifest)}
     by_job, dups = {}, 0

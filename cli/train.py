@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     types_ = field_types()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "") + _choices(f) + f" (default: {_default(f)!r})"
+        # argparse %-formats help strings: a literal % (e.g. "~30% slower") must be doubled
+        help_ = (f.metadata.get("help", "") + _choices(f) + f" (default: {_default(f)!r})").replace("%", "%%")
         base = typing.get_args(types_[f.name])[0] if typing.get_origin(types_[f.name]) is list else None
         if types_[f.name] is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)

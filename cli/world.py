@@ -1,4 +1,10 @@
-"""`python -m npo_suite world build|info`: build or inspect the embedded digits world (docs/world.md)."""
+"""`python -m npo_suite world build|info|results|probe`: the embedded digits world (docs/world.md).
+
+  world build     train the world's base model and reward models into a folder (world/build.py)
+  world info      print a world's manifest summary
+  world results   every method of the registry over training seeds, pooled (world/results.py; docs/RESULTS.md)
+  world probe     what one method's LoRA does beyond its win rate (world/probe.py)
+"""
 from __future__ import annotations
 
 import argparse
@@ -27,11 +33,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i = sub.add_parser("info", help="print a world's manifest summary")
     i.add_argument("--path", default=None, help="world folder (default: the shipped world, else the cache)")
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    _results_arguments(sub)
+    _probe_arguments(sub)
+
+
+def _results_arguments(sub) -> None:
+    from ..trainer.methods import METHODS
+    from ..world.results import ResultsConfig
+
+    d = ResultsConfig()
+    r = sub.add_parser("results", help="train and sample every listed method over training seeds; pooled figures",
+                       description="Every method of the registry on the digits world, over several training seeds "
+                                   "(docs/RESULTS.md).")
+    r.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS),
+                   help=f"methods of the registry (default: {' '.join(d.methods)})")
+    r.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="training seeds (default 0 1 2)")
+    r.add_argument("--out", default=d.out, help="output folder (runs, data, results.json, results.md)")
+    r.add_argument("--json", action="store_true", help="print ONE JSON line with the pooled figures")
+    r.add_argument("--report", default=None, help="also write the tables into this Markdown file between the markers")
+    r.add_argument("--world", default=None, help="world folder (default: the shipped world)")
+    r.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
+    r.add_argument("--train-steps", type=int, default=None, help=f"LoRA training steps (default {d.train_steps})")
+    r.add_argument("--eval-seeds", type=int, default=None, help=f"evaluation seeds per prompt (default {d.eval_seeds})")
+
+
+def _probe_arguments(sub) -> None:
+    from ..trainer.methods import METHODS
+
+    p = sub.add_parser("probe", help="what one method's LoRA does beyond its win rate (role, alone, null branch)",
+                       description="What a trained LoRA does on the digits world beyond its win rate "
+                                   "(docs/RESULTS.md).")
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig override for this method (repeatable), e.g. tdft_start=noise")
+    p.add_argument("--out", default="runs/probe", help="output folder (the runs are cached there as world results does)")
+    p.add_argument("--world", default=None, help="world folder (default: the shipped world)")
+    p.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
+
+
+def _results(args) -> int:
+    from ..world.results import ResultsConfig, json_summary, markdown, run_results, write_report
+
+    kw = {k: v for k, v in (("out", args.out), ("world", args.world), ("train_steps", args.train_steps),
+                            ("eval_seeds", args.eval_seeds)) if v is not None}
+    kw.update(methods=tuple(args.methods), seeds=tuple(args.seeds))
+    rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
+    res = run_results(rc)
+    if args.report:
+        write_report(Path(args.report), markdown(res, res["details"]))
+    if args.json:
+        print(json.dumps(json_summary(res)))
+    else:
+        print(f"results: {Path(rc.out) / 'results.md'}")
+    return 0
+
+
+def _probe(args) -> int:
+    from ..world.probe import markdown, parse_sets, probe
+    from ..world.results import ResultsConfig
+
+    kw = {"world": args.world} if args.world else {}
+    rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
+    res = probe(args.method, args.seeds, args.out, parse_sets(args.set), rc)
+    print(markdown(res))
+    return 0
 
 
 def main(args) -> int:
     from ..world.build import WorldConfig, build_world, cache_dir, check_world_dir, default_world_dir
 
+    if args.action == "results":
+        return _results(args)
+    if args.action == "probe":
+        return _probe(args)
     if args.action == "info":
         path = Path(args.path) if args.path else default_world_dir()
         try:

@@ -4,23 +4,24 @@ The sampling loop is ours (diffusers schedulers' `set_timesteps`, `scale_model_i
 each step is ONE batched UNet forward (rows [0, B) conditional, [B, 2B) unconditional) in which
 `core.branch_lora` gives each half its own weight offset, then `core.guidance.guide` combines
 the halves (METHODS.md "NPO guidance at sampling time"). `sample()` is the library entry point
-(the demo and the evaluation call it); `main()` is the CLI.
+(the demo and the evaluation call it); `run_generate(GenerateJob)` is a batch run (cli/generate.py parses it).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from ..core.atomic import atomic_path
 from ..core.branch_lora import branch_offsets
 from ..core.conditioning import vae_decode
-from ..core.guidance import GUIDANCE, MODES, RESCALE_SPACES, guide, offset_active
+from ..core.guidance import MODES, guide, offset_active
 from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_groups
 from ..core.offsets.types import Offset
 from ..core.sampling import sample_scheduler
@@ -199,48 +200,50 @@ def decode_latents(bundle, latents: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
+# Batch runs (`python -m npo_suite generate`, cli/generate.py)
 # ----------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="diffusers folder, single-file .safetensors (with --tokenizer), or pixel-space world folder")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="a .txt file (one prompt a line) or .jsonl ({prompt, negative_prompt?, seed?}; "
-                                     "neg_prompt accepted for negative_prompt, docs/data.md)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt of every --prompt / .txt prompt (cfg, npo)")
-    p.add_argument("--modes", nargs="+", default=["cfg", "npo"], choices=list(GUIDANCE), help="guidance modes (same seeds)")
-    p.add_argument("--pos-offset", help="positive offset eta (LoRA/diff file), applied to the conditional rows")
-    p.add_argument("--alpha", type=float, default=ALPHA_DEFAULT, help="weight of eta in the negative model "
-                   "(theta+alpha*eta+beta*delta; default as in the NPO paper, see docs/guidance.md)")
-    p.add_argument("--neg-offset", help="negative offset delta (NPO LoRA), applied to the unconditional rows")
-    p.add_argument("--beta", type=float, default=BETA_DEFAULT,
-                   help="weight of delta in the negative model (npo) and of the SNPO LoRA (snpo)")
-    p.add_argument("--snpo-offset", help="SNPO LoRA s for --modes snpo: both branches run theta+eta+beta*s")
-    p.add_argument("--cfg", type=float, default=7.5, help="guidance weight w (papers: omega = w - 1)")
-    p.add_argument("--rescale", type=float, default=0.0, help="CFG rescale phi (Lin et al. 2023), 0 = off")
-    p.add_argument("--rescale-space", default="x0", choices=list(RESCALE_SPACES), help="space of the CFG rescale")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
-    p.add_argument("--sigma-min", type=float, default=None, help="negative offset on only for sigma >= this")
-    p.add_argument("--sigma-max", type=float, default=None, help="negative offset on only for sigma <= this")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every prompt without its own")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward (x2 rows for the two branches)")
-    p.add_argument("--npo-path", default="fast", choices=list(NPO_PATHS), help="fast: per-row offsets, one forward; "
-                   "two-model: merged copies (needed for offsets on norm layers)")
-    p.add_argument("--tokenizer", help="CLIP tokenizer folder (required for single-file checkpoints)")
-    p.add_argument("--family", choices=["sd1", "sdxl", "world"], default=None)
-    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin files (trusted files only)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", required=True, help="output folder: images, grid.png, manifest.json")
+@dataclass
+class GenerateJob:
+    """One `generate` run: every prompt x seed sampled in every mode, written to `out` (PNGs, grid, manifest)."""
+
+    model: str  # diffusers folder, single-file .safetensors (with tokenizer), or pixel-space world folder
+    out: str  # output folder: images, grid.png, manifest.json
+    prompt: tuple[str, ...] = ()  # prompts given one by one
+    prompts: str | None = None  # a .txt (one prompt a line) or .jsonl file
+    negative_prompt: str = ""  # of every `prompt` / .txt prompt (cfg, npo)
+    modes: tuple[str, ...] = ("cfg", "npo")
+    pos_offset: str | None = None  # eta, conditional rows
+    neg_offset: str | None = None  # delta, unconditional rows
+    snpo_offset: str | None = None  # SNPO LoRA s
+    alpha: float = ALPHA_DEFAULT
+    beta: float = BETA_DEFAULT
+    cfg: float = 7.5
+    rescale: float = 0.0
+    rescale_space: str = "x0"
+    steps: int = 20
+    scheduler: str = "ddim"
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    height: int | None = None
+    width: int | None = None
+    seeds: tuple[int, ...] = (0,)  # seeds of every prompt without its own
+    batch_size: int = 4
+    npo_path: str = "fast"
+    tokenizer: str | None = None
+    family: str | None = None
+    allow_pickle: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
 
 
-def read_prompts(args) -> list[dict]:
-    """[{prompt, negative_prompt, seeds}] from --prompt and --prompts (.txt or .jsonl)."""
-    items = [{"prompt": p, "negative_prompt": args.negative_prompt, "seeds": list(args.seeds)} for p in args.prompt]
-    if args.prompts:
-        path = Path(args.prompts)
+def read_prompts(prompt: Sequence[str] = (), prompts: str | os.PathLike | None = None, negative_prompt: str = "",
+                 seeds: Sequence[int] = ()) -> list[dict]:
+    """[{prompt, negative_prompt, seeds}] from prompts given one by one and a prompts file (.txt or .jsonl).
+
+    `negative_prompt` and `seeds` apply to every prompt without its own (a .jsonl line may carry both)."""
+    items = [{"prompt": p, "negative_prompt": negative_prompt, "seeds": list(seeds)} for p in prompt]
+    if prompts:
+        path = Path(prompts)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -254,31 +257,35 @@ def read_prompts(args) -> list[dict]:
                     raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                     raise ValueError(f"{path}:{n}: each line must be an object with a string 'prompt'")
-                seeds = [int(rec["seed"])] if "seed" in rec else list(args.seeds)
+                own = [int(rec["seed"])] if "seed" in rec else list(seeds)
                 neg = negative_prompt_of(rec, f"{path}:{n}")  # the trainer's reader: negative_prompt, alias neg_prompt
-                items.append({"prompt": rec["prompt"], "negative_prompt": args.negative_prompt if neg is None else neg,
-                              "seeds": seeds})
+                items.append({"prompt": rec["prompt"], "negative_prompt": negative_prompt if neg is None else neg,
+                              "seeds": own})
         else:
-            items += [{"prompt": s.strip(), "negative_prompt": args.negative_prompt, "seeds": list(args.seeds)}
+            items += [{"prompt": s.strip(), "negative_prompt": negative_prompt, "seeds": list(seeds)}
                       for s in lines if s.strip()]
     if not items:
         raise ValueError("no prompts: pass --prompt TEXT or --prompts FILE")
     return items
 
 
-def _load_offsets(args, bundle) -> tuple[Offsets, dict]:
+def load_offsets(bundle, *, pos: str | os.PathLike | None = None, neg: str | os.PathLike | None = None,
+                 snpo: str | os.PathLike | None = None, alpha: float = ALPHA_DEFAULT, beta: float = BETA_DEFAULT,
+                 allow_pickle: bool = False) -> tuple[NPOSpec, dict]:
+    """The offset files eta (`pos`), delta (`neg`) and the SNPO LoRA (`snpo`) read against `bundle`'s modules,
+    as one NPOSpec with weights alpha, beta; plus {key: {path, report, metadata}} of each file read."""
     from ..core.offsets import load_offset
 
     base = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
     fam = bundle.family if bundle.family_spec.offsets is not None else None  # families with offset files
     loaded, info = {}, {}
-    for key, path in (("pos", args.pos_offset), ("neg", args.neg_offset), ("snpo", args.snpo_offset)):
+    for key, path in (("pos", pos), ("neg", neg), ("snpo", snpo)):
         if path:
-            off = load_offset(path, base, family=fam, allow_pickle=args.allow_pickle)
+            off = load_offset(path, base, family=fam, allow_pickle=allow_pickle)
             loaded[key] = off
             info[key] = {"path": str(path), "report": off.report.summary() if off.report else None,
                          "metadata": dict(off.metadata)}
-    return Offsets(loaded.get("pos"), loaded.get("neg"), loaded.get("snpo"), args.alpha, args.beta), info
+    return Offsets(loaded.get("pos"), loaded.get("neg"), loaded.get("snpo"), alpha, beta), info
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -306,35 +313,39 @@ def make_grid(cells: list[list], pad: int = 2):
     return grid
 
 
-def main(args) -> int:
+def run_generate(job: GenerateJob, log=print, progress: bool = True) -> dict:
+    """Sample every prompt x seed of `job` in each of its modes; write the PNGs, grid.png and manifest.json
+    into job.out. Returns the manifest. `log` gets the notes for a person; `progress`: a tqdm bar (stderr)."""
     from tqdm import tqdm
 
     from .. import __version__
     from ..families.loading import load_model, model_fingerprint
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    items = read_prompts(args)
-    bundle = load_model(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
-                        tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
-    offsets, offset_info = _load_offsets(args, bundle)
-    if "npo" in args.modes and offsets.delta is None:
-        print("note: --modes npo without --neg-offset: the negative model is theta + alpha*eta")
-    out = Path(args.out)
+    if job.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {job.batch_size}")
+    items = read_prompts(job.prompt, job.prompts, job.negative_prompt, job.seeds)
+    bundle = load_model(job.model, family=job.family, dtype=getattr(torch, job.dtype), device=job.device,
+                        tokenizer=job.tokenizer, allow_pickle=job.allow_pickle)
+    offsets, offset_info = load_offsets(bundle, pos=job.pos_offset, neg=job.neg_offset, snpo=job.snpo_offset,
+                                        alpha=job.alpha, beta=job.beta, allow_pickle=job.allow_pickle)
+    if "npo" in job.modes and offsets.delta is None:
+        log("note: --modes npo without --neg-offset: the negative model is theta + alpha*eta")
+    out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
+    modes = list(job.modes)
     jobs = [(i, it["prompt"], it["negative_prompt"], s) for i, it in enumerate(items) for s in it["seeds"]]
-    total = len(args.modes) * -(-len(jobs) // args.batch_size) * args.steps
-    records, cells = [], [[None] * len(args.modes) for _ in jobs]
+    total = len(modes) * -(-len(jobs) // job.batch_size) * job.steps
+    records, cells = [], [[None] * len(modes) for _ in jobs]
     t0 = time.time()
-    with tqdm(total=total, desc="generate", unit="step") as bar:
-        for m, mode in enumerate(args.modes):
-            for start in range(0, len(jobs), args.batch_size):
-                chunk = jobs[start:start + args.batch_size]
+    with tqdm(total=total, desc="generate", unit="step", disable=not progress) as bar:
+        for m, mode in enumerate(modes):
+            for start in range(0, len(jobs), job.batch_size):
+                chunk = jobs[start:start + job.batch_size]
                 res = sample(bundle, [j[1] for j in chunk], [j[3] for j in chunk], mode,
-                             negative_prompts=[j[2] for j in chunk], offsets=offsets, cfg_scale=args.cfg, steps=args.steps,
-                             scheduler=args.scheduler, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                             height=args.height, width=args.width, rescale=args.rescale, rescale_space=args.rescale_space,
-                             npo_path=args.npo_path, progress=bar.update)
+                             negative_prompts=[j[2] for j in chunk], offsets=offsets, cfg_scale=job.cfg, steps=job.steps,
+                             scheduler=job.scheduler, sigma_min=job.sigma_min, sigma_max=job.sigma_max,
+                             height=job.height, width=job.width, rescale=job.rescale, rescale_space=job.rescale_space,
+                             npo_path=job.npo_path, progress=bar.update)
                 for k, (pi, prompt, neg, seed) in enumerate(chunk):
                     name = f"p{pi:03d}_s{seed}_{mode}.png"
                     im = to_pil(res.images[k])
@@ -348,15 +359,14 @@ def main(args) -> int:
 
     manifest = {
         "command": "generate", "npo_suite_version": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "model": str(args.model), "model_hash": model_fingerprint(bundle), "family": bundle.family,
-        "prediction_type": bundle.prediction_type, "offsets": offset_info, "alpha": args.alpha, "beta": args.beta,
-        "cfg": args.cfg, "rescale": args.rescale, "rescale_space": args.rescale_space, "scheduler": args.scheduler,
-        "steps": args.steps, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "modes": list(args.modes),
-        "npo_path": args.npo_path, "height": args.height, "width": args.width, "dtype": args.dtype, "device": str(args.device),
+        "model": str(job.model), "model_hash": model_fingerprint(bundle), "family": bundle.family,
+        "prediction_type": bundle.prediction_type, "offsets": offset_info, "alpha": job.alpha, "beta": job.beta,
+        "cfg": job.cfg, "rescale": job.rescale, "rescale_space": job.rescale_space, "scheduler": job.scheduler,
+        "steps": job.steps, "sigma_min": job.sigma_min, "sigma_max": job.sigma_max, "modes": modes,
+        "npo_path": job.npo_path, "height": job.height, "width": job.width, "dtype": job.dtype, "device": str(job.device),
         "seeds": sorted({j[3] for j in jobs}), "grid": {"file": "grid.png", "rows": "prompt x seed (order of images)",
-                                                       "columns": list(args.modes)},
+                                                       "columns": modes},
         "images": records, "seconds": round(time.time() - t0, 3),
     }
     _atomic_write(out / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8"))
-    print(f"wrote {len(records)} images, grid.png and manifest.json to {out}")
-    return 0
+    return manifest

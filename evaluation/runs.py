@@ -25,7 +25,8 @@ class Entry:
         return (self.prompt, self.seed)
 
 
-def _manifest_path(path: Path) -> Path:
+def manifest_path(path: Path) -> Path:
+    """The manifest.json of a run given as the file or its folder (a missing one is a FileNotFoundError)."""
     if path.is_dir():
         path = path / "manifest.json"
     if not path.is_file():
@@ -48,7 +49,7 @@ def read_run(spec: str | Path, mode: str | None = None) -> list[Entry]:
     spec = str(spec)
     if mode is None and ":" in spec and not Path(spec).exists():
         spec, mode = spec.rsplit(":", 1)
-    mpath = _manifest_path(Path(spec))
+    mpath = manifest_path(Path(spec))
     try:
         data = json.loads(mpath.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

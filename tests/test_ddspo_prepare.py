@@ -114,8 +114,10 @@ def test_cli_limit_then_resume(tmp_path, sd15_dir, capsys):
     assert "3 generated, 2 already done, 5 in" in capsys.readouterr().out
     cfg = json.loads((out / "ddspo_config.json").read_text())
     assert cfg["steps"] == 1 and cfg["losers"] == "generate"
-    with pytest.raises(FileNotFoundError, match="not a diffusers folder"):
-        main(["ddspo-prepare", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(out)])
+    # a user error: one line on stderr, exit status 2 (no traceback)
+    assert main(["ddspo-prepare", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "not a diffusers folder" in err[0]
 
 
 def test_sampler_equals_the_diffusers_pipeline(sd15):

@@ -201,3 +201,31 @@ def test_evaluate_cli_on_tiny_manifest(tmp_path, tiny_world):
     sc = json.loads(js.read_text())
     assert sc["n"] == n and sc["scores"]["world_reward"]["mean"] > 0.5
     assert main(["evaluate", "score", "--images", str(tmp_path / "missing"), "--world", str(tiny_world)]) == 1
+
+
+def test_sweep_beta_zero_is_beta_zero(sd15_dir, tmp_path):
+    """Issue 21: `evaluate sweep` rendered `beta or 1.0`, so the setting beta = 0 sampled beta = 1. With beta 0
+    (and no eta) the negative model is the base itself: NPO guidance gives exactly the plain-CFG images."""
+    from npo_suite.cli.evaluate import sweep_renderer, sweep_setting
+    from npo_suite.core.offsets import save_offset
+    from npo_suite.core.offsets.types import LowRankDelta, Offset
+    from npo_suite.diffusers_host.generate import load_offsets
+    from npo_suite.families.loading import load_model
+
+    bundle = load_model(sd15_dir)
+    g = torch.Generator().manual_seed(0)
+    delta = {n: LowRankDelta(torch.randn(2, m.in_features, generator=g) * 0.3,
+                             torch.randn(m.out_features, 2, generator=g) * 0.3, scale=1.0)
+             for n, m in bundle.unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(("to_k", "to_v"))}
+    path = save_offset(Offset(unet=delta), tmp_path / "delta.safetensors", base={"unet": bundle.unet})
+    loaded, _ = load_offsets(bundle, neg=path)
+    mode, off = sweep_setting(loaded, 1.0, 0.0)
+    assert mode == "npo" and off.beta == 0.0 and off.delta is loaded.delta
+    assert sweep_setting(loaded, None, None)[0] == "cfg"
+    render = sweep_renderer(bundle, loaded, [("a photo of a cat", "", 0), ("a red cube", "", 1)],
+                            cfg_scale=5.0, steps=2, scheduler="ddim", batch_size=2)
+    as_arrays = lambda ims: [np.asarray(im, dtype=np.int16) for im in ims]  # noqa: E731
+    base, zero, one = (as_arrays(render(a, b)) for a, b in ((None, None), (1.0, 0.0), (1.0, 1.0)))
+    assert all(b.std() > 0 for b in base)  # real images, not constant ones
+    assert all((z == b).all() for z, b in zip(zero, base))
+    assert any(np.abs(o - b).max() > 0 for o, b in zip(one, base))  # the LoRA does act at beta 1

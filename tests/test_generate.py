@@ -30,9 +30,15 @@ def _lora(unet, rank: int, seed: int, std: float = 0.1) -> Offset:
 
 
 def _parse(argv):
+    from npo_suite.cli import generate as cli
+
     p = argparse.ArgumentParser()
-    generate.add_arguments(p)
+    cli.add_arguments(p)
     return p.parse_args(argv)
+
+
+def _read_prompts(args):
+    return generate.read_prompts(args.prompt, args.prompts, args.negative_prompt, args.seeds)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,9 @@ def test_cli_smoke(sd15_dir, loras, tmp_path):
                    "--modes", "cfg", "npo", "snpo", "--pos-offset", str(loras[0]), "--neg-offset", str(loras[1]),
                    "--alpha", "0.5", "--beta", "1", "--steps", "2", "--scheduler", "ddim", "--cfg", "5",
                    "--negative-prompt", "blurry", "--out", str(out), "--device", "cpu", "--batch-size", "3"])
-    assert generate.main(args) == 0
+    from npo_suite.cli import generate as cli
+
+    assert cli.main(args) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert len(man["images"]) == 3 * 3  # (cat x 2 seeds + dog x 1 seed) x 3 modes
     assert man["alpha"] == 0.5 and man["scheduler"] == "ddim" and man["modes"] == ["cfg", "npo", "snpo"]
@@ -146,20 +154,20 @@ def test_prompts_jsonl_negative_prompt_and_its_alias(sd15_dir, tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a", "negative_prompt": "x"}\n{"prompt": "b", "neg_prompt": "y"}\n{"prompt": "c"}\n',
                  encoding="utf-8")
-    items = generate.read_prompts(_parse([str(sd15_dir), "--prompts", str(f), "--negative-prompt", "z", "--out", "o"]))
+    items = _read_prompts(_parse([str(sd15_dir), "--prompts", str(f), "--negative-prompt", "z", "--out", "o"]))
     assert [it["negative_prompt"] for it in items] == ["x", "y", "z"]
     f.write_text('{"prompt": "a", "negative_prompt": "x", "neg_prompt": "y"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"p.jsonl:1: both negative_prompt and neg_prompt"):
-        generate.read_prompts(_parse([str(sd15_dir), "--prompts", str(f), "--out", "o"]))
+        _read_prompts(_parse([str(sd15_dir), "--prompts", str(f), "--out", "o"]))
 
 
 def test_bad_cli_input(sd15_dir, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"p.jsonl:2: .*'prompt'"):
-        generate.read_prompts(_parse([str(sd15_dir), "--prompts", str(bad), "--out", str(tmp_path)]))
+        _read_prompts(_parse([str(sd15_dir), "--prompts", str(bad), "--out", str(tmp_path)]))
     with pytest.raises(ValueError, match="no prompts"):
-        generate.read_prompts(_parse([str(sd15_dir), "--out", str(tmp_path)]))
+        _read_prompts(_parse([str(sd15_dir), "--out", str(tmp_path)]))
     b = load_model(sd15_dir)
     with pytest.raises(ValueError, match="one seed per prompt"):
         generate.sample(b, ["a", "b"], [0], "cfg")

@@ -38,8 +38,10 @@ def test_alpha_default_is_the_papers_one():
 def test_every_front_door_defaults_alpha_from_core_npo():
     """Before: generate 1.0, the ComfyUI nodes and the WebUI panel 0.0 (the same files gave another
     negative model depending on where one sampled)."""
+    from npo_suite.cli import generate as cli
+
     p = argparse.ArgumentParser()
-    generate.add_arguments(p)
+    cli.add_arguments(p)
     assert p.parse_args(["model", "--out", "x"]).alpha == ALPHA_DEFAULT
     assert generate.Offsets().alpha == ALPHA_DEFAULT
     assert NPOSettings().alpha == ALPHA_DEFAULT
@@ -70,7 +72,7 @@ def _literal_alpha_defaults(path: Path) -> list:
 
 
 @pytest.mark.parametrize("rel", ["nodes/sampling.py", "scripts/npo_webui.py", "webui/settings.py", "webui/plan.py",
-                                 "diffusers_host/generate.py"])
+                                 "diffusers_host/generate.py", "cli/generate.py"])
 def test_no_front_door_writes_its_own_alpha_default(rel):
     assert _literal_alpha_defaults(ROOT / rel) == []
 

@@ -1,4 +1,4 @@
-"""`python -m npo_suite.world.probe` on a quickly built world: the rows a negative LoRA gets, the null
+"""`python -m npo_suite world probe` on a quickly built world: the rows a negative LoRA gets, the null
 branch, the --set overrides reaching the trainer, and its Markdown/JSON output."""
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from npo_suite.cli import main
 from npo_suite.world import probe as wp
 from npo_suite.world.build import WorldConfig, build_world
 
@@ -27,7 +28,7 @@ def test_probe_negative_lora_rows_null_branch_and_overrides(world, tmp_path, cap
     out = tmp_path / "probe"
     argv = ["--quick", "--world", str(world), "--out", str(out), "--method", "tdft", "--seeds", "0",
             "--set", "tdft_start=noise"]
-    assert wp.main(argv) == 0
+    assert main(["world", "probe", *argv]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "probe.json").read_text())
     names = [r["row"] for r in res["rows"]]

@@ -1,4 +1,4 @@
-"""`python -m npo_suite.world.results` on a quickly built world: every data kind and LoRA role of the
+"""`python -m npo_suite world results` on a quickly built world: every data kind and LoRA role of the
 registry, two training seeds, ONE JSON line, pooled figures, resumable per (method, seed)."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from npo_suite.cli import main
 from npo_suite.world import results as wr
 from npo_suite.world.build import GENERIC_PROMPT, WorldConfig, build_world
 from npo_suite.world.rewrite import WorldDigitsRewriter, remove_content
@@ -39,7 +40,7 @@ def test_results_json_pooled_and_resumable(world, tmp_path, capsys):
     out = tmp_path / "res"
     argv = ["--quick", "--world", str(world), "--out", str(out), "--methods", "snpo", "tdft", "ddspo",
             "--seeds", "0", "1", "--train-steps", "2", "--json"]
-    assert wr.main(argv) == 0
+    assert main(["world", "results", *argv]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
     assert len(lines) == 1  # ONE JSON line on stdout (progress and logs on stderr)
     res = json.loads(lines[0])

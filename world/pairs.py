@@ -149,12 +149,12 @@ def make_ddspo_data(sample_fn: SampleFn, rewriter, out_dir: str | os.PathLike, *
     PrepareConfig fields recorded in ddspo_config.json (how the images were sampled). Seeds start at
     `seed_offset` (never an evaluation or a pair seed). Returns the folder."""
     from ..trainer.data.cache import save_item
-    from ..trainer.data.ddspo_prepare import MANIFEST_NAME, PrepareConfig, _check_config, latents_relpath
+    from ..trainer.data.ddspo_prepare import MANIFEST_NAME, PrepareConfig, check_config, latents_relpath
 
     prompts = list(prompts or all_prompts())
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    _check_config(out, PrepareConfig(**{"store_dtype": "float32", **(settings or {})}))
+    check_config(out, PrepareConfig(**{"store_dtype": "float32", **(settings or {})}))
     rows_p = [p for p in prompts for _ in range(samples_per_prompt)]
     rows_s = [seed_offset + i for i in range(len(rows_p))]
     negs = rewriter(rows_p, rows_s)

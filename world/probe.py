@@ -1,6 +1,6 @@
 """What a trained LoRA does on the digits world beyond its win rate (docs/RESULTS.md "Why Self-NPO ...").
 
-    python -m npo_suite.world.probe --method tdft --seeds 0 1 2 [--set tdft_start=noise] --out runs/probe
+    python -m npo_suite world probe --method tdft --seeds 0 1 2 [--set tdft_start=noise] --out runs/probe
 
 Each training seed's LoRA is trained exactly as `world.results` trains it (`results.run_one`: the same
 data, settings and cache, so a probe of a finished results folder retrains nothing) and sampled in
@@ -21,7 +21,6 @@ realism. Prints a Markdown table; writes OUT/probe.json and OUT/probe.md.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -106,7 +105,7 @@ def markdown(result: dict) -> str:
     rows += [{**r, "ci": f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
               "guard": f"{r['right_to_wrong']} / {r['wrong_to_right']}"} for r in result["rows"]]
     sets = " ".join(f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in result["overrides"].items())
-    head = (f"`python -m npo_suite.world.probe --method {result['method']} --seeds "
+    head = (f"`python -m npo_suite world probe --method {result['method']} --seeds "
             f"{' '.join(map(str, result['seeds']))}{' ' + sets if sets else ''}`")
     table = markdown_table(rows, [("row", "sampled as"), ("win_rate", "win rate"), ("ci", "95% CI"),
                                   ("accuracy", "accuracy"), ("guard", "right->wrong / wrong->right"),
@@ -114,26 +113,3 @@ def markdown(result: dict) -> str:
     n = result["null"]
     return (f"{head}\n\n{table}\n\nNull prompt, CFG 1 (mean realism): base {n['base']:.3f}, "
             f"with the LoRA {n['lora']:.3f}.\n")
-
-
-def main(argv=None) -> int:
-    from ..trainer.methods import METHODS
-
-    ap = argparse.ArgumentParser(prog="python -m npo_suite.world.probe", description=__doc__.splitlines()[0])
-    ap.add_argument("--method", required=True, choices=list(METHODS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a TrainConfig override for this method (repeatable), e.g. tdft_start=noise")
-    ap.add_argument("--out", default="runs/probe", help="output folder (the runs are cached there as world.results does)")
-    ap.add_argument("--world", default=None, help="world folder (default: the shipped world)")
-    ap.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
-    args = ap.parse_args(argv)
-    kw = {"world": args.world} if args.world else {}
-    rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
-    res = probe(args.method, args.seeds, args.out, parse_sets(args.set), rc)
-    print(markdown(res))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Every method of the registry on the digits world, over several training seeds (docs/RESULTS.md).
 
-    python -m npo_suite.world.results --methods dpo npo bdpo snpo snpo_naive tdft ddspo --seeds 0 1 2 \\
+    python -m npo_suite world results --methods dpo npo bdpo snpo snpo_naive tdft ddspo --seeds 0 1 2 \\
         --json --out runs/results [--report docs/RESULTS.md]
 
 Each method of `trainer.methods.METHODS` is trained once per training seed with `trainer.loop.train`
@@ -22,11 +22,10 @@ Pooled over training seeds: every (prompt, evaluation seed, training seed) is on
 base image of the same prompt and evaluation seed; the 95% CIs come from the two-stage bootstrap
 of `core.stats.pooled_compare` (training seeds, then images). Resumable: each (method, seed) run
 keeps its LoRA and its scores under OUT/runs/; a rerun with the same settings reuses them, a run
-whose settings changed is redone (and says so). `--json` prints ONE line (module `summary_json`).
+whose settings changed is redone (and says so). `--json` prints ONE line (`json_summary`).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -379,9 +378,17 @@ def run_results(rc: ResultsConfig, log=None) -> dict:
     return {**result, "details": details}
 
 
+SUMMARY_KEYS = ("methods", "base_accuracy", "base_mean_reward")
+
+
+def json_summary(result: dict) -> dict:
+    """The pooled figures of a `run_results` result: what `world results --json` prints as ONE line."""
+    return {k: result[k] for k in SUMMARY_KEYS}
+
+
 # ----------------------------------------------------------------------------- the Markdown report
 
-BEGIN, END = "<!-- results:begin (written by python -m npo_suite.world.results) -->", "<!-- results:end -->"
+BEGIN, END = "<!-- results:begin (written by python -m npo_suite world results) -->", "<!-- results:end -->"
 
 
 def markdown(result: dict, details: dict) -> str:
@@ -415,7 +422,7 @@ def markdown(result: dict, details: dict) -> str:
     llr = markdown_table(llr_rows, [("method", "method"), ("first", "first log"), ("last", "last log"),
                                     ("mean", "mean of logs"), ("frac_positive", "fraction > 0")]) if llr_rows else ""
     return "\n".join([
-        f"Command: `python -m npo_suite.world.results --methods {' '.join(result['methods'])} --seeds "
+        f"Command: `python -m npo_suite world results --methods {' '.join(result['methods'])} --seeds "
         f"{' '.join(map(str, seeds))} --json --out {rc['out']}` ({details['seconds'] / 60:.1f} min; world "
         f"`{details['world_id']}`). Per training seed {n} images ({rc['eval_prompts']} prompts x {rc['eval_seeds']} "
         f"seeds), {rc['scheduler']} {rc['sample_steps']} steps, CFG {rc['cfg_scale']}; training {rc['train_steps']} "
@@ -436,38 +443,3 @@ def write_report(path: Path, body: str) -> Path:
     head, rest = text.split(BEGIN)
     tail = rest.split(END)[1]
     return write_text(path, f"{head}{BEGIN}\n{body}\n{END}{tail}")
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def main(argv=None) -> int:
-    from ..trainer.methods import METHODS
-
-    d = ResultsConfig()
-    ap = argparse.ArgumentParser(prog="python -m npo_suite.world.results", description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="training seeds (default 0 1 2)")
-    ap.add_argument("--out", default=d.out, help="output folder (runs, data, results.json, results.md)")
-    ap.add_argument("--json", action="store_true", help="print ONE JSON line with the pooled figures")
-    ap.add_argument("--report", default=None, help="also write the tables into this Markdown file between the markers")
-    ap.add_argument("--world", default=None, help="world folder (default: the shipped world)")
-    ap.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
-    ap.add_argument("--train-steps", type=int, default=None, help=f"LoRA training steps (default {d.train_steps})")
-    ap.add_argument("--eval-seeds", type=int, default=None, help=f"evaluation seeds per prompt (default {d.eval_seeds})")
-    args = ap.parse_args(argv)
-    kw = {k: v for k, v in (("out", args.out), ("world", args.world), ("train_steps", args.train_steps),
-                            ("eval_seeds", args.eval_seeds)) if v is not None}
-    kw.update(methods=tuple(args.methods), seeds=tuple(args.seeds))
-    rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
-    res = run_results(rc)
-    if args.report:
-        write_report(Path(args.report), markdown(res, res["details"]))
-    if args.json:
-        print(json.dumps({k: res[k] for k in ("methods", "base_accuracy", "base_mean_reward")}))
-    else:
-        print(f"results: {Path(rc.out) / 'results.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

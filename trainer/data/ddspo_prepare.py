@@ -18,7 +18,6 @@ noise seed is derived from (seed, id), so an interrupted + resumed run equals an
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -33,7 +32,6 @@ from ...core.conditioning import vae_decode
 from ...families.loading import bundle_from_pipeline
 from ...core.atomic import atomic_path, write_text
 from .cache import LatentCache, save_item
-from .prompts import PromptsFile
 from .records import DataSummary, PromptRecord
 
 CONFIG_NAME, MANIFEST_NAME, PARTS_DIR = "ddspo_config.json", "manifest.jsonl", "manifest.d"
@@ -104,7 +102,8 @@ def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
     return list(entries.values())
 
 
-def _check_config(out: Path, cfg: PrepareConfig) -> None:
+def check_config(out: Path, cfg: PrepareConfig) -> None:
+    """Write `cfg` as the folder's ddspo_config.json, or refuse a folder generated with other settings."""
     path = out / CONFIG_NAME
     want = asdict(cfg)
     if path.is_file():
@@ -147,7 +146,7 @@ def prepare(pipe, records: Iterable[PromptRecord], out_dir: str | os.PathLike, c
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, cfg)
+    check_config(out, cfg)
     done = {e["id"] for e in read_manifest(out)}
     rewriter = build_rewriter(cfg.rewriter, cfg.min_frac, cfg.max_frac, cfg.rewriter_path)
     bundle = bundle_from_pipeline(pipe)
@@ -307,37 +306,6 @@ def is_prepared(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..ddspo import REWRITERS
-
-    parser.add_argument("--model", required=True, help="reference model: a diffusers folder (SD1.x or SDXL)")
-    parser.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or .jsonl "
-                        "({prompt, id?, negative_prompt? (alias neg_prompt)})")
-    parser.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
-    parser.add_argument("--losers", choices=("generate", "none"), default="generate",
-                        help="generate loser images from the degraded prompts, or none (efficient variant)")
-    parser.add_argument("--rewriter", choices=sorted(REWRITERS), default="drop_words",
-                        help="how c⁻ is made when a record has no neg_prompt")
-    parser.add_argument("--min-frac", type=float, default=0.4, help="drop_words: least fraction of words removed")
-    parser.add_argument("--max-frac", type=float, default=0.7, help="drop_words: largest fraction of words removed")
-    parser.add_argument("--rewriter-path", default=None, help="local_lm: local transformers model folder")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (paper: 25)")
-    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default 7.5 SD1.x, 5.0 SDXL)")
-    parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed; each item's noise seed derives from (seed, id)")
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts per generation batch (= manifest chunk)")
-    parser.add_argument("--limit", type=int, default=None, help="stop after this many new items")
-    parser.add_argument("--store-dtype", choices=sorted(DTYPES), default="float16", help="dtype of stored latents")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype for generation")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--save-images", action="store_true", help="also decode and save PNGs")
-
-
 def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A diffusers SD1.x / SDXL pipeline from a local diffusers folder (nothing is downloaded)."""
     p = Path(path)
@@ -350,17 +318,3 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str = "
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     pipe = DiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True, **kwargs)
     return pipe.to(device)
-
-
-def main(args) -> int:
-    cfg = PrepareConfig(model=str(Path(args.model).resolve()), losers=args.losers, rewriter=args.rewriter,
-                        min_frac=args.min_frac, max_frac=args.max_frac, rewriter_path=args.rewriter_path,
-                        steps=args.steps, cfg=args.cfg, height=args.height, width=args.width, seed=args.seed,
-                        store_dtype=args.store_dtype)
-    source = PromptsFile(args.prompts)
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
-    stats = prepare(pipe, source, args.out, cfg, batch_size=args.batch_size, limit=args.limit,
-                    save_images=args.save_images)
-    print(f"ddspo-prepare: {stats['done']} generated, {stats['skipped_done']} already done, "
-          f"{stats['total']} in {args.out}")
-    return 0
