@@ -29,8 +29,6 @@ def _scorer_options(p: argparse.ArgumentParser, multiple: bool = True) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..families import family_names
-
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     s = sub.add_parser("score", help="score the images of one run")
     src = s.add_mutually_exclusive_group(required=True)
@@ -53,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _sweep_arguments(sub) -> None:
     from ..diffusers_host.generate import SCHEDULERS
+    from ..families import family_names
     from ..evaluation.scorers import SCORERS
 
     w = sub.add_parser("sweep", help="sample an (alpha, beta) grid of NPO guidance on validation seeds; pick the "
