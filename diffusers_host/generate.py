@@ -24,7 +24,7 @@ from ..core.guidance import GUIDANCE, MODES, RESCALE_SPACES, guide, offset_activ
 from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_groups
 from ..core.offsets.types import Offset
 from ..core.sampling import sample_scheduler
-from ..trainer.batches import Cond
+from ..core.cond import Cond
 from ..trainer.data.prompts import negative_prompt_of
 
 SCHEDULERS = ("ddim", "euler", "dpmpp")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from npo_suite.trainer.batches import Cond
+from npo_suite.core.cond import Cond
 from npo_suite.trainer.data.dataset import ResumableSampler, collate_pairs, collate_prompts
 from npo_suite.trainer.data.pairs import FolderPairs, JsonlPairs, PickAPicParquet, open_pairs
 from npo_suite.trainer.data.prompts import ImageFolder, PromptsFile, line_id, open_prompts

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from npo_suite.trainer.batches import Cond
+from npo_suite.core.cond import Cond
 from npo_suite.trainer.config import TrainConfig
 from npo_suite.trainer.data.cache import LatentCache
 from npo_suite.trainer.data.dataset import ResumableSampler, collate_prompts

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from npo_suite.trainer.batches import Cond, PairBatch, PromptBatch
+from npo_suite.core.cond import Cond
+from npo_suite.trainer.batches import PairBatch, PromptBatch
 from npo_suite.trainer.config import MethodConfig
 from npo_suite.trainer.methods import METHODS, PairMethod, StepOut
 

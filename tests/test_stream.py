@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from npo_suite.trainer.batches import Cond
+from npo_suite.core.cond import Cond
 from npo_suite.trainer.data.records import PromptRecord
 from npo_suite.trainer.data.sources import PreferenceData
 from npo_suite.trainer.session import build_stream

@@ -22,7 +22,8 @@ import torch
 
 from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS, add_noise, eps_to_x0, gather
 from .backends.base import Backend
-from .batches import Cond, PairBatch, PromptBatch
+from ..core.cond import Cond
+from .batches import PairBatch, PromptBatch
 from .config import MethodConfig
 from .ddspo import DDSPO_LOSERS, PromptRewriter, build_rewriter, ddspo_margins
 from .losses import (LossOut, bdpo_loss, ddspo_loss, dpo_loss, implicit_accuracy, logit_metrics, loss_weight,

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from ...core.schedule import gather, to_eps
-from ..batches import Cond
+from ...core.cond import Cond
 from .diffusers import POLICY, BackendOptions, DiffusersBackend
 
 # ComfyUI ModelType names -> the prediction types of core.schedule.to_eps

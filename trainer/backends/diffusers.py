@@ -30,7 +30,7 @@ import torch
 
 from ...core.conditioning import encode_text, vae_decode
 from ...core.schedule import abar_from_scheduler, gather, to_eps
-from ..batches import Cond
+from ...core.cond import Cond
 
 POLICY = "policy"
 

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from ..batches import Cond
+from ...core.cond import Cond
 from ...core.atomic import save_safetensors
 from .pairs import ParquetCell
 from .records import BadRecord, DataSummary, PairRecord, PromptRecord, load_image

@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..batches import Cond, PairBatch, PromptBatch
+from ...core.cond import Cond
+from ..batches import PairBatch, PromptBatch
 from .cache import LatentCache
 from .ddspo_prepare import other_index
 from .records import BadRecord, DataSummary, PairRecord, PromptRecord
