@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     name, rest = argv[0], argv[1:]
+    from ..core.plugins import load_plugins
+
+    load_plugins()  # the plug-ins' names (scorers, rewriters, ...) in every command's choices
     module = importlib.import_module(COMMANDS[name][0], __package__)
     parser = argparse.ArgumentParser(prog=f"python -m npo_suite {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)

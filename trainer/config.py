@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS
-from .ddspo import DDSPO_LOSERS, REWRITERS
+from .ddspo import DDSPO_LOSERS, rewriter_names
 from .losses import LOSS_WEIGHTINGS, TDFT_X0_LOSSES
 from .reference import ON_EXCEED
 from .tdft import FULL_SIM_STEPS, TDFT_STARTS, TDFT_TIMESTEPS
@@ -107,7 +107,8 @@ class MethodConfig:
                                    "authors' SDXL script)", default="none")
     ddspo_min_frac: float = _m("DDSPO: minimum fraction of words removed from the prompt", default=0.4)
     ddspo_max_frac: float = _m("DDSPO: maximum fraction of words removed from the prompt", default=0.7)
-    ddspo_rewriter: str = _m("DDSPO degraded-prompt rewriter: " + ", ".join(REWRITERS), default="drop_words")
+    ddspo_rewriter: str = _m("DDSPO degraded-prompt rewriter (a key of trainer.ddspo.REWRITERS)", default="drop_words",
+                             choices=rewriter_names)
     ddspo_rewriter_path: str | None = _m("DDSPO local_lm rewriter: local transformers causal-LM folder", default=None)
     # --- reference update: every method with a reference (seed 004)
     ref_update_every: int = _m("reference update period tau in optimizer steps (16/32/64 in seed 004); 0 = off",
@@ -152,7 +153,7 @@ class MethodConfig:
         one_of("ddspo_loss_weighting", LOSS_WEIGHTINGS)
         check(0 <= self.ddspo_min_frac <= self.ddspo_max_frac <= 1,
               f"need 0 <= ddspo_min_frac <= ddspo_max_frac <= 1, got {self.ddspo_min_frac}, {self.ddspo_max_frac}")
-        one_of("ddspo_rewriter", REWRITERS)
+        one_of("ddspo_rewriter", rewriter_names())
         check(self.ddspo_rewriter != "local_lm" or bool(self.ddspo_rewriter_path),
               "ddspo_rewriter 'local_lm' needs ddspo_rewriter_path (a local model folder)")
         check(self.ref_update_every >= 0, f"ref_update_every must be >= 0 (0 = off), got {self.ref_update_every}")
