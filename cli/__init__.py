@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pairs": (".pairs", "preference pairs from a model's own samples, scored by any scorer (resumable)"),
     "evaluate": (".evaluate", "score images and compare two runs"),
     "offsets": (".offsets", "inspect, convert, merge and extract weight offsets (LoRAs, diffs)"),
-    "ddspo-prepare": ("..trainer.data.ddspo_prepare", "generate DDSPO winner (and loser) latents from prompts"),
+    "ddspo-prepare": ("..diffusers_host.ddspo_prepare", "generate DDSPO winner (and loser) latents from prompts"),
     "bench": ("..benchmarks", "benchmarks: guidance and training step time and memory"),
 }
 

@@ -25,7 +25,8 @@ from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_g
 from ..core.offsets.types import Offset
 from ..core.sampling import sample_scheduler
 from ..core.cond import Cond
-from ..trainer.data.prompts import negative_prompt_of
+from ..core.prompts import read_prompts_file
+from ..core.summary import DataSummary
 
 SCHEDULERS = ("ddim", "euler", "dpmpp")
 NPO_PATHS = ("fast", "two-model")
@@ -242,30 +243,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_prompts(args) -> list[dict]:
-    """[{prompt, negative_prompt, seeds}] from --prompt and --prompts (.txt or .jsonl)."""
+    """[{prompt, negative_prompt, seeds}] from --prompt and --prompts (.txt or .jsonl), the file read by the
+    trainer's rules (core/prompts.py: prompt/caption/text, negative_prompt alias neg_prompt; bad lines are
+    skipped and counted); a JSONL line's own `seed` replaces --seeds."""
     items = [{"prompt": p, "negative_prompt": args.negative_prompt, "seeds": list(args.seeds)} for p in args.prompt]
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if path.suffix.lower() == ".jsonl":
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                    raise ValueError(f"{path}:{n}: each line must be an object with a string 'prompt'")
-                seeds = [int(rec["seed"])] if "seed" in rec else list(args.seeds)
-                neg = negative_prompt_of(rec, f"{path}:{n}")  # the trainer's reader: negative_prompt, alias neg_prompt
-                items.append({"prompt": rec["prompt"], "negative_prompt": args.negative_prompt if neg is None else neg,
-                              "seeds": seeds})
-        else:
-            items += [{"prompt": s.strip(), "negative_prompt": args.negative_prompt, "seeds": list(args.seeds)}
-                      for s in lines if s.strip()]
+        summary = DataSummary("prompts")
+        for rec, obj in read_prompts_file(path, summary):
+            seeds = [int(obj["seed"])] if "seed" in obj else list(args.seeds)
+            items.append({"prompt": rec.prompt,
+                          "negative_prompt": args.negative_prompt if rec.neg_prompt is None else rec.neg_prompt,
+                          "seeds": seeds})
+        summary.print()
     if not items:
         raise ValueError("no prompts: pass --prompt TEXT or --prompts FILE")
     return items

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from npo_suite.core.cond import Cond
-from npo_suite.trainer.data.records import PromptRecord
+from npo_suite.core.prompts import PromptRecord
 from npo_suite.trainer.data.sources import PreferenceData
 from npo_suite.trainer.session import build_stream
 from npo_suite.trainer.stream import latent_shape

@@ -57,7 +57,7 @@ def test_results_json_pooled_and_resumable(world, tmp_path, capsys):
     assert full["details"]["roles"] == {"snpo": "snpo", "tdft": "negative", "ddspo": "positive"}
     assert full["details"]["n_per_seed"] == 20  # 10 plain prompts x 2 evaluation seeds
     # the data each kind trained on
-    from npo_suite.trainer.data.ddspo_prepare import is_prepared, read_manifest
+    from npo_suite.core.ddspo_format import is_prepared, read_manifest
     from safetensors.torch import load_file
 
     prepared = out / "data" / "ddspo" / "prepared"

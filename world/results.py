@@ -113,7 +113,7 @@ def _stamp_matches(path: Path, stamp: dict) -> bool:
 
 def _data_sha1(path: Path) -> str:
     """Identity of a run's training data: the JSONL file, or a ddspo-prepare folder's manifest."""
-    from ..trainer.data.ddspo_prepare import MANIFEST_NAME
+    from ..core.ddspo_format import MANIFEST_NAME
 
     return hashlib.sha1((path / MANIFEST_NAME if path.is_dir() else path).read_bytes()).hexdigest()
 

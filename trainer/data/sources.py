@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from ...core.paths import inside
-from .records import DataSummary, PairRecord, PromptRecord
+from ...core.prompts import PromptRecord
+from ...core.summary import DataSummary
+from .records import PairRecord
 
 DATASET_SUFFIXES = (".jsonl", ".txt", ".parquet")
 
@@ -143,7 +145,7 @@ def dataset_from_images(chosen: torch.Tensor, rejected: torch.Tensor, prompts: l
 def prompt_list(text: str, images: torch.Tensor | None = None) -> PreferenceData:
     """Prompts, one per line (blank lines and `#` comments skipped); `images` [N, H, W, C] optional:
     one per prompt (TDFT starts from them, DDSPO uses them as winners)."""
-    from .prompts import line_id
+    from ...core.prompts import line_id
 
     summary = DataSummary("prompts")
     lines = [(n, s.strip()) for n, s in enumerate(text.splitlines(), 1)]
