@@ -92,10 +92,22 @@ def test_report_block_is_replaced_and_the_rest_kept(tmp_path):
 
 
 def test_sampling_follows_the_lora_role():
-    assert wr.sampling_for("positive", "L")[0] == "cfg" and wr.sampling_for("positive", "L")[1].eta == "L"
-    mode, off = wr.sampling_for("negative", "L")
+    """One table "LoRA role -> how it is sampled" (core.guidance.ROLE_SAMPLING): results, demo and probe sample
+    through core.npo.role_spec, training validation through trainer.validation.ROLE_BRANCHES, both read it."""
+    from npo_suite.core.guidance import ROLE_SAMPLING
+    from npo_suite.core.npo import role_spec
+    from npo_suite.core.offsets.schema import ROLES
+    from npo_suite.trainer.methods import METHODS
+    from npo_suite.trainer.validation import ROLE_BRANCHES
+
+    assert set(ROLE_SAMPLING) == set(ROLES) and {m.role for m in METHODS.values()} <= set(ROLES)
+    assert role_spec("positive", "L")[0] == "cfg" and role_spec("positive", "L")[1].eta == "L"
+    mode, off = role_spec("negative", "L")
     assert mode == "npo" and off.delta == "L" and off.alpha == 0.0 and off.beta == 1.0
-    assert wr.sampling_for("negative", "L", beta=0.25)[1].beta == 0.25  # world.probe's strengths
-    assert wr.sampling_for("snpo", "L")[1].snpo == "L"
+    assert role_spec("negative", "L", beta=0.25)[1].beta == 0.25  # world.probe's strengths
+    assert role_spec("snpo", "L")[1].snpo == "L"
     with pytest.raises(ValueError, match="no sampling rule"):
-        wr.sampling_for("other", "L")
+        role_spec("other", "L")
+    assert ROLE_BRANCHES == {"base": (None, None, "cfg"), "positive": ("policy", "policy", "cfg"),
+                             "negative": (None, "policy", "npo"), "snpo": ("policy", "policy", "snpo")}
+    assert wr.ResultsConfig().methods == tuple(METHODS)  # the registry, not a list beside it
