@@ -40,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_parser(name: str):
-    """(module, parser) of command `name`: the module imported, its arguments added."""
+    """(module, parser) of command `name`: the module imported, its arguments added (plug-ins loaded first,
+    so their names, e.g. scorers and rewriters, are in every command's choices)."""
+    from ..core.plugins import load_plugins
+
+    load_plugins()
     module = importlib.import_module(COMMANDS[name][0], __package__)
     parser = argparse.ArgumentParser(prog=f"python -m npo_suite {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)

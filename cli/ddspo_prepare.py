@@ -1,5 +1,5 @@
 """`python -m npo_suite ddspo-prepare --model M --prompts P --out DIR`: DDSPO winner (and loser) latents from
-prompts (trainer/data/ddspo_prepare.py describes the folder it writes; a rerun into the same --out resumes).
+prompts (core/ddspo_format.py describes the folder it writes; a rerun into the same --out resumes).
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     import torch
 
-    from ..trainer.data.ddspo_prepare import DTYPES
-    from ..trainer.ddspo import REWRITERS
+    from ..core.ddspo_format import DTYPES
+    from ..trainer.ddspo import rewriter_names
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--model", required=True, help="reference model: a diffusers folder (SD1.x or SDXL)")
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
     parser.add_argument("--losers", choices=("generate", "none"), default="generate",
                         help="generate loser images from the degraded prompts, or none (efficient variant)")
-    parser.add_argument("--rewriter", choices=sorted(REWRITERS), default="drop_words",
+    parser.add_argument("--rewriter", choices=sorted(rewriter_names()), default="drop_words",
                         help="how c⁻ is made when a record has no neg_prompt")
     parser.add_argument("--min-frac", type=float, default=0.4, help="drop_words: least fraction of words removed")
     parser.add_argument("--max-frac", type=float, default=0.7, help="drop_words: largest fraction of words removed")
@@ -41,7 +41,7 @@ def config_from_args(args: argparse.Namespace):
     """The PrepareConfig (the settings recorded in ddspo_config.json) of parsed flags."""
     from pathlib import Path
 
-    from ..trainer.data.ddspo_prepare import PrepareConfig
+    from ..core.ddspo_format import PrepareConfig
 
     return PrepareConfig(model=str(Path(args.model).resolve()), losers=args.losers, rewriter=args.rewriter,
                          min_frac=args.min_frac, max_frac=args.max_frac, rewriter_path=args.rewriter_path,
@@ -50,14 +50,20 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..trainer.data.ddspo_prepare import DTYPES, load_pipeline, prepare
-    from ..trainer.data.prompts import PromptsFile
+    from ..core.ddspo_format import DTYPES
+    from ..core.prompts import read_prompts_file
+    from ..core.summary import DataSummary
+    from ..diffusers_host.ddspo_prepare import load_pipeline, prepare
+    from ..trainer.ddspo import build_rewriter
 
     cfg = config_from_args(args)
-    source = PromptsFile(args.prompts)
+    summary = DataSummary("prompts")
+    records = [rec for rec, _ in read_prompts_file(args.prompts, summary)]
+    summary.print()
+    rewriter = build_rewriter(cfg.rewriter, cfg.min_frac, cfg.max_frac, cfg.rewriter_path)
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
-    stats = prepare(pipe, source, args.out, cfg, batch_size=args.batch_size, limit=args.limit,
-                    save_images=args.save_images)
+    stats = prepare(pipe, records, args.out, cfg, batch_size=args.batch_size, limit=args.limit,
+                    save_images=args.save_images, rewriter=rewriter)
     print(f"ddspo-prepare: {stats['done']} generated, {stats['skipped_done']} already done, "
           f"{stats['total']} in {args.out}")
     return 0

@@ -116,16 +116,31 @@ def save_safetensors(path: os.PathLike | str, tensors: dict, metadata: dict[str,
     return Path(path)
 
 
+def save_item(path: os.PathLike | str, tensors: dict, metadata: dict[str, str]) -> None:
+    """One tensor item (a latent-cache or ddspo-prepare item) by `save_safetensors`; the tensors are
+    copied to contiguous CPU tensors first: rows of one batch tensor are views of one storage, which
+    safetensors refuses."""
+    import torch
+
+    save_safetensors(path, {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+                            for k, v in tensors.items()}, metadata)
+
+
 def append_bytes(path: os.PathLike | str, data: bytes) -> None:
-    """Append `data` durably; on error the file is cut back to its previous length and the
+    """Append `data` durably in ONE write on an O_APPEND descriptor (concurrent appenders never
+    interleave inside it), then fsync; on error the file is cut back to its previous length and the
     OSError names `path` (the lines already there are never lost or torn)."""
     path = Path(path)
     size = path.stat().st_size if path.exists() else None
     try:
-        with open(path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            n = os.write(fd, data)
+            if n != len(data):
+                raise OSError(errno_mod.EIO, f"short write ({n} of {len(data)} bytes)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         with contextlib.suppress(OSError):
             if size is None:

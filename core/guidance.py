@@ -75,6 +75,31 @@ MODES: dict[str, ModeSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class RoleSampling:
+    """How a trained LoRA of one role (`core.offsets.schema.ROLES`, the `npo_role` a trainer method
+    writes) is sampled: guidance `mode` (a key of MODES), the offset it is given as (`offset`: "eta" the
+    positive offset, "delta" the negative one, "snpo" the SNPO LoRA; core.npo.NPOSpec), and so which
+    branches run it (`cond`, `uncond`)."""
+
+    mode: str
+    offset: str
+    cond: bool
+    uncond: bool
+
+
+# The one table "LoRA role -> how it is sampled" (METHODS.md "NPO guidance at sampling time"), read by
+# training validation, the world's results, demo and probe (`core.npo.role_spec`):
+#   positive  CFG, the LoRA on both branches
+#   negative  NPO (seed 001 §3.2): base on the conditional branch, θ + β·LoRA (no η: α 0) on the unconditional one
+#   snpo      SNPO (seed 000 eq. 12-13): CFG of the LoRA model with the null conditioning
+ROLE_SAMPLING: dict[str, RoleSampling] = {
+    "positive": RoleSampling("cfg", "eta", cond=True, uncond=True),
+    "negative": RoleSampling("npo", "delta", cond=False, uncond=True),
+    "snpo": RoleSampling("snpo", "snpo", cond=True, uncond=True),
+}
+
+
 def offset_active(sigma: float, sigma_min: float | None = None, sigma_max: float | None = None) -> bool:
     """True when the negative offset is on at noise level `sigma` (sigma_min <= sigma <= sigma_max; None = unbounded).
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .guidance import MODES, offset_active
+from .guidance import MODES, ROLE_SAMPLING, offset_active
 from .offsets.types import Delta, Offset, delta_fits
 
 # α: the weight of the positive offset η inside the negative model θ + α·η + β·δ.
@@ -87,6 +87,17 @@ class NPOSpec:
     def active(self, sigma: float) -> bool:
         """Whether the offsets act at k-diffusion noise level `sigma` (core.guidance.offset_active)."""
         return offset_active(sigma, self.sigma_min, self.sigma_max)
+
+
+def role_spec(role: str, lora: OffsetLike, beta: float = BETA_DEFAULT) -> tuple[str, NPOSpec]:
+    """(guidance mode, NPOSpec) that sample a LoRA of `role` as `core.guidance.ROLE_SAMPLING` says;
+    `beta` is a negative LoRA's strength on the unconditional branch (other roles run at BETA_DEFAULT)."""
+    if role not in ROLE_SAMPLING:
+        raise ValueError(f"no sampling rule for LoRA role {role!r} (expected one of {sorted(ROLE_SAMPLING)})")
+    rs = ROLE_SAMPLING[role]
+    if rs.offset == "delta":  # the negative model θ + β·δ: no η in it (α 0)
+        return rs.mode, NPOSpec(delta=lora, alpha=0.0, beta=beta)
+    return rs.mode, NPOSpec(**{rs.offset: lora})
 
 
 # ---------------------------------------------------------------------------------------------

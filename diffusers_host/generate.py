@@ -25,8 +25,9 @@ from ..core.guidance import MODES, guide, offset_active
 from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_groups
 from ..core.offsets.types import Offset
 from ..core.sampling import sample_scheduler
-from ..trainer.batches import Cond
-from ..trainer.data.prompts import negative_prompt_of
+from ..core.cond import Cond
+from ..core.prompts import read_prompts_file
+from ..core.summary import DataSummary
 
 SCHEDULERS = ("ddim", "euler", "dpmpp")
 NPO_PATHS = ("fast", "two-model")
@@ -238,32 +239,22 @@ class GenerateJob:
 
 def read_prompts(prompt: Sequence[str] = (), prompts: str | os.PathLike | None = None, negative_prompt: str = "",
                  seeds: Sequence[int] = ()) -> list[dict]:
-    """[{prompt, negative_prompt, seeds}] from prompts given one by one and a prompts file (.txt or .jsonl).
-
-    `negative_prompt` and `seeds` apply to every prompt without its own (a .jsonl line may carry both)."""
+    """[{prompt, negative_prompt, seeds}] from prompts given one by one and a prompts file (.txt or .jsonl),
+    the file read by the trainer's rules (core/prompts.py: prompt/caption/text, negative_prompt alias
+    neg_prompt; bad lines are skipped and counted). `negative_prompt` and `seeds` apply to every prompt
+    without its own (a .jsonl line may carry both: its own `seed` replaces `seeds`)."""
     items = [{"prompt": p, "negative_prompt": negative_prompt, "seeds": list(seeds)} for p in prompt]
     if prompts:
         path = Path(prompts)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if path.suffix.lower() == ".jsonl":
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                    raise ValueError(f"{path}:{n}: each line must be an object with a string 'prompt'")
-                own = [int(rec["seed"])] if "seed" in rec else list(seeds)
-                neg = negative_prompt_of(rec, f"{path}:{n}")  # the trainer's reader: negative_prompt, alias neg_prompt
-                items.append({"prompt": rec["prompt"], "negative_prompt": negative_prompt if neg is None else neg,
-                              "seeds": own})
-        else:
-            items += [{"prompt": s.strip(), "negative_prompt": negative_prompt, "seeds": list(seeds)}
-                      for s in lines if s.strip()]
+        summary = DataSummary("prompts")
+        for rec, obj in read_prompts_file(path, summary):
+            own = [int(obj["seed"])] if "seed" in obj else list(seeds)
+            items.append({"prompt": rec.prompt,
+                          "negative_prompt": negative_prompt if rec.neg_prompt is None else rec.neg_prompt,
+                          "seeds": own})
+        summary.print()
     if not items:
         raise ValueError("no prompts: pass --prompt TEXT or --prompts FILE")
     return items

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.paths import inside, safe_relative_name
-from .pairing import Sample, append_jsonl, make_pairs, read_jsonl
+from ..core.jsonl import append_jsonl, read_jsonl
+from .pairing import Sample, make_pairs
 
 PAIRS_FILE = "pairs.jsonl"
 

@@ -12,18 +12,15 @@ A candidate pair whose scores differ by `margin` or less is a near-tie: dropped 
 (`Pairing.near_ties`), never kept with a coin-flip winner. A group with one sample yields no
 candidate (counted as `single_sample`).
 
-JSONL files are appended atomically (`append_jsonl`: every line of a call in one `write` on an
-O_APPEND descriptor, then fsync), so a reader never sees half of an append except after a crash
-mid-write; `read_jsonl` drops such a torn last line and counts it.
+Their JSONL files are read and written by core/jsonl.py (`append_jsonl`: every line of a call in one
+durable append; `read_jsonl` drops a torn last line and counts it).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable
 
 
@@ -136,75 +133,3 @@ def sample_row(s: Sample) -> dict:
 
 def sample_from_row(row: dict) -> Sample:
     return Sample(str(row["prompt"]), str(row["negative_prompt"]), int(row["seed"]), str(row["file"]), float(row["score"]))
-
-
-# ----------------------------------------------------------------------------- JSONL files
-
-def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Append `rows` as JSON lines in ONE write on an O_APPEND descriptor, then fsync.
-
-    A torn tail left by an earlier crash (no final newline) is cut first, so the new lines start
-    on a line of their own.
-    """
-    if not rows:
-        return
-    path = Path(path)
-    _cut_torn_tail(path)
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        n = os.write(fd, data)
-        if n != len(data):
-            raise OSError(f"{path}: short write ({n} of {len(data)} bytes); the file may end in a torn line")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _cut_torn_tail(path: Path) -> None:
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as fh:
-        data = fh.read()
-        if data.endswith(b"\n"):
-            return
-        fh.truncate(data.rfind(b"\n") + 1)
-
-
-def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], Counter]:
-    """(objects, skipped) of a JSONL file; a torn last line (no newline, bad JSON) and bad lines are counted."""
-    path = Path(path)
-    skipped: Counter = Counter()
-    if not path.is_file():
-        return [], skipped
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows = []
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            skipped["torn_line" if n == len(lines) - 1 else "bad_row"] += 1
-            continue
-        if not isinstance(obj, dict):
-            skipped["bad_row"] += 1
-            continue
-        rows.append(obj)
-    return rows, skipped
-
-
-def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Replace `path` with `rows` (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -26,8 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from .pairing import (Pairing, Sample, append_jsonl, make_pairs, pair_row, read_jsonl, sample_from_row,
-                      sample_key, sample_row, write_jsonl_atomic)
+from ..core.jsonl import append_jsonl, read_jsonl, write_jsonl
+from .pairing import Pairing, Sample, make_pairs, pair_row, sample_from_row, sample_key, sample_row
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def collect(out: Path, jobs: list[Job], render: Render, scorer, *, batch_size: i
 def write_pairs(out: Path, pairing: Pairing, **provenance) -> Path:
     """out/pairs.jsonl (atomic replace) from a Pairing; `provenance` keys go on every line."""
     path = out / "pairs.jsonl"
-    write_jsonl_atomic(path, [pair_row(p, **provenance) for p in pairing.pairs])
+    write_jsonl(path, [pair_row(p, **provenance) for p in pairing.pairs])
     return path
 
 

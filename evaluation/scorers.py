@@ -3,10 +3,8 @@
 Every scorer maps (PIL images, prompts) to one float per image, higher is better. Nothing is
 ever downloaded: the external preference models (PickScore, HPSv2, ImageReward, LAION
 aesthetic, CLIP) load from LOCAL paths the user passes, and a missing path is a clear error.
+Plug-ins (core/plugins.py) add their scorers with `register_scorer`.
 
-    world_reward     p(prompted class | image), digits world classifier (world/reward.py)
-    world_correct    1.0 if the classifier's argmax is the prompted class, else 0.0
-    world_realism    -(k-NN distance to real digits) / scale: about -1 for real digits
     clip_score       100 * max(cos(image, text), 0) of a local CLIPModel folder (Hessel et al.
                      2021 without their w=2.5; torchmetrics' convention)
     pickscore        logit_scale * cos(image, text) of a local PickScore_v1 CLIPModel folder
@@ -28,6 +26,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from ..core.plugins import load_plugins
+
 
 class Scorer(Protocol):
     name: str
@@ -45,48 +45,9 @@ def _need_path(path, what: str, scorer: str, flag: str = "--model-path") -> Path
     return p
 
 
-def _check_lengths(images, prompts, name):
+def check_lengths(images, prompts, name):
     if len(images) != len(prompts):
         raise ValueError(f"scorer {name!r}: {len(images)} images but {len(prompts)} prompts")
-
-
-# ----------------------------------------------------------------------------- digits world
-
-@dataclass
-class WorldScorer:
-    """Scores of the digits world's reward models (world/reward.py)."""
-
-    name: str
-    reward: object  # world.reward.DigitsReward
-    kind: str  # "reward" | "correct" | "realism"
-
-    def score(self, images, prompts):
-        from ..world.build import parse_prompt
-        from ..world.reward import images_to_pixels01
-
-        _check_lengths(images, prompts, self.name)
-        px = images_to_pixels01(images)
-        if self.kind == "realism":
-            return self.reward.realism(px).astype(np.float64)
-        labels = []
-        for p in prompts:
-            label, _ = parse_prompt(p)
-            if label is None:
-                raise ValueError(f"scorer {self.name!r}: prompt {p!r} names no single digit class")
-            labels.append(label)
-        if self.kind == "correct":
-            return self.reward.correct(px, labels).astype(np.float64)
-        return self.reward.reward(px, labels).astype(np.float64)
-
-
-def _world_factory(kind: str) -> Callable[..., WorldScorer]:
-    def make(world: str | None = None, **_) -> WorldScorer:
-        from ..world.build import default_world_dir
-        from ..world.reward import DigitsReward
-
-        d = Path(world) if world else default_world_dir()
-        return WorldScorer(f"world_{kind}", DigitsReward.for_world(d), kind)
-    return make
 
 
 # ----------------------------------------------------------------------------- CLIP family
@@ -105,7 +66,7 @@ class ClipScorer:
 
     @torch.no_grad()
     def score(self, images, prompts):
-        _check_lengths(images, prompts, self.name)
+        check_lengths(images, prompts, self.name)
         out = []
         for i in range(0, len(images), self.batch_size):
             ims = [im.convert("RGB") for im in images[i:i + self.batch_size]]
@@ -190,7 +151,7 @@ class AestheticScorer:
 
     @torch.no_grad()
     def score(self, images, prompts):
-        _check_lengths(images, prompts, self.name)
+        check_lengths(images, prompts, self.name)
         out = []
         for i in range(0, len(images), 32):
             inp = self.processor(images=[im.convert("RGB") for im in images[i:i + 32]], return_tensors="pt")
@@ -221,7 +182,7 @@ class CallableScorer:
     fn: Callable
 
     def score(self, images, prompts):
-        _check_lengths(images, prompts, self.name)
+        check_lengths(images, prompts, self.name)
         return np.asarray([float(self.fn(im, p)) for im, p in zip(images, prompts)], dtype=np.float64)
 
 
@@ -256,11 +217,9 @@ def _image_reward(model_path=None, med_config=None, device="cpu", **_):
     return CallableScorer("image_reward", lambda image, prompt: model.score(prompt, image.convert("RGB")))
 
 
-# name -> (factory(**options), one-line help). The only list of scorer names (CLI choices read it).
+# name -> (factory(**options), one-line help). The only list of scorer names: plug-ins add theirs with
+# register_scorer; CLI choices and node dropdowns read available_scorers().
 SCORERS: dict[str, tuple[Callable[..., Scorer], str]] = {
-    "world_reward": (_world_factory("reward"), "digits world: p(prompted class | image)"),
-    "world_correct": (_world_factory("correct"), "digits world: classifier argmax == prompted class (0/1)"),
-    "world_realism": (_world_factory("realism"), "digits world: -(k-NN distance to real digits)/scale"),
     "clip_score": (_clip_score, "100*max(cos,0) of a local CLIPModel folder (--model-path)"),
     "pickscore": (_pickscore, "PickScore from a local CLIPModel folder (--model-path)"),
     "hpsv2": (_hpsv2, "HPS v2 from a local checkpoint (--model-path; needs open_clip)"),
@@ -269,8 +228,21 @@ SCORERS: dict[str, tuple[Callable[..., Scorer], str]] = {
 }
 
 
+def register_scorer(name: str, factory: Callable[..., Scorer], help: str) -> None:
+    """Add (or replace) the scorer `name`: `factory(**options)` builds it; `help` is its one-line help."""
+    SCORERS[name] = (factory, help)
+
+
+def available_scorers() -> dict[str, tuple[Callable[..., Scorer], str]]:
+    """SCORERS with the plug-ins' scorers registered (what choices and dropdowns list)."""
+    load_plugins()
+    return SCORERS
+
+
 def make_scorer(name: str, **options) -> Scorer:
     """Build a registered scorer; options: world, model_path, processor_path, head_path, med_config, device, allow_pickle."""
+    if name not in SCORERS:
+        load_plugins()
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; choose one of: {', '.join(SCORERS)}")
     return SCORERS[name][0](**options)

@@ -16,7 +16,7 @@ from comfy_api.latest import io, ui
 from ..core import paths
 from ..evaluation import collect
 from ..evaluation.pairing import PAIR_RULES
-from ..evaluation.scorers import SCORERS
+from ..evaluation.scorers import available_scorers
 from .training import dataset_roots
 
 CATEGORY = "training/npo"
@@ -82,8 +82,8 @@ class ScoreImages(io.ComfyNode):
             description=f"Scores an IMAGE batch for a prompt with a local scorer (weights in models/{REWARDS_FOLDER}; "
                         "nothing is downloaded); outputs the scores and the batch sorted best first.",
             inputs=[io.Image.Input("images"), io.String.Input("prompt", multiline=True, default=""),
-                    io.Combo.Input("scorer", options=list(SCORERS), default="clip_score",
-                                   tooltip="; ".join(f"{k}: {v[1]}" for k, v in SCORERS.items())),
+                    io.Combo.Input("scorer", options=list(available_scorers()), default="clip_score",
+                                   tooltip="; ".join(f"{k}: {v[1]}" for k, v in available_scorers().items())),
                     io.Combo.Input("weights", options=reward_choices(),
                                    tooltip="model folder / checkpoint (CLIP-style scorers) or world folder (world_*)"),
                     io.Combo.Input("extra", options=reward_choices(),

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from npo_suite.trainer.batches import Cond
+from npo_suite.core.cond import Cond
 
 C, H, HID, L, D, RANK = 4, 8, 8, 3, 8, 2
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from npo_suite.trainer.batches import Cond
+from npo_suite.core.cond import Cond
 from npo_suite.trainer.data.cache import LatentCache, fingerprint_modules
 from npo_suite.trainer.data.dataset import PairDataset, PromptDataset, ResumableSampler, collate_pairs, collate_prompts
 from npo_suite.trainer.data.pairs import JsonlPairs
-from npo_suite.trainer.data.records import DataSummary, PairRecord, PromptRecord
+from npo_suite.core.prompts import PromptRecord
+from npo_suite.core.summary import DataSummary
+from npo_suite.trainer.data.records import PairRecord
 from npo_suite.trainer.data.transforms import ImageTransform
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from npo_suite.trainer.batches import Cond
+from npo_suite.core.cond import Cond
 from npo_suite.trainer.data.dataset import ResumableSampler, collate_pairs, collate_prompts
 from npo_suite.trainer.data.pairs import FolderPairs, JsonlPairs, PickAPicParquet, open_pairs
-from npo_suite.trainer.data.prompts import ImageFolder, PromptsFile, line_id, open_prompts
+from npo_suite.core.prompts import line_id
+from npo_suite.trainer.data.prompts import ImageFolder, PromptsFile, open_prompts
 from npo_suite.trainer.data.records import BadRecord, load_image
 from npo_suite.trainer.data.transforms import ImageTransform
 

@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from npo_suite.trainer.ddspo import (REWRITERS, DropWordsRewriter, LocalLMRewriter, PromptRewriter, build_rewriter,
-                                     ddspo_margins, perturb_prompt)
+from npo_suite.trainer.ddspo import (DropWordsRewriter, LocalLMRewriter, PromptRewriter, build_rewriter,
+                                     ddspo_margins, perturb_prompt, rewriter_names)
 
 PROMPT = "a red fox sitting on a snowy hill under the northern lights, highly detailed"
 
@@ -43,7 +43,7 @@ def test_perturb_edge_cases():
 
 
 def test_rewriter_registry_and_errors(tmp_path):
-    assert list(REWRITERS) == ["drop_words", "local_lm", "world_digits"]
+    assert list(rewriter_names()) == ["drop_words", "local_lm", "world_digits"]  # the world: a plug-in
     rw = build_rewriter("drop_words", 0.4, 0.7)
     assert isinstance(rw, PromptRewriter) and isinstance(rw, DropWordsRewriter)
     assert rw([PROMPT, "a b c"], [1, 2]) == [perturb_prompt(PROMPT, 1), perturb_prompt("a b c", 2)]

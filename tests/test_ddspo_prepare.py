@@ -8,13 +8,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from npo_suite.trainer.batches import Cond
+from npo_suite.core.cond import Cond
 from npo_suite.trainer.config import TrainConfig
 from npo_suite.trainer.data.cache import LatentCache
 from npo_suite.trainer.data.dataset import ResumableSampler, collate_prompts
-from npo_suite.trainer.data.ddspo_prepare import (MANIFEST_NAME, PARTS_DIR, DdspoDataset, PrepareConfig, prepare,
-                                                  read_manifest)
+from npo_suite.core.ddspo_format import MANIFEST_NAME, PARTS_DIR, PrepareConfig, read_manifest
+from npo_suite.diffusers_host import ddspo_prepare
+from npo_suite.trainer.data.ddspo_dataset import DdspoDataset
 from npo_suite.trainer.data.prompts import PromptsFile
+from npo_suite.trainer.ddspo import build_rewriter
+
+
+def prepare(*args, **kw):
+    """ddspo_prepare.prepare with the default rewriter (drop_words 0.4-0.7), as the CLI builds it."""
+    return ddspo_prepare.prepare(*args, rewriter=build_rewriter("drop_words"), **kw)
 
 PROMPTS = ["a photo of a red cat", "a blue car in the house", "a thick green tree",
            "handwritten digit seven", "a neat painting of a dog"]
@@ -126,7 +133,8 @@ def test_sampler_equals_the_diffusers_pipeline(sd15):
     from diffusers import DDIMScheduler
 
     from npo_suite.families.loading import bundle_from_pipeline
-    from npo_suite.trainer.data.ddspo_prepare import PrepareConfig, _generate, _resolve_size
+    from npo_suite.core.ddspo_format import PrepareConfig
+    from npo_suite.diffusers_host.ddspo_prepare import _generate, _resolve_size
 
     cfg = PrepareConfig(model="x", steps=3, cfg=5.0)
     (h, w), f = _resolve_size(sd15, cfg), sd15.vae_scale_factor

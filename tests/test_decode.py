@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from npo_suite.trainer.data.records import ALPHA_BACKGROUND, BadRecord, DataSummary, PairRecord, load_image
+from npo_suite.core.summary import DataSummary
+from npo_suite.trainer.data.records import ALPHA_BACKGROUND, BadRecord, PairRecord, load_image
 
 
 def encoded(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from npo_suite.core import stats
-from npo_suite.evaluation.scorers import SCORERS, make_scorer
+from npo_suite.evaluation.scorers import available_scorers, make_scorer
 
 
 # ----------------------------------------------------------------------------- stats
@@ -128,7 +128,7 @@ def test_clip_score_on_tiny_random_clip(tiny_clip_dir):
 
 
 def test_registry_names():
-    assert {"world_reward", "world_realism", "clip_score", "pickscore", "hpsv2", "image_reward", "laion_aesthetic"} <= set(SCORERS)
+    assert {"world_reward", "world_realism", "clip_score", "pickscore", "hpsv2", "image_reward", "laion_aesthetic"} <= set(available_scorers())
 
 
 # ----------------------------------------------------------------------------- runs + CLI

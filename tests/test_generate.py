@@ -149,23 +149,41 @@ def test_loading_errors(sd15_dir, tmp_path):
         load_model(sd15_dir, family="sd3")
 
 
-def test_prompts_jsonl_negative_prompt_and_its_alias(sd15_dir, tmp_path):
+def test_prompts_jsonl_negative_prompt_and_its_alias(sd15_dir, tmp_path, capsys):
     """Issue 13: the trainer's `neg_prompt` spelling is read by generate too (one reader, docs/data.md)."""
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a", "negative_prompt": "x"}\n{"prompt": "b", "neg_prompt": "y"}\n{"prompt": "c"}\n',
                  encoding="utf-8")
     items = _read_prompts(_parse([str(sd15_dir), "--prompts", str(f), "--negative-prompt", "z", "--out", "o"]))
     assert [it["negative_prompt"] for it in items] == ["x", "y", "z"]
-    f.write_text('{"prompt": "a", "negative_prompt": "x", "neg_prompt": "y"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"p.jsonl:1: both negative_prompt and neg_prompt"):
-        _read_prompts(_parse([str(sd15_dir), "--prompts", str(f), "--out", "o"]))
+    f.write_text('{"prompt": "a", "negative_prompt": "x", "neg_prompt": "y"}\n{"prompt": "b"}\n', encoding="utf-8")
+    items = _read_prompts(_parse([str(sd15_dir), "--prompts", str(f), "--out", "o"]))
+    assert [it["prompt"] for it in items] == ["b"]  # the line with two different negatives: skipped, counted
+    assert "bad_row: 1 (e.g. p.jsonl:1: both negative_prompt and neg_prompt" in capsys.readouterr().err
+
+
+def test_one_prompts_reader_for_training_and_generation(sd15_dir, tmp_path, capsys):
+    """Issue 21: the same file trains and generates: prompt/caption/text keys, bad and blank lines skipped and
+    counted the same way by the trainer's PromptsFile and by generate --prompts (core/prompts.py)."""
+    from npo_suite.trainer.data.prompts import PromptsFile
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a cat", "seed": 7}\n{"caption": "a dog"}\nnot json\n\n{"text": "a fox", "neg_prompt": "x"}\n'
+                 '["a list"]\n{"prompt": "  "}\n{"text": "a cow"', encoding="utf-8")
+    src = PromptsFile(f)
+    trained = list(src)
+    train_report = capsys.readouterr().err
+    items = _read_prompts(_parse([str(sd15_dir), "--prompts", str(f), "--seeds", "1", "2", "--out", "o"]))
+    assert [r.prompt for r in trained] == [it["prompt"] for it in items] == ["a cat", "a dog", "a fox"]
+    assert [r.neg_prompt for r in trained] == [None, None, "x"] and [it["negative_prompt"] for it in items] == ["", "", "x"]
+    assert [it["seeds"] for it in items] == [[7], [1, 2], [1, 2]]
+    assert dict(src.summary.skipped) == {"bad_row": 2, "empty_prompt": 1, "torn_line": 1}
+    assert capsys.readouterr().err == train_report  # the same counted skips, the same report
 
 
 def test_bad_cli_input(sd15_dir, tmp_path):
-    bad = tmp_path / "p.jsonl"
-    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"p.jsonl:2: .*'prompt'"):
-        _read_prompts(_parse([str(sd15_dir), "--prompts", str(bad), "--out", str(tmp_path)]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _read_prompts(_parse([str(sd15_dir), "--prompts", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]))
     with pytest.raises(ValueError, match="no prompts"):
         _read_prompts(_parse([str(sd15_dir), "--out", str(tmp_path)]))
     b = load_model(sd15_dir)

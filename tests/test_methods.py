@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from npo_suite.trainer.batches import Cond, PairBatch, PromptBatch
-from npo_suite.trainer.config import MethodConfig
-from npo_suite.trainer.methods import METHODS, PairMethod, StepOut
+from npo_suite.core.cond import Cond
+from npo_suite.trainer.batches import PairBatch, PromptBatch
+from npo_suite.trainer.methods import METHODS, MethodConfig, PairMethod, StepOut
 
 sys.path.insert(0, str(Path(__file__).parent))
 from methods_fake_backend import FakeBackend  # noqa: E402

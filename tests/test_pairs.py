@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from npo_suite.evaluation.pairing import (PAIR_RULES, Sample, append_jsonl, make_pairs, read_jsonl)
+from npo_suite.core.jsonl import append_jsonl, read_jsonl
+from npo_suite.evaluation.pairing import PAIR_RULES, Sample, make_pairs
 from npo_suite.evaluation.pairs import build_dataset, check_config, collect, load_samples, plan_jobs
 
 

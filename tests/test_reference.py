@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from npo_suite.trainer.batches import Cond, PairBatch
-from npo_suite.trainer.config import MethodConfig
+from npo_suite.core.cond import Cond
+from npo_suite.trainer.batches import PairBatch
+from npo_suite.trainer.methods import MethodConfig
 from npo_suite.trainer.reference import ReferenceUpdater, divergence_estimate
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from npo_suite.trainer.batches import Cond
-from npo_suite.trainer.data.records import PromptRecord
+from npo_suite.core.cond import Cond
+from npo_suite.core.prompts import PromptRecord
 from npo_suite.nodes.comfy.datasets import PreferenceData
 from npo_suite.nodes.comfy.session import build_stream
 from npo_suite.trainer.stream import latent_shape

@@ -240,21 +240,25 @@ def test_cache_write_fails_keeps_previous_item(tmp_path, enospc):
 
 def test_dataset_append_fails_keeps_previous_parts(tmp_path, sd15, enospc):
     """ddspo-prepare appends its dataset in part files: a full disk at the second part loses no line."""
-    from npo_suite.trainer.data.ddspo_prepare import PARTS_DIR, PrepareConfig, prepare, read_manifest
+    from npo_suite.core.ddspo_format import PARTS_DIR, PrepareConfig, read_manifest
+    from npo_suite.diffusers_host.ddspo_prepare import prepare
     from npo_suite.trainer.data.prompts import PromptsFile
+    from npo_suite.trainer.ddspo import build_rewriter
+
+    rw = build_rewriter("drop_words")
 
     p = tmp_path / "prompts.txt"
     p.write_text("a photo of a red cat\na blue car in the house\na thick green tree\n")
     cfg, out = PrepareConfig(model="tiny", losers="none", steps=1, seed=3), tmp_path / "run"
-    prepare(sd15, PromptsFile(p, verbose=False), out, cfg, batch_size=1, limit=1, verbose=False)
+    prepare(sd15, PromptsFile(p, verbose=False), out, cfg, batch_size=1, limit=1, verbose=False, rewriter=rw)
     assert len(read_manifest(out)) == 1
     enospc(r"/manifest\.d/\.part-")
     with pytest.raises(OSError, match=re.escape(str(out / PARTS_DIR))) as e:
-        prepare(sd15, PromptsFile(p, verbose=False), out, cfg, batch_size=1, verbose=False)
+        prepare(sd15, PromptsFile(p, verbose=False), out, cfg, batch_size=1, verbose=False, rewriter=rw)
     assert e.value.errno == errno.ENOSPC and len(read_manifest(out)) == 1
     assert not [q for q in (out / PARTS_DIR).iterdir() if q.name.startswith(".")]
     enospc(None)
-    prepare(sd15, PromptsFile(p, verbose=False), out, cfg, batch_size=1, verbose=False)
+    prepare(sd15, PromptsFile(p, verbose=False), out, cfg, batch_size=1, verbose=False, rewriter=rw)
     assert len(read_manifest(out)) == 3
 
 

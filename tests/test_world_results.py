@@ -23,9 +23,9 @@ def world(tmp_path_factory):
 
 
 def test_world_rewriter_removes_the_content():
-    from npo_suite.trainer.ddspo import REWRITERS, build_rewriter
+    from npo_suite.trainer.ddspo import build_rewriter, rewriter_names
 
-    assert "world_digits" in REWRITERS and isinstance(build_rewriter("world_digits"), WorldDigitsRewriter)
+    assert "world_digits" in rewriter_names() and isinstance(build_rewriter("world_digits"), WorldDigitsRewriter)
     assert remove_content("a thick handwritten seven") == GENERIC_PROMPT == "a handwritten digit"
     assert remove_content("a handwritten one") == GENERIC_PROMPT
     rw = build_rewriter("world_digits")
@@ -58,7 +58,7 @@ def test_results_json_pooled_and_resumable(world, tmp_path, capsys):
     assert full["details"]["roles"] == {"snpo": "snpo", "tdft": "negative", "ddspo": "positive"}
     assert full["details"]["n_per_seed"] == 20  # 10 plain prompts x 2 evaluation seeds
     # the data each kind trained on
-    from npo_suite.trainer.data.ddspo_prepare import is_prepared, read_manifest
+    from npo_suite.core.ddspo_format import is_prepared, read_manifest
     from safetensors.torch import load_file
 
     prepared = out / "data" / "ddspo" / "prepared"
@@ -93,10 +93,22 @@ def test_report_block_is_replaced_and_the_rest_kept(tmp_path):
 
 
 def test_sampling_follows_the_lora_role():
-    assert wr.sampling_for("positive", "L")[0] == "cfg" and wr.sampling_for("positive", "L")[1].eta == "L"
-    mode, off = wr.sampling_for("negative", "L")
+    """One table "LoRA role -> how it is sampled" (core.guidance.ROLE_SAMPLING): results, demo and probe sample
+    through core.npo.role_spec, training validation through trainer.validation.ROLE_BRANCHES, both read it."""
+    from npo_suite.core.guidance import ROLE_SAMPLING
+    from npo_suite.core.npo import role_spec
+    from npo_suite.core.offsets.schema import ROLES
+    from npo_suite.trainer.methods import METHODS
+    from npo_suite.trainer.validation import ROLE_BRANCHES
+
+    assert set(ROLE_SAMPLING) == set(ROLES) and {m.role for m in METHODS.values()} <= set(ROLES)
+    assert role_spec("positive", "L")[0] == "cfg" and role_spec("positive", "L")[1].eta == "L"
+    mode, off = role_spec("negative", "L")
     assert mode == "npo" and off.delta == "L" and off.alpha == 0.0 and off.beta == 1.0
-    assert wr.sampling_for("negative", "L", beta=0.25)[1].beta == 0.25  # world.probe's strengths
-    assert wr.sampling_for("snpo", "L")[1].snpo == "L"
+    assert role_spec("negative", "L", beta=0.25)[1].beta == 0.25  # world.probe's strengths
+    assert role_spec("snpo", "L")[1].snpo == "L"
     with pytest.raises(ValueError, match="no sampling rule"):
-        wr.sampling_for("other", "L")
+        role_spec("other", "L")
+    assert ROLE_BRANCHES == {"base": (None, None, "cfg"), "positive": ("policy", "policy", "cfg"),
+                             "negative": (None, "policy", "npo"), "snpo": ("policy", "policy", "snpo")}
+    assert wr.ResultsConfig().methods == tuple(METHODS)  # the registry, not a list beside it

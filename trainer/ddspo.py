@@ -16,6 +16,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
+from ..core.plugins import load_plugins
 from .losses import per_sample_mse
 
 
@@ -157,23 +158,29 @@ class LocalLMRewriter:
         return out
 
 
-# name -> factory(min_frac, max_frac, path) -> PromptRewriter. The only list of rewriter names.
-def _world_digits(**kw) -> PromptRewriter:
-    """The embedded digits world's rule-based c⁻ (world/rewrite.py), imported when asked for."""
-    from ..world.rewrite import WorldDigitsRewriter
-
-    return WorldDigitsRewriter(**kw)
-
-
+# name -> factory(min_frac, max_frac, path) -> PromptRewriter. The only list of rewriter names; plug-ins
+# (core/plugins.py) add theirs with register_rewriter.
 REWRITERS = {
     "drop_words": DropWordsRewriter,
     "local_lm": LocalLMRewriter,
-    "world_digits": _world_digits,
 }
 
 
+def register_rewriter(name: str, factory) -> None:
+    """Add (or replace) the rewriter `name`: factory(min_frac=, max_frac=, path=) -> PromptRewriter."""
+    REWRITERS[name] = factory
+
+
+def rewriter_names() -> tuple[str, ...]:
+    """The names of REWRITERS, the plug-ins' included (what choices list)."""
+    load_plugins()
+    return tuple(REWRITERS)
+
+
 def build_rewriter(name: str, min_frac: float = 0.4, max_frac: float = 0.7, path: str | None = None) -> PromptRewriter:
-    """The rewriter `name` from REWRITERS, configured."""
+    """The rewriter `name` from REWRITERS (a plug-in's included), configured."""
+    if name not in REWRITERS:
+        load_plugins()
     if name not in REWRITERS:
         raise ValueError(f"unknown DDSPO prompt rewriter {name!r} (expected one of {sorted(REWRITERS)})")
     return REWRITERS[name](min_frac=min_frac, max_frac=max_frac, path=path)

@@ -14,20 +14,142 @@ then noise, then method-specific draws (SNPO branch, prompt-perturbation seeds, 
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
 from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS, add_noise, eps_to_x0, gather
 from .backends.base import Backend
-from .batches import Cond, PairBatch, PromptBatch
-from .config import MethodConfig
-from .ddspo import DDSPO_LOSERS, PromptRewriter, build_rewriter, ddspo_margins
-from .losses import (LossOut, bdpo_loss, ddspo_loss, dpo_loss, implicit_accuracy, logit_metrics, loss_weight,
-                     per_sample_mse, tdft_x0_loss)
-from .tdft import grid_timesteps, renoise, truncated_rollout, tweedie_x0
+from ..core.cond import Cond
+from .batches import PairBatch, PromptBatch
+from .ddspo import DDSPO_LOSERS, PromptRewriter, build_rewriter, ddspo_margins, rewriter_names
+from .losses import (LOSS_WEIGHTINGS, TDFT_X0_LOSSES, LossOut, bdpo_loss, ddspo_loss, dpo_loss, implicit_accuracy,
+                     logit_metrics, loss_weight, per_sample_mse, tdft_x0_loss)
+from .reference import ON_EXCEED
+from .tdft import FULL_SIM_STEPS, TDFT_STARTS, TDFT_TIMESTEPS, grid_timesteps, renoise, truncated_rollout, tweedie_x0
+
+
+# ---------------------------------------------------------------- hyper-parameters
+
+def _m(text: str, *, default: Any, **kw) -> Any:
+    return field(default=default, metadata={"help": text, **kw})
+
+
+def method_names() -> tuple[str, ...]:
+    """The keys of the one method registry, `METHODS` (below)."""
+    return tuple(METHODS)
+
+
+
+@dataclass
+class MethodConfig:
+    """Every method hyper-parameter (the trainer's TrainConfig inherits from this), grouped by the
+    method that reads it; a method ignores the other groups."""
+
+    method: str = _m("training method (a key of trainer.methods.METHODS)", default="dpo", choices=method_names)
+    # --- DPO family: dpo, npo, bdpo, snpo, snpo_naive (seeds 000, 001)
+    beta: float = _m("DPO-family beta, Diffusion-DPO's own convention: logit = -(beta/2)*(m_w - m_l); paper "
+                     "values 2000..5000 for SD1.5/SDXL (the diffusers example's beta' is beta/2)", default=5000.0,
+                     min=1.0, max=100000.0, step=100.0)
+    lam: float = _m("BDPO/SNPO mixing lambda in (0, 1]; the loser's pull is bounded by -log(1-lambda); "
+                    "1 = plain DPO", default=0.9, min=0.01, max=1.0, step=0.01)
+    snpo_p: float = _m("SNPO probability of the null branch (null cond, pair swapped) per pair", default=0.5,
+                       min=0.0, max=1.0, step=0.05)
+    # --- timesteps: every method except TDFT under tdft_timesteps=solver_grid
+    timestep_sampler: str = _m("timestep sampler: " + ", ".join(TIMESTEP_SAMPLERS), default="uniform",
+                               choices=tuple(TIMESTEP_SAMPLERS))
+    timestep_gamma: float = _m("gamma_bins: P(bin k) ~ gamma^k, k=0 the noisiest bin", default=0.9)
+    timestep_bins: int = _m("gamma_bins: number of bins over [0, T)", default=10)
+    timestep_weight: str = _m("per-timestep loss scale w(t): " + ", ".join(TIMESTEP_WEIGHTS), default="none",
+                              choices=tuple(TIMESTEP_WEIGHTS))
+    # --- TDFT: Self-NPO truncated diffusion fine-tuning (seed 002); defaults = the authors' SD1.5 code
+    tdft_timesteps: str = _m("TDFT timesteps: " + "; ".join(f"{k} = {v}" for k, v in TDFT_TIMESTEPS.items()),
+                             default="solver_grid")
+    tdft_solver_steps: int = _m("TDFT: solver grid size N (one teacher step spans T//N timesteps; authors 25)",
+                                default=FULL_SIM_STEPS)
+    tdft_k: int = _m("TDFT: teacher solver steps K of the truncated rollout (authors 5)", default=5)
+    tdft_start: str = _m("TDFT rollout start: " + "; ".join(f"{k} = {v}" for k, v in TDFT_STARTS.items()),
+                         default="auto")
+    tdft_guidance: float = _m("TDFT teacher guidance w: eps = eps_c + w*(eps_c - eps_uncond), any sign (CFG scale "
+                              "1 + w); -1 = the unconditional prediction (authors' SD1.5), -5 authors' SDXL",
+                              default=-1.0)
+    tdft_loss: str = _m("TDFT x0 distance: pseudo_huber = sqrt(r^2 + c^2) - c (authors), l2, huber = "
+                        "F.huber_loss(delta=1)", default="pseudo_huber")
+    tdft_huber_c: float = _m("TDFT pseudo_huber c (authors 1e-3)", default=1e-3)
+    ema_decay: float = _m("TDFT: EMA decay of the teacher adapter, applied to each LoRA factor (authors 0.999 on "
+                          "the full UNet)", default=0.999)
+    # --- DDSPO: direct score-space preference optimization (seed 003)
+    ddspo_beta: float = _m("DDSPO beta (same beta/2 convention); paper 16000 for SD1.x/SDXL; lr must shrink as "
+                           "beta grows (docs/training.md)", default=16000.0)
+    ddspo_loser: str = _m("DDSPO loser image x_l: " + "; ".join(f"{k} = {v}" for k, v in DDSPO_LOSERS.items()),
+                          default="generated")
+    ddspo_loss_weighting: str = _m("DDSPO per-pair weight outside the sigmoid: none, or linear = t/(T-1) (the "
+                                   "authors' SDXL script)", default="none")
+    ddspo_min_frac: float = _m("DDSPO: minimum fraction of words removed from the prompt", default=0.4)
+    ddspo_max_frac: float = _m("DDSPO: maximum fraction of words removed from the prompt", default=0.7)
+    ddspo_rewriter: str = _m("DDSPO degraded-prompt rewriter (a key of trainer.ddspo.REWRITERS)", default="drop_words",
+                             choices=rewriter_names)
+    ddspo_rewriter_path: str | None = _m("DDSPO local_lm rewriter: local transformers causal-LM folder", default=None)
+    # --- reference update: every method with a reference (seed 004)
+    ref_update_every: int = _m("reference update period tau in optimizer steps (16/32/64 in seed 004); 0 = off",
+                               default=0, min=0, max=100000)
+    ref_bound: float = _m("reference divergence bound delta (per-element mse scale, see trainer/reference.py); "
+                          "0.005 SD1.5, 0.002 SDXL", default=0.005, min=1e-6, max=10.0, step=0.001)
+    ref_on_exceed: str = _m("when the bound is exceeded: freeze (keep the last reference) or reinit (reset it to "
+                            "the base model)", default="freeze", choices=ON_EXCEED)
+    ref_probe_size: int = _m("reference update: winners of the batch used to estimate the divergence", default=4)
+    ref_probe_timesteps: int = _m("reference update: timesteps per winner in the divergence estimate", default=4)
+
+    def __post_init__(self) -> None:
+        errors = []
+
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                errors.append(msg)
+
+        def one_of(name: str, allowed) -> None:
+            check(getattr(self, name) in allowed, f"{name} {getattr(self, name)!r} is not one of {list(allowed)}")
+
+        check(self.method in METHODS, f"method {self.method!r} is not one of {list(METHODS)}")
+        check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        check(0 < self.lam <= 1, f"lam must be in (0, 1], got {self.lam}")
+        check(0 <= self.snpo_p <= 1, f"snpo_p must be in [0, 1], got {self.snpo_p}")
+        one_of("timestep_sampler", TIMESTEP_SAMPLERS)
+        check(0 < self.timestep_gamma <= 1, f"timestep_gamma must be in (0, 1], got {self.timestep_gamma}")
+        check(self.timestep_bins >= 1, f"timestep_bins must be >= 1, got {self.timestep_bins}")
+        one_of("timestep_weight", TIMESTEP_WEIGHTS)
+        one_of("tdft_timesteps", TDFT_TIMESTEPS)
+        check(self.tdft_solver_steps >= 1, f"tdft_solver_steps must be >= 1, got {self.tdft_solver_steps}")
+        check(self.tdft_k >= 1, f"tdft_k must be >= 1, got {self.tdft_k}")
+        one_of("tdft_start", TDFT_STARTS)
+        check(math.isfinite(self.tdft_guidance), f"tdft_guidance must be finite, got {self.tdft_guidance}")
+        one_of("tdft_loss", TDFT_X0_LOSSES)
+        check(self.tdft_huber_c > 0, f"tdft_huber_c must be > 0, got {self.tdft_huber_c}")
+        check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check(self.ddspo_beta > 0, f"ddspo_beta must be > 0, got {self.ddspo_beta}")
+        one_of("ddspo_loser", DDSPO_LOSERS)
+        one_of("ddspo_loss_weighting", LOSS_WEIGHTINGS)
+        check(0 <= self.ddspo_min_frac <= self.ddspo_max_frac <= 1,
+              f"need 0 <= ddspo_min_frac <= ddspo_max_frac <= 1, got {self.ddspo_min_frac}, {self.ddspo_max_frac}")
+        one_of("ddspo_rewriter", rewriter_names())
+        check(self.ddspo_rewriter != "local_lm" or bool(self.ddspo_rewriter_path),
+              "ddspo_rewriter 'local_lm' needs ddspo_rewriter_path (a local model folder)")
+        check(self.ref_update_every >= 0, f"ref_update_every must be >= 0 (0 = off), got {self.ref_update_every}")
+        check(self.ref_bound > 0, f"ref_bound must be > 0, got {self.ref_bound}")
+        one_of("ref_on_exceed", ON_EXCEED)
+        check(self.ref_probe_size >= 1, f"ref_probe_size must be >= 1, got {self.ref_probe_size}")
+        check(self.ref_probe_timesteps >= 1, f"ref_probe_timesteps must be >= 1, got {self.ref_probe_timesteps}")
+        if errors:
+            raise ValueError("invalid method config: " + "; ".join(errors))
+
+
+def method_config_help() -> dict[str, str]:
+    """field name -> help text (for the CLI generator and docs)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(MethodConfig)}
 
 
 # ---------------------------------------------------------------- outputs

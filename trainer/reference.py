@@ -31,7 +31,7 @@ import torch
 
 from ..core.schedule import add_noise, gather, timesteps_uniform
 from .backends.base import Backend
-from .batches import Cond
+from ..core.cond import Cond
 from .losses import per_sample_mse
 
 ON_EXCEED = ("freeze", "reinit")

@@ -18,7 +18,8 @@ import torch
 from .data.cache import LatentCache, fingerprint_modules
 from .data.dataset import (PairDataset, PromptDataset, ResumableSampler, collate_pairs, collate_prompts,
                            other_loser_seed)
-from .data.ddspo_prepare import DdspoDataset, is_prepared
+from ..core.ddspo_format import is_prepared
+from .data.ddspo_dataset import DdspoDataset
 from .data.pairs import open_pairs
 from .data.prompts import open_prompts
 from .data.transforms import ImageTransform

@@ -2,7 +2,7 @@
 
 Validation (every `validate_every` steps, main process): for each prompt x seed, one image of
 the base model (plain CFG) and one with the trained LoRA, sampled the way the LoRA is meant to
-be used (`ROLE_BRANCHES`):
+be used (its role's row of `core.guidance.ROLE_SAMPLING`, as `ROLE_BRANCHES`):
   positive (dpo, bdpo, ddspo)  CFG, LoRA on both branches
   negative (npo, tdft)         NPO guidance (seed 001 §3.2): base on the conditional branch,
                                LoRA on the unconditional branch (prompt ∅)
@@ -23,16 +23,16 @@ from typing import Any
 import torch
 
 from ..core.atomic import append_bytes, atomic_path
-from ..core.guidance import GUIDANCE
+from ..core.guidance import GUIDANCE, ROLE_SAMPLING
 from ..core.sampling import ddim_timesteps, guided_denoiser, sample_ddim
 from .stream import latent_shape
 
-# role -> (adapter of the conditional branch, adapter of the unconditional branch ∅, combine)
+# role -> (adapter of the conditional branch, adapter of the unconditional branch ∅, combine): the trained
+# adapter ("policy") on the branches core.guidance.ROLE_SAMPLING names; "base" is plain CFG of the base model
 ROLE_BRANCHES: dict[str, tuple[str | None, str | None, str]] = {
     "base": (None, None, "cfg"),
-    "positive": ("policy", "policy", "cfg"),
-    "negative": (None, "policy", "npo"),
-    "snpo": ("policy", "policy", "snpo"),
+    **{role: ("policy" if rs.cond else None, "policy" if rs.uncond else None, rs.mode)
+       for role, rs in ROLE_SAMPLING.items()},
 }
 
 

@@ -208,7 +208,7 @@ def run_demo(dc: DemoConfig, log=print) -> dict:
     from ..families.loading import load_model
     from ..core.offsets import load_offset
     from ..core.stats import PairedStats, markdown_table, paired_compare, plot_comparison
-    from ..diffusers_host.generate import Offsets
+    from ..core.npo import role_spec
     from .build import all_prompts, ensure_world
     from .pairs import make_pairs
     from .plugin import register
@@ -255,23 +255,21 @@ def run_demo(dc: DemoConfig, log=print) -> dict:
         with sampling_bar(len(prompts), dc, f"sample {name}") as bar:
             return sample_run(bundle, prompts, seeds, mode, offsets, dc, progress=bar.update)
 
-    runs = {"cfg": run("cfg", None, "cfg")}
+    runs, modes = {"cfg": run("cfg", None, "cfg")}, {"cfg": "cfg"}
     for m in dc.methods:
         off = load_offset(str(loras[m]), unet_base)
         role = read_npo_metadata(off.metadata).get("role")  # the trainer writes the method's role
         if role not in ("negative", "snpo"):
             raise ValueError(f"{loras[m]}: the demo samples negative or snpo LoRAs; this one's role is {role!r}")
-        if role == "snpo":
-            runs[m] = run("snpo", Offsets(snpo=off), m)
-        else:
-            runs[m] = run("npo", Offsets(neg=off, beta=dc.npo_beta_offset), m)
+        modes[m], offsets = role_spec(role, off, beta=dc.npo_beta_offset)  # core.guidance.ROLE_SAMPLING
+        runs[m] = run(modes[m], offsets, m)
     timings["sample_s"] = time.time() - t0
 
     # 5. score, compare, report
     scores = {k: score_images(reward, v, prompts) for k, v in runs.items()}
     methods = {m: summarize(scores["cfg"], scores[m], dc.n_boot, dc.seed) for m in dc.methods}
     for k, v in runs.items():
-        write_run(out / "images" / k, k, v, prompts, seeds, "cfg" if k == "cfg" else ("snpo" if k.startswith("snpo") else "npo"),
+        write_run(out / "images" / k, k, v, prompts, seeds, modes[k],
                   {"world": str(world_dir), "cfg_scale": dc.cfg_scale, "steps": dc.sample_steps,
                    "lora": str(loras.get(k)) if k in loras else None})
     stats = {m: PairedStats(**{k: v for k, v in paired_compare(scores["cfg"]["reward"], scores[m]["reward"],

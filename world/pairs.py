@@ -8,7 +8,6 @@ Extra keys (rewards, seeds) are informative; readers need only prompt/chosen/rej
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..core.atomic import write_text
+from ..core.jsonl import iter_jsonl, write_jsonl
 
 from .build import all_prompts, parse_prompt
 
@@ -97,7 +96,7 @@ def make_pairs(sample_fn: SampleFn, reward, out_dir: str | os.PathLike, *, promp
         lines.append({"prompt": rows_p[w], "chosen": names[0], "rejected": names[1],
                       "reward_chosen": round(float(r[w]), 6), "reward_rejected": round(float(r[l]), 6),
                       "seed_chosen": rows_s[w], "seed_rejected": rows_s[l]})
-    path = _write_jsonl(out / "pairs.jsonl", lines)
+    path = write_jsonl(out / "pairs.jsonl", lines, ensure_ascii=True)
     return PairStats(len(prompts), len(rows_p), len(lines), dropped, float(np.mean(margins)) if margins else 0.0, path)
 
 
@@ -105,21 +104,13 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
     """The pairs of a JSONL file with image paths resolved against its folder (for checks and tests)."""
     p = Path(path)
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for n, rec in iter_jsonl(p):
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
         if missing:
             raise ValueError(f"{p}:{n}: missing {', '.join(missing)}")
         rec["chosen_path"], rec["rejected_path"] = p.parent / rec["chosen"], p.parent / rec["rejected"]
         out.append(rec)
     return out
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    write_text(path, "".join(json.dumps(x) + "\n" for x in records))
-    return path
 
 
 def write_real_images(split, out_dir: str | os.PathLike) -> Path:
@@ -135,7 +126,7 @@ def write_real_images(split, out_dir: str | os.PathLike) -> Path:
         name = f"images/real_{int(idx):04d}.png"
         to_png(im / 16.0, out / name)
         records.append({"prompt": prompt_for(int(label), style), "image": name, "digits_index": int(idx)})
-    return _write_jsonl(out / "prompts.jsonl", records)
+    return write_jsonl(out / "prompts.jsonl", records, ensure_ascii=True)
 
 
 def make_ddspo_data(sample_fn: SampleFn, rewriter, out_dir: str | os.PathLike, *, prompts: list[str] | None = None,
@@ -143,13 +134,13 @@ def make_ddspo_data(sample_fn: SampleFn, rewriter, out_dir: str | os.PathLike, *
                     settings: dict | None = None) -> Path:
     """DDSPO's pairs as its paper makes them (seed 003 §3.3): for each prompt c and seed, the winner is
     the base model's image for c and the loser its image for c⁻ = rewriter(c) from the SAME initial
-    noise. Written as a `ddspo-prepare` folder (trainer/data/ddspo_prepare.py: ddspo_config.json,
+    noise. Written as a `ddspo-prepare` folder (core/ddspo_format.py: ddspo_config.json,
     latents/ with latents_w and latents_l in the world's model space [1, 8, 8], manifest.jsonl),
     read with ddspo_loser "generated"; the PNGs are kept under images/ for viewing. `settings`:
     PrepareConfig fields recorded in ddspo_config.json (how the images were sampled). Seeds start at
     `seed_offset` (never an evaluation or a pair seed). Returns the folder."""
-    from ..trainer.data.cache import save_item
-    from ..trainer.data.ddspo_prepare import MANIFEST_NAME, PrepareConfig, check_config, latents_relpath
+    from ..core.atomic import save_item
+    from ..core.ddspo_format import MANIFEST_NAME, PrepareConfig, check_config, latents_relpath
 
     prompts = list(prompts or all_prompts())
     out = Path(out_dir)
@@ -171,5 +162,5 @@ def make_ddspo_data(sample_fn: SampleFn, rewriter, out_dir: str | os.PathLike, *
             to_png(w, out / images["image_w"])
             to_png(l, out / images["image_l"])
             entries.append({"id": rid, "prompt": p, "neg_prompt": n, "seed": s, "files": {"latents": rel, **images}})
-    write_text(out / MANIFEST_NAME, "".join(json.dumps(e) + "\n" for e in entries))
+    write_jsonl(out / MANIFEST_NAME, entries, ensure_ascii=True)
     return out

@@ -6,7 +6,7 @@ Each training seed's LoRA is trained exactly as `world.results` trains it (`resu
 data, settings and cache, so a probe of a finished results folder retrains nothing) and sampled in
 three ways, each against the base model on the same prompts and evaluation seeds:
 
-    role, strength b   as `results.sampling_for` samples the method's role; a negative LoRA also at
+    role, strength b   as `core.npo.role_spec` samples the method's role (core.guidance.ROLE_SAMPLING); a negative LoRA also at
                        b = 0.25 and 0.5 (NPO's beta: theta_neg = theta + b*delta on the null branch)
     alone              the LoRA on both CFG branches: the fine-tuned model itself. For a negative
                        LoRA this is the negative model, which Self-NPO and NPO expect to be WORSE
@@ -30,7 +30,8 @@ import numpy as np
 
 from ..core.atomic import write_text
 from .demo import sample_run
-from .results import Context, ResultsConfig, _atomic_json, base_scores, pooled_summary, run_one, sampling_for
+from ..core.npo import role_spec
+from .results import Context, ResultsConfig, _atomic_json, base_scores, pooled_summary, run_one
 
 NEGATIVE_STRENGTHS = (0.25, 0.5)  # besides the role's own 1.0
 
@@ -82,9 +83,9 @@ def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: Resul
         lora = ctx.load_lora(run["lora"])
         rows.setdefault(f"{role} (as world.results), strength 1", []).append(run["scores"])
         for b in NEGATIVE_STRENGTHS if role == "negative" else ():
-            imgs = ctx.sample(ctx.prompts, ctx.seeds, *sampling_for(role, lora, beta=b), desc=f"{method} s{s} beta {b}")
+            imgs = ctx.sample(ctx.prompts, ctx.seeds, *role_spec(role, lora, beta=b), desc=f"{method} s{s} beta {b}")
             rows.setdefault(f"{role}, strength {b}", []).append(score_images(ctx.reward, imgs, ctx.prompts))
-        alone = sampling_for("positive", lora)  # the LoRA on both CFG branches
+        alone = role_spec("positive", lora)  # the LoRA on both CFG branches
         imgs = ctx.sample(ctx.prompts, ctx.seeds, *alone, desc=f"{method} s{s} alone")
         rows.setdefault("alone (LoRA on both branches)", []).append(score_images(ctx.reward, imgs, ctx.prompts))
         null["lora"].append(realism(sample_run(ctx.bundle, null_prompts, ctx.seeds, *alone, null_rc)))

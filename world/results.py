@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.atomic import atomic_path, write_text
+from ..core.npo import role_spec
 from .build import all_prompts
 from .demo import DemoConfig, eval_prompts, sample_run, sampling_bar, score_images, train_lora
 
@@ -54,12 +55,19 @@ PAPER_CLAIMS = {
 SCORE_KEYS = ("reward", "correct", "realism")
 
 
+def registered_methods() -> tuple[str, ...]:
+    """The names of the one method registry, `trainer.methods.METHODS`, in its order."""
+    from ..trainer.methods import METHODS
+
+    return tuple(METHODS)
+
+
 @dataclass
 class ResultsConfig(DemoConfig):
     """The demo's settings plus the methods, the training seeds and DDSPO's data size."""
 
     out: str = "runs/results"
-    methods: tuple = ("dpo", "npo", "bdpo", "snpo", "snpo_naive", "tdft", "ddspo")
+    methods: tuple = field(default_factory=registered_methods)  # every method of trainer.methods.METHODS
     seeds: tuple = (0, 1, 2)
     ddspo_samples_per_prompt: int = 8  # DDSPO winners (and losers) per prompt
     rewriter: str = "world_digits"  # DDSPO's c⁻ (trainer.ddspo.REWRITERS; world/rewrite.py)
@@ -72,22 +80,6 @@ class ResultsConfig(DemoConfig):
     def quick(cls, **kw) -> "ResultsConfig":
         """Tiny step counts for the smoke test (numbers mean nothing)."""
         return super().quick(**{"ddspo_samples_per_prompt": 1, **kw})
-
-
-# ----------------------------------------------------------------------------- how a role is sampled
-
-def sampling_for(role: str, lora, beta: float = 1.0):
-    """(mode, Offsets) for a LoRA of `role` (Method.role), METHODS.md "NPO guidance at sampling time";
-    `beta` is a negative LoRA's strength on the unconditional branch (world.probe varies it)."""
-    from ..diffusers_host.generate import Offsets
-
-    table = {"positive": ("cfg", lambda: Offsets(pos=lora)),
-             "negative": ("npo", lambda: Offsets(neg=lora, alpha=0.0, beta=beta)),
-             "snpo": ("snpo", lambda: Offsets(snpo=lora))}
-    if role not in table:
-        raise ValueError(f"no sampling rule for LoRA role {role!r} (expected one of {sorted(table)})")
-    mode, offsets = table[role]
-    return mode, offsets()
 
 
 # ----------------------------------------------------------------------------- small io helpers
@@ -112,7 +104,7 @@ def _stamp_matches(path: Path, stamp: dict) -> bool:
 
 def _data_sha1(path: Path) -> str:
     """Identity of a run's training data: the JSONL file, or a ddspo-prepare folder's manifest."""
-    from ..trainer.data.ddspo_prepare import MANIFEST_NAME
+    from ..core.ddspo_format import MANIFEST_NAME
 
     return hashlib.sha1((path / MANIFEST_NAME if path.is_dir() else path).read_bytes()).hexdigest()
 
@@ -278,7 +270,7 @@ def run_one(ctx: Context, name: str, seed: int) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(train_dir, ignore_errors=True)
     tr, train_s = train_lora(ctx.world_dir, name, data, train_dir, rc, **overrides)
-    mode, offsets = sampling_for(method.role, ctx.load_lora(tr.lora_path))
+    mode, offsets = role_spec(method.role, ctx.load_lora(tr.lora_path))  # core.guidance.ROLE_SAMPLING
     t0 = time.time()
     scores = score_images(ctx.reward, ctx.sample(ctx.prompts, ctx.seeds, mode, offsets, desc=f"sample {name} s{seed}"),
                           ctx.prompts)

@@ -8,7 +8,7 @@ rewriter does what the LLM instruction asks, by rule: the digit word is generali
 and the style word removed, so every c⁻ is GENERIC_PROMPT ("a handwritten digit"), which the
 world's base model was trained on (WorldConfig.generic_prob).
 
-Listed in `trainer.ddspo.REWRITERS` as "world_digits" (imported from there when asked for).
+Registered in `trainer.ddspo.REWRITERS` as "world_digits" by world/plugin.py.
 It is deterministic (the seeds are not needed) and has no fractions: `min_frac` / `max_frac`
 are accepted by the factory interface and not used; a model `path` is refused.
 """

@@ -41,8 +41,8 @@ import torch
 
 from ...core.offsets.keys import weight_module_map
 from ...core.schedule import gather, to_eps
+from ...core.cond import Cond
 from ...families import FAMILIES, detect_unet_config
-from ...trainer.batches import Cond
 from ...trainer.backends.diffusers import POLICY, BackendOptions, DiffusersBackend
 
 # ComfyUI ModelType names -> the prediction types of core.schedule.to_eps

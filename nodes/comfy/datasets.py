@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from ...core.paths import inside
-from ...trainer.data.records import DataSummary, PairRecord, PromptRecord
+from ...core.prompts import PromptRecord
+from ...core.summary import DataSummary
+from ...trainer.data.records import PairRecord
 
 DATASET_SUFFIXES = (".jsonl", ".txt", ".parquet")
 
@@ -144,7 +146,7 @@ def dataset_from_images(chosen: torch.Tensor, rejected: torch.Tensor, prompts: l
 def prompt_list(text: str, images: torch.Tensor | None = None) -> PreferenceData:
     """Prompts, one per line (blank lines and `#` comments skipped); `images` [N, H, W, C] optional:
     one per prompt (TDFT starts from them, DDSPO uses them as winners)."""
-    from ...trainer.data.prompts import line_id
+    from ...core.prompts import line_id
 
     summary = DataSummary("prompts")
     lines = [(n, s.strip()) for n, s in enumerate(text.splitlines(), 1)]

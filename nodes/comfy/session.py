@@ -16,7 +16,7 @@ import torch
 from ...core.offsets.schema import npo_metadata
 from ...core.atomic import copy_file
 from ...core.paths import inside, safe_relative_name as safe_name
-from ...trainer.data.records import DataSummary
+from ...core.summary import DataSummary
 from .datasets import PreferenceData
 from .progress import read_losses
 

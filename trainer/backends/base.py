@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..batches import Cond
+from ...core.cond import Cond
 
 
 @runtime_checkable

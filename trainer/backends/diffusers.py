@@ -29,8 +29,8 @@ import torch
 
 from ...core.conditioning import vae_decode
 from ...core.schedule import abar_from_scheduler, gather, to_eps
+from ...core.cond import Cond
 from ...families import Family, family_with_text_encoders, get_family
-from ..batches import Cond
 
 POLICY = "policy"
 

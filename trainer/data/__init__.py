@@ -7,7 +7,7 @@
   transforms.py     ImageTransform (resize, center/random crop, flip, SDXL size conditioning)
   cache.py          LatentCache: latents + text embeddings on disk, encoded once
   dataset.py        PairDataset, PromptDataset, ResumableSampler, collate_pairs, collate_prompts
-  ddspo_prepare.py  the `ddspo-prepare` command and DdspoDataset
+  ddspo_dataset.py  DdspoDataset: a `ddspo-prepare` folder (core/ddspo_format.py) for training
 
 See docs/data.md. Submodules are imported explicitly (nothing heavy is imported here).
 """

@@ -32,10 +32,12 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from ..batches import Cond
-from ...core.atomic import save_safetensors
+from ...core.atomic import save_item
+from ...core.cond import Cond
+from ...core.prompts import PromptRecord
+from ...core.summary import DataSummary
 from .pairs import ParquetCell
-from .records import BadRecord, DataSummary, PairRecord, PromptRecord, load_image
+from .records import BadRecord, PairRecord, load_image
 from .transforms import ImageTransform, SizeCond
 
 FORMAT = "npo-suite-latent-cache-1"
@@ -96,13 +98,6 @@ def source_tag(src) -> str:
         b = bytes(src)
         return f"bytes:{len(b)}:{hashlib.sha1(b).hexdigest()}"
     return f"obj:{src!r}"
-
-
-def save_item(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """One cache item, atomically (core.atomic); clone: rows of one batch tensor are views of one
-    storage, which safetensors refuses."""
-    save_safetensors(path, {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-                            for k, v in tensors.items()}, metadata)
 
 
 def _cond_tensors(cond: Cond, row: int, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -20,10 +20,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..batches import Cond, PairBatch, PromptBatch
+from ...core.cond import Cond
+from ..batches import PairBatch, PromptBatch
 from .cache import LatentCache
-from .ddspo_prepare import other_index
-from .records import BadRecord, DataSummary, PairRecord, PromptRecord
+from ...core.ddspo_format import other_index
+from ...core.prompts import PromptRecord
+from ...core.summary import DataSummary
+from .records import BadRecord, PairRecord
 
 
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
-from .records import IMAGE_EXTS, DataSummary, PairRecord
+from ...core.jsonl import iter_jsonl
+from ...core.prompts import first_of
+from ...core.summary import DataSummary
+from .records import IMAGE_EXTS, PairRecord
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 
@@ -233,30 +235,6 @@ class PickAPicHF(Source):
 # JSONL and folders
 
 
-def _first(d: dict, keys: Iterable[str]):
-    for k in keys:
-        if d.get(k) is not None:
-            return d[k]
-    return None
-
-
-def iter_jsonl(path: Path, summary: DataSummary) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each JSON-object line; blank lines ignored, bad lines counted."""
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                summary.skip("bad_row", f"{path}:{n}: {e}")
-                continue
-            if not isinstance(obj, dict):
-                summary.skip("bad_row", f"{path}:{n}: not a JSON object")
-                continue
-            yield n, obj
-
-
 class JsonlPairs(Source):
     """JSONL lines `{"prompt", "chosen", "rejected"}` (optional "id"); image paths relative to the
     JSONL file's folder (absolute paths work too). Default id: `<file stem>:<line number>`."""
@@ -273,7 +251,7 @@ class JsonlPairs(Source):
         root = self.path.parent
         for n, obj in iter_jsonl(self.path, summary):
             where = f"{self.path.name}:{n}"
-            prompt = _first(obj, ("prompt", "caption"))
+            prompt = first_of(obj, ("prompt", "caption"))
             if prompt is None or not str(prompt).strip():
                 summary.skip("missing_caption", where)
                 continue
@@ -306,7 +284,7 @@ def captions_for(folder: Path, summary: DataSummary) -> tuple[str, dict[str, str
     if jl.is_file():
         out = {}
         for n, obj in iter_jsonl(jl, summary):
-            key, cap = _first(obj, ("file", "stem", "id", "image")), _first(obj, ("caption", "prompt", "text"))
+            key, cap = first_of(obj, ("file", "stem", "id", "image")), first_of(obj, ("caption", "prompt", "text"))
             if key is None or cap is None:
                 summary.skip("bad_row", f"{jl}:{n}: needs 'file' and 'caption'")
                 continue

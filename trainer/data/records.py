@@ -1,4 +1,5 @@
-"""Record types of the training data, the skip counters, and image decoding.
+"""Record types of the training data (`PromptRecord`: core/prompts.py; the skip counters `DataSummary`:
+core/summary.py), and image decoding.
 
 Every source (`pairs.py`, `prompts.py`) yields records lazily; an image field is an
 `ImageSource`: a path, raw encoded bytes, or a zero-argument callable returning either (or a
@@ -17,6 +18,7 @@ dropped. Reasons (the keys of `DataSummary.skipped`):
                    [0, 1] / [0, 65535], NaN, an exotic mode): refused, never guessed
   unreadable_shard a Pick-a-Pic parquet file (or one of its row groups) that cannot be read
   bad_row          a JSONL line that is not a JSON object / lacks a required field
+  torn_line        a last JSONL line without its newline that is not JSON (a write cut short)
   empty_prompt     a blank line or empty prompt in a prompts file
   duplicate_id     an id already seen in the same pass
 """
@@ -24,13 +26,10 @@ from __future__ import annotations
 
 import io
 import os
-import sys
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
 
-ImageSource = Union[str, os.PathLike, bytes, Callable[[], object]]
+from ...core.prompts import ImageSource
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -45,63 +44,12 @@ class PairRecord:
     rejected: ImageSource
 
 
-@dataclass(frozen=True)
-class PromptRecord:
-    """A prompt for the data-free methods (Self-NPO/TDFT, DDSPO); `image` optional (a real image
-    to start from / DDSPO's winner), `neg_prompt` optional (DDSPO's degraded prompt c⁻),
-    `loser_image` optional (DDSPO's loser: the reference model's image for c⁻; needs `image`)."""
-
-    id: str
-    prompt: str
-    image: ImageSource | None = None
-    neg_prompt: str | None = None
-    loser_image: ImageSource | None = None
-
-
 class BadRecord(ValueError):
     """An item that must be skipped; `reason` is one of the DataSummary keys (module docstring)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-@dataclass
-class DataSummary:
-    """Counters of one pass over a source: items kept and items skipped, by reason."""
-
-    name: str = "data"
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict[str, str] = field(default_factory=dict)  # reason -> first message seen
-
-    def keep(self, n: int = 1) -> None:
-        self.kept += n
-
-    def skip(self, reason: str, message: str = "") -> None:
-        self.skipped[reason] += 1
-        if message and reason not in self.examples:
-            self.examples[reason] = message
-
-    @property
-    def total_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def merge(self, other: "DataSummary") -> None:
-        self.kept += other.kept
-        self.skipped.update(other.skipped)
-        for k, v in other.examples.items():
-            self.examples.setdefault(k, v)
-
-    def report(self) -> str:
-        lines = [f"[{self.name}] kept {self.kept}, skipped {self.total_skipped}"]
-        for reason, n in sorted(self.skipped.items()):
-            ex = self.examples.get(reason)
-            lines.append(f"  {reason}: {n}" + (f" (e.g. {ex})" if ex else ""))
-        return "\n".join(lines)
-
-    def print(self, file=None) -> None:
-        print(self.report(), file=file or sys.stderr, flush=True)
 
 
 def read_source_bytes(src: ImageSource) -> bytes | object:
