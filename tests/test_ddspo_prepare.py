@@ -121,10 +121,11 @@ def test_cli_limit_then_resume(tmp_path, sd15_dir, capsys):
     assert "3 generated, 2 already done, 5 in" in capsys.readouterr().out
     cfg = json.loads((out / "ddspo_config.json").read_text())
     assert cfg["steps"] == 1 and cfg["losers"] == "generate"
-    # a user error: one line on stderr, exit status 2 (no traceback)
+    # a user error: one error line on stderr (after the prompts file's counts), exit status 2, no traceback
     assert main(["ddspo-prepare", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "not a diffusers folder" in err[0]
+    assert err[0] == "[prompts] kept 5, skipped 0" and len(err) == 2
+    assert err[1].startswith("error: ") and "not a diffusers folder" in err[1]
 
 
 def test_sampler_equals_the_diffusers_pipeline(sd15):
