@@ -125,7 +125,8 @@ def test_diverging_run_stops_with_clear_error_and_keeps_the_finite_state(sd15_di
     assert [p.name for p in kept] == ["step_000004", "step_000005"]
     for p in kept:
         assert all_finite(load_file(str(p / "adapters.safetensors")))
-    assert all_finite(load_file(str(out / "dpo_lora.safetensors")))
+    assert not (out / "dpo_lora.safetensors").exists()  # never the finished LoRA's name
+    assert all_finite(load_file(str(out / "dpo_lora.last_finite.safetensors")))
     assert int(metrics_rows(out)[-1]["train/skipped_nonfinite"]) == 4
 
 
@@ -427,3 +428,27 @@ def test_fp16_scaler_skip_counts_and_nan_loss_lowers_the_scale():
         _, _, applied = train_step(cfg, acc, Backend(), Method(), iter([None]), opt, step, torch.Generator())
         results.append((applied, torch.equal(before, p.detach()), scaler.get_scale() / scale))
     assert results == [(True, False, 1.0), (False, True, 0.5), (False, True, 0.5), (True, False, 1.0)]
+
+
+def test_run_with_too_many_nonfinite_steps_fails_and_names_the_last_finite_lora(sd15_dir, tmp_path, capsys):
+    """`train --lr 1e6 --steps 12`: 11 of 12 steps were skipped and the run said "finished", exit 0
+    (the consecutive guard, 20, never fired). More than MAX_NONFINITE_SHARE of the steps -> exit 1,
+    the LoRA is kept under a name that says what it is, and the message says what to change."""
+    from npo_suite import cli
+    from npo_suite.trainer.loop import MAX_NONFINITE_SHARE
+
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(sd15_dir), "--data-path", str(make_pairs(tmp_path / "pairs")), "--output-dir",
+            str(out), "--resolution", "16", "--steps", "12", "--batch-size", "2", "--lr", "1e6", "--lora-rank", "2",
+            "--checkpoint-every", "0", "--log-every", "1", "--cpu"]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "finished" not in captured.out
+    skipped = int(metrics_rows(out)[-1]["train/skipped_nonfinite"])
+    assert skipped > MAX_NONFINITE_SHARE * 12
+    assert re.search(rf"{skipped} of 12 optimizer steps .*non-finite", captured.err)
+    for advice in ("lower lr", "mixed_precision", "max_grad_norm"):
+        assert advice in captured.err
+    assert not (out / "dpo_lora.safetensors").exists()
+    kept = out / "dpo_lora.last_finite.safetensors"
+    assert str(kept) in captured.err and all_finite(load_file(str(kept)))

@@ -198,7 +198,8 @@ class TrainConfig(MethodConfig):
     max_grad_norm: float = _h(1.0, "clip the global grad norm to this (0 = no clipping)")
     max_nonfinite_steps: int = _h(20, "stop the run (saving its last finite state) after this many consecutive steps "
                                       "whose loss or gradient norm is not finite; such steps change nothing and are "
-                                      "counted as train/skipped_nonfinite (0 = never stop)")
+                                      "counted as train/skipped_nonfinite; a run that skipped more than 10% of its steps fails at its end "
+                                      "(0 = never stop, never fail)")
     # --- precision and memory
     mixed_precision: str = _h("no", "no | fp16 | bf16: autocast dtype; frozen base weights are stored in it (GPU)",
                               choices=PRECISIONS)

@@ -21,7 +21,10 @@ Determinism and distribution:
   fp16 the GradScaler's own overflow skip counts the same. Such steps are counted
   (`train/skipped_nonfinite`) and warned about once (`progress.RunHealth`, also the run's other
   health warnings); after `max_nonfinite_steps` in a row the run saves its last finite state and
-  raises `NonFiniteError`. Checkpoints and LoRAs holding a non-finite tensor are never written.
+  raises `NonFiniteError`, and so does a run that reaches its last step with more than
+  `MAX_NONFINITE_SHARE` of its optimizer steps skipped (and at least `MIN_NONFINITE_FAILS` of them).
+  Either way the LoRA of the last finite state is saved as `<name>.last_finite.safetensors`, never
+  under the finished LoRA's name. Checkpoints and LoRAs holding a non-finite tensor are never written.
 """
 from __future__ import annotations
 
@@ -51,7 +54,22 @@ class Callbacks:
 
 
 class NonFiniteError(RuntimeError):
-    """The run stopped after `max_nonfinite_steps` consecutive non-finite steps (message: step, causes, files)."""
+    """The run stopped after `max_nonfinite_steps` consecutive non-finite steps, or skipped more than
+    `MAX_NONFINITE_SHARE` of its steps (message: step, causes, what to change, files)."""
+
+
+# A run that skipped more than this share of its optimizer steps as non-finite (and at least
+# MIN_NONFINITE_FAILS steps, so that one bad step of a 5-step test run is not a failure) fails at its
+# end (docs/training.md "When a run goes wrong"); `max_nonfinite_steps` = 0 turns both guards off.
+MAX_NONFINITE_SHARE = 0.10
+MIN_NONFINITE_FAILS = 3
+LAST_FINITE_SUFFIX = ".last_finite"
+
+
+def too_many_nonfinite(cfg, skipped: int, steps_done: int) -> bool:
+    """More than MAX_NONFINITE_SHARE of `steps_done` steps skipped (and >= MIN_NONFINITE_FAILS)."""
+    return (bool(cfg.max_nonfinite_steps) and skipped >= MIN_NONFINITE_FAILS
+            and skipped > MAX_NONFINITE_SHARE * steps_done)
 
 
 @dataclass
@@ -322,13 +340,17 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
                 cb.progress(step, cfg.steps, metrics["loss"])
     bar.close()
     diverged = bool(cfg.max_nonfinite_steps) and bad_in_a_row >= cfg.max_nonfinite_steps
-    if (interrupted or diverged) and run.last_saved != step:  # a periodic save already covers step otherwise
+    failed = diverged or too_many_nonfinite(cfg, run.skipped, step)
+    if (interrupted or failed) and run.last_saved != step:  # a periodic save already covers step otherwise
         run.checkpoint(step)
-    lora = run.save_lora(step) if acc.is_main_process and step > 0 else None
+    suffix = LAST_FINITE_SUFFIX if failed else ""
+    lora = run.save_lora(step, suffix) if acc.is_main_process and step > 0 else None
     log.close()
     acc.wait_for_everyone()
     if diverged:
         raise NonFiniteError(nonfinite_message(cfg, step, bad_in_a_row, metrics, run.path, lora))
+    if failed:
+        raise NonFiniteError(nonfinite_share_message(cfg, step, run.skipped, metrics, run.path, lora))
     return TrainResult(out, lora, step, interrupted, metrics, run.path, run.skipped, run.warnings)
 
 
@@ -369,14 +391,18 @@ class RunState:
                                     skipped=self.skipped)
         self.last_saved = step
 
-    def save_lora(self, step: int) -> Path | None:
+    def save_lora(self, step: int, suffix: str = "") -> Path | None:
+        """The LoRA as `<lora_name><suffix>.safetensors` (suffix LAST_FINITE_SUFFIX for a failed run)."""
+        import dataclasses
+
         from .validation import save_lora
 
         bad = self.nonfinite_weights()
         if bad is not None:
             raise NonFiniteError(f"step {step}: the LoRA is not written, {bad} holds a non-finite value; "
                                  f"the last good checkpoint is {self.path} (resume from it with a lower lr)")
-        return save_lora(self.cfg, self.backend, self.method, step, Path(self.cfg.output_dir))
+        cfg = dataclasses.replace(self.cfg, output_name=self.cfg.lora_name + suffix) if suffix else self.cfg
+        return save_lora(cfg, self.backend, self.method, step, Path(self.cfg.output_dir))
 
 
 def nonfinite_message(cfg, step: int, n: int, metrics: dict, checkpoint: Path | None, lora: Path | None) -> str:
@@ -384,9 +410,25 @@ def nonfinite_message(cfg, step: int, n: int, metrics: dict, checkpoint: Path | 
     return (f"step {step}: {n} consecutive steps with a non-finite loss or gradient norm "
             f"(loss {metrics.get('loss', math.nan):.4g}, grad norm {metrics.get('grad_norm', math.nan):.4g}); "
             f"the run stopped (max_nonfinite_steps={cfg.max_nonfinite_steps}). Likely causes: lr {cfg.lr:g} too high, "
-            f"beta {cfg.beta:g} too high (the preference logits overflow), precision {precision}. Nothing of the "
+            f"beta {cfg.beta:g} too high (the preference logits overflow), precision {precision} (fp32: "
+            f"mixed_precision no), gradient clipping max_grad_norm {cfg.max_grad_norm:g}. Nothing of the "
             f"skipped steps was applied; the last finite state is saved: checkpoint {checkpoint}, LoRA {lora}. "
             "Resume with `--resume latest` and a lower lr or beta.")
+
+
+def nonfinite_share_message(cfg, step: int, skipped: int, metrics: dict, checkpoint: Path | None,
+                            lora: Path | None) -> str:
+    """A run that reached its end having skipped too many steps (`too_many_nonfinite`)."""
+    precision = ("mixed_precision fp16 overflows: use bf16 or no (fp32)" if cfg.mixed_precision == "fp16"
+                 else f"mixed_precision {cfg.mixed_precision}")
+    clip = (f"max_grad_norm {cfg.max_grad_norm:g} (lower it)" if cfg.max_grad_norm > 0
+            else "max_grad_norm 0 = no clipping (set e.g. 1.0)")
+    return (f"step {step}: {skipped} of {step} optimizer steps ({100 * skipped / max(step, 1):.0f}%) had a non-finite "
+            f"loss or gradient norm and were skipped, more than the {100 * MAX_NONFINITE_SHARE:.0f}% a run may skip "
+            f"(last loss {metrics.get('loss', math.nan):.4g}, grad norm {metrics.get('grad_norm', math.nan):.4g}); "
+            f"the run failed. What to change: a lower lr (now {cfg.lr:g}) or beta (now {cfg.beta:g}), fp32 "
+            f"({precision}), gradient clipping ({clip}). Nothing of the skipped steps was applied; the LoRA of the "
+            f"last finite state is saved as {lora} (not the finished LoRA's name), checkpoint {checkpoint}.")
 
 
 def _progress_bar(cfg, step: int, enabled: bool):
