@@ -135,3 +135,17 @@ def test_cli_takes_a_negative_teacher_guidance_and_the_ddspo_choices(capsys):
     assert (out["tdft_guidance"], out["ddspo_loser"], out["ddspo_loss_weighting"]) == (-5.0, "other", "linear")
     assert cli.main(parser.parse_args(["--ddspo-loser", "mirror", "--print-config"])) != 0
     assert "ddspo_loser 'mirror' is not one of ['generated', 'other', 'same']" in capsys.readouterr().err
+
+
+def test_a_presets_warmup_is_capped_at_a_short_runs_steps(capsys):
+    """`--preset sd15_8gb --steps 2` was refused: lr_warmup_steps (100) exceeds steps (2). A warm-up that
+    comes from the preset is capped at the run's steps with a notice; one the user set stays an error."""
+    cfg = load_config(preset="sd15_8gb", overrides={"steps": 2})
+    assert cfg.lr_warmup_steps == 2 and cfg.steps == 2
+    err = capsys.readouterr().err
+    assert "lr_warmup_steps 100 of preset sd15_8gb capped at steps 2" in err
+    assert load_config(preset="sd15_8gb").lr_warmup_steps == 100  # a full run keeps the preset's warm-up
+    assert capsys.readouterr().err == ""
+    for user in ({"overrides": {"steps": 2, "lr_warmup_steps": 100}}, {"overrides": {"steps": 2}, "sets": ["lr_warmup_steps=50"]}):
+        with pytest.raises(ValueError, match=r"lr_warmup_steps \(\d+\) exceeds steps \(2\)"):
+            load_config(preset="sd15_8gb", **user)

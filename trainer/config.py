@@ -198,7 +198,7 @@ class TrainConfig(MethodConfig):
     max_grad_norm: float = _h(1.0, "clip the global grad norm to this (0 = no clipping)")
     max_nonfinite_steps: int = _h(20, "stop the run (saving its last finite state) after this many consecutive steps "
                                       "whose loss or gradient norm is not finite; such steps change nothing and are "
-                                      "counted as train/skipped_nonfinite; a run that skipped more than 10% of its steps fails at its end "
+                                      "counted as train/skipped_nonfinite; a run that skipped more than a tenth of its steps fails at its end "
                                       "(0 = never stop, never fail)")
     # --- precision and memory
     mixed_precision: str = _h("no", "no | fp16 | bf16: autocast dtype; frozen base weights are stored in it (GPU)",
@@ -384,12 +384,23 @@ def parse_set(items: list[str]) -> dict[str, str]:
 
 def load_config(preset: str | None = None, config: str | None = None, overrides: dict[str, Any] | None = None,
                 sets: list[str] | None = None) -> TrainConfig:
-    """preset < config file < overrides (typed CLI flags) < --set key=value."""
+    """preset < config file < overrides (typed CLI flags) < --set key=value.
+
+    A preset's `lr_warmup_steps` (not set by the user) longer than the run's `steps` is capped at
+    `steps` with a notice on stderr (a short test run of a preset); a user's value stays an error."""
     d: dict[str, Any] = {}
     if preset:
         d.update(read_config_file(preset_path(preset)))
-    if config:
-        d.update(read_config_file(config))
-    d.update(overrides or {})
-    d.update(parse_set(sets or []))
+    preset_keys = set(d)
+    for user in (read_config_file(config) if config else {}, overrides or {}, parse_set(sets or [])):
+        d.update(user)
+        preset_keys -= set(user)
+    if "lr_warmup_steps" in preset_keys and "steps" in d:
+        warmup, steps = (coerce(k, d[k], int) for k in ("lr_warmup_steps", "steps"))
+        if warmup > steps >= 1:
+            import sys
+
+            print(f"train: lr_warmup_steps {warmup} of preset {preset} capped at steps {steps} (set lr_warmup_steps "
+                  "to choose)", file=sys.stderr)
+            d["lr_warmup_steps"] = steps
     return from_dict(d, source=config or (f"preset {preset}" if preset else "command line"))
