@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import yaml
 
 from npo_suite.trainer.config import CONFIG_DIR, TrainConfig, from_dict, load_config
 
@@ -149,3 +150,13 @@ def test_a_presets_warmup_is_capped_at_a_short_runs_steps(capsys):
     for user in ({"overrides": {"steps": 2, "lr_warmup_steps": 100}}, {"overrides": {"steps": 2}, "sets": ["lr_warmup_steps=50"]}):
         with pytest.raises(ValueError, match=r"lr_warmup_steps \(\d+\) exceeds steps \(2\)"):
             load_config(preset="sd15_8gb", **user)
+
+
+def test_default_output_folder_is_named_by_preset_and_method():
+    """`--preset sd15_8gb --method npo` wrote into runs/sd15_dpo/ (the preset's DPO folder)."""
+    assert load_config(preset="sd15_8gb", overrides={"method": "npo"}).output_dir == "runs/sd15_8gb_npo"
+    assert load_config(preset="sd15_8gb").output_dir == "runs/sd15_8gb_dpo"
+    assert load_config(overrides={"method": "tdft"}).output_dir == "runs/tdft"
+    assert load_config(preset="sd15_8gb", overrides={"output_dir": "mine"}).output_dir == "mine"
+    for p in sorted(CONFIG_DIR.glob("*.yaml")):  # no preset pins a folder that another method would reuse
+        assert "output_dir" not in (yaml.safe_load(p.read_text()) or {}), p

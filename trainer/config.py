@@ -387,7 +387,8 @@ def load_config(preset: str | None = None, config: str | None = None, overrides:
     """preset < config file < overrides (typed CLI flags) < --set key=value.
 
     A preset's `lr_warmup_steps` (not set by the user) longer than the run's `steps` is capped at
-    `steps` with a notice on stderr (a short test run of a preset); a user's value stays an error."""
+    `steps` with a notice on stderr (a short test run of a preset); a user's value stays an error.
+    `output_dir`, unless the user sets it, is `runs/<preset>_<method>` (`runs/<method>` without a preset)."""
     d: dict[str, Any] = {}
     if preset:
         d.update(read_config_file(preset_path(preset)))
@@ -403,4 +404,7 @@ def load_config(preset: str | None = None, config: str | None = None, overrides:
             print(f"train: lr_warmup_steps {warmup} of preset {preset} capped at steps {steps} (set lr_warmup_steps "
                   "to choose)", file=sys.stderr)
             d["lr_warmup_steps"] = steps
+    if "output_dir" not in d or "output_dir" in preset_keys:  # not chosen by the user: named by preset and method
+        method = str(d.get("method", MethodConfig.method))
+        d["output_dir"] = f"runs/{preset}_{method}" if preset else f"runs/{method}"
     return from_dict(d, source=config or (f"preset {preset}" if preset else "command line"))

@@ -64,6 +64,20 @@ class NonFiniteError(RuntimeError):
 MAX_NONFINITE_SHARE = 0.10
 MIN_NONFINITE_FAILS = 3
 LAST_FINITE_SUFFIX = ".last_finite"
+# Written into output_dir when a run reaches its last step (not interrupted, not failed); removed when
+# a run starts there. The `train` CLI refuses to start a new run over it unless asked (--overwrite).
+FINISHED_NAME = "finished.json"
+
+
+def finished_run(output_dir) -> dict | None:
+    """The record of the finished run in `output_dir` (step, steps, method, lora), else None."""
+    import json
+
+    p = Path(output_dir) / FINISHED_NAME
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def too_many_nonfinite(cfg, skipped: int, steps_done: int) -> bool:
@@ -298,6 +312,7 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     out = Path(cfg.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        (out / FINISHED_NAME).unlink(missing_ok=True)  # this run is not finished (yet)
     backend = backend if backend is not None else build_backend(cfg, acc.device)
     method = METHODS[cfg.method]
     method.setup(backend, cfg)
@@ -346,6 +361,13 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     suffix = LAST_FINITE_SUFFIX if failed else ""
     lora = run.save_lora(step, suffix) if acc.is_main_process and step > 0 else None
     log.close()
+    if acc.is_main_process and not (interrupted or failed):
+        import json
+
+        from ..core.atomic import write_text
+
+        write_text(out / FINISHED_NAME, json.dumps({"step": step, "steps": cfg.steps, "method": cfg.method,
+                                                    "lora": str(lora) if lora else None}) + "\n")
     acc.wait_for_everyone()
     if diverged:
         raise NonFiniteError(nonfinite_message(cfg, step, bad_in_a_row, metrics, run.path, lora))
