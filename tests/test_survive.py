@@ -452,3 +452,29 @@ def test_run_with_too_many_nonfinite_steps_fails_and_names_the_last_finite_lora(
     assert not (out / "dpo_lora.safetensors").exists()
     kept = out / "dpo_lora.last_finite.safetensors"
     assert str(kept) in captured.err and all_finite(load_file(str(kept)))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_writes_follow_the_umask(tmp_path, mask):
+    """Files came out 0600 (mkstemp), folders 0700 (mkdtemp): a ComfyUI/A1111 service running as
+    another user could not read the LoRAs, images, metrics.csv and manifests. They follow the umask."""
+    import stat
+
+    from npo_suite.trainer.validation import MetricsLog
+
+    old = os.umask(mask)
+    try:
+        files = [atomic.write_bytes(tmp_path / "a.bin", b"x"), atomic.write_text(tmp_path / "m.json", "{}"),
+                 atomic.save_safetensors(tmp_path / "l.safetensors", {"w": torch.zeros(2)}),
+                 atomic.copy_file(tmp_path / "a.bin", tmp_path / "b.bin")]
+        log = MetricsLog(tmp_path / "run")
+        log.write(1, {"loss": 0.5})
+        log.close()
+        files.append(tmp_path / "run" / "metrics.csv")
+        with atomic.atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_bytes(b"")
+    finally:
+        os.umask(old)
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~mask
