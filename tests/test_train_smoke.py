@@ -156,3 +156,40 @@ def test_trained_lora_metadata_in_inspect_and_reports(sd15_dir, tmp_path, capsys
     assert lines[:6] == ["method: npo", "role: negative", "β: 5000", "λ: 0.8",
                          f"base model hash: {off.metadata['npo_base_model_hash']}", "steps: 2"]
     assert ", ".join(lines[:6]) in offset_summary(off, "neg.safetensors")  # the WebUI panel's note
+
+
+def test_progress_counts_micro_batches_and_a_slow_run_logs_from_its_first_step(sd15_dir, tmp_path, monkeypatch):
+    """grad_accum 16: the bar sat at 0/2 for the whole first step and metrics.csv had no row until step
+    10. The bar counts micro-batches (with the optimizer step in its postfix, elapsed/remaining from
+    tqdm); a row is written at least every LOG_SECONDS, so a slow run logs from its first step."""
+    import csv
+
+    from npo_suite.trainer import loop
+    from npo_suite.trainer.loop import train
+
+    bars, seen = [], []
+    real_bar = loop._progress_bar
+    monkeypatch.setattr(loop, "_progress_bar", lambda *a: bars.append(real_bar(*a)) or bars[-1])
+    m = METHODS["dpo"]
+    orig = m.compute
+    monkeypatch.setattr(m, "compute", lambda *a, **k: seen.append(bars[-1].n) or orig(*a, **k))
+    clock = iter(range(0, 10**6, 100))  # every reading 100 s later: each step is "slow"
+    monkeypatch.setattr(loop, "_clock", lambda: float(next(clock)), raising=False)
+    cfg = tiny_cfg(sd15_dir, data_for("dpo", tmp_path), tmp_path / "out", steps=2, grad_accum=4, batch_size=1,
+                   log_every=10)
+    train(cfg, backend=backend_for(sd15_dir, cfg))
+    assert seen == list(range(8))  # the bar moved with every micro-batch, in the first step too
+    assert bars[-1].total == 8 and bars[-1].n == 8 and "step" in bars[-1].postfix
+    with open(Path(cfg.output_dir) / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2]
+
+
+def test_fast_runs_still_log_every_log_every_steps(sd15_dir, tmp_path):
+    import csv
+
+    from npo_suite.trainer.loop import train
+
+    cfg = tiny_cfg(sd15_dir, data_for("dpo", tmp_path), tmp_path / "out", steps=4, log_every=3)
+    train(cfg, backend=backend_for(sd15_dir, cfg))
+    with open(Path(cfg.output_dir) / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 4]

@@ -32,6 +32,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -67,6 +68,10 @@ LAST_FINITE_SUFFIX = ".last_finite"
 # Written into output_dir when a run reaches its last step (not interrupted, not failed); removed when
 # a run starts there. The `train` CLI refuses to start a new run over it unless asked (--overwrite).
 FINISHED_NAME = "finished.json"
+# metrics.csv gets a row every `log_every` steps, and also once this many seconds have passed since the
+# last row (or the start): a slow run (grad_accum 16 on CPU: minutes a step) logs from its first step.
+LOG_SECONDS = 60.0
+_clock = time.monotonic
 
 
 def finished_run(output_dir) -> dict | None:
@@ -177,8 +182,10 @@ class StopFlag:
 
 
 # ---------------------------------------------------------------------------- step helpers
-def train_step(cfg, acc, backend, method, data: Iterator, opt, step: int, generator: torch.Generator):
+def train_step(cfg, acc, backend, method, data: Iterator, opt, step: int, generator: torch.Generator,
+               on_micro: Callable[[int], None] | None = None):
     """One optimizer step: grad_accum micro-batches -> all-reduce LoRA grads -> clip -> step.
+    `on_micro(1)` after each micro-batch's backward (the progress bar under gradient accumulation).
 
     Returns (metrics, batch, applied). `applied` is False when the loss (on any process) or the
     gradient norm is not finite: the optimizer did not step. Under fp16 the GradScaler decides:
@@ -196,6 +203,8 @@ def train_step(cfg, acc, backend, method, data: Iterator, opt, step: int, genera
         finite = finite and is_finite(out.loss.detach())
         for name, v in {"loss": out.loss, **out.metrics}.items():
             sums[name] = sums.get(name, 0.0) + float(v) / cfg.grad_accum
+        if on_micro is not None:
+            on_micro(1)
     finite = not any_process(acc, not finite)
     scaler = getattr(acc, "scaler", None)
     if not finite and scaler is not None:
@@ -325,11 +334,13 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     step = restore(ckpt.resolve(resume, out), cfg, acc, backend, opt, sched, data, updater, method, run) if resume else 0
     log = MetricsLog(out, enabled=acc.is_main_process, resume_step=step)
     bar = _progress_bar(cfg, step, acc.is_main_process)
+    micro = cfg.grad_accum > 1  # the bar counts micro-batches (module docstring of _progress_bar)
     metrics: dict[str, Any] = {}
-    interrupted, bad_in_a_row = False, 0
+    interrupted, bad_in_a_row, logged_at = False, 0, _clock()
     with StopFlag(cb.stop_requested) as stop:
         while step < cfg.steps and not (interrupted := any_process(acc, stop())):
-            metrics, batch, applied = train_step(cfg, acc, backend, method, data, opt, step, generator)
+            metrics, batch, applied = train_step(cfg, acc, backend, method, data, opt, step, generator,
+                                                 on_micro=bar.update if micro else None)
             metrics["lr"] = sched.get_last_lr()[0]
             step += 1
             event = None
@@ -341,16 +352,20 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
             bad_in_a_row = 0 if applied else bad_in_a_row + 1
             metrics["train/skipped_nonfinite"] = run.skipped
             run.observe(step, metrics, skipped=not applied, bar=bar)
-            if step % cfg.log_every == 0 or event or step == cfg.steps or not applied:
+            slow = _clock() - logged_at >= LOG_SECONDS
+            if step % cfg.log_every == 0 or event or step == cfg.steps or not applied or slow:
                 log.write(step, {**metrics, **(event or {})})
+                logged_at = _clock()
             if cfg.max_nonfinite_steps and bad_in_a_row >= cfg.max_nonfinite_steps:
                 break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 run.checkpoint(step)
             if cfg.validate_every and step % cfg.validate_every == 0 and acc.is_main_process:
                 validate(cfg, backend, method, step, out, log)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"skipped": run.skipped} if run.skipped else {}))
+            if not micro:
+                bar.update(1)
+            bar.set_postfix(**({"step": f"{step}/{cfg.steps}"} if micro else {}), loss=f"{metrics['loss']:.4f}",
+                            **({"skipped": run.skipped} if run.skipped else {}))
             if cb.progress:
                 cb.progress(step, cfg.steps, metrics["loss"])
     bar.close()
@@ -454,6 +469,12 @@ def nonfinite_share_message(cfg, step: int, skipped: int, metrics: dict, checkpo
 
 
 def _progress_bar(cfg, step: int, enabled: bool):
+    """tqdm over optimizer steps; under gradient accumulation over micro-batches (steps x grad_accum,
+    the optimizer step in the postfix), so it moves, with elapsed<remaining, within a long step."""
     from tqdm.auto import tqdm
 
+    if cfg.grad_accum > 1:
+        return tqdm(total=cfg.steps * cfg.grad_accum, initial=step * cfg.grad_accum, disable=not enabled,
+                    desc=f"train {cfg.method} ({cfg.grad_accum} micro-batches/step)", unit="micro-batch",
+                    dynamic_ncols=True)
     return tqdm(total=cfg.steps, initial=step, disable=not enabled, desc=f"train {cfg.method}", dynamic_ncols=True)
