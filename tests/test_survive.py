@@ -478,3 +478,17 @@ def test_atomic_writes_follow_the_umask(tmp_path, mask):
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~mask
+
+
+def test_health_saturation_fires_when_every_logit_is_saturated():
+    """DDSPO at 100% saturated logits (loss 1.4e-6 at step 120) got no warning: the 50-step means
+    still held the unsaturated steps before. The last 20 steps with every logit past |10| and a
+    vanishing loss are enough; the message names the β the method reads."""
+    cfg = tiny_cfg("m", "d", "o", method="ddspo", lr=1e-3)
+    rows = [{"loss": 0.5, "implicit_acc": 0.6, "logit/saturated_frac": 0.0}] * 100
+    rows += [{"loss": 1.4e-6, "implicit_acc": 1.0, "logit/saturated_frac": 1.0}] * 20
+    warnings = _feed(RunHealth(), rows, cfg)
+    assert len(warnings) == 1 and 100 < int(re.match(r"step (\d+):", warnings[0])[1]) <= 120, warnings
+    assert "saturated" in warnings[0] and "ddspo_beta 16000, lr 0.001" in warnings[0]
+    calm = [{"loss": 0.5, "implicit_acc": 0.6, "logit/saturated_frac": 0.1}] * 200
+    assert _feed(RunHealth(), calm, cfg) == []

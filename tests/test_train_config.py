@@ -160,3 +160,18 @@ def test_default_output_folder_is_named_by_preset_and_method():
     assert load_config(preset="sd15_8gb", overrides={"output_dir": "mine"}).output_dir == "mine"
     for p in sorted(CONFIG_DIR.glob("*.yaml")):  # no preset pins a folder that another method would reuse
         assert "output_dir" not in (yaml.safe_load(p.read_text()) or {}), p
+
+
+def test_beta_flag_with_ddspo_is_refused_naming_ddspo_beta(tmp_path):
+    """`--method ddspo --beta 16000` was silently ignored (DDSPO reads ddspo_beta). A β flag given
+    for a method whose β lives in another field is refused naming that field and the β·lr rule;
+    a config file written by to_yaml (every key, beta included) still loads."""
+    for kw in ({"overrides": {"method": "ddspo", "beta": 16000.0}}, {"overrides": {"method": "ddspo"}, "sets": ["beta=8000"]}):
+        with pytest.raises(ValueError, match=r"ddspo reads its beta from ddspo_beta .*--ddspo-beta.*lr"):
+            load_config(**kw)
+    assert load_config(overrides={"method": "ddspo", "ddspo_beta": 8000.0}).ddspo_beta == 8000.0
+    run = tmp_path / "run.yaml"
+    run.write_text(TrainConfig(method="ddspo").to_yaml())
+    assert load_config(config=str(run)).beta == 5000.0
+    with pytest.raises(ValueError, match="tdft has no beta"):
+        load_config(overrides={"method": "tdft", "beta": 100.0})

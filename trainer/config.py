@@ -404,6 +404,19 @@ def load_config(preset: str | None = None, config: str | None = None, overrides:
             print(f"train: lr_warmup_steps {warmup} of preset {preset} capped at steps {steps} (set lr_warmup_steps "
                   "to choose)", file=sys.stderr)
             d["lr_warmup_steps"] = steps
+    flags = {**(overrides or {}), **parse_set(sets or [])}
+    if "beta" in flags:  # a β flag for a method whose β is another field (or none) would be silently ignored
+        from .methods import METHODS
+
+        method = METHODS.get(str(d.get("method", MethodConfig.method)))
+        key = getattr(method, "beta_key", "beta") if method is not None else "beta"
+        if key is None:
+            raise ValueError(f"{method.name} has no beta (it is not a preference loss); drop --beta")
+        if key != "beta":
+            raise ValueError(f"{method.name} reads its beta from {key} (now {d.get(key, getattr(MethodConfig, key))}), "
+                             f"not beta: set --{key.replace('_', '-')} (or --set {key}=...) instead of --beta, and "
+                             "scale lr with it: the logit moves about beta*lr per step, so doubling beta means "
+                             "halving lr (docs/training.md)")
     if "output_dir" not in d or "output_dir" in preset_keys:  # not chosen by the user: named by preset and method
         method = str(d.get("method", MethodConfig.method))
         d["output_dir"] = f"runs/{preset}_{method}" if preset else f"runs/{method}"
