@@ -142,20 +142,52 @@ def test_trained_lora_metadata_in_inspect_and_reports(sd15_dir, tmp_path, capsys
     cfg = tiny_cfg(sd15_dir, data_for("npo", tmp_path / "data"), tmp_path / "out", method="npo", steps=2, lam=0.8)
     backend = backend_for(sd15_dir, cfg)
     result = train(cfg, backend=backend)
-    want = {"method": "npo", "role": "negative", "beta": "5000", "lambda": "0.8", "steps": "2"}
+    want = {"method": "npo", "role": "negative", "beta": "5000", "steps": "2"}
     for extra in ([], ["--base", str(sd15_dir)]):
         assert main(["offsets", "inspect", str(result.lora_path), "--json", *extra]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["format"] == "kohya" and info["components"]["unet"]["ranks"] == [cfg.lora_rank]
         assert {k: info["npo"][k] for k in want} == want and len(info["npo"]["base_model_hash"]) == 64
+        assert "lambda" not in info["npo"]  # npo has no λ (it is DPO on swapped pairs)
     assert main(["offsets", "inspect", str(result.lora_path)]) == 0
     text = capsys.readouterr().out
     assert "role: negative" in text and "names and shapes not checked" in text
     off = load_offset(result.lora_path, base=backend.unet)
     lines = metadata_lines(off.metadata)
-    assert lines[:6] == ["method: npo", "role: negative", "β: 5000", "λ: 0.8",
+    assert lines[:5] == ["method: npo", "role: negative", "β: 5000",
                          f"base model hash: {off.metadata['npo_base_model_hash']}", "steps: 2"]
-    assert ", ".join(lines[:6]) in offset_summary(off, "neg.safetensors")  # the WebUI panel's note
+    assert ", ".join(lines[:5]) in offset_summary(off, "neg.safetensors")  # the WebUI panel's note
+
+
+def test_inspect_shows_a_methods_own_fields_and_takes_a_single_file_base(sd15_dir, tmp_path, capsys):
+    """`offsets inspect` printed "λ: 0.9" for a DPO LoRA (no λ) and said "base model folder not found"
+    for `--base file.safetensors`. Fields come from the method registry (Method.beta_key /
+    lambda_key): λ only for bdpo/snpo, DDSPO's β is ddspo_beta; a single-file checkpoint is a base."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from npo_suite.cli import main
+    from npo_suite.trainer.loop import train
+
+    loras = {}
+    for method, kw in (("dpo", {}), ("bdpo", {"lam": 0.7}), ("ddspo", {"ddspo_beta": 8000.0})):
+        cfg = tiny_cfg(sd15_dir, data_for(method, tmp_path / method), tmp_path / f"out_{method}", method=method, **kw)
+        loras[method] = train(cfg, backend=backend_for(sd15_dir, cfg)).lora_path
+    old_dpo = tmp_path / "old_dpo.safetensors"  # a DPO LoRA as the trainer wrote them before: npo_lambda 0.9
+    with safe_open(str(loras["dpo"]), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(old_dpo), metadata={**f.metadata(), "npo_lambda": "0.9"})
+    for path, shown, hidden in ((loras["dpo"], ["β: 5000"], ["λ"]), (old_dpo, ["β: 5000"], ["λ"]),
+                                (loras["bdpo"], ["β: 5000", "λ: 0.7"], []), (loras["ddspo"], ["β: 8000"], ["λ"])):
+        assert main(["offsets", "inspect", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert all(s in out for s in shown) and not any(h in out for h in hidden), (path, out)
+    # a single file holding the UNet (diffusers names here: LDM names are read by the same
+    # load_unet_state_dict, whose layout guess knows the SD1.x/SDXL shapes, not the tiny test UNet's)
+    single = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in load_pipe(sd15_dir).unet.state_dict().items()}, str(single))
+    assert main(["offsets", "inspect", str(loras["dpo"]), "--base", str(single)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "not checked" not in out and "method: dpo" in out
 
 
 def test_progress_counts_micro_batches_and_a_slow_run_logs_from_its_first_step(sd15_dir, tmp_path, monkeypatch):
