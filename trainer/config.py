@@ -181,6 +181,8 @@ class TrainConfig(MethodConfig):
     crop: str = _h("center", "crop to the resolution: center or random")
     random_flip: bool = _h(False, "random horizontal flip (the same flip for both images of a pair)")
     cache_dir: str = _h("", "latent + text-embedding cache folder ('' = no cache)")
+    cache_batch_size: int = _h(4, "images per VAE call while filling the latent cache (its memory peak: lower it "
+                                  "if the cache fill runs out of memory)", min=1, max=256)
     # --- batch and schedule
     batch_size: int = _h(1, "pairs (or prompts) per device per micro-batch", min=1, max=256)
     grad_accum: int = _h(1, "micro-batches accumulated per optimizer step; effective batch = batch_size x grad_accum x processes",
@@ -231,7 +233,7 @@ class TrainConfig(MethodConfig):
         if parent is not None:
             parent()
         for name in ("batch_size", "grad_accum", "steps", "lora_rank", "log_every", "keep_last", "resolution",
-                     "validation_sample_steps"):
+                     "validation_sample_steps", "cache_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("checkpoint_every", "validate_every", "lr_warmup_steps", "max_nonfinite_steps"):
