@@ -243,8 +243,9 @@ def _sweep(args) -> int:
     res.update(scorer=args.scorer, guard=args.guard, tolerance=args.tolerance, chosen=best)
     md = (f"# NPO strength sweep: {args.scorer}, guard {args.guard}\n\n{len(jobs)} images per setting; plain CFG: "
           f"{args.scorer} {res['base_mean']:.3f}, {args.guard} {res['base_guard']:.3f}.\n\n{table(res)}\n"
-          + (f"Strongest setting that keeps the guard (drop <= {args.tolerance}): **{best['setting']}**.\n" if best else
-             f"No setting keeps the guard (drop <= {args.tolerance}).\n"))
+          + (f"Strongest setting that beats plain CFG and keeps the guard (drop <= {args.tolerance}): "
+             f"**{best['setting']}**.\n" if best else
+             f"No setting both beats plain CFG and keeps the guard (drop <= {args.tolerance}): use plain CFG.\n"))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

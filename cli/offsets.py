@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("inspect", help="print what a file holds (format, family, modules, metadata)")
     p.add_argument("file")
-    p.add_argument("--base", help="diffusers model folder to check names and shapes against (without it nothing is "
-                                  "checked: the file's own module names, format, detected family, metadata)")
+    p.add_argument("--base", help="diffusers model folder or single-file checkpoint (.safetensors, its UNet) to check "
+                                  "names and shapes against (without it nothing is checked: the file's own module "
+                                  "names, format, detected family, metadata)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-strict", action="store_true", help="with --base: list unmatched keys instead of failing")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin files (runs no code: weights_only)")
@@ -78,12 +79,30 @@ def _report_dict(off: O.Offset) -> dict:
             "metadata": off.metadata}
 
 
+def method_fields_only(meta: dict[str, str]) -> dict[str, str]:
+    """`meta` without the β / λ fields that the file's training method does not have (the method
+    registry's `beta_key` / `lambda_key`: no λ for dpo, npo, tdft, ddspo; no β for tdft). Files of
+    older trainers wrote both for every method. Unknown methods (extract, other tools) keep all."""
+    from ..core.offsets.schema import LEGACY_METADATA_PREFIX, METADATA_PREFIX
+    from ..trainer.methods import METHODS
+
+    method = METHODS.get(read_npo_metadata(meta).get("method", ""))
+    if method is None:
+        return dict(meta)
+    drop = {f for f, key in (("beta", method.beta_key), ("lambda", method.lambda_key)) if key is None}
+    return {k: v for k, v in meta.items()
+            if not any(k in (METADATA_PREFIX + f, LEGACY_METADATA_PREFIX + f) for f in drop)}
+
+
 def _inspect(args) -> int:
-    """With --base: names and shapes checked against that model; without: what the file holds (scan_offset)."""
+    """With --base: names and shapes checked against that model (a diffusers folder, or a single-file
+    checkpoint: its UNet); without: what the file holds (scan_offset)."""
     if args.base:
-        off = O.load_offset(args.file, base=args.base, strict=not args.no_strict, allow_pickle=args.allow_pickle)
+        base = O.load_unet_state_dict(args.base, allow_pickle=args.allow_pickle) if Path(args.base).is_file() else args.base
+        off = O.load_offset(args.file, base=base, strict=not args.no_strict, allow_pickle=args.allow_pickle)
     else:
         off = O.scan_offset(args.file, allow_pickle=args.allow_pickle)
+    off.metadata = method_fields_only(off.metadata or {})
     info = _report_dict(off)
     if args.json:
         print(json.dumps(info, indent=2))

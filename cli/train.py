@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one config key (repeatable), typed by the field: --set lr=1e-4")
     parser.add_argument("--resume", help='continue a run: "latest" (output_dir\'s newest checkpoint) or a checkpoint folder')
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an output_dir that holds a finished run (refused otherwise)")
     group = parser.add_argument_group("config keys (each also settable in --config / --set)")
     types_ = field_types()
     for f in dataclasses.fields(TrainConfig):
@@ -67,8 +69,15 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from ..trainer.loop import NonFiniteError, train
+    from ..trainer.loop import NonFiniteError, finished_run, train
 
+    done = None if args.resume or args.overwrite else finished_run(cfg.output_dir)
+    if done is not None:
+        print(f"train: {cfg.output_dir} holds a finished run ({done.get('method')}, step {done.get('step')}/"
+              f"{done.get('steps')}, LoRA {done.get('lora')}); refusing to overwrite it. Choose another --output-dir, "
+              "pass --overwrite to start over there, or --resume latest (with more --steps) to continue it",
+              file=sys.stderr)
+        return 2
     try:
         result = train(cfg, resume=args.resume)
     except (NonFiniteError, OSError) as e:  # diverged / a write failed (disk full): the message names the files

@@ -5,6 +5,8 @@ A file is written to a temp file in the same folder (same file system), flushed 
 then moved over the target with one `os.replace`, and the folder is fsynced. A crash, a full
 disk or any error leaves either the old file or the new one, never half of one; the temp file
 is removed and the error (an `OSError` with its errno: ENOSPC stays ENOSPC) names the target.
+Files get the mode a plain `open` would give (0666 & ~umask, e.g. 0644), folders 0777 & ~umask:
+a ComfyUI / A1111 service running as another user can read them.
 `append_bytes` does the same for a JSONL append: on error the file is truncated back to its
 previous length. `replace_dir` moves a finished temp folder over a folder (old one removed
 only after the new one is in place).
@@ -53,6 +55,26 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc on Linux, else set-and-restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_default(path: os.PathLike | str, mode: int) -> None:
+    """Give a mkstemp / mkdtemp result (0600 / 0700) the mode a plain `open` / `mkdir` would: `mode & ~umask`."""
+    with contextlib.suppress(OSError):  # a file system without modes keeps its own
+        os.chmod(path, mode & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     """Yield a temp path next to `path` (same suffix, so PIL / matplotlib pick the format) for the
@@ -66,6 +88,7 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
         os.close(fd)
         tmp = Path(name)
         yield tmp
+        _chmod_default(tmp, 0o666)  # after the writer (some writers replace the file): readable as the umask allows
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as e:
@@ -180,6 +203,7 @@ def atomic_dir(out: os.PathLike | str) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _chmod_default(tmp, 0o777)
     try:
         yield tmp
         replace_dir(tmp, out)

@@ -5,8 +5,10 @@ seeds, and name the strongest setting that does not lower the guard.
 Negative model of a setting: theta + alpha*eta + beta*delta (METHODS.md "NPO guidance at
 sampling time"; eta = --pos-offset, delta = --neg-offset). "Does not lower the guard": the
 guard's mean difference to plain CFG is >= -tolerance (default 0.02, the digits-world target's
-accuracy rule). "Strongest": the largest beta among those settings (then the largest alpha);
-none when no setting passes.
+accuracy rule). Only a setting that beats plain CFG on the scorer is recommended: its paired win
+rate against CFG is above 0.5 and its mean difference is positive (a tie or worse is not worth a
+negative model). "Strongest": the largest beta among the settings that beat CFG and keep the guard
+(then the largest alpha); none (use plain CFG) when no setting does.
 """
 from __future__ import annotations
 
@@ -59,10 +61,13 @@ def run_sweep(settings: list[Setting], render: Render, prompts: list[str], score
 
 
 def choose(rows: list[dict], tolerance: float = 0.02) -> dict | None:
-    """The strongest row (largest beta, then alpha) whose guard_diff >= -tolerance; None if none passes."""
-    ok = [r for r in rows if r["guard_diff"] >= -tolerance]
+    """The strongest row (largest beta, then alpha) that beats plain CFG (win_rate > 0.5 and diff > 0)
+    and keeps the guard (guard_diff >= -tolerance); None (plain CFG) if none does. Marks every row
+    with `guard_ok` and `beats_cfg`."""
     for r in rows:
         r["guard_ok"] = r["guard_diff"] >= -tolerance
+        r["beats_cfg"] = r["win_rate"] > 0.5 and r["diff"] > 0
+    ok = [r for r in rows if r["guard_ok"] and r["beats_cfg"]]
     return max(ok, key=lambda r: (r["beta"], r["alpha"])) if ok else None
 
 
@@ -100,5 +105,5 @@ def table(result: dict) -> str:
     from ..core.stats import markdown_table
 
     cols = [("setting", "setting"), ("mean", "mean score"), ("win_rate", "win rate vs CFG"), ("win_ci_low", "CI low"),
-            ("win_ci_high", "CI high"), ("guard_mean", "guard"), ("guard_diff", "guard - CFG"), ("guard_ok", "guard kept")]
+            ("win_ci_high", "CI high"), ("guard_mean", "guard"), ("guard_diff", "guard - CFG"), ("guard_ok", "guard kept"), ("beats_cfg", "beats CFG")]
     return markdown_table(result["rows"], cols)

@@ -249,3 +249,35 @@ def test_with_diffusers_backend(tmp_path, sd15_dir):
     assert a.latents_w.shape == (1, 4, 16, 16)  # the tiny VAE downsamples by 2
     assert torch.allclose(a.latents_w, backend.encode_images(cache._prepare(recs[0], 0)["px_w"][None]), atol=1e-5)
     assert torch.allclose(a.cond.hidden, backend.encode_prompts([recs[0].prompt]).hidden, atol=1e-5)
+
+
+def test_fill_encodes_in_bounded_chunks_with_the_same_results(tmp_path, sd15_dir):
+    """Filling the cache VAE-encoded the winners and losers of a whole fill batch in one call (16
+    images at 512 px: the run's memory peak). The encoder sees at most `encode_batch` images per
+    call, every chunk's latents leave the device at once, and the cached values equal one batch's."""
+    from diffusers import StableDiffusionPipeline
+
+    from npo_suite.trainer.backends.diffusers import DiffusersBackend
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_dir, safety_checker=None, requires_safety_checker=False)
+    backend = DiffusersBackend.from_pipeline(pipe)
+    recs = make_pairs(tmp_path / "img", 6)
+    seen: list[int] = []
+
+    def encode(px):
+        seen.append(px.shape[0])
+        return backend.encode_images(px)
+
+    out = {}
+    for name, chunk in (("chunked", 3), ("one_batch", 64)):
+        cache = LatentCache(tmp_path / name, "m0", encode, backend.encode_prompts, ImageTransform(32), encode_batch=chunk)
+        assert cache.fill(recs, batch_size=8, verbose=False) == recs
+        out[name] = [cache.get_pair(r) for r in recs]
+        if name == "chunked":
+            assert seen and max(seen) <= 3 and sum(seen) == 12, seen
+            seen.clear()
+    assert seen == [12]  # the unbounded cache: every image of the fill batch in one call
+    for a, b in zip(out["chunked"], out["one_batch"]):
+        assert torch.equal(a.latents_w, b.latents_w) and torch.equal(a.latents_l, b.latents_l)
+        assert torch.isfinite(a.latents_w).all() and a.latents_w.std() > 0
+    assert LatentCache(None, "m0", encode, backend.encode_prompts).encode_batch == 4  # the default

@@ -134,3 +134,23 @@ def test_old_module_entry_points_are_gone():
             if p.suffix in (".md", ".py", ".toml", ".txt") and ".git" not in p.parts
             and pattern in p.read_text(encoding="utf-8", errors="ignore")]
     assert hits == []
+
+
+def test_train_never_overwrites_a_finished_run_unless_asked(sd15_dir, tmp_path, capsys):
+    """A second `train` into a finished run's folder silently rewrote its metrics.csv. It is refused
+    (naming --overwrite and --resume); --overwrite starts over; an unfinished run still restarts as today."""
+    from train_fixtures import make_pairs
+
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(sd15_dir), "--data-path", str(make_pairs(tmp_path / "pairs")), "--output-dir",
+            str(out), "--resolution", "16", "--steps", "2", "--batch-size", "2", "--lora-rank", "2", "--checkpoint-every", "1", "--cpu"]
+    assert cli.main(argv) == 0
+    metrics = (out / "metrics.csv").read_bytes()
+    capsys.readouterr()
+    assert cli.main(argv + ["--method", "dpo", "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "finished run" in err and "--overwrite" in err and "--resume" in err and str(out) in err
+    assert (out / "metrics.csv").read_bytes() == metrics
+    assert cli.main(argv[:-1] + ["--resume", "latest", "--steps", "3", "--cpu"]) == 0  # asked: continue it
+    assert cli.main(argv + ["--overwrite", "--lr", "1e-3"]) == 0
+    assert (out / "metrics.csv").read_bytes() != metrics

@@ -266,13 +266,29 @@ def test_pairs_train_generate_loop_on_a_tiny_world(tmp_path, capsys):
 def test_sweep_chooses_the_strongest_beta_that_keeps_the_guard():
     from npo_suite.evaluation.sweep import choose
 
+    better = {"win_rate": 0.6, "diff": 0.1}  # each of these settings beats plain CFG on the scorer
     rows = [{"alpha": 1.0, "beta": 0.5, "guard_diff": 0.01}, {"alpha": 1.0, "beta": 1.0, "guard_diff": -0.015},
             {"alpha": 1.0, "beta": 2.0, "guard_diff": -0.05}, {"alpha": 0.0, "beta": 1.0, "guard_diff": 0.0}]
+    rows = [{**r, **better} for r in rows]
     best = choose(rows, tolerance=0.02)
     assert (best["alpha"], best["beta"]) == (1.0, 1.0)  # beta 2 lowers the guard by 0.05 > 0.02
     assert [r["guard_ok"] for r in rows] == [True, True, False, True]
     assert choose(rows, tolerance=0.0)["beta"] == 1.0 and choose(rows, tolerance=0.0)["alpha"] == 0.0
-    assert choose([{"alpha": 1.0, "beta": 1.0, "guard_diff": -0.5}], 0.02) is None
+    assert choose([{"alpha": 1.0, "beta": 1.0, "guard_diff": -0.5, **better}], 0.02) is None
+
+
+def test_sweep_recommends_nothing_over_plain_cfg_when_nothing_beats_it():
+    """A Self-NPO LoRA's sweep chose beta 1 at win 0.45 [0.35, 0.56]: the strongest setting that kept
+    the guard, though it scored below plain CFG. A setting must beat CFG (win rate > 0.5 and a
+    positive mean difference) to be recommended; otherwise the answer is plain CFG (None)."""
+    from npo_suite.evaluation.sweep import choose
+
+    worse = [{"alpha": 1.0, "beta": b, "guard_diff": 0.0, "win_rate": 0.45, "diff": -0.02} for b in (0.5, 1.0)]
+    assert choose(worse, 0.02) is None
+    assert [r["beats_cfg"] for r in worse] == [False, False]
+    mixed = worse + [{"alpha": 1.0, "beta": 0.25, "guard_diff": 0.0, "win_rate": 0.62, "diff": 0.03},
+                     {"alpha": 1.0, "beta": 2.0, "guard_diff": 0.0, "win_rate": 0.5, "diff": 0.0}]  # a tie is not better
+    assert choose(mixed, 0.02)["beta"] == 0.25
 
 
 def test_sweep_scores_every_setting_against_plain_cfg_on_the_same_images():

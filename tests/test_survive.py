@@ -126,7 +126,8 @@ def test_diverging_run_stops_with_clear_error_and_keeps_the_finite_state(sd15_di
     assert [p.name for p in kept] == ["step_000004", "step_000005"]
     for p in kept:
         assert all_finite(load_file(str(p / "adapters.safetensors")))
-    assert all_finite(load_file(str(out / "dpo_lora.safetensors")))
+    assert not (out / "dpo_lora.safetensors").exists()  # never the finished LoRA's name
+    assert all_finite(load_file(str(out / "dpo_lora.last_finite.safetensors")))
     assert int(metrics_rows(out)[-1]["train/skipped_nonfinite"]) == 4
 
 
@@ -432,3 +433,67 @@ def test_fp16_scaler_skip_counts_and_nan_loss_lowers_the_scale():
         _, _, applied = train_step(cfg, acc, Backend(), Method(), iter([None]), opt, step, torch.Generator())
         results.append((applied, torch.equal(before, p.detach()), scaler.get_scale() / scale))
     assert results == [(True, False, 1.0), (False, True, 0.5), (False, True, 0.5), (True, False, 1.0)]
+
+
+def test_run_with_too_many_nonfinite_steps_fails_and_names_the_last_finite_lora(sd15_dir, tmp_path, capsys):
+    """`train --lr 1e6 --steps 12`: 11 of 12 steps were skipped and the run said "finished", exit 0
+    (the consecutive guard, 20, never fired). More than MAX_NONFINITE_SHARE of the steps -> exit 1,
+    the LoRA is kept under a name that says what it is, and the message says what to change."""
+    from npo_suite import cli
+    from npo_suite.trainer.loop import MAX_NONFINITE_SHARE
+
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(sd15_dir), "--data-path", str(make_pairs(tmp_path / "pairs")), "--output-dir",
+            str(out), "--resolution", "16", "--steps", "12", "--batch-size", "2", "--lr", "1e6", "--lora-rank", "2",
+            "--checkpoint-every", "0", "--log-every", "1", "--cpu"]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "finished" not in captured.out
+    skipped = int(metrics_rows(out)[-1]["train/skipped_nonfinite"])
+    assert skipped > MAX_NONFINITE_SHARE * 12
+    assert re.search(rf"{skipped} of 12 optimizer steps .*non-finite", captured.err)
+    for advice in ("lower lr", "mixed_precision", "max_grad_norm"):
+        assert advice in captured.err
+    assert not (out / "dpo_lora.safetensors").exists()
+    kept = out / "dpo_lora.last_finite.safetensors"
+    assert str(kept) in captured.err and all_finite(load_file(str(kept)))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_writes_follow_the_umask(tmp_path, mask):
+    """Files came out 0600 (mkstemp), folders 0700 (mkdtemp): a ComfyUI/A1111 service running as
+    another user could not read the LoRAs, images, metrics.csv and manifests. They follow the umask."""
+    import stat
+
+    from npo_suite.trainer.validation import MetricsLog
+
+    old = os.umask(mask)
+    try:
+        files = [atomic.write_bytes(tmp_path / "a.bin", b"x"), atomic.write_text(tmp_path / "m.json", "{}"),
+                 atomic.save_safetensors(tmp_path / "l.safetensors", {"w": torch.zeros(2)}),
+                 atomic.copy_file(tmp_path / "a.bin", tmp_path / "b.bin")]
+        log = MetricsLog(tmp_path / "run")
+        log.write(1, {"loss": 0.5})
+        log.close()
+        files.append(tmp_path / "run" / "metrics.csv")
+        with atomic.atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_bytes(b"")
+    finally:
+        os.umask(old)
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~mask
+
+
+def test_health_saturation_fires_when_every_logit_is_saturated():
+    """DDSPO at 100% saturated logits (loss 1.4e-6 at step 120) got no warning: the 50-step means
+    still held the unsaturated steps before. The last 20 steps with every logit past |10| and a
+    vanishing loss are enough; the message names the β the method reads."""
+    cfg = tiny_cfg("m", "d", "o", method="ddspo", lr=1e-3)
+    rows = [{"loss": 0.5, "implicit_acc": 0.6, "logit/saturated_frac": 0.0}] * 100
+    rows += [{"loss": 1.4e-6, "implicit_acc": 1.0, "logit/saturated_frac": 1.0}] * 20
+    warnings = _feed(RunHealth(), rows, cfg)
+    assert len(warnings) == 1 and 100 < int(re.match(r"step (\d+):", warnings[0])[1]) <= 120, warnings
+    assert "saturated" in warnings[0] and "ddspo_beta 16000, lr 0.001" in warnings[0]
+    calm = [{"loss": 0.5, "implicit_acc": 0.6, "logit/saturated_frac": 0.1}] * 200
+    assert _feed(RunHealth(), calm, cfg) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import yaml
 
 from npo_suite.trainer.config import CONFIG_DIR, TrainConfig, from_dict, load_config
 
@@ -135,3 +136,42 @@ def test_cli_takes_a_negative_teacher_guidance_and_the_ddspo_choices(capsys):
     assert (out["tdft_guidance"], out["ddspo_loser"], out["ddspo_loss_weighting"]) == (-5.0, "other", "linear")
     assert cli.main(parser.parse_args(["--ddspo-loser", "mirror", "--print-config"])) != 0
     assert "ddspo_loser 'mirror' is not one of ['generated', 'other', 'same']" in capsys.readouterr().err
+
+
+def test_a_presets_warmup_is_capped_at_a_short_runs_steps(capsys):
+    """`--preset sd15_8gb --steps 2` was refused: lr_warmup_steps (100) exceeds steps (2). A warm-up that
+    comes from the preset is capped at the run's steps with a notice; one the user set stays an error."""
+    cfg = load_config(preset="sd15_8gb", overrides={"steps": 2})
+    assert cfg.lr_warmup_steps == 2 and cfg.steps == 2
+    err = capsys.readouterr().err
+    assert "lr_warmup_steps 100 of preset sd15_8gb capped at steps 2" in err
+    assert load_config(preset="sd15_8gb").lr_warmup_steps == 100  # a full run keeps the preset's warm-up
+    assert capsys.readouterr().err == ""
+    for user in ({"overrides": {"steps": 2, "lr_warmup_steps": 100}}, {"overrides": {"steps": 2}, "sets": ["lr_warmup_steps=50"]}):
+        with pytest.raises(ValueError, match=r"lr_warmup_steps \(\d+\) exceeds steps \(2\)"):
+            load_config(preset="sd15_8gb", **user)
+
+
+def test_default_output_folder_is_named_by_preset_and_method():
+    """`--preset sd15_8gb --method npo` wrote into runs/sd15_dpo/ (the preset's DPO folder)."""
+    assert load_config(preset="sd15_8gb", overrides={"method": "npo"}).output_dir == "runs/sd15_8gb_npo"
+    assert load_config(preset="sd15_8gb").output_dir == "runs/sd15_8gb_dpo"
+    assert load_config(overrides={"method": "tdft"}).output_dir == "runs/tdft"
+    assert load_config(preset="sd15_8gb", overrides={"output_dir": "mine"}).output_dir == "mine"
+    for p in sorted(CONFIG_DIR.glob("*.yaml")):  # no preset pins a folder that another method would reuse
+        assert "output_dir" not in (yaml.safe_load(p.read_text()) or {}), p
+
+
+def test_beta_flag_with_ddspo_is_refused_naming_ddspo_beta(tmp_path):
+    """`--method ddspo --beta 16000` was silently ignored (DDSPO reads ddspo_beta). A β flag given
+    for a method whose β lives in another field is refused naming that field and the β·lr rule;
+    a config file written by to_yaml (every key, beta included) still loads."""
+    for kw in ({"overrides": {"method": "ddspo", "beta": 16000.0}}, {"overrides": {"method": "ddspo"}, "sets": ["beta=8000"]}):
+        with pytest.raises(ValueError, match=r"ddspo reads its beta from ddspo_beta .*--ddspo-beta.*lr"):
+            load_config(**kw)
+    assert load_config(overrides={"method": "ddspo", "ddspo_beta": 8000.0}).ddspo_beta == 8000.0
+    run = tmp_path / "run.yaml"
+    run.write_text(TrainConfig(method="ddspo").to_yaml())
+    assert load_config(config=str(run)).beta == 5000.0
+    with pytest.raises(ValueError, match="tdft has no beta"):
+        load_config(overrides={"method": "tdft", "beta": 100.0})

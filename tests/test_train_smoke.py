@@ -142,17 +142,86 @@ def test_trained_lora_metadata_in_inspect_and_reports(sd15_dir, tmp_path, capsys
     cfg = tiny_cfg(sd15_dir, data_for("npo", tmp_path / "data"), tmp_path / "out", method="npo", steps=2, lam=0.8)
     backend = backend_for(sd15_dir, cfg)
     result = train(cfg, backend=backend)
-    want = {"method": "npo", "role": "negative", "beta": "5000", "lambda": "0.8", "steps": "2"}
+    want = {"method": "npo", "role": "negative", "beta": "5000", "steps": "2"}
     for extra in ([], ["--base", str(sd15_dir)]):
         assert main(["offsets", "inspect", str(result.lora_path), "--json", *extra]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["format"] == "kohya" and info["components"]["unet"]["ranks"] == [cfg.lora_rank]
         assert {k: info["npo"][k] for k in want} == want and len(info["npo"]["base_model_hash"]) == 64
+        assert "lambda" not in info["npo"]  # npo has no λ (it is DPO on swapped pairs)
     assert main(["offsets", "inspect", str(result.lora_path)]) == 0
     text = capsys.readouterr().out
     assert "role: negative" in text and "names and shapes not checked" in text
     off = load_offset(result.lora_path, base=backend.unet)
     lines = metadata_lines(off.metadata)
-    assert lines[:6] == ["method: npo", "role: negative", "β: 5000", "λ: 0.8",
+    assert lines[:5] == ["method: npo", "role: negative", "β: 5000",
                          f"base model hash: {off.metadata['npo_base_model_hash']}", "steps: 2"]
-    assert ", ".join(lines[:6]) in offset_summary(off, "neg.safetensors")  # the WebUI panel's note
+    assert ", ".join(lines[:5]) in offset_summary(off, "neg.safetensors")  # the WebUI panel's note
+
+
+def test_inspect_shows_a_methods_own_fields_and_takes_a_single_file_base(sd15_dir, tmp_path, capsys):
+    """`offsets inspect` printed "λ: 0.9" for a DPO LoRA (no λ) and said "base model folder not found"
+    for `--base file.safetensors`. Fields come from the method registry (Method.beta_key /
+    lambda_key): λ only for bdpo/snpo, DDSPO's β is ddspo_beta; a single-file checkpoint is a base."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from npo_suite.cli import main
+    from npo_suite.trainer.loop import train
+
+    loras = {}
+    for method, kw in (("dpo", {}), ("bdpo", {"lam": 0.7}), ("ddspo", {"ddspo_beta": 8000.0})):
+        cfg = tiny_cfg(sd15_dir, data_for(method, tmp_path / method), tmp_path / f"out_{method}", method=method, **kw)
+        loras[method] = train(cfg, backend=backend_for(sd15_dir, cfg)).lora_path
+    old_dpo = tmp_path / "old_dpo.safetensors"  # a DPO LoRA as the trainer wrote them before: npo_lambda 0.9
+    with safe_open(str(loras["dpo"]), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(old_dpo), metadata={**f.metadata(), "npo_lambda": "0.9"})
+    for path, shown, hidden in ((loras["dpo"], ["β: 5000"], ["λ"]), (old_dpo, ["β: 5000"], ["λ"]),
+                                (loras["bdpo"], ["β: 5000", "λ: 0.7"], []), (loras["ddspo"], ["β: 8000"], ["λ"])):
+        assert main(["offsets", "inspect", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert all(s in out for s in shown) and not any(h in out for h in hidden), (path, out)
+    # a single file holding the UNet (diffusers names here: LDM names are read by the same
+    # load_unet_state_dict, whose layout guess knows the SD1.x/SDXL shapes, not the tiny test UNet's)
+    single = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in load_pipe(sd15_dir).unet.state_dict().items()}, str(single))
+    assert main(["offsets", "inspect", str(loras["dpo"]), "--base", str(single)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "not checked" not in out and "method: dpo" in out
+
+
+def test_progress_counts_micro_batches_and_a_slow_run_logs_from_its_first_step(sd15_dir, tmp_path, monkeypatch):
+    """grad_accum 16: the bar sat at 0/2 for the whole first step and metrics.csv had no row until step
+    10. The bar counts micro-batches (with the optimizer step in its postfix, elapsed/remaining from
+    tqdm); a row is written at least every LOG_SECONDS, so a slow run logs from its first step."""
+    import csv
+
+    from npo_suite.trainer import loop
+    from npo_suite.trainer.loop import train
+
+    bars, seen = [], []
+    real_bar = loop._progress_bar
+    monkeypatch.setattr(loop, "_progress_bar", lambda *a: bars.append(real_bar(*a)) or bars[-1])
+    m = METHODS["dpo"]
+    orig = m.compute
+    monkeypatch.setattr(m, "compute", lambda *a, **k: seen.append(bars[-1].n) or orig(*a, **k))
+    clock = iter(range(0, 10**6, 100))  # every reading 100 s later: each step is "slow"
+    monkeypatch.setattr(loop, "_clock", lambda: float(next(clock)), raising=False)
+    cfg = tiny_cfg(sd15_dir, data_for("dpo", tmp_path), tmp_path / "out", steps=2, grad_accum=4, batch_size=1,
+                   log_every=10)
+    train(cfg, backend=backend_for(sd15_dir, cfg))
+    assert seen == list(range(8))  # the bar moved with every micro-batch, in the first step too
+    assert bars[-1].total == 8 and bars[-1].n == 8 and "step" in bars[-1].postfix
+    with open(Path(cfg.output_dir) / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2]
+
+
+def test_fast_runs_still_log_every_log_every_steps(sd15_dir, tmp_path):
+    import csv
+
+    from npo_suite.trainer.loop import train
+
+    cfg = tiny_cfg(sd15_dir, data_for("dpo", tmp_path), tmp_path / "out", steps=4, log_every=3)
+    train(cfg, backend=backend_for(sd15_dir, cfg))
+    with open(Path(cfg.output_dir) / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 4]

@@ -57,6 +57,8 @@ class TrainConfig(MethodConfig):
     crop: str = _h("center", "crop to the resolution: center or random")
     random_flip: bool = _h(False, "random horizontal flip (the same flip for both images of a pair)")
     cache_dir: str = _h("", "latent + text-embedding cache folder ('' = no cache)")
+    cache_batch_size: int = _h(4, "images per VAE call while filling the latent cache (its memory peak: lower it "
+                                  "if the cache fill runs out of memory)", min=1, max=256)
     # --- batch and schedule
     batch_size: int = _h(1, "pairs (or prompts) per device per micro-batch", min=1, max=256)
     grad_accum: int = _h(1, "micro-batches accumulated per optimizer step; effective batch = batch_size x grad_accum x processes",
@@ -74,7 +76,8 @@ class TrainConfig(MethodConfig):
     max_grad_norm: float = _h(1.0, "clip the global grad norm to this (0 = no clipping)")
     max_nonfinite_steps: int = _h(20, "stop the run (saving its last finite state) after this many consecutive steps "
                                       "whose loss or gradient norm is not finite; such steps change nothing and are "
-                                      "counted as train/skipped_nonfinite (0 = never stop)")
+                                      "counted as train/skipped_nonfinite; a run that skipped more than a tenth of its steps fails at its end "
+                                      "(0 = never stop, never fail)")
     # --- precision and memory
     mixed_precision: str = _h("no", "no | fp16 | bf16: autocast dtype; frozen base weights are stored in it (GPU)",
                               choices=PRECISIONS)
@@ -106,7 +109,7 @@ class TrainConfig(MethodConfig):
         if parent is not None:
             parent()
         for name in ("batch_size", "grad_accum", "steps", "lora_rank", "log_every", "keep_last", "resolution",
-                     "validation_sample_steps"):
+                     "validation_sample_steps", "cache_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("checkpoint_every", "validate_every", "lr_warmup_steps", "max_nonfinite_steps"):
@@ -259,12 +262,40 @@ def parse_set(items: list[str]) -> dict[str, str]:
 
 def load_config(preset: str | None = None, config: str | None = None, overrides: dict[str, Any] | None = None,
                 sets: list[str] | None = None) -> TrainConfig:
-    """preset < config file < overrides (typed CLI flags) < --set key=value."""
+    """preset < config file < overrides (typed CLI flags) < --set key=value.
+
+    A preset's `lr_warmup_steps` (not set by the user) longer than the run's `steps` is capped at
+    `steps` with a notice on stderr (a short test run of a preset); a user's value stays an error.
+    `output_dir`, unless the user sets it, is `runs/<preset>_<method>` (`runs/<method>` without a preset)."""
     d: dict[str, Any] = {}
     if preset:
         d.update(read_config_file(preset_path(preset)))
-    if config:
-        d.update(read_config_file(config))
-    d.update(overrides or {})
-    d.update(parse_set(sets or []))
+    preset_keys = set(d)
+    for user in (read_config_file(config) if config else {}, overrides or {}, parse_set(sets or [])):
+        d.update(user)
+        preset_keys -= set(user)
+    if "lr_warmup_steps" in preset_keys and "steps" in d:
+        warmup, steps = (coerce(k, d[k], int) for k in ("lr_warmup_steps", "steps"))
+        if warmup > steps >= 1:
+            import sys
+
+            print(f"train: lr_warmup_steps {warmup} of preset {preset} capped at steps {steps} (set lr_warmup_steps "
+                  "to choose)", file=sys.stderr)
+            d["lr_warmup_steps"] = steps
+    flags = {**(overrides or {}), **parse_set(sets or [])}
+    if "beta" in flags:  # a β flag for a method whose β is another field (or none) would be silently ignored
+        from .methods import METHODS
+
+        method = METHODS.get(str(d.get("method", MethodConfig.method)))
+        key = getattr(method, "beta_key", "beta") if method is not None else "beta"
+        if key is None:
+            raise ValueError(f"{method.name} has no beta (it is not a preference loss); drop --beta")
+        if key != "beta":
+            raise ValueError(f"{method.name} reads its beta from {key} (now {d.get(key, getattr(MethodConfig, key))}), "
+                             f"not beta: set --{key.replace('_', '-')} (or --set {key}=...) instead of --beta, and "
+                             "scale lr with it: the logit moves about beta*lr per step, so doubling beta means "
+                             "halving lr (docs/training.md)")
+    if "output_dir" not in d or "output_dir" in preset_keys:  # not chosen by the user: named by preset and method
+        method = str(d.get("method", MethodConfig.method))
+        d["output_dir"] = f"runs/{preset}_{method}" if preset else f"runs/{method}"
     return from_dict(d, source=config or (f"preset {preset}" if preset else "command line"))

@@ -21,7 +21,10 @@ Determinism and distribution:
   fp16 the GradScaler's own overflow skip counts the same. Such steps are counted
   (`train/skipped_nonfinite`) and warned about once (`health.RunHealth`, also the run's other
   health warnings); after `max_nonfinite_steps` in a row the run saves its last finite state and
-  raises `NonFiniteError`. Checkpoints and LoRAs holding a non-finite tensor are never written.
+  raises `NonFiniteError`, and so does a run that reaches its last step with more than
+  `MAX_NONFINITE_SHARE` of its optimizer steps skipped (and at least `MIN_NONFINITE_FAILS` of them).
+  Either way the LoRA of the last finite state is saved as `<name>.last_finite.safetensors`, never
+  under the finished LoRA's name. Checkpoints and LoRAs holding a non-finite tensor are never written.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,7 +55,40 @@ class Callbacks:
 
 
 class NonFiniteError(RuntimeError):
-    """The run stopped after `max_nonfinite_steps` consecutive non-finite steps (message: step, causes, files)."""
+    """The run stopped after `max_nonfinite_steps` consecutive non-finite steps, or skipped more than
+    `MAX_NONFINITE_SHARE` of its steps (message: step, causes, what to change, files)."""
+
+
+# A run that skipped more than this share of its optimizer steps as non-finite (and at least
+# MIN_NONFINITE_FAILS steps, so that one bad step of a 5-step test run is not a failure) fails at its
+# end (docs/training.md "When a run goes wrong"); `max_nonfinite_steps` = 0 turns both guards off.
+MAX_NONFINITE_SHARE = 0.10
+MIN_NONFINITE_FAILS = 3
+LAST_FINITE_SUFFIX = ".last_finite"
+# Written into output_dir when a run reaches its last step (not interrupted, not failed); removed when
+# a run starts there. The `train` CLI refuses to start a new run over it unless asked (--overwrite).
+FINISHED_NAME = "finished.json"
+# metrics.csv gets a row every `log_every` steps, and also once this many seconds have passed since the
+# last row (or the start): a slow run (grad_accum 16 on CPU: minutes a step) logs from its first step.
+LOG_SECONDS = 60.0
+_clock = time.monotonic
+
+
+def finished_run(output_dir) -> dict | None:
+    """The record of the finished run in `output_dir` (step, steps, method, lora), else None."""
+    import json
+
+    p = Path(output_dir) / FINISHED_NAME
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def too_many_nonfinite(cfg, skipped: int, steps_done: int) -> bool:
+    """More than MAX_NONFINITE_SHARE of `steps_done` steps skipped (and >= MIN_NONFINITE_FAILS)."""
+    return (bool(cfg.max_nonfinite_steps) and skipped >= MIN_NONFINITE_FAILS
+            and skipped > MAX_NONFINITE_SHARE * steps_done)
 
 
 @dataclass
@@ -145,8 +182,10 @@ class StopFlag:
 
 
 # ---------------------------------------------------------------------------- step helpers
-def train_step(cfg, acc, backend, method, data: Iterator, opt, step: int, generator: torch.Generator):
+def train_step(cfg, acc, backend, method, data: Iterator, opt, step: int, generator: torch.Generator,
+               on_micro: Callable[[int], None] | None = None):
     """One optimizer step: grad_accum micro-batches -> all-reduce LoRA grads -> clip -> step.
+    `on_micro(1)` after each micro-batch's backward (the progress bar under gradient accumulation).
 
     Returns (metrics, batch, applied). `applied` is False when the loss (on any process) or the
     gradient norm is not finite: the optimizer did not step. Under fp16 the GradScaler decides:
@@ -164,6 +203,8 @@ def train_step(cfg, acc, backend, method, data: Iterator, opt, step: int, genera
         finite = finite and is_finite(out.loss.detach())
         for name, v in {"loss": out.loss, **out.metrics}.items():
             sums[name] = sums.get(name, 0.0) + float(v) / cfg.grad_accum
+        if on_micro is not None:
+            on_micro(1)
     finite = not any_process(acc, not finite)
     scaler = getattr(acc, "scaler", None)
     if not finite and scaler is not None:
@@ -280,6 +321,7 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     out = Path(cfg.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        (out / FINISHED_NAME).unlink(missing_ok=True)  # this run is not finished (yet)
     backend = backend if backend is not None else build_backend(cfg, acc.device)
     method = METHODS[cfg.method]
     method.setup(backend, cfg)
@@ -292,11 +334,13 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     step = restore(ckpt.resolve(resume, out), cfg, acc, backend, opt, sched, data, updater, method, run) if resume else 0
     log = MetricsLog(out, enabled=acc.is_main_process, resume_step=step)
     bar = _progress_bar(cfg, step, acc.is_main_process)
+    micro = cfg.grad_accum > 1  # the bar counts micro-batches (module docstring of _progress_bar)
     metrics: dict[str, Any] = {}
-    interrupted, bad_in_a_row = False, 0
+    interrupted, bad_in_a_row, logged_at = False, 0, _clock()
     with StopFlag(cb.stop_requested) as stop:
         while step < cfg.steps and not (interrupted := any_process(acc, stop())):
-            metrics, batch, applied = train_step(cfg, acc, backend, method, data, opt, step, generator)
+            metrics, batch, applied = train_step(cfg, acc, backend, method, data, opt, step, generator,
+                                                 on_micro=bar.update if micro else None)
             metrics["lr"] = sched.get_last_lr()[0]
             step += 1
             event = None
@@ -308,27 +352,42 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
             bad_in_a_row = 0 if applied else bad_in_a_row + 1
             metrics["train/skipped_nonfinite"] = run.skipped
             run.observe(step, metrics, skipped=not applied, bar=bar)
-            if step % cfg.log_every == 0 or event or step == cfg.steps or not applied:
+            slow = _clock() - logged_at >= LOG_SECONDS
+            if step % cfg.log_every == 0 or event or step == cfg.steps or not applied or slow:
                 log.write(step, {**metrics, **(event or {})})
+                logged_at = _clock()
             if cfg.max_nonfinite_steps and bad_in_a_row >= cfg.max_nonfinite_steps:
                 break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 run.checkpoint(step)
             if cfg.validate_every and step % cfg.validate_every == 0 and acc.is_main_process:
                 validate(cfg, backend, method, step, out, log)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"skipped": run.skipped} if run.skipped else {}))
+            if not micro:
+                bar.update(1)
+            bar.set_postfix(**({"step": f"{step}/{cfg.steps}"} if micro else {}), loss=f"{metrics['loss']:.4f}",
+                            **({"skipped": run.skipped} if run.skipped else {}))
             if cb.progress:
                 cb.progress(step, cfg.steps, metrics["loss"])
     bar.close()
     diverged = bool(cfg.max_nonfinite_steps) and bad_in_a_row >= cfg.max_nonfinite_steps
-    if (interrupted or diverged) and run.last_saved != step:  # a periodic save already covers step otherwise
+    failed = diverged or too_many_nonfinite(cfg, run.skipped, step)
+    if (interrupted or failed) and run.last_saved != step:  # a periodic save already covers step otherwise
         run.checkpoint(step)
-    lora = run.save_lora(step) if acc.is_main_process and step > 0 else None
+    suffix = LAST_FINITE_SUFFIX if failed else ""
+    lora = run.save_lora(step, suffix) if acc.is_main_process and step > 0 else None
     log.close()
+    if acc.is_main_process and not (interrupted or failed):
+        import json
+
+        from ..core.atomic import write_text
+
+        write_text(out / FINISHED_NAME, json.dumps({"step": step, "steps": cfg.steps, "method": cfg.method,
+                                                    "lora": str(lora) if lora else None}) + "\n")
     acc.wait_for_everyone()
     if diverged:
         raise NonFiniteError(nonfinite_message(cfg, step, bad_in_a_row, metrics, run.path, lora))
+    if failed:
+        raise NonFiniteError(nonfinite_share_message(cfg, step, run.skipped, metrics, run.path, lora))
     return TrainResult(out, lora, step, interrupted, metrics, run.path, run.skipped, run.warnings)
 
 
@@ -369,14 +428,18 @@ class RunState:
                                     skipped=self.skipped)
         self.last_saved = step
 
-    def save_lora(self, step: int) -> Path | None:
+    def save_lora(self, step: int, suffix: str = "") -> Path | None:
+        """The LoRA as `<lora_name><suffix>.safetensors` (suffix LAST_FINITE_SUFFIX for a failed run)."""
+        import dataclasses
+
         from .validation import save_lora
 
         bad = self.nonfinite_weights()
         if bad is not None:
             raise NonFiniteError(f"step {step}: the LoRA is not written, {bad} holds a non-finite value; "
                                  f"the last good checkpoint is {self.path} (resume from it with a lower lr)")
-        return save_lora(self.cfg, self.backend, self.method, step, Path(self.cfg.output_dir))
+        cfg = dataclasses.replace(self.cfg, output_name=self.cfg.lora_name + suffix) if suffix else self.cfg
+        return save_lora(cfg, self.backend, self.method, step, Path(self.cfg.output_dir))
 
 
 def nonfinite_message(cfg, step: int, n: int, metrics: dict, checkpoint: Path | None, lora: Path | None) -> str:
@@ -384,12 +447,34 @@ def nonfinite_message(cfg, step: int, n: int, metrics: dict, checkpoint: Path | 
     return (f"step {step}: {n} consecutive steps with a non-finite loss or gradient norm "
             f"(loss {metrics.get('loss', math.nan):.4g}, grad norm {metrics.get('grad_norm', math.nan):.4g}); "
             f"the run stopped (max_nonfinite_steps={cfg.max_nonfinite_steps}). Likely causes: lr {cfg.lr:g} too high, "
-            f"beta {cfg.beta:g} too high (the preference logits overflow), precision {precision}. Nothing of the "
+            f"beta {cfg.beta:g} too high (the preference logits overflow), precision {precision} (fp32: "
+            f"mixed_precision no), gradient clipping max_grad_norm {cfg.max_grad_norm:g}. Nothing of the "
             f"skipped steps was applied; the last finite state is saved: checkpoint {checkpoint}, LoRA {lora}. "
             "Resume with `--resume latest` and a lower lr or beta.")
 
 
+def nonfinite_share_message(cfg, step: int, skipped: int, metrics: dict, checkpoint: Path | None,
+                            lora: Path | None) -> str:
+    """A run that reached its end having skipped too many steps (`too_many_nonfinite`)."""
+    precision = ("mixed_precision fp16 overflows: use bf16 or no (fp32)" if cfg.mixed_precision == "fp16"
+                 else f"mixed_precision {cfg.mixed_precision}")
+    clip = (f"max_grad_norm {cfg.max_grad_norm:g} (lower it)" if cfg.max_grad_norm > 0
+            else "max_grad_norm 0 = no clipping (set e.g. 1.0)")
+    return (f"step {step}: {skipped} of {step} optimizer steps ({100 * skipped / max(step, 1):.0f}%) had a non-finite "
+            f"loss or gradient norm and were skipped, more than the {100 * MAX_NONFINITE_SHARE:.0f}% a run may skip "
+            f"(last loss {metrics.get('loss', math.nan):.4g}, grad norm {metrics.get('grad_norm', math.nan):.4g}); "
+            f"the run failed. What to change: a lower lr (now {cfg.lr:g}) or beta (now {cfg.beta:g}), fp32 "
+            f"({precision}), gradient clipping ({clip}). Nothing of the skipped steps was applied; the LoRA of the "
+            f"last finite state is saved as {lora} (not the finished LoRA's name), checkpoint {checkpoint}.")
+
+
 def _progress_bar(cfg, step: int, enabled: bool):
+    """tqdm over optimizer steps; under gradient accumulation over micro-batches (steps x grad_accum,
+    the optimizer step in the postfix), so it moves, with elapsed<remaining, within a long step."""
     from tqdm.auto import tqdm
 
+    if cfg.grad_accum > 1:
+        return tqdm(total=cfg.steps * cfg.grad_accum, initial=step * cfg.grad_accum, disable=not enabled,
+                    desc=f"train {cfg.method} ({cfg.grad_accum} micro-batches/step)", unit="micro-batch",
+                    dynamic_ncols=True)
     return tqdm(total=cfg.steps, initial=step, disable=not enabled, desc=f"train {cfg.method}", dynamic_ncols=True)

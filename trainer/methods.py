@@ -243,6 +243,8 @@ class Method:
     uses_reference: bool = True  # runs a frozen reference forward (reference update applies to it)
     swap: bool = False  # train on the pair swapped (NPO)
     role: str = "positive"  # what the trained LoRA is: "positive" | "negative" | "snpo" (metadata, sampling)
+    beta_key: str | None = "beta"  # the MethodConfig field holding this method's β (None: it has no β)
+    lambda_key: str | None = None  # the MethodConfig field holding its λ (None: it has no λ)
 
     def extra_adapters(self, cfg: MethodConfig) -> tuple[str, ...]:
         """Adapters to create besides "policy": own ones, plus "ref" when reference update is on."""
@@ -276,6 +278,7 @@ class PairMethod(Method):
 
     def __init__(self, name: str, *, swap: bool = False, bounded: bool = False, lam: float | None = None):
         self.name, self.swap, self.bounded, self.lam = name, swap, bounded, lam
+        self.lambda_key = "lam" if bounded and lam is None else None  # a fixed lam (snpo_naive) is not a setting
         self.role = "negative" if swap else "positive"  # NPO's swapped pairs give a negative offset
 
     def route(self, backend: Backend, batch: PairBatch, cfg: MethodConfig, generator) -> tuple[torch.Tensor, Cond, dict]:
@@ -342,6 +345,7 @@ class TDFTMethod(Method):
     adapters = ("ema",)
     uses_reference = False
     role = "negative"  # Self-NPO: the TDFT offset is used as the negative model
+    beta_key = None  # TDFT has no preference β
 
     def __init__(self, name: str = "tdft"):
         self.name = name
@@ -440,6 +444,7 @@ class DDSPOMethod(Method):
     """
 
     data_kind = "prompts_with_winners"
+    beta_key = "ddspo_beta"  # its own β (paper 16000), not the DPO family's `beta`
 
     def __init__(self, name: str = "ddspo"):
         self.name = name

@@ -101,7 +101,7 @@ def build_batches(cfg, backend, kind: str, rank: int = 0, world_size: int = 1) -
     opener = open_pairs if kind == "pairs" else open_prompts
     encoders = [getattr(backend, "vae", None), *getattr(backend, "text_encoders", [])]
     cache = LatentCache.from_backend(cfg.cache_dir or None, fingerprint_modules(*encoders, extra=backend.family),
-                                     backend, image_transform(cfg))
+                                     backend, image_transform(cfg), encode_batch=cfg.cache_batch_size)
     if prepared is not None:
         ds = DdspoDataset.for_config(prepared, cache, cfg)
         sampler = ResumableSampler(len(ds), seed=cfg.seed, rank=rank, world_size=world_size, batch_size=cfg.batch_size)

@@ -196,8 +196,8 @@ def lora_metadata(cfg, backend, method, step: int) -> dict[str, str]:
     from ..core.offsets.schema import npo_metadata
 
     return npo_metadata(
-        role=method_role(method, cfg), method=cfg.method, beta=getattr(cfg, "beta", ""),
-        **{"lambda": getattr(cfg, "lam", getattr(cfg, "bdpo_lambda", ""))},
+        role=method_role(method, cfg), method=cfg.method, beta=getattr(cfg, getattr(method, "beta_key", None) or "beta", ""),
+        **{"lambda": getattr(cfg, method.lambda_key) if getattr(method, "lambda_key", None) else None},  # None: not written
         base_model_hash=base_model_hash(cfg, backend),
         base_model=os.path.basename(str(cfg.model).rstrip("/")) if cfg.model else "",
         steps=step, effective_batch=cfg.effective_batch, lr=cfg.lr,

@@ -136,20 +136,25 @@ class LatentCache:
     store_dtype: e.g. torch.float16 to halve the disk use (default: as encoded). Reads always return
     float32 CPU tensors, and a miss returns the values as they were stored (rounded to
     store_dtype), so the first epoch sees exactly what later epochs read.
+    encode_batch: at most this many images per `encode_images_fn` call (a fill batch of 8 pairs is
+    16 images; at 512 px in one VAE call that was a run's memory peak); each chunk's latents move
+    to the CPU at once, so the device holds one chunk's pixels and activations at a time.
     """
 
     def __init__(self, cache_dir: str | os.PathLike | None, model_hash: str,
                  encode_images_fn: Callable[[torch.Tensor], torch.Tensor] | None,
                  encode_prompts_fn: Callable[[list[str]], Cond],
                  transform: ImageTransform | None = None, store_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, encode_batch: int = 4):
+        if encode_batch < 1:
+            raise ValueError(f"encode_batch must be >= 1, got {encode_batch}")
         if not model_hash or any(c in model_hash for c in "/\\\0") or model_hash in (".", ".."):
             raise ValueError(f"model_hash must be a non-empty file-name-safe string, got {model_hash!r}")
         self.transform = transform or ImageTransform()
         self.model_hash = model_hash
         self.root = Path(cache_dir) / model_hash / self.transform.key() if cache_dir is not None else None
         self.encode_images_fn, self.encode_prompts_fn = encode_images_fn, encode_prompts_fn
-        self.store_dtype, self.device = store_dtype, device
+        self.store_dtype, self.device, self.encode_batch = store_dtype, device, encode_batch
         self.hits = self.misses = 0
 
     @classmethod
@@ -231,10 +236,14 @@ class LatentCache:
     def _encode_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         if self.encode_images_fn is None:
             raise ValueError("this LatentCache has no image encoder (encode_images_fn=None)")
-        x = torch.stack(pixels)  # [N, 3, H, W]
-        if self.device is not None:
-            x = x.to(self.device)
-        return self.encode_images_fn(x)
+        out = []
+        for i in range(0, len(pixels), self.encode_batch):  # bounded chunks: the fill's memory peak
+            x = torch.stack(pixels[i:i + self.encode_batch])  # [<=encode_batch, 3, H, W]
+            if self.device is not None:
+                x = x.to(self.device)
+            out.append(self.encode_images_fn(x).to("cpu"))  # [n, C, h, w], off the device at once
+            del x
+        return torch.cat(out)  # [N, C, h, w] on the CPU (every read returns CPU tensors anyway)
 
     def _encode(self, records: list, preps: list[dict]) -> list[dict[str, torch.Tensor]]:
         """Tensors to store for records of ONE kind, from their `_prepare` output."""
