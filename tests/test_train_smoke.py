@@ -37,7 +37,8 @@ def _check_lora(result, cfg, backend, role):
     assert len(off.unet) == len(backend._layers) and off.is_low_rank()
     meta = off.metadata
     assert meta["npo_method"] == cfg.method and meta["npo_role"] == role
-    assert meta["npo_steps"] == str(result.steps_done) and float(meta["npo_beta"]) == cfg.beta
+    beta = getattr(cfg, METHODS[cfg.method].beta_key or "beta")  # the β the method read (ddspo: ddspo_beta)
+    assert meta["npo_steps"] == str(result.steps_done) and float(meta["npo_beta"]) == beta
     assert len(meta["npo_base_model_hash"]) == 64
     assert not any(k.startswith("npo_suite.") for k in meta), "one spelling: core/offsets/schema.py"
     return off
