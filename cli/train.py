@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an output_dir that holds a finished run (refused otherwise)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="estimate the run's device memory peak (cache fill and training step, traced on fake "
+                             "tensors: no weights are loaded) and exit; --model may name a shipped config (sd15, sdxl)")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print one JSON line")
+    parser.add_argument("--fill-records", type=int, default=None,
+                        help="with --dry-run: records per latent-cache fill chunk (default: the cache's own, 8)")
     group = parser.add_argument_group("config keys (each also settable in --config / --set)")
     types_ = field_types()
     for f in dataclasses.fields(TrainConfig):
@@ -68,6 +74,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.print_config:
         print(cfg.to_yaml(), end="")
+        return 0
+    if args.dry_run:
+        from ..trainer.memory_estimate import dry_run
+
+        try:
+            print(dry_run(cfg, fill_records=args.fill_records, as_json=args.json))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"train --dry-run: {e}", file=sys.stderr)
+            return 2
         return 0
     from ..trainer.loop import NonFiniteError, finished_run, train
 

@@ -1,0 +1,140 @@
+"""`train --dry-run --json`: the run's device peak traced on fake tensors (trainer/memory_estimate.py).
+
+- the JSON line's schema, from the CLI, on a tiny model folder and on a shipped config name;
+- monotonic sanity: batch 2 >= batch 1, gradient checkpointing <= without, a bigger fill chunk >= a smaller;
+- agreement with what a real step uses: the same trace on real tensors, measured by PyTorch's CPU
+  allocator (profiler memory events, kernels' own buffers included), within 15% at tiny size
+  (the full-size figure is in docs/BENCHMARKS.md);
+- every preset fits the card (or expected peak) its header states, cache fill included, with the
+  CUDA context and allocator allowance of `Estimate.card_gib`.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from npo_suite.trainer.config import load_config
+from npo_suite.trainer.memory_estimate import (ALLOCATOR_SLACK, CONTEXT_GIB, measure_run, preset_model,
+                                               stated_card_gib, trace_run)
+
+TINY = {"resolution": 64, "batch_size": 1, "lora_rank": 4, "grad_accum": 2, "mixed_precision": "no"}
+PRESETS = ["sd15_8gb", "sdxl_12gb", "datacenter_sd15", "tdft_sd15", "tdft_sdxl", "ddspo_sdxl"]
+
+
+def tiny_cfg(model, **overrides):
+    return load_config(overrides={"model": str(model), **TINY, **overrides})
+
+
+def test_dry_run_json_schema(sd15_dir, capsys):
+    from npo_suite.cli import main
+
+    rc = main(["train", "--model", str(sd15_dir), "--method", "dpo", "--resolution", "64", "--lora-rank", "4",
+               "--dry-run", "--json"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    d = json.loads(lines[0])
+    assert isinstance(d["peak_gib"], float) and d["peak_gib"] > 0
+    assert set(d["phases"]) >= {"weights", "cache_fill", "train_step"}
+    assert set(d["phases"]["train_step"]) == {"forward", "backward", "optimizer"}
+    for ph in [d["phases"]["weights"], d["phases"]["cache_fill"], *d["phases"]["train_step"].values()]:
+        assert set(ph) == {"start", "peak", "end"} and ph["start"] <= ph["peak"] and ph["end"] <= ph["peak"]
+    peaks = [d["phases"]["cache_fill"]["peak"], *(v["peak"] for v in d["phases"]["train_step"].values())]
+    assert d["peak_gib"] == pytest.approx(max(peaks), abs=1e-3)
+    s = d["settings"]
+    assert s["device"] == "cuda" and s["method"] == "dpo" and s["fill_images"] == 16 and s["trainable_params"] > 0
+    assert d["fake"] is True
+    assert d["card_gib"] == pytest.approx(d["peak_gib"] * ALLOCATOR_SLACK + CONTEXT_GIB, abs=1e-2)
+    assert d["allowance"] == {"cuda_context_gib": CONTEXT_GIB, "allocator_slack": ALLOCATOR_SLACK}
+
+
+def test_dry_run_text_counts_the_data(sd15_dir, tmp_path, capsys):
+    """Without --json a few lines; a data set smaller than the fill chunk fills in one smaller batch."""
+    from npo_suite.cli import main
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 64)).save(tmp_path / name)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "x", "chosen": str(tmp_path / "a.png"),
+                                                      "rejected": str(tmp_path / "b.png")}) + "\n")
+    rc = main(["train", "--model", str(sd15_dir), "--resolution", "64", "--data-path", str(tmp_path / "pairs.jsonl"),
+               "--dry-run", "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["fill_images"] == 2
+    assert main(["train", "--model", str(sd15_dir), "--resolution", "64", "--dry-run"]) == 0
+    assert "peak" in capsys.readouterr().out
+
+
+def test_monotonic(sd15_dir):
+    def step_peak(**kw):
+        e = trace_run(tiny_cfg(sd15_dir, **kw), str(sd15_dir), device="cpu")
+        return e, max(v["peak"] for v in e.phases["train_step"].values())
+
+    e1, b1 = step_peak(batch_size=1)
+    e2, b2 = step_peak(batch_size=2)
+    assert b2 > b1 and e2.peak_gib >= e1.peak_gib
+    _, ckpt = step_peak(batch_size=2, gradient_checkpointing=True)
+    assert ckpt <= b2
+    small = trace_run(tiny_cfg(sd15_dir), str(sd15_dir), device="cpu", fill_records=2)
+    big = trace_run(tiny_cfg(sd15_dir), str(sd15_dir), device="cpu", fill_records=16)
+    assert big.phases["cache_fill"]["peak"] > small.phases["cache_fill"]["peak"]
+    assert small.settings["fill_images"] == 4 and big.settings["fill_images"] == 32
+
+
+@pytest.mark.parametrize("method", ["dpo", "tdft"])
+def test_tiny_estimate_agrees_with_the_allocator(sd15_dir, method):
+    """The fake trace against the same run on real tensors, measured by the CPU allocator."""
+    cfg = tiny_cfg(sd15_dir, method=method, batch_size=2)
+    est = trace_run(cfg, str(sd15_dir), device="cpu", fake=True)
+    meas = measure_run(cfg, str(sd15_dir), device="cpu")
+    assert est.peak_gib == pytest.approx(meas["tracker_peak_gib"], rel=1e-3)  # fake == real, same counter
+    assert est.peak_gib == pytest.approx(meas["allocator_peak_gib"], rel=0.15)
+
+
+def test_sdxl_shaped_and_mixed_precision(sdxl_dir):
+    """SDXL conditioning, bf16 weights + autocast (as on a GPU) halve the weights against float32."""
+    fp32 = trace_run(tiny_cfg(sdxl_dir, mixed_precision="bf16"), str(sdxl_dir), device="cpu")
+    bf16 = trace_run(tiny_cfg(sdxl_dir, mixed_precision="bf16"), str(sdxl_dir), device="cuda")
+    assert fp32.settings["weight_dtype"] == "float32" and bf16.settings["weight_dtype"] == "bfloat16"
+    assert bf16.peak_gib < fp32.peak_gib
+
+
+def test_stated_cards():
+    assert stated_card_gib("sd15_8gb")[0] == 8 and stated_card_gib("sdxl_12gb")[0] == 12
+    assert stated_card_gib("datacenter_sd15")[0] == 80
+    for p in PRESETS:
+        assert stated_card_gib(p)[0] > 0
+
+
+# Today's cache fill VAE-encodes 8 records per batch with the UNet resident (trainer/data/cache.py
+# `fill(batch_size=8)`): 16 images at 512 px (fp16) peak at 7.1 GiB for sd15_8gb, 16 at 1024 px (bf16)
+# at 26.8 GiB for sdxl_12gb, 8 at 1024 px at 16.7 GiB for tdft_sdxl; their training steps alone fit
+# (2.5, 7.8, 7.6 GiB). Issue 24: encode in bounded chunks; with one record per chunk all fit (below).
+FILL_TOO_BIG = {"sd15_8gb", "sdxl_12gb", "tdft_sdxl"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.xfail(
+    strict=True, reason="cache fill of 8 records in one VAE batch (issue 24)")) if p in FILL_TOO_BIG else p
+    for p in PRESETS])
+def test_preset_fits_its_card(preset):
+    """Each preset on its family's shipped config, on a GPU (weights in the preset's dtype), cache fill
+    included, plus the CUDA context and allocator slack, within the memory its header states."""
+    cfg = load_config(preset=preset)
+    _check_fits(preset, trace_run(cfg, preset_model(cfg), device="cuda"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(FILL_TOO_BIG))
+def test_preset_fits_with_a_one_record_fill_chunk(preset):
+    cfg = load_config(preset=preset)
+    _check_fits(preset, trace_run(cfg, preset_model(cfg), device="cuda", fill_records=1))
+
+
+def _check_fits(preset, e):
+    card, source = stated_card_gib(preset)
+    assert e.fits(card), (f"{preset}: needs {e.card_gib():.2f} GiB (peak {e.peak_gib:.2f} GiB: weights "
+                          f"{e.phases['weights']['end']:.2f}, cache fill {e.phases['cache_fill']['peak']:.2f}, "
+                          f"step {max(v['peak'] for v in e.phases['train_step'].values()):.2f}), "
+                          f"the preset states {source!r}")

@@ -1,0 +1,558 @@
+"""The device peak of a training run, known before the run: one real step traced on fake tensors.
+
+`estimate_run(cfg, model)` builds the model's UNet, text encoder(s) and VAE from their configs
+under PyTorch's `FakeTensorMode` (no weights are read, no memory is used), wraps them in the real
+`DiffusersBackend` with the run's settings, and then runs what the run runs, in its order:
+
+  weights     the components in the run's weight dtype, the policy LoRA and the method's extra
+              adapters (ref / ema), all resident on the device from here on
+  cache_fill  one chunk of `LatentCache.fill`: pixels of the chunk's images on the device (float32,
+              then the VAE's dtype), the VAE encode and the text encoder(s) on its prompts
+  train_step  two optimizer steps of the method's own `compute` (policy forward on winner + loser,
+              the no-grad reference / teacher forwards with the adapter switched), the backward,
+              gradient clipping and the optimizer step; the second step runs with the optimizer
+              state resident and `min(grad_accum, 2)` micro-batches, so grads are held across one
+
+`LiveBytes` (a TorchDispatchMode) counts every tensor storage alive at each dispatched op (each
+storage once, rounded up to the CUDA caching allocator's 512-byte blocks) and its peak per phase:
+on real tensors this is what `torch.cuda.max_memory_allocated` counts, so the same code measures
+a real step (`measure_run`, on CPU) and estimates it on fake tensors.
+
+What it does not count (stated in `Estimate.notes`): the CUDA context and the allocator's
+reserved-but-free blocks (`card_fits` adds `CONTEXT_GIB` and `ALLOCATOR_SLACK`), cuDNN / cuBLAS
+workspaces, the validation sampler (no-grad forwards, smaller than a training step; not traced),
+and the fp16 GradScaler's few scalars. On a GPU the run keeps the weights in the preset's dtype
+(`loop.build_backend`); the trace does the same and runs autocast with the preset's dtype on
+CPU-shaped fake tensors (no GPU is needed). adamw8bit (bitsandbytes) is counted analytically.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
+
+GIB = 2 ** 30
+BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 bytes
+CONTEXT_GIB = 1.0  # CUDA context + cuBLAS/cuDNN handles and workspaces, outside PyTorch's allocator
+ALLOCATOR_SLACK = 1.10  # reserved / allocated of the caching allocator at a training peak (fragmentation)
+FILL_RECORDS = 8  # `LatentCache.fill(batch_size=8)`: records per VAE batch (pairs: 2 images each)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED = {"sd15": "sd15", "sd1": "sd15", "sdxl": "sdxl"}
+SMALL = 1 << 16  # ops on real tensors this small run for real (timesteps, masks), so Python can read them
+
+
+def _rounded(nbytes: int) -> int:
+    return -(-nbytes // BLOCK) * BLOCK if nbytes else 0
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storages alive, and their peak, at every dispatched op; `phase(name)` records
+    the peak inside a named phase. `run_real_small`: inside FakeTensorMode, ops whose tensor inputs
+    are all real (not fake) and small, and factories of small tensors, run for real, so code that
+    reads a timestep (`bool((s < t).any())`, the optimizer's step count) works on a fake trace;
+    whatever meets a fake tensor becomes fake. Off while modules are built (their parameters stay
+    fake). Real or fake, every storage is counted the same way."""
+
+    def __init__(self, run_real_small: bool = False):
+        super().__init__()
+        self.live = self.peak = 0
+        self.run_real_small = run_real_small
+        self._ids: set[int] = set()
+        self.phases: dict[str, dict[str, float]] = {}
+        self._open: list[list] = []  # [name, start, peak]
+
+    # ------------------------------------------------------------------ accounting
+    def track(self, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" and not _is_fake(t):
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = id(st)
+        if key in self._ids:
+            return
+        n = _rounded(st.nbytes())
+        self._ids.add(key)
+        self.live += n
+        weakref.finalize(st, self._free, key, n)
+        self._bump()
+
+    def track_module(self, *modules) -> None:
+        for m in modules:
+            if m is not None:
+                for t in [*m.parameters(), *m.buffers()]:
+                    self.track(t)
+
+    def _free(self, key: int, n: int) -> None:
+        self._ids.discard(key)
+        self.live -= n
+
+    def _bump(self) -> None:
+        self.peak = max(self.peak, self.live)
+        for ph in self._open:
+            ph[2] = max(ph[2], self.live)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        ph = [name, self.live, self.live]
+        self._open.append(ph)
+        try:
+            yield
+        finally:
+            self._open.remove(ph)
+            self.phases[name] = {"start": ph[1], "peak": ph[2], "end": self.live}
+
+    # ------------------------------------------------------------------ dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.run_real_small and self._real_ok(func, args, kwargs):
+            with _disable_current_modes():
+                out = func(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            self.track(t)
+        return out
+
+    @staticmethod
+    def _real_ok(func, args, kwargs) -> bool:
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if any(_is_fake(t) or t.numel() > SMALL for t in tensors):
+            return False
+        return bool(tensors) or _requested_numel(args) <= SMALL
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _requested_numel(args) -> int:
+    size = args[0] if args else ()
+    if isinstance(size, (float, bool)) or isinstance(size, tuple) and not size:  # scalar_tensor, torch.tensor(0.0)
+        return 1
+    if isinstance(size, int):
+        return size
+    if isinstance(size, (list, tuple)) and all(isinstance(s, int) for s in size):
+        return math.prod(size)
+    return SMALL + 1
+
+
+# ---------------------------------------------------------------------------- the model from configs
+@dataclass
+class ModelConfigs:
+    family: str  # "sd1" | "sdxl"
+    folder: Path
+    unet: dict
+    text_encoders: list[dict]
+    vae: dict | None
+    scheduler: dict
+    source: str
+
+
+def resolve_model(model: str) -> ModelConfigs:
+    """A shipped config name (`sd15`, `sdxl`), a diffusers folder, or a single-file checkpoint (its
+    family from the tensor names in the header; the shipped configs for that family)."""
+    if model in SHIPPED:
+        folder = CONFIG_DIR / SHIPPED[model]
+    elif Path(model).is_file():
+        folder = CONFIG_DIR / ("sdxl" if _single_file_family(Path(model)) == "sdxl" else "sd15")
+    elif Path(model).is_dir():
+        folder = Path(model)
+    else:
+        raise FileNotFoundError(f"model {model!r}: not a shipped config ({', '.join(SHIPPED)}), a diffusers "
+                                f"folder or a checkpoint file")
+
+    def read(sub: str, name: str = "config.json") -> dict | None:
+        p = folder / sub / name
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+    unet = read("unet")
+    if unet is None:
+        raise FileNotFoundError(f"{folder}: no unet/config.json")
+    tes = [c for c in (read("text_encoder"), read("text_encoder_2")) if c is not None]
+    sched = read("scheduler", "scheduler_config.json") or {}
+    return ModelConfigs("sdxl" if len(tes) == 2 else "sd1", folder, unet, tes, read("vae"), sched, model)
+
+
+def _single_file_family(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "sdxl"
+    if any(k.startswith(("cond_stage_model.", "model.diffusion_model.")) for k in keys):
+        return "sd1"
+    raise ValueError(f"{path}: not an SD1.x/SDXL single-file checkpoint")
+
+
+def build_components(mc: ModelConfigs):
+    """(unet, text_encoders, vae, scheduler) from the configs, random init, float32, in the current mode."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel.from_config(mc.unet)
+    tes = []
+    for i, c in enumerate(mc.text_encoders):
+        cls = CLIPTextModelWithProjection if "WithProjection" in str(c.get("architectures", [""])[0]) or i == 1 \
+            else CLIPTextModel
+        tes.append(cls(CLIPTextConfig(**{k: v for k, v in c.items() if not k.startswith("_")})).eval())
+    vae = AutoencoderKL.from_config(mc.vae).eval() if mc.vae is not None else None
+    sched_cls = getattr(diffusers, mc.scheduler.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
+    return unet, tes, vae, sched_cls.from_config(mc.scheduler)
+
+
+class _Tokens:
+    """A tokenizer stand-in: every prompt is `length` token ids (the encoder's full context)."""
+
+    def __init__(self, length: int):
+        self.model_max_length = length
+
+    def __call__(self, prompts, **_kwargs):
+        class Out:
+            input_ids = torch.zeros(len(prompts), self.model_max_length, dtype=torch.long)
+        return Out()
+
+
+# ---------------------------------------------------------------------------- the trace
+@dataclass
+class Estimate:
+    peak_gib: float
+    phases: dict[str, dict[str, float]]  # GiB: start / peak / end of each phase
+    settings: dict
+    fake: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def card_gib(self, context_gib: float = CONTEXT_GIB, slack: float = ALLOCATOR_SLACK) -> float:
+        """What a GPU must have for this run: the allocator's peak with its slack, plus the CUDA context."""
+        return self.peak_gib * slack + context_gib
+
+    def fits(self, card_gib: float, **kwargs) -> bool:
+        return self.card_gib(**kwargs) <= card_gib
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        if self.settings.get("device") == "cuda":
+            d["card_gib"] = round(self.card_gib(), 3)
+            d["allowance"] = {"cuda_context_gib": CONTEXT_GIB, "allocator_slack": ALLOCATOR_SLACK}
+        return json.dumps(d)
+
+
+def _weight_dtype(cfg, device: str) -> torch.dtype:
+    if device != "cuda":
+        return torch.float32  # loop.build_backend: CPU runs keep float32 weights
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+
+def _autocast(cfg, device: str):
+    """The run's autocast (accelerate's), on CPU-shaped tensors: fp16/bf16 as on the GPU."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+    if dtype is None or device != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
+
+
+def images_per_record(kind: str, cfg) -> int:
+    """Images the cache fill VAE-encodes per record: pairs 2; prompt records with an image 1 (+1 for a
+    loser image); a `ddspo-prepare` folder holds latents already (0)."""
+    if kind == "pairs":
+        return 2
+    if kind == "prompts_with_winners":
+        return 0 if cfg.ddspo_loser == "generated" else 1
+    return 1
+
+
+def _fake_batch(backend, mc: ModelConfigs, kind: str, B: int, resolution: int, device):
+    from .batches import Cond, PairBatch, PromptBatch
+
+    down = 2 ** (len(mc.vae["block_out_channels"]) - 1) if mc.vae is not None else 1
+    C, h = mc.unet.get("in_channels", 4), resolution // down
+    L = backend.tokenizers[0].model_max_length
+    D = mc.unet["cross_attention_dim"]
+    added = {}
+    if backend.family == "sdxl":
+        added = {"text_embeds": torch.zeros(B, mc.text_encoders[-1].get("projection_dim", 1280), device=device),
+                 "time_ids": torch.zeros(B, 6, device=device)}
+    cond = Cond(torch.zeros(B, L, D, device=device), added)
+    lat = lambda: torch.zeros(B, C, h, h, device=device)  # noqa: E731
+    if kind == "pairs":
+        return PairBatch(lat(), lat(), cond, ["x"] * B)
+    if kind == "prompts_with_winners":
+        neg = Cond(torch.zeros(B, L, D, device=device), {k: torch.zeros_like(v) for k, v in added.items()})
+        return PromptBatch(["x"] * B, cond, lat(), lat(), neg_cond=neg)
+    return PromptBatch(["x"] * B, cond, lat(), latent_shape=(C, h, h))
+
+
+def _optimizer(cfg, params, device: str):
+    """The run's optimizer for traced runs; adamw8bit is counted analytically (`_adamw8bit_bytes`)."""
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if cfg.optimizer == "adamw8bit":
+        return None
+    return torch.optim.AdamW(params, lr=cfg.lr, foreach=device == "cuda")
+
+
+def _adamw8bit_bytes(params) -> int:
+    """bitsandbytes AdamW8bit state: two uint8 moments + one float32 absmax per 256-value block each,
+    float32 moments for tensors under 4096 values (`min_8bit_size`)."""
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += _rounded(n) * 2 + _rounded(4 * -(-n // 256)) * 2 if n >= 4096 else _rounded(4 * n) * 2
+    return total
+
+
+def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: bool = True,
+              fill_records: int | None = None, n_records: int | None = None, seed: int = 0) -> Estimate:
+    """Trace the run's memory (module docstring). device: "cuda" (the run on a GPU: weights in the
+    preset's dtype, autocast) or "cpu" (as `train` runs on CPU: float32 weights, no autocast).
+    fake=False runs the same on real tensors of random-init components (the measurement).
+    fill_records: records per cache-fill chunk (default FILL_RECORDS, or n_records if fewer)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
+    from .methods import METHODS
+
+    mc = model if isinstance(model, ModelConfigs) else resolve_model(model)
+    method = METHODS[cfg.method]
+    kind = method.data_kind
+    chunk = fill_records or FILL_RECORDS
+    if n_records is not None:
+        chunk = min(chunk, n_records)
+    wdtype = _weight_dtype(cfg, device)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    tracker = LiveBytes(run_real_small=fake)
+    notes = []
+    torch.manual_seed(seed)
+    with fake_mode, _swap_same_is_noop():
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(wdtype)  # built in the run's weight dtype (a fake module cannot be cast)
+        try:
+            unet, tes, vae, sched = build_components(mc)
+        finally:
+            torch.set_default_dtype(default)
+        toks = [_Tokens(int(c.get("max_position_embeddings", 77))) for c in mc.text_encoders]
+        with tracker:
+            tracker.run_real_small = False
+            with tracker.phase("weights"):
+                tracker.track_module(unet, vae, *tes)
+                backend = DiffusersBackend(unet, tes, toks, sched, vae, family=mc.family, device="cpu",
+                                           options=BackendOptions(
+                                               lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                                                                None, cfg.seed),
+                                               gradient_checkpointing=cfg.gradient_checkpointing,
+                                               resolution=cfg.resolution, weight_dtype=wdtype))
+                for name in method.extra_adapters(cfg):  # Method.setup without DDSPO's rewriter model
+                    backend.add_adapter(name, init_from="policy")
+            tracker.run_real_small = fake
+            n_img = images_per_record(kind, cfg) * chunk
+            with tracker.phase("cache_fill"), torch.no_grad():
+                if n_img and vae is not None:
+                    px = torch.zeros(n_img, 3, cfg.resolution, cfg.resolution)  # float32 pixels on the device
+                    lat = backend.encode_images(px)
+                    del px
+                else:
+                    lat = None
+                cond = backend.encode_prompts(["x"] * chunk)
+                del lat, cond
+            params = backend.trainable_parameters()
+            opt = _optimizer(cfg, params, device)
+            opt_extra = _adamw8bit_bytes(params) if opt is None else 0
+            if opt is None:
+                notes.append(f"adamw8bit state counted analytically: {opt_extra / 2**20:.1f} MiB")
+            gen = torch.Generator("cpu")
+            for step, micro in enumerate((1, min(cfg.grad_accum, 2))):
+                for k in range(micro):
+                    gen.manual_seed(seed + 7 * step + k)
+                    batch = _fake_batch(backend, mc, kind, cfg.batch_size, cfg.resolution, "cpu")
+                    with tracker.phase(f"step{step}.forward"), _autocast(cfg, device):
+                        out = method.compute(backend, batch, cfg, gen)
+                    with tracker.phase(f"step{step}.backward"):
+                        (out.loss / cfg.grad_accum).backward()
+                    del out, batch
+                with tracker.phase(f"step{step}.optimizer"):
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e9,
+                                                   foreach=device == "cuda")
+                    if opt is not None:
+                        opt.step()
+                    opt.zero_grad(set_to_none=True) if opt is not None else [setattr(p, "grad", None) for p in params]
+            del opt
+    phases = {name: {k: (v + (opt_extra if name.startswith("step1") else 0)) / GIB for k, v in ph.items()}
+              for name, ph in tracker.phases.items()}
+    peak = max(tracker.phases["cache_fill"]["peak"], max(ph["peak"] for n, ph in tracker.phases.items()
+                                                          if n.startswith("step0")),
+               max(ph["peak"] for n, ph in tracker.phases.items() if n.startswith("step1")) + opt_extra)
+    phases = {"weights": phases["weights"], "cache_fill": phases["cache_fill"],
+              "train_step": {k.split(".", 1)[1]: v for k, v in phases.items() if k.startswith("step1")},
+              "first_step": {k.split(".", 1)[1]: v for k, v in phases.items() if k.startswith("step0")}}
+    settings = {"model": mc.source, "family": mc.family, "device": device, "method": cfg.method,
+                "weight_dtype": str(wdtype).replace("torch.", ""), "mixed_precision": cfg.mixed_precision,
+                "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "resolution": cfg.resolution,
+                "gradient_checkpointing": cfg.gradient_checkpointing, "lora_rank": cfg.lora_rank,
+                "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
+                "extra_adapters": list(method.extra_adapters(cfg)), "fill_records": chunk,
+                "fill_images": images_per_record(kind, cfg) * chunk,
+                "trainable_params": sum(p.numel() for p in params)}
+    return Estimate(round(peak / GIB, 4), _round(phases), settings, fake, notes)
+
+
+@contextlib.contextmanager
+def _swap_same_is_noop():
+    """`Module.to` swaps each fake parameter with its converted copy, which FakeTensorMode's weak
+    references forbid: a copy of the same dtype, device and shape changes nothing (skipped), another
+    one is set as the parameter's data (what `Module._apply` does for plain tensors)."""
+    import torch.utils as tu
+
+    orig = tu.swap_tensors
+
+    def swap(t1, t2):
+        if (t1.dtype, t1.device, t1.shape) == (t2.dtype, t2.device, t2.shape):
+            return
+        try:
+            orig(t1, t2)
+        except RuntimeError:
+            t1.data = t2  # the parameter keeps its identity and takes the converted data
+    tu.swap_tensors = swap
+    try:
+        yield
+    finally:
+        tu.swap_tensors = orig
+
+
+def _round(d):
+    return {k: _round(v) for k, v in d.items()} if isinstance(d, dict) else round(d, 4)
+
+
+def estimate_run(cfg, model: str, **kwargs) -> Estimate:
+    return trace_run(cfg, model, fake=True, **kwargs)
+
+
+# ---------------------------------------------------------------------------- measurement and presets
+def allocator_peak(fn, *args, **kwargs):
+    """(fn's result, peak bytes held by PyTorch's CPU allocator while fn ran) from the profiler's memory
+    events: every allocation and free of the c10 CPU allocator, kernels' own buffers included (an
+    independent count from `LiveBytes`, which sees only the tensors ops return)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn(*args, **kwargs)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return result, peak
+
+
+def _rss_kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def measure_run(cfg, model: str | ModelConfigs, *, device: str = "cpu", **kwargs) -> dict:
+    """Run `trace_run` on real tensors of random-init components (on CPU) and measure its peak three
+    ways: `LiveBytes` (tensor storages), the CPU allocator (profiler memory events), and the
+    process's peak RSS growth (VmHWM after a reset, Linux). GiB."""
+    import gc
+
+    gc.collect()
+    reset = True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        reset = False
+    rss0 = _rss_kib("VmRSS")
+    est, alloc = allocator_peak(trace_run, cfg, model, device=device, fake=False, **kwargs)
+    hwm = _rss_kib("VmHWM")
+    rss = (hwm - rss0) * 1024 / GIB if reset and rss0 is not None and hwm is not None else None
+    return {"tracker_peak_gib": est.peak_gib, "allocator_peak_gib": round(alloc / GIB, 4),
+            "rss_peak_delta_gib": None if rss is None else round(rss, 4), "phases": est.phases}
+
+
+PRESET_DIR = CONFIG_DIR
+
+
+def stated_card_gib(preset: str) -> tuple[float, str]:
+    """The memory a preset states in its header comment: the card ("on an 8 GB consumer GPU", "one 80
+    GB datacenter GPU"), else the upper end of its "Expected peak GPU memory: ~a-b GB". (GiB, source)"""
+    import re
+
+    text = (PRESET_DIR / f"{preset}.yaml").read_text(encoding="utf-8")
+    head = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    m = re.search(r"\bon (?:an? |one )(\d+) GB\b", head)
+    if m:
+        return float(m.group(1)), m.group(0)
+    m = re.search(r"Expected peak GPU memory: ~[\d.]+-([\d.]+) GB", head)
+    if m:
+        return float(m.group(1)), m.group(0)
+    raise ValueError(f"preset {preset}: states no card size or expected peak")
+
+
+def preset_model(cfg) -> str:
+    """The shipped config of a preset's family (from its resolution: 1024 px presets are SDXL)."""
+    return "sdxl" if cfg.resolution >= 1024 else "sd15"
+
+
+def count_records(cfg, kind: str, limit: int) -> int | None:
+    """Records in cfg.data_path, counted up to `limit` (None when there is no data path or it cannot be read)."""
+    import itertools
+
+    if not cfg.data_path:
+        return None
+    try:
+        if kind == "pairs":
+            from .data.pairs import open_pairs as opener
+        else:
+            from .data.prompts import open_prompts as opener
+        n = 0
+        for p in cfg.data_path:
+            n += sum(1 for _ in itertools.islice(opener(p, verbose=False), limit - n))
+            if n >= limit:
+                break
+        return n
+    except Exception:  # a ddspo-prepare folder, an unreadable source: the estimate assumes a full chunk
+        return None
+
+
+def dry_run(cfg, *, fill_records: int | None = None, as_json: bool = False) -> str:
+    """`train --dry-run`: the estimate for `cfg` on its device (a GPU unless `cpu: true`), as one JSON
+    line or a few lines of text."""
+    from .methods import METHODS
+
+    if not cfg.model:
+        raise ValueError("config: `model` is empty; give a model folder, a checkpoint or a shipped config (sd15, sdxl)")
+    device = "cpu" if cfg.cpu else "cuda"
+    chunk = fill_records or FILL_RECORDS
+    n = count_records(cfg, METHODS[cfg.method].data_kind, chunk)
+    e = estimate_run(cfg, cfg.model, device=device, fill_records=chunk, n_records=n)
+    if as_json:
+        return e.to_json()
+    step = e.phases["train_step"]
+    lines = [f"memory estimate ({device}, {e.settings['weight_dtype']} weights, traced on fake tensors): "
+             f"peak {e.peak_gib:.2f} GiB",
+             f"  weights + LoRA/adapters: {e.phases['weights']['end']:.2f} GiB",
+             f"  cache fill ({e.settings['fill_images']} images per VAE batch): {e.phases['cache_fill']['peak']:.2f} GiB",
+             "  train step: " + ", ".join(f"{k} {v['peak']:.2f}" for k, v in step.items()) + " GiB"]
+    if device == "cuda":
+        lines.append(f"  on a card: {e.card_gib():.2f} GiB with the CUDA context ({CONTEXT_GIB} GiB) and allocator "
+                     f"slack (x{ALLOCATOR_SLACK})")
+    return "\n".join(lines + [f"  note: {x}" for x in e.notes])
