@@ -143,14 +143,11 @@ def tensor_to_pil(images) -> list:
 
 
 def make_local_scorer(name: str, weights: str | None, extra: str | None):
-    """A scorer of evaluation.SCORERS from local paths only: `weights` is the model folder / checkpoint
-    (or the world folder for world_*), `extra` the aesthetic head or ImageReward's med_config."""
+    """A scorer of evaluation.SCORERS from local paths only: `weights` is its model folder / checkpoint
+    (`model_path`: what a plug-in scorer reads there is the plug-in's), `extra` the aesthetic head or
+    ImageReward's med_config."""
     from .scorers import make_scorer
 
-    if name.startswith("world_"):
-        if weights is None:
-            raise ValueError(f"scorer {name!r}: pick the digits world folder as weights")
-        return make_scorer(name, world=weights)
     kw = {"model_path": weights, "allow_pickle": False}
     if name == "laion_aesthetic":
         kw["head_path"] = extra

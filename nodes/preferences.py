@@ -85,7 +85,7 @@ class ScoreImages(io.ComfyNode):
                     io.Combo.Input("scorer", options=list(available_scorers()), default="clip_score",
                                    tooltip="; ".join(f"{k}: {v[1]}" for k, v in available_scorers().items())),
                     io.Combo.Input("weights", options=reward_choices(),
-                                   tooltip="model folder / checkpoint (CLIP-style scorers) or world folder (world_*)"),
+                                   tooltip="the scorer's weights: model folder / checkpoint (a plug-in scorer reads its own folder here)"),
                     io.Combo.Input("extra", options=reward_choices(),
                                    tooltip="laion_aesthetic: the head weights; image_reward: med_config.json")],
             outputs=[Scores.Output(display_name="scores"), io.Image.Output(display_name="sorted"),

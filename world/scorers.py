@@ -43,11 +43,14 @@ class WorldScorer:
 
 
 def world_scorer_factory(kind: str) -> Callable[..., WorldScorer]:
-    def make(world: str | None = None, **_) -> WorldScorer:
+    def make(world: str | None = None, model_path: str | None = None, **_) -> WorldScorer:
+        """`world` (the CLI's --world) or `model_path` (a host's weights folder) names the world folder;
+        neither: the shipped world."""
         from .build import default_world_dir
         from .reward import DigitsReward
 
-        d = Path(world) if world else default_world_dir()
+        folder = world or model_path
+        d = Path(folder) if folder else default_world_dir()
         return WorldScorer(f"world_{kind}", DigitsReward.for_world(d), kind)
     return make
 
