@@ -173,8 +173,9 @@ def test_train_in_workflow_then_lora_loader_and_npo_guider(comfy, datasets, capl
     from npo_suite.nodes.offsets import offset_report
 
     report = offset_report(back, lora_name).splitlines()
-    assert {"method: npo", "role: negative", "β: 5000", "λ: 0.9", "steps: 2",
+    assert {"method: npo", "role: negative", "β: 5000", "steps: 2",
             f"base model hash: {back.metadata['npo_base_model_hash']}"} <= set(report), report
+    assert not any(line.startswith("λ") for line in report), report  # NPO has no λ (issue 24): none written
     h = {"1": g["1"], "6": g["6"], "7": g["7"], "9": g["9"], "10": g["10"],
          "20": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
                                                        "strength_model": 1.0, "strength_clip": 1.0}},
