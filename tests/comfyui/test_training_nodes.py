@@ -454,7 +454,7 @@ def test_comfyui_and_cli_first_adamw_step_agree(comfy, datasets, start_lora, tmp
         assert (over <= 0).all(), f"{name}: |update/lr| up to {float(s.abs().max()):.6f} > 1: not one AdamW step at lr {lr}"
     sat = s_cli.abs() >= 1 - 1e-4
     gap = (s_comfy - s_cli).abs()[sat]
-    assert sat.float().mean() > 0.5, float(sat.float().mean())  # most gradients are far above eps_adam
+    assert int(sat.sum()) >= 1000, int(sat.sum())  # enough elements far above eps_adam for the lr check (measured: 35%)
     assert (gap <= 1e-4 + tol[sat]).all(), (f"{int((gap > 1e-4 + tol[sat]).sum())} of {int(sat.sum())} saturated "
                                              f"elements differ, max {float(gap.max()):.3g}")
     print(f"first AdamW step: {int(sat.sum())} of {s_cli.numel()} elements saturated, max |s_comfy - s_cli| there "
