@@ -160,3 +160,43 @@ def comfy(tmp_path_factory):
         build_random_sd15(ckpt)
     (h.root / "checkpoints" / CKPT_NAME).symlink_to(ckpt)
     return h
+
+
+def release_layout_copy(src: Path, dst: Path) -> Path:
+    """The harness checkpoint in the SD1.5 release layout for diffusers' single-file loader, built once.
+
+    The harness writes CLIP keys as `cond_stage_model.transformer.embeddings...` (transformers 5's
+    CLIPTextModel has no `text_model.` level); ComfyUI accepts that, diffusers only recognises the
+    release layout `cond_stage_model.transformer.text_model.embeddings...`. Same tensors, renamed keys;
+    written atomically next to the cached checkpoint (not into each run's temp folder: 2.1 GB).
+    """
+    if dst.exists():
+        return dst
+    from safetensors.torch import load_file, save_file
+
+    pre = "cond_stage_model.transformer."
+    sd = load_file(str(src))
+    tmp = dst.with_suffix(".tmp")
+    save_file({(pre + "text_model." + k[len(pre):] if k.startswith(pre) and not k.startswith(pre + "text_model.")
+                else k): v for k, v in sd.items()}, str(tmp))
+    os.replace(tmp, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def release_ckpt(comfy) -> Path:
+    """The cached random SD1.5 checkpoint in the release key layout (for the command-line backend)."""
+    return release_layout_copy(CACHE / CKPT_NAME, CACHE / CKPT_NAME.replace(".safetensors", "_release_layout.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def sd1_tokenizer_77(tmp_path_factory) -> Path:
+    """ComfyUI's CLIP tokenizer folder with model_max_length 77 (it says 8192: ComfyUI chunks by 77 itself;
+    the command-line backend pads to model_max_length, CLIP-L's position table has 77). A few kB."""
+    import json
+    import shutil
+
+    tok = shutil.copytree(Path(COMFYUI_PATH) / "comfy" / "sd1_tokenizer", tmp_path_factory.mktemp("tok") / "tokenizer")
+    cfg = json.loads((tok / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 77}))
+    return tok

@@ -188,9 +188,13 @@ def ensure_npo_suite_importable() -> None:
 
     if importlib.util.find_spec("npo_suite") is not None:
         return
+    import atexit
+    import shutil
+
     alias = Path(tempfile.mkdtemp(prefix="npo_suite_import_"))
     (alias / "npo_suite").symlink_to(Path(__file__).resolve().parents[2], target_is_directory=True)
     sys.path.insert(0, str(alias))
+    atexit.register(shutil.rmtree, alias, True)  # the link only (rmtree does not follow it); nothing left in /tmp
 
 
 def random_sdxl_lora(seed: int, blocks=None, depth: int | None = None, rank: int = 4, std: float = 0.08,

@@ -13,6 +13,8 @@ if not os.environ.get("COMFYUI_PATH"):
     pytest.skip("COMFYUI_PATH is not set (real-ComfyUI tests are opt-in, see docs/comfyui_training.md)",
                 allow_module_level=True)
 
+from informative import assert_informative  # noqa: E402
+
 CKPT = "npo_random_sd15_v1.safetensors"
 
 
@@ -128,6 +130,7 @@ def test_score_then_auto_collect_then_preference_dataset_trains(comfy, folders):
     assert scores["scores"] == pytest.approx(direct)
     order = np.argsort(-np.asarray(direct))
     sorted_batch = out["7"][1][0]
+    assert_informative(sorted_batch, images, name="sorted / scored batch")
     assert (sorted_batch - images[order.tolist()]).abs().max() == 0
     rows = _rows(folders["datasets"] / "auto_ds" / "pairs.jsonl")
     assert len(rows) == 1

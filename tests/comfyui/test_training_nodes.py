@@ -19,6 +19,7 @@ if not os.environ.get("COMFYUI_PATH"):
                 allow_module_level=True)
 
 import torch  # noqa: E402
+from informative import assert_informative  # noqa: E402
 
 CKPT = "npo_random_sd15_v1.safetensors"
 
@@ -259,98 +260,207 @@ def test_diverging_run_stops_with_a_clear_error_and_warns_in_the_progress_text(c
     assert all(p.grad is None for p in model.model.diffusion_model.parameters())
 
 
-def _with_text_model_prefix(src, dst):
-    """A copy of the harness checkpoint in the SD1.5 release layout for diffusers' single-file loader.
+U32 = 2.0 ** -24  # float32 unit roundoff
 
-    The harness writes CLIP keys as `cond_stage_model.transformer.embeddings...` (transformers 5's
-    CLIPTextModel has no `text_model.` level); ComfyUI accepts that, diffusers only recognises the
-    release layout `cond_stage_model.transformer.text_model.embeddings...`. Same tensors, renamed keys.
-    """
-    from safetensors.torch import load_file, save_file
 
-    pre = "cond_stage_model.transformer."
-    sd = load_file(str(src))
-    save_file({(pre + "text_model." + k[len(pre):] if k.startswith(pre) and not k.startswith(pre + "text_model.")
-                else k): v for k, v in sd.items()}, str(dst))
-    return dst
+def _n_weight_layers(backend) -> tuple[int, int]:
+    """(number of conv/linear layers of the UNet, longest reduction length K = in_features x kernel area)."""
+    layers = [m for n, m in backend.unet.named_modules()
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and "lora_" not in n]  # the network, not the LoRA
+    ks = [m.weight[0].numel() for m in layers]
+    return len(layers), max(ks)
+
+
+def _policy_grads(backend) -> dict[str, torch.Tensor]:
+    return {n: torch.cat([m.lora_A["policy"].weight.grad.flatten(), m.lora_B["policy"].weight.grad.flatten()])
+            for n, m in backend._layers}
+
+
+def _step1_quantities(backend, x0_w, x0_l, cond, t, eps, beta):
+    """Policy eps predictions, the four per-sample MSEs, the DPO logit and d(sum of policy MSEs)/d(LoRA) at step 1
+    on exactly these inputs (the trainer's own pair_mses / dpo_loss)."""
+    from npo_suite.core.schedule import add_noise, gather
+    from npo_suite.nodes.comfy.backend import training_mode
+    from npo_suite.trainer.losses import dpo_loss
+    from npo_suite.trainer.methods import pair_mses
+
+    for p in backend.trainable_parameters():
+        p.grad = None
+    with training_mode():
+        m = pair_mses(backend, x0_w, x0_l, cond, t, eps, None)
+        (m.pol_w.sum() + m.pol_l.sum()).backward()
+        with torch.no_grad():
+            x0 = torch.cat([x0_w, x0_l])
+            x_t = add_noise(x0, torch.cat([eps, eps]), gather(backend.abar, torch.cat([t, t]), x0))
+            pred = backend.predict_eps(x_t, torch.cat([t, t]), cond.repeat(2), "policy")
+    mses = torch.stack([m.pol_w, m.pol_l, m.ref_w, m.ref_l]).detach()  # [4, B]
+    logit = dpo_loss(*mses, beta).logit
+    return {"eps": assert_informative(pred), "mse": mses, "logit": logit, "grad": _policy_grads(backend)}
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def start_lora(comfy, release_ckpt, sd1_tokenizer_77):
+    """A shared LoRA start (random down AND up projections on every attention projection) in models/loras,
+    and the command-line backend that made it (its policy adapter is that start)."""
+    from npo_suite.core.offsets import offset_from_peft, save_offset
+    from npo_suite.core.offsets.types import Offset
+    from npo_suite.families.loading import load_model
+    from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
+
+    cli = DiffusersBackend.from_bundle(load_model(release_ckpt, family="sd1", tokenizer=sd1_tokenizer_77),
+                                       options=BackendOptions(lora=LoraOptions(rank=4, alpha=4.0, seed=9)))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, m in cli._layers:
+            m.lora_B["policy"].weight.copy_(torch.randn(m.lora_B["policy"].weight.shape, generator=g) * 0.01)
+    path = comfy.root / "loras" / "start.safetensors"
+    save_offset(Offset(unet=offset_from_peft(cli.unet, "policy")), path, base=cli.unet)
+    return path, cli
 
 
 @pytest.mark.slow
-def test_comfyui_and_cli_runs_agree(comfy, datasets, tmp_path):
-    """Same checkpoint (converted to diffusers for the CLI backend), data, seed and LoRA start (fp32, 2 steps).
+def test_step1_mses_logit_and_gradients_within_float32_budget(comfy, start_lora, monkeypatch):
+    """ComfyUI's UNet and diffusers' UNet, same weights, same LoRA start, EXACTLY the same inputs (latents,
+    noise, timesteps, text states taken from the CLI backend): the trainer's step-1 quantities agree within
+    a float32 budget derived here, not a tolerance fitted to the observed gap.
 
-    Tolerance: ComfyUI's UNet/CLIP/VAE implementations and diffusers' differ in operation order
-    (observed: losses differ by ~4e-4 relative). Per-step losses agree to rel 2e-3 (step 2's loss already
-    depends on step 1's update). The LoRA changes made by training (trained minus start) agree to rel
-    1e-2 in Frobenius norm over all layers and 5e-2 per layer (observed: all 2.6e-3; per layer median 4e-4,
-    worst 1.3e-2: AdamW divides by sqrt(v), so an element whose gradient is near round-off takes a +-lr
-    step of either sign).
-    Not compared: the mid block's self-attention to_q/to_k. At 64 px the mid block sees a 1x1 latent,
-    one token: softmax over one key is constant, the true gradient of q and k is exactly zero, and AdamW
-    turns each implementation's round-off there into lr-sized steps (observed rel difference ~1.0).
+    Budget. u = 2^-24. With the SAME attention kernel (PyTorch SDPA on both sides: ComfyUI's attention
+    function swapped for its own `attention_pytorch`) the two networks compute the same function in a
+    different float32 operation order (fused vs unfused adds, norm paths, the timestep embedding, concat
+    order). Reordering a reduction of length K moves its result by <= K*u relative in the worst case and
+    ~sqrt(K)*u typically (independent rounding errors); the D conv/linear layers of the network add such
+    errors in quadrature: B_eps = sqrt(D)*sqrt(K_max)*u relative on eps (D and K_max are counted from the
+    model: ~1.6e-4 for SD1.5). The per-sample MSE over n latent elements then moves by at most (Cauchy-
+    Schwarz) 2*rms(r)*rms(d_eps) + rms(d_eps)^2 + n*u*MSE, r = eps_pred - noise; the DPO logit
+    -(beta/2)*((m_pw - m_rw) - (m_pl - m_rl)) by beta/2 times the sum of its four MSE budgets - this is the
+    amplification (beta/2 = 2500) that made the old trajectory test fail; the gradient of the summed policy
+    MSEs by 2*B_eps relative (a backward pass through the same layers after the forward).
+    With each host's DEFAULT kernel (ComfyUI on CPU: sub-quadratic chunked attention; diffusers: SDPA) the
+    kernel swap is measured on ComfyUI's side on the same inputs (sub-quad vs SDPA, d_k) and added:
+    triangle inequality, |comfy_subquad - cli| <= |comfy_subquad - comfy_sdpa| + |comfy_sdpa - cli|.
     """
-    from npo_suite.families.loading import load_model
-    from npo_suite.core.offsets.types import Offset
-    from npo_suite.core.offsets import load_offset, offset_from_peft, save_offset
-    from npo_suite.nodes.comfy import session
-    from npo_suite.nodes.comfy import progress
+    import comfy.ldm.modules.attention as attention
+
+    from npo_suite.nodes.comfy.backend import ComfyBackend, training_mode
+    from npo_suite.trainer.backends.diffusers import BackendOptions, LoraOptions
+
+    path, cli = start_lora
+    gen = torch.Generator().manual_seed(3)
+    x0_w, x0_l, eps = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+    t = torch.tensor([150, 700])
+    cond = cli.encode_prompts(["a photo of a cat", "a red sofa"])
+    beta = 5000.0
+    ref = _step1_quantities(cli, x0_w, x0_l, cond, t, eps, beta)
+    with torch.inference_mode():
+        model, clip, vae = _checkpoint(comfy)
+    with training_mode():
+        cb = ComfyBackend.from_comfy(model, clip, vae, options=BackendOptions(lora=LoraOptions(
+            rank=4, alpha=4.0, seed=0, init_path=str(path))))
+    try:
+        default = _step1_quantities(cb, x0_w, x0_l, cond, t, eps, beta)
+        monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+        monkeypatch.setattr(attention, "optimized_attention_masked", attention.attention_pytorch)
+        same = _step1_quantities(cb, x0_w, x0_l, cond, t, eps, beta)
+    finally:
+        cb.close()
+    D, K = _n_weight_layers(cli)
+    b_eps = (D * K) ** 0.5 * U32
+    n = x0_w[0].numel()
+    eps_norm = float(ref["eps"].pow(2).mean().sqrt())
+    r_rms = torch.cat([ref["mse"][0], ref["mse"][1]]).sqrt()  # rms residual per policy sample
+    d_k = {"eps": _rel(default["eps"], same["eps"]), "grad": _rel(torch.cat(list(default["grad"].values())),
+                                                                  torch.cat(list(same["grad"].values())))}
+
+    def mse_budget(rel_eps, mses):
+        d = rel_eps * eps_norm
+        return 2 * mses.sqrt() * d + d * d + n * U32 * mses
+
+    report = {"D": D, "K_max": K, "B_eps": b_eps, "kernel_swap": d_k}
+    for label, got, extra in (("same kernel", same, 0.0), ("default kernels", default, d_k["eps"])):
+        rel_eps = b_eps + extra
+        report[label] = {"eps": _rel(got["eps"], ref["eps"])}
+        assert report[label]["eps"] <= rel_eps, (label, report)
+        # policy MSEs and the reference (base, no LoRA) MSEs
+        budget = mse_budget(rel_eps, ref["mse"])
+        diff = (got["mse"] - ref["mse"]).abs()
+        report[label]["mse"] = float((diff / budget).max())
+        assert (diff <= budget).all(), (label, diff, budget, report)
+        logit_budget = beta / 2 * budget.sum(0)
+        report[label]["logit"] = float(((got["logit"] - ref["logit"]).abs() / logit_budget).max())
+        assert ((got["logit"] - ref["logit"]).abs() <= logit_budget).all(), (label, got["logit"], ref["logit"], report)
+        g_ref = torch.cat([ref["grad"][k] for k in sorted(ref["grad"])])
+        g_got = torch.cat([got["grad"][k] for k in sorted(ref["grad"])])
+        assert_informative(g_ref, g_got, name="step-1 gradients")
+        report[label]["grad"] = _rel(g_got, g_ref)
+        assert report[label]["grad"] <= 2 * b_eps + (d_k["grad"] if extra else 0.0), (label, report)
+    print("step-1 agreement (relative; mse/logit: fraction of budget):", report)
+    assert r_rms.min() > 0
+
+
+@pytest.mark.slow
+def test_comfyui_and_cli_first_adamw_step_agree(comfy, datasets, start_lora, tmp_path):
+    """The real runs (the node in ComfyUI, `train` on the diffusers backend: same checkpoint, data, seed, LoRA
+    start; fp32, DPO, 1 step): the LoRA each run wrote is exactly one AdamW step with the configured lr.
+
+    AdamW's first step with bias correction is theta1 = theta0*(1 - lr*wd) - lr*g/(|g| + eps_adam): per
+    element s = -(theta1 - theta0*(1 - lr*wd))/lr = g/(|g| + eps_adam) lies in (-1, 1) and is +-1 up to
+    eps_adam/|g| wherever |g| >> eps_adam (1e-8). So, on both sides, |s| <= 1 up to the float32 rounding of
+    theta1 - theta0 (u*(|theta0| + |theta1|)/lr per element); and where the CLI's |s| >= 1 - 1e-4 (|g| >=
+    1e4*eps_adam), the ComfyUI run's s has the same value up to 1e-4 + that rounding: the gradients there are
+    far above their step-1 differences (measured ~4e-5 relative, test above), so no sign can flip; where
+    |g| is at the level of round-off, AdamW makes a full +-lr step of either sign (the reason trajectories
+    of several steps cannot be compared to float32 precision, see docs/comfyui_training.md), and those
+    elements are only required to stay a valid first step. An lr off by 1% on either side fails: |s| up to
+    1.01, or saturated elements at 0.99.
+    """
+    from npo_suite.core.offsets import load_offset, offset_from_peft
     from npo_suite.nodes.training import PreferenceDataset, TrainPreferenceLoRA
-    from npo_suite.trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
     from npo_suite.trainer.config import TrainConfig
     from npo_suite.trainer.loop import train
 
-    import json
-    import shutil
-
-    # ComfyUI's tokenizer folder says model_max_length 8192 (ComfyUI chunks by 77 itself); the CLI
-    # backend pads to model_max_length, so give it the release value 77 (CLIP-L's position table).
-    tok = shutil.copytree(os.path.join(os.environ["COMFYUI_PATH"], "comfy", "sd1_tokenizer"), tmp_path / "tokenizer")
-    tok_cfg = json.loads((tok / "tokenizer_config.json").read_text())
-    (tok / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": 77}))
-    ckpt = _with_text_model_prefix(comfy.root / "checkpoints" / CKPT, tmp_path / "sd15.safetensors")
-    bundle = load_model(ckpt, family="sd1", tokenizer=tok)
-    # a shared LoRA start: random down AND up projections on every attention projection
-    start = DiffusersBackend.from_bundle(bundle, options=BackendOptions(lora=LoraOptions(rank=4, alpha=4.0, seed=9)))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, m in start._layers:
-            m.lora_B["policy"].weight.copy_(torch.randn(m.lora_B["policy"].weight.shape, generator=g) * 0.01)
-    save_offset(Offset(unet=offset_from_peft(start.unet, "policy")), comfy.root / "loras" / "start.safetensors",
-                base=start.unet)
-    start.unet.delete_adapters(["policy"])
-    bundle = load_model(ckpt, family="sd1", tokenizer=tok)
-    cli = DiffusersBackend.from_bundle(bundle, options=BackendOptions(lora=LoraOptions(
-        rank=4, alpha=4.0, seed=0, init_path=str(comfy.root / "loras" / "start.safetensors"))))
-    cfg = TrainConfig(method="dpo", beta=5000.0, steps=2, lr=1e-3, lora_rank=4, lora_alpha=4.0, resolution=64, seed=0,
+    path, cli = start_lora
+    lr, wd = 1e-3, TrainConfig.weight_decay
+    cli.load_lora_file(str(path))  # back to the start (the backend that wrote it; one UNet fewer in memory)
+    for p in cli.trainable_parameters():
+        p.grad = None
+    cfg = TrainConfig(method="dpo", beta=5000.0, steps=1, lr=lr, lora_rank=4, lora_alpha=4.0, resolution=64, seed=0,
                       log_every=1, checkpoint_every=0, output_dir=str(tmp_path / "cli"), data_path=[
                           str(datasets / "pairs3" / "pairs.jsonl")])
-    res = train(cfg, backend=cli, data=None)
-    cli_losses = progress.read_losses(tmp_path / "cli" / "metrics.csv")
+    assert train(cfg, backend=cli, data=None).steps_done == 1
     with torch.inference_mode():
         model, clip, vae = _checkpoint(comfy)
         data = PreferenceDataset.execute("pairs3", None, None, "").args[0]
         out = TrainPreferenceLoRA.execute(model, clip, vae, data, **train_inputs(
-            method="dpo", steps=2, output_name="agree", init_lora="start.safetensors", checkpoint_every=0)).args
-    comfy_losses = progress.read_losses(comfy.root / "output" / session.RUNS_SUBDIR / "agree" / "metrics.csv")
-    assert len(cli_losses) == len(comfy_losses) == 2
-    for (s1, a), (s2, b) in zip(cli_losses, comfy_losses):
-        assert s1 == s2 and abs(a - b) <= 2e-3 * max(abs(a), 1e-3), (cli_losses, comfy_losses)
+            method="dpo", steps=1, lr=lr, output_name="agree", init_lora="start.safetensors", checkpoint_every=0)).args
     ours, theirs = out[0].unet, offset_from_peft(cli.unet, "policy")
-    first = load_offset(comfy.root / "loras" / "start.safetensors").unet
+    first = load_offset(path).unet
     assert set(ours) == set(theirs) == set(first)
-    num = den = 0.0
-    worst = []
-    zero_grad = {f"mid_block.attentions.0.transformer_blocks.0.attn1.{p}" for p in ("to_q", "to_k")}
-    assert zero_grad <= set(ours)
-    for k in sorted(set(ours) - zero_grad):
-        s = first[k].dense()
-        ca, cb = ours[k].dense() - s, theirs[k].dense() - s  # what each run's training changed
-        assert float(cb.norm()) > 0 and float(ca.norm()) > 0, k
-        num, den = num + float((ca - cb).norm()) ** 2, den + float(cb.norm()) ** 2
-        worst.append((float((ca - cb).norm() / cb.norm()), k))
-    worst.sort(reverse=True)
-    assert (num / den) ** 0.5 <= 1e-2 and worst[0][0] <= 5e-2, ((num / den) ** 0.5, worst[:3])
-    assert res.steps_done == 2
+    s_comfy, s_cli, tol = [], [], []
+    for k in sorted(first):
+        for part in ("down", "up"):
+            t0 = getattr(first[k], part).float()
+            for side, off in ((s_comfy, ours), (s_cli, theirs)):
+                t1 = getattr(off[k], part).float()
+                side.append((-(t1 - t0 * (1 - lr * wd)) / lr).flatten())
+            t1 = getattr(ours[k], part).float()
+            tol.append((2 * U32 * (t0.abs() + t1.abs()) / lr + 1e-6).flatten())
+    s_comfy, s_cli, tol = torch.cat(s_comfy), torch.cat(s_cli), torch.cat(tol)
+    assert_informative(s_comfy, s_cli, name="first-step updates / lr")
+    for name, s in (("comfyui", s_comfy), ("cli", s_cli)):
+        over = s.abs() - 1 - tol
+        assert (over <= 0).all(), f"{name}: |update/lr| up to {float(s.abs().max()):.6f} > 1: not one AdamW step at lr {lr}"
+    sat = s_cli.abs() >= 1 - 1e-4
+    gap = (s_comfy - s_cli).abs()[sat]
+    assert int(sat.sum()) >= 1000, int(sat.sum())  # enough elements far above eps_adam for the lr check (measured: 35%)
+    assert (gap <= 1e-4 + tol[sat]).all(), (f"{int((gap > 1e-4 + tol[sat]).sum())} of {int(sat.sum())} saturated "
+                                             f"elements differ, max {float(gap.max()):.3g}")
+    print(f"first AdamW step: {int(sat.sum())} of {s_cli.numel()} elements saturated, max |s_comfy - s_cli| there "
+          f"{float(gap.max()):.3g}; unsaturated elements of opposite sign: "
+          f"{int(((s_comfy * s_cli) < 0).sum())}")
 
 
 def _prompt_list_run(comfy, method: str, extra: str, with_images: bool, caplog):

@@ -14,7 +14,15 @@ after), then the server runs as a subprocess (API only, loopback, CPU, no downlo
 set) and the tests talk HTTP. This package is symlinked into WEBUI_PATH/extensions as `npo_suite`.
 A random-weight SD1.5 checkpoint (diffusers classes with SD1.5 configs from configs/sd15, UNet keys
 converted to the LDM single-file layout), three kohya LoRAs (eta, delta, an SNPO/"style" one) are
-written under WEBUI_PATH/models once (`npo_suite_*` names).
+linked / written under WEBUI_PATH/models (`npo_suite_*` names). The checkpoint is built once into
+NPO_WEBUI_CACHE (default /tmp/npo_suite_webui_cache) and symlinked into the host; after the session
+the checkpoint link, the LoRAs, the extension link and any model folder this harness created are
+removed again (`cleanup`), so the host's folders are as before.
+
+The random CLIP's final layer norm has bias 0.5 (not 0): with bias 0 every token's output has mean
+exactly 0 up to rounding, and the WebUIs' "Original" emphasis rescales the prompt embedding by
+`old_mean / new_mean` of it - 0/0 in some thread counts (Forge, OMP_NUM_THREADS=1: NaN latents,
+all-black images before any NPO request). A mean bounded away from 0 keeps that ratio finite.
 """
 from __future__ import annotations
 
@@ -34,7 +42,9 @@ import pytest
 
 WEBUI_PATH = os.environ.get("WEBUI_PATH")
 REPO = Path(__file__).resolve().parents[2]
-CKPT = "npo_suite_random_sd15.safetensors"
+CKPT = "npo_suite_random_sd15_v2.safetensors"  # v2: CLIP final layer norm bias 0.5
+CACHE = Path(os.environ.get("NPO_WEBUI_CACHE", "/tmp/npo_suite_webui_cache"))
+FINAL_LN_BIAS = 0.5
 LORAS = {"eta": "npo_suite_eta.safetensors", "delta": "npo_suite_delta.safetensors",
          "style": "npo_suite_style.safetensors"}
 
@@ -46,6 +56,8 @@ def _init(name: str, shape, gen, std: float = 0.02):
         return (torch.randn(shape, generator=gen) * std).half()
     if name.endswith("weight"):
         return torch.ones(shape, dtype=torch.float16)
+    if name.endswith("final_layer_norm.bias"):  # a prompt embedding whose mean is not ~0 (module docstring)
+        return torch.full(shape, FINAL_LN_BIAS, dtype=torch.float16)
     return torch.zeros(shape, dtype=torch.float16)
 
 
@@ -259,8 +271,8 @@ class Unavailable(Exception):
 
 
 def prepare(root: Path) -> tuple[str, str, dict]:
-    """(flavour, python, environment) for a server at `root`; writes the checkpoint, LoRAs and the
-    extension link once. Raises Unavailable with the reason when `root` is not a usable host."""
+    """(flavour, python, environment) for a server at `root`; writes nothing (`install_artifacts` does).
+    Raises Unavailable with the reason when `root` is not a usable host."""
     flavour = detect_flavour(root)
     if flavour is None:
         raise Unavailable(f"WEBUI_PATH={root} is neither a Forge nor an Automatic1111 checkout (no launch.py + modules)")
@@ -275,15 +287,34 @@ def prepare(root: Path) -> tuple[str, str, dict]:
             raise Unavailable(f"A1111 needs an HF cache with openai/clip-vit-large-patch14's tokenizer "
                               f"(WEBUI_HF_HOME={hf}; a1111-setup.sh builds one)")
         env["HF_HOME"] = str(hf)
+    return flavour, python, env
+
+
+def _created_dirs_file(root: Path) -> Path:
+    return root / "models" / ".npo_suite_test_created_dirs"
+
+
+def install_artifacts(root: Path) -> None:
+    """The checkpoint (built once into CACHE, symlinked into the host), the three LoRAs and the extension
+    link; the model folders this creates are listed in a marker file, so `cleanup` removes exactly those."""
     models = root / "models"
-    (models / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
-    for d in ("Lora", "npo"):
-        (models / d).mkdir(parents=True, exist_ok=True)
+    created = []
+    for d in ("Stable-diffusion", "Lora", "npo"):
+        if not (models / d).is_dir():
+            (models / d).mkdir(parents=True)
+            created.append(d)
+    if created:
+        with open(_created_dirs_file(root), "a") as f:
+            f.write("".join(d + "\n" for d in created))
+    cached = CACHE / CKPT
+    if not cached.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        build_random_sd15(cached)
     ckpt = models / "Stable-diffusion" / CKPT
-    if not ckpt.exists():
-        build_random_sd15(ckpt)
-    if not all((models / ("Lora" if r == "style" else "npo") / n).exists() for r, n in LORAS.items()):
-        build_loras(models / "Lora", models / "npo")
+    if ckpt.is_symlink() or ckpt.exists():
+        ckpt.unlink()
+    ckpt.symlink_to(cached)
+    build_loras(models / "Lora", models / "npo")
     link = root / "extensions" / "npo_suite"
     if link.is_symlink() and link.resolve() != REPO:
         link.unlink()  # an earlier checkout's link: test this one
@@ -291,7 +322,31 @@ def prepare(root: Path) -> tuple[str, str, dict]:
         link.symlink_to(REPO, target_is_directory=True)
     elif link.resolve() != REPO:
         raise Unavailable(f"{link} exists and is not a link to {REPO}")
-    return flavour, python, env
+
+
+def cleanup(root: Path) -> list[str]:
+    """Remove what `install_artifacts` put into the host (and the old uncached v1 checkpoint of earlier
+    harness versions); returns the removed paths. The cached checkpoint in CACHE stays."""
+    models = root / "models"
+    removed = []
+    paths = [models / "Stable-diffusion" / CKPT, models / "Stable-diffusion" / "npo_suite_random_sd15.safetensors",
+             *((models / ("Lora" if r == "style" else "npo") / n) for r, n in LORAS.items())]
+    for p in paths:
+        if p.is_symlink() or p.exists():
+            p.unlink()
+            removed.append(str(p))
+    link = root / "extensions" / "npo_suite"
+    if link.is_symlink() and link.resolve() == REPO:
+        link.unlink()
+        removed.append(str(link))
+    marker = _created_dirs_file(root)
+    if marker.exists():
+        for d in reversed(marker.read_text().split()):
+            with contextlib.suppress(OSError):  # not empty: something else was put there since
+                (models / d).rmdir()
+                removed.append(str(models / d))
+        marker.unlink()
+    return removed
 
 
 @contextlib.contextmanager
@@ -299,6 +354,16 @@ def running_webui(root: Path, tmp: Path, verify: bool = True, install: bool = Tr
     """A started server (WebUI object); stopped on exit. `install`: run install.py first, as the
     WebUI does; `verify`: NPO_SUITE_VERIFY on (costs extra forwards: off for timing)."""
     flavour, python, env = prepare(root)
+    try:
+        install_artifacts(root)
+        with _server(root, tmp, flavour, python, env, verify, install) as server:
+            yield server
+    finally:
+        cleanup(root)
+
+
+@contextlib.contextmanager
+def _server(root: Path, tmp: Path, flavour: str, python: str, env: dict, verify: bool, install: bool):
     installed = run_installer(root, python, root / "extensions" / "npo_suite") if install else {}
     port = _free_port()
     if verify:

@@ -7,7 +7,8 @@ the call (Forge: `apply_model` in the model_function_wrapper; A1111: the UNet ca
 forward hook) on the same inputs with theta+eta (cond rows) and theta+alpha*eta+beta*delta
 (uncond rows) merged into the weights (exact restore afterwards) and logs the max difference. Tolerance: max|branch - merged| <= 1e-4 * max|out| (fp32; measured
 ~1e-6 relative); "different" means max|branch - plain| > 1e-2 * max|out|.
-Images are compared as uint8 RGB after Forge's VAE decode.
+Images are compared as uint8 RGB after Forge's VAE decode; every image and every verify record is
+first checked to be finite and not constant (`image`, `_check_records`): two black (NaN) images agree.
 """
 from __future__ import annotations
 
@@ -20,9 +21,15 @@ import pytest
 if not os.environ.get("WEBUI_PATH"):
     pytest.skip("WEBUI_PATH is not set (real-WebUI tests are opt-in, see docs/webui.md)", allow_module_level=True)
 
-from npo_suite.webui.settings import NPOSettings
+from informative import assert_informative  # noqa: E402
+from npo_suite.webui.settings import NPOSettings  # noqa: E402
 
 RTOL_SAME, RTOL_DIFF = 1e-4, 1e-2
+
+
+def image(webui, resp: dict, i: int = 0):
+    """The i-th image of a response as int16 RGB, asserted finite and not constant (not all black)."""
+    return assert_informative(webui.decode_image(resp["images"][i]), name=f"image {i}")
 
 
 def _infotext(resp: dict) -> str:
@@ -35,6 +42,8 @@ def _check_records(recs: list[dict], n_rows: int | None = None) -> None:
     call had that many rows, cond and uncond batched together."""
     assert recs, "the NPO hooks never ran (no verify records)"
     for r in recs:
+        vals = (r["max_abs_diff_merged"], r["max_abs_diff_plain"], r["max_abs_out"])
+        assert all(math.isfinite(v) for v in vals) and r["max_abs_out"] > 0, f"degenerate UNet output: {r}"
         if n_rows is not None:
             assert len(r["rows"]) == n_rows and set(r["rows"]) == {"cond", "uncond"}, r
         assert r["max_abs_diff_merged"] <= RTOL_SAME * r["max_abs_out"], r
@@ -63,7 +72,7 @@ def test_npo_equals_merged_weights_and_differs_from_cfg(webui, plain):
     _check_records(recs, 2)
     assert all(r["groups"][r["rows"].index("uncond")] == "neg" for r in recs)
     assert any(r["max_abs_diff_plain"] > RTOL_DIFF * r["max_abs_out"] for r in recs)
-    a, b = webui.decode_image(plain["images"][0]), webui.decode_image(resp["images"][0])
+    a, b = image(webui, plain), image(webui, resp)
     assert abs(a - b).mean() > 1.0, "NPO image equals the plain-CFG image"
     info = _infotext(resp)
     assert "NPO mode: NPO" in info and f"NPO negative: {webui.LORAS['delta']}" in info
@@ -90,7 +99,7 @@ def test_batch_hires_and_lora_syntax(webui):
                          enable_hr=True, hr_scale=1.5, hr_second_pass_steps=1, denoising_strength=0.5,
                          hr_upscaler="Latent", **forge_only)  # Forge's API needs these two (its hires CFG is 1 otherwise)
     assert len(resp["images"]) == 2
-    assert webui.decode_image(resp["images"][0]).shape == (96, 96, 3)
+    assert image(webui, resp).shape == (96, 96, 3) and image(webui, resp, 1).shape == (96, 96, 3)
     recs = webui.verify_records()
     _check_records(recs, 4)
     assert len(recs) >= 3  # first pass (2 steps) and the hires pass (1 step)
@@ -107,7 +116,7 @@ def test_snpo_equals_lora_with_empty_negative_prompt(webui):
     ref = webui.txt2img(None, prompt=f"a photo of a cat <lora:{style[:-12]}:1>", negative_prompt="")
     other = webui.txt2img(None, prompt=f"a photo of a cat <lora:{style[:-12]}:1>", negative_prompt="blurry")
     no_lora = webui.txt2img(None, negative_prompt="")
-    a, b, c, d = (webui.decode_image(r["images"][0]) for r in (snpo, ref, other, no_lora))
+    a, b, c, d = (image(webui, r) for r in (snpo, ref, other, no_lora))
     assert abs(a - b).max() <= 2, f"SNPO differs from merged LoRA + empty negative (max {abs(a - b).max()})"
     assert abs(a - c).mean() > 1.0  # the negative prompt was really replaced by the empty one
     assert abs(b - d).mean() > 1.0  # the WebUI did apply <lora:...> (the reference is not the plain model)
@@ -154,11 +163,11 @@ def test_xyz_plot_beta_axis(webui, plain):
         args.append(True)
     resp = webui.post("/sdapi/v1/txt2img", {**webui.payload(webui.npo_args()), "script_name": "x/y/z plot",
                                             "script_args": args})
-    imgs = [webui.decode_image(x) for x in resp["images"]]
+    imgs = [image(webui, resp, i) for i in range(len(resp["images"]))]
     assert len(imgs) == 3  # grid + one per value
     beta0, beta1 = imgs[1], imgs[2]
-    assert abs(beta0 - webui.decode_image(plain["images"][0])).max() <= 2  # beta = 0: plain CFG
-    assert abs(beta1 - webui.decode_image(npo_full["images"][0])).max() <= 2  # beta = 1: the NPO image
+    assert abs(beta0 - image(webui, plain)).max() <= 2  # beta = 0: plain CFG
+    assert abs(beta1 - image(webui, npo_full)).max() <= 2  # beta = 1: the NPO image
     assert abs(beta0 - beta1).mean() > 1.0
 
 
@@ -233,5 +242,5 @@ def test_failed_generation_leaves_nothing_on(webui, plain):
     webui.clear_verify()
     again = webui.txt2img(None)
     assert webui.verify_records() == []
-    assert abs(webui.decode_image(again["images"][0]) - webui.decode_image(plain["images"][0])).max() == 0
+    assert abs(image(webui, again) - image(webui, plain)).max() == 0
     assert "NPO" not in _infotext(again)
