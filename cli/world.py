@@ -48,10 +48,12 @@ def _results_arguments(sub) -> None:
     r.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS),
                    help=f"methods of the registry (default: {' '.join(d.methods)})")
     r.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="training seeds (default 0 1 2)")
-    r.add_argument("--out", default=d.out, help="output folder (runs, data, results.json, results.md)")
+    r.add_argument("--out", default=None, help=f"output folder (runs, data, results.json, results.md; default {d.out}, "
+                                               f"{d.out}_flow for the flow world)")
     r.add_argument("--json", action="store_true", help="print ONE JSON line with the pooled figures")
     r.add_argument("--report", default=None, help="also write the tables into this Markdown file between the markers")
-    r.add_argument("--world", default=None, help="world folder (default: the shipped world)")
+    r.add_argument("--world", default=None, help="eps (the default: the shipped eps world), flow (the flow-matching "
+                                                 "world: shipped, else built into the cache), or a world folder")
     r.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
     r.add_argument("--train-steps", type=int, default=None, help=f"LoRA training steps (default {d.train_steps})")
     r.add_argument("--eval-seeds", type=int, default=None, help=f"evaluation seeds per prompt (default {d.eval_seeds})")
@@ -73,15 +75,20 @@ def _probe_arguments(sub) -> None:
 
 
 def _results(args) -> int:
-    from ..world.results import ResultsConfig, json_summary, markdown, run_results, write_report
+    from ..world.results import ResultsConfig, json_summary, markdown, run_results, world_kind, write_report
 
-    kw = {k: v for k, v in (("out", args.out), ("world", args.world), ("train_steps", args.train_steps),
+    world = None if args.world == "eps" else args.world  # the default world stays the default (same stamps)
+    kind = world_kind(world)
+    out = args.out or (ResultsConfig.out + ("_flow" if kind == "flow" else ""))
+    kw = {k: v for k, v in (("out", out), ("world", world), ("train_steps", args.train_steps),
                             ("eval_seeds", args.eval_seeds)) if v is not None}
+    if kind == "flow":
+        kw["scheduler"] = "flow_euler"  # core.flow's Euler solver (generate.FLOW_SCHEDULERS)
     kw.update(methods=tuple(args.methods), seeds=tuple(args.seeds))
     rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
     res = run_results(rc)
     if args.report:
-        write_report(Path(args.report), markdown(res, res["details"]))
+        write_report(Path(args.report), markdown(res, res["details"]), kind)
     if args.json:
         print(json.dumps(json_summary(res)))
     else:
