@@ -70,20 +70,30 @@ def _probe_arguments(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig override for this method (repeatable), e.g. tdft_start=noise")
     p.add_argument("--out", default="runs/probe", help="output folder (the runs are cached there as world results does)")
-    p.add_argument("--world", default=None, help="world folder (default: the shipped world)")
+    p.add_argument("--world", default=None, help="eps (default), flow, or a world folder (as world results)")
     p.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
 
 
-def _results(args) -> int:
-    from ..world.results import ResultsConfig, json_summary, markdown, run_results, world_kind, write_report
+def _world_kw(world) -> tuple[str, dict]:
+    """(kind, ResultsConfig keywords) of a --world argument: eps (the default world, same stamps as no
+    argument), flow, or a folder; a flow world samples with core.flow's Euler solver."""
+    from ..world.results import world_kind
 
-    world = None if args.world == "eps" else args.world  # the default world stays the default (same stamps)
+    world = None if world == "eps" else world
     kind = world_kind(world)
-    out = args.out or (ResultsConfig.out + ("_flow" if kind == "flow" else ""))
-    kw = {k: v for k, v in (("out", out), ("world", world), ("train_steps", args.train_steps),
-                            ("eval_seeds", args.eval_seeds)) if v is not None}
+    kw = {"world": world} if world is not None else {}
     if kind == "flow":
-        kw["scheduler"] = "flow_euler"  # core.flow's Euler solver (generate.FLOW_SCHEDULERS)
+        kw["scheduler"] = "flow_euler"  # generate.FLOW_SCHEDULERS
+    return kind, kw
+
+
+def _results(args) -> int:
+    from ..world.results import ResultsConfig, json_summary, markdown, run_results, write_report
+
+    kind, kw = _world_kw(args.world)
+    out = args.out or (ResultsConfig.out + ("_flow" if kind == "flow" else ""))
+    kw.update({k: v for k, v in (("out", out), ("train_steps", args.train_steps),
+                                 ("eval_seeds", args.eval_seeds)) if v is not None})
     kw.update(methods=tuple(args.methods), seeds=tuple(args.seeds))
     rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
     res = run_results(rc)
@@ -100,7 +110,7 @@ def _probe(args) -> int:
     from ..world.probe import markdown, parse_sets, probe
     from ..world.results import ResultsConfig
 
-    kw = {"world": args.world} if args.world else {}
+    _, kw = _world_kw(args.world)
     rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
     res = probe(args.method, args.seeds, args.out, parse_sets(args.set), rc)
     print(markdown(res))
