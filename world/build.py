@@ -45,7 +45,7 @@ WORLD_KINDS = ("eps", "flow")
 FLOW_WORLD_VERSION = 1
 PACKAGE_WORLD_DIRS = {"eps": PACKAGE_WORLD_DIR, "flow": PACKAGE_WORLD_DIR.parent / "digits_world_flow"}
 # the flow world's build budget (ensure_world builds it when none is shipped or cached; docs/world.md)
-FLOW_BUILD = {"kind": "flow", "steps": 500, "batch_size": 128}
+FLOW_BUILD = {"kind": "flow", "steps": 250, "batch_size": 128}
 FLOW_T_SAMPLER = "logit_normal"  # SD3's base training (Esser et al. 2024 §3.1, m = 0, s = 1)
 
 
@@ -482,7 +482,12 @@ def ensure_world(path: str | os.PathLike | None = None, *, build: bool = True, l
             check_world_dir(p)
         if log:
             log(f"world: none at {p}, building it (a few minutes on 2 CPU cores)")
-        build_world(p, WorldConfig(**FLOW_BUILD) if kind == "flow" else None, log=log)
+        if kind == "flow":
+            build_world(p, WorldConfig(**FLOW_BUILD), log=log, diagnose_samples=300,
+                        command=f"python -m npo_suite world build --kind flow --steps {FLOW_BUILD['steps']} "
+                                f"--batch-size {FLOW_BUILD['batch_size']} (ensure_world)")
+        else:
+            build_world(p, log=log)
     check_world_dir(p)
     return p
 
