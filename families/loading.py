@@ -150,7 +150,7 @@ def _from_folder(path: Path, family: str | None, dtype, device, tokenizer, vae=N
     else:
         vae_model = None
     scheduler = _load_scheduler(path / "scheduler")
-    own_pred = getattr(scheduler.config, "prediction_type", "epsilon")
+    own_pred = getattr(scheduler.config, "prediction_type", None) or fam.prediction_type  # flow schedulers have none
     if prediction_type is not None and prediction_type != own_pred:
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
         why = f"--prediction-type; the folder's scheduler says {own_pred}"
@@ -159,7 +159,7 @@ def _from_folder(path: Path, family: str | None, dtype, device, tokenizer, vae=N
     weights = sorted((path / "unet").glob("*.safetensors"))
     file_dtype = _file_facts(weights[0])["dtype"] if weights else "unknown"
     line = (f"model: {fam.display_name} diffusers folder {path.name} ({file_dtype} weights, loaded as "
-            f"{str(dtype).replace('torch.', '')}); prediction: {scheduler.config.prediction_type} ({why}); "
+            f"{str(dtype).replace('torch.', '')}); prediction: {prediction_type or own_pred} ({why}); "
             f"{vae_note}; tokenizer: {tok_source}")
     return _bundle(unet, tes, toks, vae_model, scheduler, fam.name, str(path), device,
                    bool(index.get("force_zeros_for_empty_prompt", fam.force_zeros_for_empty_prompt)), detected=line)

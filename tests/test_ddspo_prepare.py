@@ -125,7 +125,7 @@ def test_cli_limit_then_resume(tmp_path, sd15_dir, capsys):
     assert main(["ddspo-prepare", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "[prompts] kept 5, skipped 0" and len(err) == 2
-    assert err[1].startswith("error: ") and "not a diffusers folder" in err[1]
+    assert err[1].startswith("error: ") and "not a diffusers" in err[1]
 
 
 def test_sampler_equals_the_diffusers_pipeline(sd15):
