@@ -429,21 +429,23 @@ class TDFTMethod(Method):
         self.name = name
 
     @staticmethod
-    def teacher_fn(backend: Backend, cfg: MethodConfig, cond: Cond):
+    def teacher_fn(backend: Backend, cfg: MethodConfig, cond: Cond, predict=None):
         """eps(x, t) of the EMA teacher: eps_c + w·(eps_c − eps_∅), w = cfg.tdft_guidance (no grad).
 
         The authors' form (`Self-NPO/train.py`: w = −1, `train_xl.py`: w = −5); w = −1 is eps_∅
         and w = 0 is eps_c, each computed with one forward (the formula's value, not rounded twice).
+        `predict`: the backend's prediction (default `predict_eps`; a flow model's `predict_v`).
         """
+        predict = predict or backend.predict_eps
         w = cfg.tdft_guidance
         null = backend.null_cond(len(cond)).to(cond.hidden.device)
         if w in (-1.0, 0.0):
             only = null if w == -1.0 else cond
-            return lambda x, t: backend.predict_eps(x, t, only, "ema")
+            return lambda x, t: predict(x, t, only, "ema")
         both = Cond.cat([cond, null])  # [2B]
 
         def guided(x, t):
-            e = backend.predict_eps(torch.cat([x, x]), torch.cat([t, t]), both, "ema")  # [2B, C, h, w]
+            e = predict(torch.cat([x, x]), torch.cat([t, t]), both, "ema")  # [2B, C, h, w]
             e_c, e_u = e.chunk(2)
             return e_c + w * (e_c - e_u)
         return guided
@@ -468,18 +470,8 @@ class TDFTMethod(Method):
 
     @staticmethod
     def flow_teacher(backend: Backend, cfg: MethodConfig, cond: Cond):
-        """v(x, t) of the EMA teacher on a flow model: v_c + w·(v_c − v_∅) (as `teacher_fn`, on velocities)."""
-        w = cfg.tdft_guidance
-        null = backend.null_cond(len(cond)).to(cond.hidden.device)
-        if w in (-1.0, 0.0):
-            only = null if w == -1.0 else cond
-            return lambda x, t: backend.predict_v(x, t, only, "ema")
-        both = Cond.cat([cond, null])  # [2B]
-
-        def guided(x, t):
-            v_c, v_u = backend.predict_v(torch.cat([x, x]), torch.cat([t, t]), both, "ema").chunk(2)
-            return v_c + w * (v_c - v_u)
-        return guided
+        """v(x, t) of the EMA teacher on a flow model: v_c + w·(v_c − v_∅) (`teacher_fn` on velocities)."""
+        return TDFTMethod.teacher_fn(backend, cfg, cond, backend.predict_v)
 
     def compute_flow(self, backend: Backend, batch: PromptBatch, cfg: MethodConfig, generator, shape, real: bool
                      ) -> StepOut:
