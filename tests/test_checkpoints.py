@@ -268,3 +268,22 @@ def test_ddspo_prepare_on_the_shipped_world(tmp_path, capsys):
     assert w.shape == l.shape == (1, 8, 8) and torch.isfinite(w).all() and not torch.equal(w, l)
 
 
+
+
+def test_offsets_inspect_takes_an_ldm_single_file_base(single, tmp_path, capsys):
+    """`offsets inspect --base file.safetensors` with a checkpoint in LDM names (model.diffusion_model.*)."""
+    from npo_suite.cli import main
+    from npo_suite.core.offsets import save_offset
+    from npo_suite.core.offsets.types import LowRankDelta, Offset
+
+    unet = single["unet"]
+    g = torch.Generator().manual_seed(0)
+    deltas = {n: LowRankDelta(torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g),
+                              scale=1.0)
+              for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(("to_q", "to_v"))}
+    lora = tmp_path / "lora.safetensors"
+    save_offset(Offset(unet=deltas), lora, base=unet)
+    assert main(["offsets", "inspect", str(lora), "--base", str(single["dir"] / "plain.safetensors")]) == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "not found" not in out and "not checked" not in out, out

@@ -113,6 +113,10 @@ def test_ldm_names_match_diffusers_converter(cfg):
     # and back through our inverse map (used for LDM full checkpoints)
     norm = O.normalize_unet_state_dict(ldm, unet.config)
     assert {k: int(v.item()) for k, v in norm.items()} == {k: i for i, k in enumerate(keys)}
+    # without a config the layout is read from the LDM keys (it used to be assumed to be SD1.5's: a tiny or
+    # non-standard UNet then crashed or got wrong names), giving the same names
+    norm = O.normalize_unet_state_dict(ldm)
+    assert {k: int(v.item()) for k, v in norm.items()} == {k: i for i, k in enumerate(keys)}
     t = Target.from_module(unet, "unet")
     assert len(t.flat) == len(t.shapes) + len(t.ldm)  # the kohya underscore spellings never collide
 

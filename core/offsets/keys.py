@@ -466,6 +466,49 @@ def clip_coverage_line(offset, keymap: ClipKeyMap | None, role: str, weight: flo
     return s
 
 
+def ldm_unet_layout(sd) -> dict:
+    """The block layout (`unet_block_prefixes` config) of an LDM-named UNet state dict (`input_blocks.*`
+    names, prefix removed), read from its keys: a down block ends at each downsampler (`input_blocks.N.0.op`),
+    an up block at each upsampler (`output_blocks.N.{1,2}.conv`), a block has attention when its entries
+    have a `.1` transformer. The standard SD1.5 and SDXL checkpoints give their published layouts."""
+    def entries(prefix):
+        idx: dict[int, set[str]] = {}
+        for k in sd:
+            if k.startswith(prefix):
+                n, _, rest = k[len(prefix):].partition(".")
+                if n.isdigit():
+                    idx.setdefault(int(n), set()).add(rest)
+        return [idx[i] for i in sorted(idx)]
+
+    down_types, lpb, cur, attn = [], [], 0, False
+    for rest in entries("input_blocks.")[1:]:  # input_blocks.0 is conv_in
+        if any(r.startswith("0.op.") for r in rest):
+            down_types.append("CrossAttnDownBlock2D" if attn else "DownBlock2D")
+            lpb.append(cur)
+            cur, attn = 0, False
+        else:
+            cur += 1
+            attn = attn or any(r.startswith("1.") for r in rest)
+    if cur:
+        down_types.append("CrossAttnDownBlock2D" if attn else "DownBlock2D")
+        lpb.append(cur)
+    if not down_types:
+        raise ValueError("LDM UNet weights without input_blocks: cannot read the block layout")
+    up_types, attn = [], False
+    for rest in entries("output_blocks."):
+        attn = attn or any(r.startswith("1.") and not r.startswith("1.conv.") for r in rest)
+        if any(r.startswith(("1.conv.", "2.conv.")) for r in rest):
+            up_types.append("CrossAttnUpBlock2D" if attn else "UpBlock2D")
+            attn = False
+    up_types.append("CrossAttnUpBlock2D" if attn else "UpBlock2D")
+    if len(up_types) != len(down_types):
+        raise ValueError(f"LDM UNet weights with {len(down_types)} down and {len(up_types)} up blocks: "
+                         "not a UNet layout this reader knows")
+    return dict(down_block_types=tuple(down_types), up_block_types=tuple(up_types),
+                layers_per_block=lpb[0] if len(set(lpb)) == 1 else tuple(lpb),
+                addition_embed_type="text_time" if any(k.startswith("label_emb.") for k in sd) else None)
+
+
 def normalize_unet_state_dict(sd: dict[str, torch.Tensor], config=None) -> dict[str, torch.Tensor]:
     """A UNet state dict with diffusers names.
 
@@ -478,10 +521,8 @@ def normalize_unet_state_dict(sd: dict[str, torch.Tensor], config=None) -> dict[
     if ldm_pre is None and not any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for k in keys):
         return {k[len("unet."):] if k.startswith("unet.") else k: v for k, v in sd.items()}
     sub = {(k[len(ldm_pre):] if ldm_pre else k): v for k, v in sd.items() if ldm_pre is None or k.startswith(ldm_pre)}
-    if config is None:  # the standard layout with (label_emb, LDM's add_embedding) or without added conditioning
-        added = any(k.startswith("label_emb.") for k in sub)
-        config = next((l.unet for l in LAYOUTS.values() if bool(l.unet.get("addition_embed_type")) == added),
-                      next(iter(LAYOUTS.values())).unet)
+    if config is None:  # the block layout read from the LDM keys themselves (not assumed: a wrong one misnames)
+        config = ldm_unet_layout(sub)
     inverse = {v: k for k, v in unet_block_prefixes(config).items()}
     out = {}
     for k, v in sub.items():
