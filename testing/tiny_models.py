@@ -162,6 +162,84 @@ def ldm_state_dict(unet, text_encoder, vae=None) -> dict:
     return {k: v.detach().contiguous().clone() for k, v in sd.items()}
 
 
+def _open_clip_state_dict(te2, prefix: str) -> dict:
+    """A CLIPTextModelWithProjection's weights in OpenCLIP names (SDXL's `conditioner.embedders.1.model.*`):
+    the inverse of diffusers' `convert_open_clip_checkpoint` (q/k/v fused into `attn.in_proj_*`, the text
+    projection stored transposed)."""
+    import re
+
+    sd, qkv = {}, {}
+    for k, v in te2.state_dict().items():
+        k = k if k.startswith(("text_model.", "text_projection")) else "text_model." + k
+        if k == "text_projection.weight":
+            sd[prefix + "text_projection"] = v.T.contiguous()
+            continue
+        k = k.replace("text_model.embeddings.position_embedding.weight", "positional_embedding")
+        k = k.replace("text_model.embeddings.token_embedding.weight", "token_embedding.weight")
+        k = k.replace("text_model.final_layer_norm.", "ln_final.")
+        if k.endswith("position_ids"):
+            continue
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", k)
+        if m:
+            qkv.setdefault((int(m.group(1)), m.group(3)), {})[m.group(2)] = v
+            continue
+        if k.startswith("text_model.encoder.layers."):
+            k = "transformer." + k[len("text_model.encoder."):].replace("layers.", "resblocks.", 1)
+            for d, o in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), (".fc1.", ".c_fc."), (".fc2.", ".c_proj."),
+                         (".self_attn.", ".attn.")):
+                k = k.replace(d, o)
+        sd[prefix + k] = v
+    for (i, kind), parts in qkv.items():
+        sd[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return sd
+
+
+def build_sdxl_single_file(path: str | os.PathLike, config_dir: str | os.PathLike | None = None, *, seed: int = 0):
+    """A tiny SDXL single-file checkpoint as SDXL files are saved (`model.diffusion_model.*` UNet with
+    `label_emb`, CLIP-L under `conditioner.embedders.0.transformer.*`, OpenCLIP-G under
+    `conditioner.embedders.1.model.*`, VAE under `first_stage_model.*`), with the real CLIP vocabulary size
+    10 OpenCLIP layers (diffusers recognises an SDXL file by its `resblocks.9`) and encoder widths 32 / 48; `config_dir` receives
+    the diffusers configs (the tiny stand-in of the shipped `configs/sdxl`). Returns (unet, te1, te2, vae)."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+
+    def cfg(hidden, layers, act):
+        c = text_encoder_config(CLIP_VOCAB_SIZE, hidden=hidden, layers=layers, projection_dim=32)
+        c.bos_token_id, c.eos_token_id, c.pad_token_id, c.hidden_act = 49406, 49407, 49407, act
+        return c
+
+    # the encoders' widths differ as in SDXL (768 / 1280): diffusers tells CLIP-L from OpenCLIP-G by them
+    te1 = CLIPTextModel(cfg(32, 2, "quick_gelu")).eval()
+    te2 = CLIPTextModelWithProjection(cfg(48, 10, "gelu")).eval()
+    unet = UNet2DConditionModel(**unet_config_sdxl(cross_attention_dim=32 + 48)).eval()
+    vae = AutoencoderKL(**vae_config()).eval()
+    sd = ldm_state_dict(unet, te1, vae)
+    sd = {("conditioner.embedders.0.transformer." + k[len("cond_stage_model.transformer."):]
+           if k.startswith("cond_stage_model.") else k): v for k, v in sd.items()}
+    sd.update(_open_clip_state_dict(te2, "conditioner.embedders.1.model."))
+    save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(path))
+    if config_dir is not None:
+        d = Path(config_dir)
+        unet.save_config(d / "unet")
+        vae.save_config(d / "vae")
+        te1.config.save_pretrained(d / "text_encoder")
+        te2.config.save_pretrained(d / "text_encoder_2")
+        _scheduler().save_config(d / "scheduler")
+        index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+                 "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                 "force_zeros_for_empty_prompt": True}
+        (d / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return unet, te1, te2, vae
+
+
 def build_sd15_single_file(path: str | os.PathLike, config_dir: str | os.PathLike | None = None, *, seed: int = 0,
                            with_vae: bool = True, v_pred: bool = False, dtype: torch.dtype = torch.float32,
                            vocab_size: int = CLIP_VOCAB_SIZE):

@@ -287,3 +287,42 @@ def test_offsets_inspect_takes_an_ldm_single_file_base(single, tmp_path, capsys)
         capsys.readouterr().err
     out = capsys.readouterr().out
     assert "not found" not in out and "not checked" not in out, out
+
+
+# ------------------------------------------------------------------------------------------ SDXL single file
+def test_sdxl_single_file_loads_exactly_then_trains_and_generates_with_nothing_else(tmp_path, monkeypatch, capsys):
+    """An SDXL single file (CLIP-L + OpenCLIP-G in their file names, LDM UNet with label_emb): every weight comes
+    back exactly (the OpenCLIP q/k/v split and projection transpose included), both tokenizers are the shipped
+    one (the second padding with "!"), and `train` + `generate` run from it with no extra flag."""
+    from npo_suite.cli import main
+    from npo_suite.families import loading
+    from npo_suite.testing.tiny_models import build_sdxl_single_file
+
+    from .train_fixtures import make_pairs
+
+    configs = tmp_path / "configs"
+    model = tmp_path / "xl.safetensors"
+    unet, te1, te2, vae = build_sdxl_single_file(model, configs / "sdxl", seed=0)
+    monkeypatch.setattr(loading, "CONFIG_DIR", configs)  # the tiny stand-in of the shipped configs/sdxl
+    b = load_model(model)
+    assert b.family == SDXL.name and b.detected.startswith("model: SDXL single file xl.safetensors"), b.detected
+    assert [t.pad_token for t in b.tokenizers] == ["<|endoftext|>", "!"]
+    for ours, theirs in ((b.unet, unet), (b.text_encoders[0], te1), (b.text_encoders[1], te2), (b.vae, vae)):
+        a, r = ours.state_dict(), theirs.state_dict()
+        r = {k: v for k, v in r.items() if not k.endswith("position_ids")}
+        assert set(r) <= set(a) and all(torch.equal(a[k].reshape(r[k].shape), r[k]) for k in r), type(ours).__name__
+    capsys.readouterr()
+    pairs = make_pairs(tmp_path / "pairs", n=4)
+    rc = main(["train", "--model", str(model), "--data-path", str(pairs), "--method", "dpo", "--steps", "2",
+               "--resolution", "16", "--lora-rank", "2", "--lora-alpha", "2", "--lr", "1e-3", "--checkpoint-every", "0",
+               "--output-dir", str(tmp_path / "run"), "--cpu"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "model: SDXL single file xl.safetensors" in out.err and "finished step 2/2" in out.out
+    rc = main(["generate", str(model), "--prompt", "a photo of a cat", "--steps", "2", "--width", "16", "--height", "16",
+               "--modes", "cfg", "npo", "--neg-offset", str(tmp_path / "run" / "dpo_lora.safetensors"),
+               "--out", str(tmp_path / "gen")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "gen" / "manifest.json").read_text())
+    assert manifest["detected"].startswith("model: SDXL single file") and len(manifest["images"]) == 2
