@@ -71,6 +71,8 @@ def _probe_arguments(sub) -> None:
                    help="a TrainConfig override for this method (repeatable), e.g. tdft_start=noise")
     p.add_argument("--out", default="runs/probe", help="output folder (the runs are cached there as world results does)")
     p.add_argument("--world", default=None, help="eps (default), flow, or a world folder (as world results)")
+    p.add_argument("--strengths", nargs="+", type=float, default=None, metavar="B",
+                   help="a negative LoRA's extra strengths beta on the null branch (default 0.25 0.5; 1 is always run)")
     p.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
 
 
@@ -112,7 +114,8 @@ def _probe(args) -> int:
 
     _, kw = _world_kw(args.world)
     rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
-    res = probe(args.method, args.seeds, args.out, parse_sets(args.set), rc)
+    kw_p = {"strengths": tuple(args.strengths)} if args.strengths else {}
+    res = probe(args.method, args.seeds, args.out, parse_sets(args.set), rc, world=args.world, **kw_p)
     print(markdown(res))
     return 0
 

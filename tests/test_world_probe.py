@@ -44,3 +44,12 @@ def test_probe_negative_lora_rows_null_branch_and_overrides(world, tmp_path, cap
     assert "--set tdft_start=noise" in printed and (out / "probe.md").read_text() in printed + "\n"
     with pytest.raises(ValueError, match="unknown method"):
         wp.probe("nope", [0], str(out))
+    # other strengths (the cached run is reused): their rows, and the printed command says how they were asked for
+    assert main(["world", "probe", *argv, "--strengths", "2", "1"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "probe.json").read_text())
+    assert [r["row"] for r in res["rows"]] == ["negative (as world.results), strength 1", "negative, strength 2.0",
+                                               "alone (LoRA on both branches)"]
+    assert "--strengths 2 1" in printed and f"--world {world}" in printed
+    with pytest.raises(ValueError, match="strengths must be > 0"):
+        wp.probe("tdft", [0], str(out), strengths=(0.0,))

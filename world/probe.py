@@ -7,7 +7,7 @@ data, settings and cache, so a probe of a finished results folder retrains nothi
 three ways, each against the base model on the same prompts and evaluation seeds:
 
     role, strength b   as `core.npo.role_spec` samples the method's role (core.guidance.ROLE_SAMPLING); a negative LoRA also at
-                       b = 0.25 and 0.5 (NPO's beta: theta_neg = theta + b*delta on the null branch)
+                       b = 0.25 and 0.5 or `strengths` (NPO's beta: theta_neg = theta + b*delta on the null branch)
     alone              the LoRA on both CFG branches: the fine-tuned model itself. For a negative
                        LoRA this is the negative model, which Self-NPO and NPO expect to be WORSE
                        than the base (lower reward or realism): guidance pushes away from it.
@@ -56,13 +56,16 @@ def parse_sets(items) -> dict:
 
 
 def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: ResultsConfig | None = None,
-          log=None) -> dict:
+          log=None, *, strengths=NEGATIVE_STRENGTHS, world: str | None = None) -> dict:
     """{"rows": [{"row", ...pooled figures, "realism"}], "null": {"base": r, "lora": r}, ...}; see the module doc."""
     from ..trainer.methods import METHODS
     from .demo import score_images
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (the registry has {list(METHODS)})")
+    bad = [b for b in strengths if not b > 0]
+    if bad:
+        raise ValueError(f"strengths must be > 0, got {bad}")
     log = log or (lambda *a: print(*a, file=sys.stderr))
     rc = rc or ResultsConfig()
     rc = dataclasses.replace(rc, out=out, methods=(method,), seeds=tuple(seeds),
@@ -82,7 +85,7 @@ def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: Resul
         run = run_one(ctx, method, int(s))
         lora = ctx.load_lora(run["lora"])
         rows.setdefault(f"{role} (as world.results), strength 1", []).append(run["scores"])
-        for b in NEGATIVE_STRENGTHS if role == "negative" else ():
+        for b in [b for b in strengths if b != 1.0] if role == "negative" else ():
             imgs = ctx.sample(ctx.prompts, ctx.seeds, *role_spec(role, lora, beta=b), desc=f"{method} s{s} beta {b}")
             rows.setdefault(f"{role}, strength {b}", []).append(score_images(ctx.reward, imgs, ctx.prompts))
         alone = role_spec("positive", lora)  # the LoRA on both CFG branches
@@ -92,6 +95,7 @@ def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: Resul
     table = [{"row": name, **pooled_summary(base, [{"scores": x} for x in runs], rc.n_boot, 0),
               "realism": float(np.mean([np.mean(x["realism"]) for x in runs]))} for name, runs in rows.items()]
     result = {"method": method, "role": role, "seeds": [int(s) for s in seeds], "overrides": overrides or {},
+              "world": world or "eps", "strengths": [float(b) for b in strengths],
               "base_accuracy": float(np.mean(base["correct"])), "base_realism": float(np.mean(base["realism"])),
               "rows": table, "null": {"base": null["base"], "lora": float(np.mean(null["lora"]))}}
     _atomic_json(Path(out) / "probe.json", result)
@@ -106,8 +110,12 @@ def markdown(result: dict) -> str:
     rows += [{**r, "ci": f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
               "guard": f"{r['right_to_wrong']} / {r['wrong_to_right']}"} for r in result["rows"]]
     sets = " ".join(f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in result["overrides"].items())
+    world = result.get("world", "eps")
+    strengths = result.get("strengths", list(NEGATIVE_STRENGTHS))
+    extra = (f" --world {world}" if world != "eps" else "") + \
+        (f" --strengths {' '.join(f'{b:g}' for b in strengths)}" if list(strengths) != list(NEGATIVE_STRENGTHS) else "")
     head = (f"`python -m npo_suite world probe --method {result['method']} --seeds "
-            f"{' '.join(map(str, result['seeds']))}{' ' + sets if sets else ''}`")
+            f"{' '.join(map(str, result['seeds']))}{extra}{' ' + sets if sets else ''}`")
     table = markdown_table(rows, [("row", "sampled as"), ("win_rate", "win rate"), ("ci", "95% CI"),
                                   ("accuracy", "accuracy"), ("guard", "right->wrong / wrong->right"),
                                   ("realism_win_rate", "realism win rate"), ("realism", "mean realism")])
