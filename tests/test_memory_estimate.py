@@ -27,11 +27,11 @@ def tiny_cfg(model, **overrides):
     return load_config(overrides={"model": str(model), **TINY, **overrides})
 
 
-def test_dry_run_json_schema(sd15_dir, capsys):
+def test_dry_run_json_schema(sd15_dir, tmp_path, capsys):
     from npo_suite.cli import main
 
     rc = main(["train", "--model", str(sd15_dir), "--method", "dpo", "--resolution", "64", "--lora-rank", "4",
-               "--dry-run", "--json"])
+               "--cache-dir", str(tmp_path / "cache"), "--dry-run", "--json"])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -45,10 +45,18 @@ def test_dry_run_json_schema(sd15_dir, capsys):
     assert d["peak_gib"] == pytest.approx(max(peaks), abs=1e-3)
     s = d["settings"]
     assert s["device"] == "cuda" and s["method"] == "dpo" and s["trainable_params"] > 0
+    # with a cache_dir, `LatentCache.fill` encodes FILL_BATCH (8) pairs together, 4 images per VAE call
     assert (s["fill_records"], s["fill_images"], s["images_per_vae_call"], s["cache_batch_size"]) == (8, 16, 4, 4)
+    assert s["cache_dir"] is True
     assert d["fake"] is True
     assert d["card_gib"] == pytest.approx(d["peak_gib"] * ALLOCATOR_SLACK + CONTEXT_GIB, abs=1e-2)
     assert d["allowance"] == {"cuda_context_gib": CONTEXT_GIB, "allocator_slack": ALLOCATOR_SLACK}
+    assert not (tmp_path / "cache").exists()  # a dry run writes nothing
+    # without one nothing is filled ahead: each pair is encoded alone when first read (`LatentCache._get`)
+    assert main(["train", "--model", str(sd15_dir), "--method", "dpo", "--resolution", "64", "--lora-rank", "4",
+                 "--dry-run", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["settings"]
+    assert (s["cache_dir"], s["fill_records"], s["fill_images"], s["images_per_vae_call"]) == (False, 1, 2, 2)
 
 
 def test_dry_run_text_counts_the_data(sd15_dir, tmp_path, capsys):
@@ -81,8 +89,10 @@ def test_monotonic(sd15_dir):
     assert b2 > b1 and e2.peak_gib >= e1.peak_gib
     _, ckpt = step_peak(batch_size=2, gradient_checkpointing=True)
     assert ckpt <= b2
-    small = trace_run(tiny_cfg(sd15_dir, cache_batch_size=1), str(sd15_dir), device="cuda")
-    big = trace_run(tiny_cfg(sd15_dir, cache_batch_size=16), str(sd15_dir), device="cuda")
+    def filled(n):  # a cache_dir: FILL_BATCH (8) pairs = 16 images filled before training, n per VAE call
+        return trace_run(tiny_cfg(sd15_dir, cache_batch_size=n, cache_dir="unused"), str(sd15_dir), device="cuda")
+
+    small, big = filled(1), filled(16)
     assert big.phases["cache_fill"]["peak"] > small.phases["cache_fill"]["peak"]
     assert small.settings["images_per_vae_call"] == 1 and big.settings["images_per_vae_call"] == 16
 
