@@ -105,8 +105,20 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------- setup helpers
 def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
+    """The run's Accelerator, with the run's own precision and device.
 
+    accelerate keeps both in a process-wide state: a second Accelerator in the same process with
+    another `mixed_precision` is refused ("AcceleratorState has already been initialized ... restart
+    your runtime"), and one without `cpu` after a `cpu` run silently stays on the CPU. A host that
+    trains several times in one process (ComfyUI, the tests) would meet both, so a process that was
+    not launched distributed starts each run from a fresh state. A distributed launch (`accelerate
+    launch`, several processes) runs one training per process and keeps its state (its process group)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    shared = PartialState._shared_state
+    if shared and shared.get("distributed_type") == DistributedType.NO and shared.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
 
 
