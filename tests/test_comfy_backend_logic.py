@@ -413,9 +413,11 @@ def test_loss_curve_preview_is_small_and_robust():
 def test_memory_estimate_for_backend_against_its_real_step(sd15_dir):
     """The node's reservation (the traced estimate less the base weights) against what two real
     training steps on the ComfyUI backend allocate beyond the loaded weights (PyTorch's CPU allocator,
-    profiler memory events): within 30% at tiny size. The trace runs the diffusers backend on the
-    same config; the ComfyUI backend adds its own wrappers and the run its optimizer bookkeeping,
-    small against a step but not nothing at 64 px (the old analytic formula was off 3-4x)."""
+    profiler memory events), on the latents the run makes at 64 px (32 x 32 with the tiny VAE): measured
+    0.2% apart (2026-12-05, torch 2.13 CPU). The trace runs the diffusers backend on the same config;
+    the ComfyUI backend's own wrappers, the optimizer's bookkeeping and kernels' scratch buffers the
+    allocator sees and the trace does not may differ by torch version: 5% allowed (the old analytic
+    formula was off 3-4x)."""
     from npo_suite.nodes.comfy.memory import memory_estimate_for
     from npo_suite.trainer.config import TrainConfig
     from npo_suite.trainer.loop import build_optimizer
@@ -428,10 +430,13 @@ def test_memory_estimate_for_backend_against_its_real_step(sd15_dir):
     with pytest.raises(ValueError, match="no shipped config"):
         memory_estimate_for(type("B", (), {"family": "flux"})(), cfg)
     from npo_suite.trainer.batches import PairBatch
+    from npo_suite.trainer.stream import latent_shape
 
+    shape = latent_shape(b, cfg.resolution)  # the run's latents at 64 px, from the backend's own VAE
+    assert shape == (4, 32, 32)  # the tiny VAE downsamples by 2 (two blocks), not SD's 8
     g = torch.Generator().manual_seed(0)
-    batch = PairBatch(torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g),
-                      b.encode_prompts(["a red cat", "a blue dog"]), ["a red cat", "a blue dog"])  # 64 px latents
+    batch = PairBatch(torch.randn(2, *shape, generator=g), torch.randn(2, *shape, generator=g),
+                      b.encode_prompts(["a red cat", "a blue dog"]), ["a red cat", "a blue dog"])
     lora = sum(p.numel() * p.element_size() for p in b.trainable_parameters())
     gen = torch.Generator().manual_seed(0)
 
@@ -445,7 +450,7 @@ def test_memory_estimate_for_backend_against_its_real_step(sd15_dir):
 
     _, measured = allocator_peak(two_steps)
     measured += lora  # the LoRA was made before the measurement; the estimate counts it
-    assert est.total == pytest.approx(measured, rel=0.3), (est.report(), measured / 2**30)
+    assert est.total == pytest.approx(measured, rel=0.05), (est.report(), measured / 2**30)
     assert "GiB" in est.report()
     b.close()
 
