@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -139,6 +140,19 @@ def test_preset_fits_its_card(preset):
                   (PRESET_DIR / f"{preset}.yaml").read_text(encoding="utf-8"), re.S)
     assert m, f"{preset}: the header gives no traced peak"
     assert (float(m.group(1)), float(m.group(2))) == (round(e.peak_gib, 2), round(e.card_gib(), 2))
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    row = re.search(rf"^\| `{preset}` \|.*\| ([\d.]+) \(([\d.]+)\): (\d+) GB \|$",
+                    (docs / "training.md").read_text(encoding="utf-8"), re.M)
+    assert row, f"{preset}: no row in docs/training.md's preset table"
+    assert (float(row[1]), float(row[2]), float(row[3])) == (round(e.peak_gib, 2), round(e.card_gib(), 2),
+                                                             stated_card_gib(preset)[0])
+    bench = re.search(rf"^\| {preset} \| (\d+) GB \| (\d+) \| ([\d.]+) \| ([\d.]+)[^|]* \| ([\d.]+) \| ([\d.]+) "
+                      rf"\| ([\d.]+) \| yes \|$", (docs / "BENCHMARKS.md").read_text(encoding="utf-8"), re.M)
+    assert bench, f"{preset}: no row in docs/BENCHMARKS.md's preset table"
+    step = max(v["peak"] for v in e.phases["train_step"].values())
+    assert [float(x) for x in bench.groups()] == [
+        stated_card_gib(preset)[0], cfg.cache_batch_size, round(e.phases["weights"]["end"], 2),
+        round(e.phases["cache_fill"]["peak"], 2), round(step, 2), round(e.peak_gib, 2), round(e.card_gib(), 2)]
 
 
 def _check_fits(preset, e):
