@@ -45,8 +45,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--iters", type=int, default=None, help="timed rounds (default: 15 tiny, 3 full size)")
     t.add_argument("--methods", nargs="+", default=None, help="subset of METHODS (default: all)")
     t.add_argument("--device", default=device, help=f"default {device}")
+    _add_gpu(sub)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter for every method (e.g. --set tdft_k=25), as `train --set`")
+
+
+def _add_gpu(sub) -> None:
+    g = sub.add_parser("gpu", help="the GPU check (<= 8 min): peak memory and step time of sd15_8gb and sdxl_12gb "
+                                   "at full size with random weights beside their traced estimates, NPO vs CFG "
+                                   "sampling it/s at 512 and 1024 px; one JSON line")
+    g.add_argument("--tiny", action="store_true", help="the tiny test models instead of full size (any device)")
+    g.add_argument("--device", default="cuda", help="default cuda; --tiny --device cpu for the self-test")
+    g.add_argument("--steps", type=int, default=3, help="timed optimizer steps per preset (default 3)")
+
+
+def _gpu(args) -> int:
+    import sys
+
+    from ..benchmarks.gpu import GpuBenchConfig, NoGpu, run
+
+    try:
+        res = run(GpuBenchConfig(tiny=args.tiny, device=args.device, steps=args.steps))
+    except NoGpu as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(json.dumps(res))
+    return 0
 
 
 def guidance_config(args: argparse.Namespace):
@@ -100,4 +124,4 @@ def _train(args) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    return {"guidance": _guidance, "train": _train}[args.name](args)
+    return {"guidance": _guidance, "train": _train, "gpu": _gpu}[args.name](args)

@@ -33,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="estimate the run's device memory peak (cache fill and training step, traced on fake "
                              "tensors: no weights are loaded) and exit; --model may name a shipped config (sd15, sdxl)")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print one JSON line")
-    parser.add_argument("--fill-records", type=int, default=None,
-                        help="with --dry-run: records per latent-cache fill chunk (default: the cache's own, 8)")
     group = parser.add_argument_group("config keys (each also settable in --config / --set)")
     types_ = field_types()
     for f in dataclasses.fields(TrainConfig):
@@ -79,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         from ..trainer.memory_estimate import dry_run
 
         try:
-            print(dry_run(cfg, fill_records=args.fill_records, as_json=args.json))
+            print(dry_run(cfg, as_json=args.json))
         except (ValueError, FileNotFoundError) as e:
             print(f"train --dry-run: {e}", file=sys.stderr)
             return 2

@@ -63,7 +63,6 @@ class Family:
       architecture configs (`configs/<config_dir>`) used for that conversion.
     folder_components: the sub-folders that identify a diffusers folder of this family, and
       folder_absent: those it must not have.
-    activation_bytes_per_latent_pixel: training-memory estimate of one row (trainer/memory.py).
     tokenizer_pads: the pad token of each encoder's tokenizer when one CLIP vocabulary serves every encoder
       (a single file's shipped tokenizer, `--tokenizer DIR`): SDXL's OpenCLIP bigG pads with "!" (id 0)
       where CLIP-L pads with <|endoftext|>, as diffusers' SDXL `tokenizer_2` and ComfyUI's SDXL clip_g do.
@@ -91,7 +90,6 @@ class Family:
     folder_scheduler: tuple[str, ...] = ()  # scheduler classes its folders name (scheduler_config.json); () = any
     unet_added_cond: str | None = None  # the UNet config's addition_embed_type ("text_time" for SDXL)
     tokenizer_pads: tuple = ()  # per encoder, the pad token when one CLIP tokenizer folder serves all (None: its own)
-    activation_bytes_per_latent_pixel: float | None = None
 
     def __post_init__(self):
         if self.hidden_layer not in ("last", "penultimate"):

@@ -11,5 +11,4 @@ SD1 = Family(
     single_file_keys=("cond_stage_model.",), single_file_pipeline="StableDiffusionPipeline", config_dir="sd15",
     folder_components=("unet", "text_encoder", "vae"), folder_absent=("text_encoder_2",),
     unet_added_cond=None,
-    activation_bytes_per_latent_pixel=350e3,
 )

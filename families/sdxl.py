@@ -14,5 +14,4 @@ SDXL = Family(
     folder_components=("unet", "text_encoder", "text_encoder_2", "vae"),
     unet_added_cond="text_time",
     tokenizer_pads=(None, "!"),  # OpenCLIP bigG pads with "!" (id 0): diffusers' tokenizer_2, ComfyUI's clip_g
-    activation_bytes_per_latent_pixel=650e3,
 )

@@ -173,7 +173,7 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     """Build the ComfyUI backend, run `trainer.loop.train`, publish the LoRA; releases everything after.
 
     Memory: after the data is encoded, model management is asked for the run's estimated working set
-    (`memory.memory_estimate_for`: LoRA, grads, optimizer state, activations, autocast copies) with the
+    (`memory.memory_estimate_for`: the traced estimate of `train --dry-run` less the base weights) with the
     UNet fully loaded; afterwards every training-only object is released (`session.run_and_release`) and
     the cache emptied. The UNet itself stays loaded for the next node (docs/comfyui_training.md)."""
     import comfy.model_management as mm
@@ -190,9 +190,13 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     shown = NodeProgress(cfg.method, cfg.steps)
 
     def on_ready(backend):
-        est = memory.memory_estimate_for(backend, cfg)
-        log.info("npo_suite train %s: %s", cfg.method, est.report())
-        backend.reserve_memory(est.total)
+        try:
+            est = memory.memory_estimate_for(backend, cfg)
+        except ValueError as e:  # a family without a shipped config: nothing to trace
+            log.warning("npo_suite train %s: %s; no memory reserved ahead of the run", cfg.method, e)
+        else:
+            log.info("npo_suite train %s: %s", cfg.method, est.report())
+            backend.reserve_memory(est.total)
         shown.start()
 
     opts = BackendOptions(lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_init or None, cfg.seed),

@@ -410,40 +410,48 @@ def test_loss_curve_preview_is_small_and_robust():
     assert a.tobytes() != b.tobytes()  # it draws the data
 
 
-def test_memory_estimate_items():
-    from npo_suite.families import get_family
-    from npo_suite.nodes.comfy.memory import ACTIVATION_SLACK, estimate_training_memory
-
-    base = dict(family="sd1", resolution=512, batch_size=1, data_kind="pairs", policy_params=1000, adapter_params=0,
-                optimizer="adamw", gradient_checkpointing=False, precision="fp16", float32_base_params=0)
-    e = estimate_training_memory(**base)
-    act = get_family("sd1").activation_bytes_per_latent_pixel * 64 * 64 * 2 * ACTIVATION_SLACK  # 2 rows (winner, loser)
-    assert (e.lora, e.grads, e.optimizer, e.autocast_weights) == (4000, 4000, 8000, 0)
-    assert e.activations == int(act) and e.total == 16000 + int(act)
-    assert "GiB" in e.report() and "activations" in e.report()
-    assert estimate_training_memory(**{**base, "precision": "no"}).activations == int(2 * act)  # fp32 activations
-    assert estimate_training_memory(**{**base, "gradient_checkpointing": True}).activations < 0.2 * e.activations
-    assert estimate_training_memory(**{**base, "data_kind": "images_or_prompts"}).activations == int(act / 2)
-    assert estimate_training_memory(**{**base, "batch_size": 2, "resolution": 1024}).activations == int(8 * act)
-    assert estimate_training_memory(**{**base, "float32_base_params": 10}).autocast_weights == 20
-    assert estimate_training_memory(**{**base, "optimizer": "adamw8bit", "adapter_params": 1000}).optimizer == 2000
-    assert estimate_training_memory(**{**base, "adapter_params": 1000}).lora == 8000
-    with pytest.raises(ValueError, match="unknown family"):
-        estimate_training_memory(**{**base, "family": "flux"})
-
-
-def test_memory_estimate_for_backend_counts_extra_adapters(sd15_dir):
+def test_memory_estimate_for_backend_against_its_real_step(sd15_dir):
+    """The node's reservation (the traced estimate less the base weights) against what two real
+    training steps on the ComfyUI backend allocate beyond the loaded weights (PyTorch's CPU allocator,
+    profiler memory events), on the latents the run makes at 64 px (32 x 32 with the tiny VAE): measured
+    0.2% apart (2026-12-05, torch 2.13 CPU). The trace runs the diffusers backend on the same config;
+    the ComfyUI backend's own wrappers, the optimizer's bookkeeping and kernels' scratch buffers the
+    allocator sees and the trace does not may differ by torch version: 5% allowed (the old analytic
+    formula was off 3-4x)."""
     from npo_suite.nodes.comfy.memory import memory_estimate_for
     from npo_suite.trainer.config import TrainConfig
+    from npo_suite.trainer.loop import build_optimizer
+    from npo_suite.trainer.memory_estimate import allocator_peak
+    from npo_suite.trainer.methods import METHODS
 
-    b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=2)))
-    n = sum(p.numel() for p in b.trainable_parameters())
-    fp32 = sum(p.numel() for p in b.network.parameters())
-    npo = memory_estimate_for(b, TrainConfig(method="npo", resolution=64, mixed_precision="bf16"))
-    tdft = memory_estimate_for(b, TrainConfig(method="tdft", resolution=64, mixed_precision="bf16"))
-    assert npo.lora == 4 * n and tdft.lora == 8 * n  # TDFT's EMA teacher is a second adapter of the same shape
-    assert npo.grads == tdft.grads == 4 * n and npo.autocast_weights == 2 * fp32
-    assert tdft.activations * 2 == npo.activations  # one policy row per sample instead of two
+    b = comfy_like(load_sd15(sd15_dir), sd15_dir, options=BackendOptions(lora=LoraOptions(rank=4)))
+    cfg = TrainConfig(method="dpo", resolution=64, batch_size=2, lora_rank=4, grad_accum=1)
+    est = memory_estimate_for(b, cfg, model=str(sd15_dir))
+    with pytest.raises(ValueError, match="no shipped config"):
+        memory_estimate_for(type("B", (), {"family": "flux"})(), cfg)
+    from npo_suite.trainer.batches import PairBatch
+    from npo_suite.trainer.stream import latent_shape
+
+    shape = latent_shape(b, cfg.resolution)  # the run's latents at 64 px, from the backend's own VAE
+    assert shape == (4, 32, 32)  # the tiny VAE downsamples by 2 (two blocks), not SD's 8
+    g = torch.Generator().manual_seed(0)
+    batch = PairBatch(torch.randn(2, *shape, generator=g), torch.randn(2, *shape, generator=g),
+                      b.encode_prompts(["a red cat", "a blue dog"]), ["a red cat", "a blue dog"])
+    lora = sum(p.numel() * p.element_size() for p in b.trainable_parameters())
+    gen = torch.Generator().manual_seed(0)
+
+    def two_steps():
+        opt = build_optimizer(cfg, b.trainable_parameters())
+        for _ in range(2):
+            METHODS["dpo"].compute(b, batch, cfg, gen).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return opt
+
+    _, measured = allocator_peak(two_steps)
+    measured += lora  # the LoRA was made before the measurement; the estimate counts it
+    assert est.total == pytest.approx(measured, rel=0.05), (est.report(), measured / 2**30)
+    assert "GiB" in est.report()
     b.close()
 
 
@@ -480,7 +488,7 @@ def _release_run(sd15_dir, tmp_path, monkeypatch, fail_at=None, **cfg_kw):
         return b
 
     def on_ready(b):
-        calls.append(("estimate", memory.memory_estimate_for(b, cfg).total))
+        calls.append(("estimate", memory.memory_estimate_for(b, cfg, model=str(sd15_dir)).total))
         b.reserve_memory(calls[-1][1])
 
     def progress(step, total, loss):

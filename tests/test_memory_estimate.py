@@ -1,16 +1,18 @@
 """`train --dry-run --json`: the run's device peak traced on fake tensors (trainer/memory_estimate.py).
 
 - the JSON line's schema, from the CLI, on a tiny model folder and on a shipped config name;
-- monotonic sanity: batch 2 >= batch 1, gradient checkpointing <= without, a bigger fill chunk >= a smaller;
+- monotonic sanity: batch 2 >= batch 1, gradient checkpointing <= without, more images per VAE call
+  (`cache_batch_size`, the one setting of the real fill) >= fewer;
 - agreement with what a real step uses: the same trace on real tensors, measured by PyTorch's CPU
   allocator (profiler memory events, kernels' own buffers included), within 15% at tiny size
   (the full-size figure is in docs/BENCHMARKS.md);
-- every preset fits the card (or expected peak) its header states, cache fill included, with the
-  CUDA context and allocator allowance of `Estimate.card_gib`.
+- every preset fits the card its header states, cache fill included, with the CUDA context and
+  allocator allowance of `Estimate.card_gib`, and its header's peak is the estimate's.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,11 +28,11 @@ def tiny_cfg(model, **overrides):
     return load_config(overrides={"model": str(model), **TINY, **overrides})
 
 
-def test_dry_run_json_schema(sd15_dir, capsys):
+def test_dry_run_json_schema(sd15_dir, tmp_path, capsys):
     from npo_suite.cli import main
 
     rc = main(["train", "--model", str(sd15_dir), "--method", "dpo", "--resolution", "64", "--lora-rank", "4",
-               "--dry-run", "--json"])
+               "--cache-dir", str(tmp_path / "cache"), "--dry-run", "--json"])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -43,10 +45,19 @@ def test_dry_run_json_schema(sd15_dir, capsys):
     peaks = [d["phases"]["cache_fill"]["peak"], *(v["peak"] for v in d["phases"]["train_step"].values())]
     assert d["peak_gib"] == pytest.approx(max(peaks), abs=1e-3)
     s = d["settings"]
-    assert s["device"] == "cuda" and s["method"] == "dpo" and s["fill_images"] == 16 and s["trainable_params"] > 0
+    assert s["device"] == "cuda" and s["method"] == "dpo" and s["trainable_params"] > 0
+    # with a cache_dir, `LatentCache.fill` encodes FILL_BATCH (8) pairs together, 4 images per VAE call
+    assert (s["fill_records"], s["fill_images"], s["images_per_vae_call"], s["cache_batch_size"]) == (8, 16, 4, 4)
+    assert s["cache_dir"] is True
     assert d["fake"] is True
     assert d["card_gib"] == pytest.approx(d["peak_gib"] * ALLOCATOR_SLACK + CONTEXT_GIB, abs=1e-2)
     assert d["allowance"] == {"cuda_context_gib": CONTEXT_GIB, "allocator_slack": ALLOCATOR_SLACK}
+    assert not (tmp_path / "cache").exists()  # a dry run writes nothing
+    # without one nothing is filled ahead: each pair is encoded alone when first read (`LatentCache._get`)
+    assert main(["train", "--model", str(sd15_dir), "--method", "dpo", "--resolution", "64", "--lora-rank", "4",
+                 "--dry-run", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["settings"]
+    assert (s["cache_dir"], s["fill_records"], s["fill_images"], s["images_per_vae_call"]) == (False, 1, 2, 2)
 
 
 def test_dry_run_text_counts_the_data(sd15_dir, tmp_path, capsys):
@@ -62,6 +73,9 @@ def test_dry_run_text_counts_the_data(sd15_dir, tmp_path, capsys):
                "--dry-run", "--json"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["settings"]["fill_images"] == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(sd15_dir), "--resolution", "64", "--dry-run", "--fill-records", "1"])
+    capsys.readouterr()  # the knob the run does not have is gone: --cache-batch-size is the one setting
     assert main(["train", "--model", str(sd15_dir), "--resolution", "64", "--dry-run"]) == 0
     assert "peak" in capsys.readouterr().out
 
@@ -76,10 +90,12 @@ def test_monotonic(sd15_dir):
     assert b2 > b1 and e2.peak_gib >= e1.peak_gib
     _, ckpt = step_peak(batch_size=2, gradient_checkpointing=True)
     assert ckpt <= b2
-    small = trace_run(tiny_cfg(sd15_dir), str(sd15_dir), device="cpu", fill_records=2)
-    big = trace_run(tiny_cfg(sd15_dir), str(sd15_dir), device="cpu", fill_records=16)
+    def filled(n):  # a cache_dir: FILL_BATCH (8) pairs = 16 images filled before training, n per VAE call
+        return trace_run(tiny_cfg(sd15_dir, cache_batch_size=n, cache_dir="unused"), str(sd15_dir), device="cuda")
+
+    small, big = filled(1), filled(16)
     assert big.phases["cache_fill"]["peak"] > small.phases["cache_fill"]["peak"]
-    assert small.settings["fill_images"] == 4 and big.settings["fill_images"] == 32
+    assert small.settings["images_per_vae_call"] == 1 and big.settings["images_per_vae_call"] == 16
 
 
 @pytest.mark.parametrize("method", ["dpo", "tdft"])
@@ -107,29 +123,36 @@ def test_stated_cards():
         assert stated_card_gib(p)[0] > 0
 
 
-# Today's cache fill VAE-encodes 8 records per batch with the UNet resident (trainer/data/cache.py
-# `fill(batch_size=8)`): 16 images at 512 px (fp16) peak at 7.1 GiB for sd15_8gb, 16 at 1024 px (bf16)
-# at 26.8 GiB for sdxl_12gb, 8 at 1024 px at 16.7 GiB for tdft_sdxl; their training steps alone fit
-# (2.5, 7.8, 7.6 GiB). Issue 24: encode in bounded chunks; with one record per chunk all fit (below).
-FILL_TOO_BIG = {"sd15_8gb", "sdxl_12gb", "tdft_sdxl"}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.xfail(
-    strict=True, reason="cache fill of 8 records in one VAE batch (issue 24)")) if p in FILL_TOO_BIG else p
-    for p in PRESETS])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_preset_fits_its_card(preset):
     """Each preset on its family's shipped config, on a GPU (weights in the preset's dtype), cache fill
-    included, plus the CUDA context and allocator slack, within the memory its header states."""
-    cfg = load_config(preset=preset)
-    _check_fits(preset, trace_run(cfg, preset_model(cfg), device="cuda"))
+    (at its cache_batch_size) included, plus the CUDA context and allocator slack, within the card its
+    header states; the header's peak figure is this estimate's."""
+    import re
 
+    from npo_suite.trainer.memory_estimate import PRESET_DIR
 
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", sorted(FILL_TOO_BIG))
-def test_preset_fits_with_a_one_record_fill_chunk(preset):
     cfg = load_config(preset=preset)
-    _check_fits(preset, trace_run(cfg, preset_model(cfg), device="cuda", fill_records=1))
+    e = trace_run(cfg, preset_model(cfg), device="cuda")
+    _check_fits(preset, e)
+    m = re.search(r"# peak ([\d.]+) GiB .*?, ([\d.]+) GiB with the CUDA",
+                  (PRESET_DIR / f"{preset}.yaml").read_text(encoding="utf-8"), re.S)
+    assert m, f"{preset}: the header gives no traced peak"
+    assert (float(m.group(1)), float(m.group(2))) == (round(e.peak_gib, 2), round(e.card_gib(), 2))
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    row = re.search(rf"^\| `{preset}` \|.*\| ([\d.]+) \(([\d.]+)\): (\d+) GB \|$",
+                    (docs / "training.md").read_text(encoding="utf-8"), re.M)
+    assert row, f"{preset}: no row in docs/training.md's preset table"
+    assert (float(row[1]), float(row[2]), float(row[3])) == (round(e.peak_gib, 2), round(e.card_gib(), 2),
+                                                             stated_card_gib(preset)[0])
+    bench = re.search(rf"^\| {preset} \| (\d+) GB \| (\d+) \| ([\d.]+) \| ([\d.]+)[^|]* \| ([\d.]+) \| ([\d.]+) "
+                      rf"\| ([\d.]+) \| yes \|$", (docs / "BENCHMARKS.md").read_text(encoding="utf-8"), re.M)
+    assert bench, f"{preset}: no row in docs/BENCHMARKS.md's preset table"
+    step = max(v["peak"] for v in e.phases["train_step"].values())
+    assert [float(x) for x in bench.groups()] == [
+        stated_card_gib(preset)[0], cfg.cache_batch_size, round(e.phases["weights"]["end"], 2),
+        round(e.phases["cache_fill"]["peak"], 2), round(step, 2), round(e.peak_gib, 2), round(e.card_gib(), 2)]
 
 
 def _check_fits(preset, e):

@@ -105,8 +105,20 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------- setup helpers
 def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
+    """The run's Accelerator, with the run's own precision and device.
 
+    accelerate keeps both in a process-wide state: a second Accelerator in the same process with
+    another `mixed_precision` is refused ("AcceleratorState has already been initialized ... restart
+    your runtime"), and one without `cpu` after a `cpu` run silently stays on the CPU. A host that
+    trains several times in one process (ComfyUI, the tests) would meet both, so a process that was
+    not launched distributed starts each run from a fresh state. A distributed launch (`accelerate
+    launch`, several processes) runs one training per process and keeps its state (its process group)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    shared = PartialState._shared_state
+    if shared and shared.get("distributed_type") == DistributedType.NO and shared.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
 
 
@@ -142,11 +154,49 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
 
             return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                        weight_decay=cfg.weight_decay)
-        except ImportError:
-            print("optimizer adamw8bit: bitsandbytes is not installed (pip install bitsandbytes); using adamw",
-                  file=sys.stderr)
+        except ImportError:  # said in the run's first lines (`setup_lines`)
+            pass
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                              weight_decay=cfg.weight_decay)
+
+
+ATTENTION_KINDS = {"AttnProcessor2_0": "SDPA (torch scaled_dot_product_attention)",
+                   "XFormersAttnProcessor": "xformers (memory-efficient attention)",
+                   "SlicedAttnProcessor": "sliced attention", "AttnProcessor": "plain attention (no fused kernel)"}
+
+
+def setup_lines(cfg: TrainConfig, acc, backend, opt) -> list[str]:
+    """What the run actually uses, for its first lines: device, weight dtype and autocast (the one in
+    effect, which on a CPU may differ from the one asked for), the optimizer built, attention kernels."""
+    dev = acc.device
+    name = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""
+    lines = [f"device: {dev}{name}" + (f", {acc.num_processes} processes" if acc.num_processes > 1 else "")]
+    unet = getattr(backend, "unet", None)
+    first = next(iter(unet.parameters()), None) if isinstance(unet, torch.nn.Module) else None
+    wdtype = first.dtype if first is not None else None
+    wd = str(wdtype).replace("torch.", "") if wdtype is not None else "as the host loaded them"
+    asked = cfg.mixed_precision
+    if asked == "no":
+        lines.append(f"precision: {wd} weights, no autocast (mixed_precision no)")
+    elif acc.native_amp:
+        lines.append(f"precision: {wd} base weights, {asked} autocast (mixed_precision {asked})")
+    else:
+        lines.append(f"precision: mixed_precision {asked} requested; running {wd} weights without autocast on "
+                     f"{dev.type} ({asked} autocast is not available there)")
+    built = type(getattr(opt, "optimizer", opt))
+    label = f"{built.__module__.split('.')[0]} {built.__name__}"
+    if cfg.optimizer == "adamw8bit" and built.__name__ != "AdamW8bit":
+        lines.append(f"optimizer: {label} (adamw8bit requested: bitsandbytes is not installed; "
+                     f"pip install 'npo-suite[gpu]' or bitsandbytes)")
+    else:
+        lines.append(f"optimizer: {label} (optimizer {cfg.optimizer})")
+    procs = getattr(unet, "attn_processors", None) if unet is not None else None
+    if procs:
+        kinds = sorted({ATTENTION_KINDS.get(type(p).__name__, type(p).__name__) for p in procs.values()})
+        lines.append("attention: " + ", ".join(kinds))
+    else:
+        lines.append("attention: the host model's own")
+    return lines
 
 
 def micro_seed(seed: int, global_micro: int) -> int:
@@ -328,6 +378,9 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     method.setup(backend, cfg)
     data = iter(data) if data is not None else build_data(cfg, backend, method, acc.process_index, acc.num_processes)
     opt = acc.prepare_optimizer(build_optimizer(cfg, backend.trainable_parameters()), device_placement=False)
+    if acc.is_main_process:
+        for line in setup_lines(cfg, acc, backend, opt):
+            print(line, file=sys.stderr)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps)
     updater = ReferenceUpdater.from_config(cfg)
     generator = torch.Generator(device=acc.device if acc.device.type == "cuda" else "cpu")

@@ -6,12 +6,18 @@ under PyTorch's `FakeTensorMode` (no weights are read, no memory is used), wraps
 
   weights     the components in the run's weight dtype, the policy LoRA and the method's extra
               adapters (ref / ema), all resident on the device from here on
-  cache_fill  one chunk of `LatentCache.fill`: pixels of the chunk's images on the device (float32,
-              then the VAE's dtype), the VAE encode and the text encoder(s) on its prompts
-  train_step  two optimizer steps of the method's own `compute` (policy forward on winner + loser,
-              the no-grad reference / teacher forwards with the adapter switched), the backward,
-              gradient clipping and the optimizer step; the second step runs with the optimizer
-              state resident and `min(grad_accum, 2)` micro-batches, so grads are held across one
+  cache_fill  one batch of `LatentCache.fill` (FILL_BATCH records) through the real
+              `LatentCache.encode_records`: the batch's pixels on the host, at most
+              `cfg.cache_batch_size` images per VAE call on the device (float32, then the VAE's
+              dtype), each call's latents moved off at once, the text encoder(s) on its prompts
+  train_step  one micro-batch of a steady-state step: the optimizer state allocated (one step on
+              zero gradients) and, with grad_accum > 1, the previous micro-batch's gradients held;
+              then the method's own `compute` (policy forward on winner + loser, the no-grad
+              reference / teacher forwards with the adapter switched), the backward, gradient
+              clipping and the optimizer step. (The first step and micro-batch hold less: tracing
+              them changed no peak at tiny or full size, and tripled the trace's time.)
+              Without a `cache_dir` nothing is filled ahead: each record is encoded when first read,
+              mid-training, with the optimizer state resident (traced there).
 
 `LiveBytes` (a TorchDispatchMode) counts every tensor storage alive at each dispatched op (each
 storage once, rounded up to the CUDA caching allocator's 512-byte blocks) and its peak per phase:
@@ -36,13 +42,11 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten
 
 GIB = 2 ** 30
 BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 bytes
 CONTEXT_GIB = 1.0  # CUDA context + cuBLAS/cuDNN handles and workspaces, outside PyTorch's allocator
 ALLOCATOR_SLACK = 1.10  # reserved / allocated of the caching allocator at a training peak (fragmentation)
-FILL_RECORDS = 8  # `LatentCache.fill(batch_size=8)`: records per VAE batch (pairs: 2 images each)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = {"sd15": "sd15", "sd1": "sd15", "sdxl": "sdxl"}
 SMALL = 1 << 16  # ops on real tensors this small run for real (timesteps, masks), so Python can read them
@@ -67,6 +71,16 @@ class LiveBytes(TorchDispatchMode):
         self._ids: set[int] = set()
         self.phases: dict[str, dict[str, float]] = {}
         self._open: list[list] = []  # [name, start, peak]
+        self._host = False  # inside `host()`: storages made are host memory, not the device's
+
+    @contextlib.contextmanager
+    def host(self, on: bool = True):
+        """Storages created inside are host (CPU) memory of a GPU run: registered, never counted."""
+        prev, self._host = self._host, on
+        try:
+            yield
+        finally:
+            self._host = prev
 
     # ------------------------------------------------------------------ accounting
     def track(self, t: torch.Tensor) -> None:
@@ -79,7 +93,7 @@ class LiveBytes(TorchDispatchMode):
         key = id(st)
         if key in self._ids:
             return
-        n = _rounded(st.nbytes())
+        n = 0 if self._host else _rounded(st.nbytes())
         self._ids.add(key)
         self.live += n
         weakref.finalize(st, self._free, key, n)
@@ -118,22 +132,50 @@ class LiveBytes(TorchDispatchMode):
                 out = func(*args, **kwargs)
         else:
             out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
+        for t in _tensors(out):
             self.track(t)
         return out
 
     @staticmethod
     def _real_ok(func, args, kwargs) -> bool:
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if any(_is_fake(t) or t.numel() > SMALL for t in tensors):
-            return False
-        return bool(tensors) or _requested_numel(args) <= SMALL
+        fake = _fake_type()
+        seen = False
+        for t in _tensors((args, tuple(kwargs.values()))):
+            if isinstance(t, fake) or t.numel() > SMALL:
+                return False
+            seen = True
+        return seen or _requested_numel(args) <= SMALL
+
+
+def _tensors(x):
+    """The tensors in an op's arguments or result: aten's schemas nest only tuples and lists (what
+    `tree_flatten` finds there, at a fraction of its cost: this runs on every op of a trace)."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            if isinstance(v, torch.Tensor):
+                yield v
+            elif isinstance(v, (tuple, list, dict)):
+                yield from _tensors(v)
+    elif isinstance(x, dict):
+        yield from _tensors(tuple(x.values()))
+
+
+_FAKE = None
+
+
+def _fake_type():
+    global _FAKE
+    if _FAKE is None:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        _FAKE = FakeTensor
+    return _FAKE
 
 
 def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
+    return isinstance(t, _fake_type())
 
 
 def _requested_numel(args) -> int:
@@ -213,6 +255,11 @@ def build_components(mc: ModelConfigs):
     return unet, tes, vae, sched_cls.from_config(mc.scheduler)
 
 
+def tokens(text_encoder_config: dict) -> "_Tokens":
+    """The tokenizer stand-in for a text encoder config: its full context of token ids."""
+    return _Tokens(int(text_encoder_config.get("max_position_embeddings", 77)))
+
+
 class _Tokens:
     """A tokenizer stand-in: every prompt is `length` token ids (the encoder's full context)."""
 
@@ -233,6 +280,12 @@ class Estimate:
     settings: dict
     fake: bool = True
     notes: list[str] = field(default_factory=list)
+    base_weights_gib: float = 0.0  # the frozen components (UNet, text encoder(s), VAE) in the weight dtype
+
+    def training_beyond_base_gib(self) -> float:
+        """The training step's peak beyond the base weights (LoRA, adapters, optimizer state, grads,
+        activations): what a host that already holds the model (ComfyUI) must find free."""
+        return max(ph["peak"] for ph in self.phases["train_step"].values()) - self.base_weights_gib
 
     def card_gib(self, context_gib: float = CONTEXT_GIB, slack: float = ALLOCATOR_SLACK) -> float:
         """What a GPU must have for this run: the allocator's peak with its slack, plus the CUDA context."""
@@ -273,9 +326,15 @@ def images_per_record(kind: str, cfg) -> int:
     return 1
 
 
-def _fake_batch(backend, mc: ModelConfigs, kind: str, B: int, resolution: int, device):
+def fake_batch(backend, mc: ModelConfigs, kind: str, B: int, resolution: int, device, random: bool = False):
+    """A micro-batch of the run's kind and shapes (zeros; random=True: standard normal latents and text
+    states, for a real step)."""
     from .batches import Cond, PairBatch, PromptBatch
 
+    zeros = torch.zeros
+    if random:
+        def zeros(*shape, device=None):  # noqa: E306
+            return torch.randn(*shape, device=device)
     down = 2 ** (len(mc.vae["block_out_channels"]) - 1) if mc.vae is not None else 1
     C, h = mc.unet.get("in_channels", 4), resolution // down
     L = backend.tokenizers[0].model_max_length
@@ -284,12 +343,12 @@ def _fake_batch(backend, mc: ModelConfigs, kind: str, B: int, resolution: int, d
     if backend.family == "sdxl":
         added = {"text_embeds": torch.zeros(B, mc.text_encoders[-1].get("projection_dim", 1280), device=device),
                  "time_ids": torch.zeros(B, 6, device=device)}
-    cond = Cond(torch.zeros(B, L, D, device=device), added)
-    lat = lambda: torch.zeros(B, C, h, h, device=device)  # noqa: E731
+    cond = Cond(zeros(B, L, D, device=device), added)
+    lat = lambda: zeros(B, C, h, h, device=device)  # noqa: E731
     if kind == "pairs":
         return PairBatch(lat(), lat(), cond, ["x"] * B)
     if kind == "prompts_with_winners":
-        neg = Cond(torch.zeros(B, L, D, device=device), {k: torch.zeros_like(v) for k, v in added.items()})
+        neg = Cond(zeros(B, L, D, device=device), {k: torch.zeros_like(v) for k, v in added.items()})
         return PromptBatch(["x"] * B, cond, lat(), lat(), neg_cond=neg)
     return PromptBatch(["x"] * B, cond, lat(), latent_shape=(C, h, h))
 
@@ -315,12 +374,77 @@ def _adamw8bit_bytes(params) -> int:
     return total
 
 
+def fill_records(cfg, n_records: int | None = None) -> int:
+    """Records one fill batch encodes together: `LatentCache.fill`'s batch (FILL_BATCH), fewer when the
+    data has fewer; without a `cache_dir` nothing is filled ahead and each record is encoded alone when
+    first read (`LatentCache._get`)."""
+    from .data.cache import FILL_BATCH
+
+    n = FILL_BATCH if cfg.cache_dir else 1
+    return max(1, min(n, n_records)) if n_records else n
+
+
+def fill_batch(cfg, kind: str, n_records: int, pixels) -> tuple[list, list[dict]]:
+    """One fill batch as `LatentCache.fill` hands it to `encode_records`: n records of the run's data kind
+    and their decoded images (`pixels()` -> [3, R, R] each; `images_per_record` of them per record)."""
+    from ..core.prompts import PromptRecord
+    from .data.records import PairRecord
+    from .data.transforms import SizeCond
+
+    per = images_per_record(kind, cfg)
+    R = cfg.resolution
+    size = SizeCond((R, R), (0, 0), (R, R))
+    records, preps = [], []
+    for i in range(n_records):
+        if kind == "pairs":
+            records.append(PairRecord(f"r{i}", "x", "w.png", "l.png"))
+            preps.append({"px_w": pixels(), "size_w": size, "px_l": pixels(), "size_l": size})
+        else:
+            records.append(PromptRecord(f"r{i}", "x", "w.png" if per else None,
+                                        "y" if kind == "prompts_with_winners" else None,
+                                        "l.png" if per > 1 else None))
+            preps.append({} if not per else {"px_w": pixels(), "size_w": size} if per == 1 else
+                         {"px_w": pixels(), "size_w": size, "px_l": pixels(), "size_l": size})
+    return records, preps
+
+
+def _trace_fill(tracker: LiveBytes, backend, cfg, kind: str, n_records: int, on_gpu: bool) -> dict:
+    """One batch of the real `LatentCache.fill` on fake records: the batch's decoded pixels on the host
+    (float32 [3, R, R] each), `LatentCache.encode_records` sending at most `cfg.cache_batch_size` of
+    them per VAE call to the device and taking each call's latents off at once, then the text
+    encoder(s) on the batch's prompts. on_gpu: host and device are apart (a CPU run has one memory)."""
+    from .data.cache import LatentCache
+
+    per = images_per_record(kind, cfg)
+    R = cfg.resolution
+
+    def pixels():
+        with tracker.host(on_gpu):
+            return torch.zeros(3, R, R)
+
+    def to_device_and_back(x):  # `x.to(device)`, encode, `.to("cpu")` as LatentCache._encode_images does
+        d = x.clone() if on_gpu else x
+        lat = backend.encode_images(d)
+        del d
+        if not on_gpu:
+            return lat
+        with tracker.host():
+            return lat.clone()
+
+    records, preps = fill_batch(cfg, kind, n_records, pixels)
+    cache = LatentCache(None, "estimate", to_device_and_back, backend.encode_prompts, encode_batch=cfg.cache_batch_size)
+    out = cache.encode_records(records, preps)
+    del out, preps
+    return {"fill_records": n_records, "fill_images": per * n_records,
+            "images_per_vae_call": min(cfg.cache_batch_size, per * n_records) if per else 0}
+
+
 def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: bool = True,
-              fill_records: int | None = None, n_records: int | None = None, seed: int = 0) -> Estimate:
+              n_records: int | None = None, seed: int = 0) -> Estimate:
     """Trace the run's memory (module docstring). device: "cuda" (the run on a GPU: weights in the
     preset's dtype, autocast) or "cpu" (as `train` runs on CPU: float32 weights, no autocast).
     fake=False runs the same on real tensors of random-init components (the measurement).
-    fill_records: records per cache-fill chunk (default FILL_RECORDS, or n_records if fewer)."""
+    n_records: records in the data, when known (a smaller set fills in one smaller batch)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
@@ -329,9 +453,7 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
     mc = model if isinstance(model, ModelConfigs) else resolve_model(model)
     method = METHODS[cfg.method]
     kind = method.data_kind
-    chunk = fill_records or FILL_RECORDS
-    if n_records is not None:
-        chunk = min(chunk, n_records)
+    records = fill_records(cfg, n_records)
     wdtype = _weight_dtype(cfg, device)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     tracker = LiveBytes(run_real_small=fake)
@@ -344,11 +466,12 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
             unet, tes, vae, sched = build_components(mc)
         finally:
             torch.set_default_dtype(default)
-        toks = [_Tokens(int(c.get("max_position_embeddings", 77))) for c in mc.text_encoders]
+        toks = [tokens(c) for c in mc.text_encoders]
         with tracker:
             tracker.run_real_small = False
             with tracker.phase("weights"):
                 tracker.track_module(unet, vae, *tes)
+                base = tracker.live
                 backend = DiffusersBackend(unet, tes, toks, sched, vae, family=mc.family, device="cpu",
                                            options=BackendOptions(
                                                lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
@@ -358,55 +481,61 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 for name in method.extra_adapters(cfg):  # Method.setup without DDSPO's rewriter model
                     backend.add_adapter(name, init_from="policy")
             tracker.run_real_small = fake
-            n_img = images_per_record(kind, cfg) * chunk
-            with tracker.phase("cache_fill"), torch.no_grad():
-                if n_img and vae is not None:
-                    px = torch.zeros(n_img, 3, cfg.resolution, cfg.resolution)  # float32 pixels on the device
-                    lat = backend.encode_images(px)
-                    del px
-                else:
-                    lat = None
-                cond = backend.encode_prompts(["x"] * chunk)
-                del lat, cond
+            def cache_fill():
+                with tracker.phase("cache_fill"), torch.no_grad():
+                    return _trace_fill(tracker, backend, cfg, kind, records, on_gpu=device == "cuda")
+
+            if cfg.cache_dir:  # filled before training starts
+                fill = cache_fill()
             params = backend.trainable_parameters()
             opt = _optimizer(cfg, params, device)
             opt_extra = _adamw8bit_bytes(params) if opt is None else 0
             if opt is None:
                 notes.append(f"adamw8bit state counted analytically: {opt_extra / 2**20:.1f} MiB")
-            gen = torch.Generator("cpu")
-            for step, micro in enumerate((1, min(cfg.grad_accum, 2))):
-                for k in range(micro):
-                    gen.manual_seed(seed + 7 * step + k)
-                    batch = _fake_batch(backend, mc, kind, cfg.batch_size, cfg.resolution, "cpu")
-                    with tracker.phase(f"step{step}.forward"), _autocast(cfg, device):
-                        out = method.compute(backend, batch, cfg, gen)
-                    with tracker.phase(f"step{step}.backward"):
-                        (out.loss / cfg.grad_accum).backward()
-                    del out, batch
-                with tracker.phase(f"step{step}.optimizer"):
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e9,
-                                                   foreach=device == "cuda")
-                    if opt is not None:
-                        opt.step()
-                    opt.zero_grad(set_to_none=True) if opt is not None else [setattr(p, "grad", None) for p in params]
+            # the steady state after the first optimizer step: its state allocated (AdamW makes its
+            # moments on the first step), and, with grad_accum > 1, the gradients of the previous
+            # micro-batch held while the next one runs (what the first step and micro-batch leave)
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            if opt is not None:
+                opt.step()
+            if cfg.grad_accum < 2 or not cfg.cache_dir:
+                for p in params:
+                    p.grad = None
+            if not cfg.cache_dir:  # each record encoded when the batch stream first reads it, mid-training
+                fill = cache_fill()
+                if cfg.grad_accum >= 2:
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+            gen = torch.Generator("cpu").manual_seed(seed)
+            batch = fake_batch(backend, mc, kind, cfg.batch_size, cfg.resolution, "cpu")
+            with tracker.phase("step.forward"), _autocast(cfg, device):
+                out = method.compute(backend, batch, cfg, gen)
+            with tracker.phase("step.backward"):
+                (out.loss / cfg.grad_accum).backward()
+            del out, batch
+            with tracker.phase("step.optimizer"):
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e9,
+                                               foreach=device == "cuda")
+                if opt is not None:
+                    opt.step()
+                opt.zero_grad(set_to_none=True) if opt is not None else [setattr(p, "grad", None) for p in params]
             del opt
-    phases = {name: {k: (v + (opt_extra if name.startswith("step1") else 0)) / GIB for k, v in ph.items()}
+    extra = {"weights": 0, "cache_fill": 0 if cfg.cache_dir else opt_extra}
+    phases = {name: {k: (v + extra.get(name, opt_extra)) / GIB for k, v in ph.items()}
               for name, ph in tracker.phases.items()}
-    peak = max(tracker.phases["cache_fill"]["peak"], max(ph["peak"] for n, ph in tracker.phases.items()
-                                                          if n.startswith("step0")),
-               max(ph["peak"] for n, ph in tracker.phases.items() if n.startswith("step1")) + opt_extra)
     phases = {"weights": phases["weights"], "cache_fill": phases["cache_fill"],
-              "train_step": {k.split(".", 1)[1]: v for k, v in phases.items() if k.startswith("step1")},
-              "first_step": {k.split(".", 1)[1]: v for k, v in phases.items() if k.startswith("step0")}}
+              "train_step": {k.split(".", 1)[1]: v for k, v in phases.items() if k.startswith("step.")}}
+    peak = max(phases["cache_fill"]["peak"], *(ph["peak"] for ph in phases["train_step"].values()))
     settings = {"model": mc.source, "family": mc.family, "device": device, "method": cfg.method,
                 "weight_dtype": str(wdtype).replace("torch.", ""), "mixed_precision": cfg.mixed_precision,
                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "resolution": cfg.resolution,
                 "gradient_checkpointing": cfg.gradient_checkpointing, "lora_rank": cfg.lora_rank,
                 "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
-                "extra_adapters": list(method.extra_adapters(cfg)), "fill_records": chunk,
-                "fill_images": images_per_record(kind, cfg) * chunk,
+                "extra_adapters": list(method.extra_adapters(cfg)), "cache_dir": bool(cfg.cache_dir),
+                "cache_batch_size": cfg.cache_batch_size, **fill,
                 "trainable_params": sum(p.numel() for p in params)}
-    return Estimate(round(peak / GIB, 4), _round(phases), settings, fake, notes)
+    return Estimate(round(peak, 4), _round(phases), settings, fake, notes, round(base / GIB, 4))
 
 
 @contextlib.contextmanager
@@ -438,6 +567,24 @@ def _round(d):
 
 def estimate_run(cfg, model: str, **kwargs) -> Estimate:
     return trace_run(cfg, model, fake=True, **kwargs)
+
+
+_NOT_MEMORY = {"output_dir", "output_name", "data_path", "steps", "lr", "seed", "resume", "log_every",
+               "checkpoint_every", "keep_last", "validate_every", "validation_prompts", "validation_seeds"}
+
+
+def training_estimate(cfg, model: str, device: str) -> Estimate:
+    """`estimate_run` remembered per (model, device, the settings that change memory): a host that
+    trains again with the same settings (ComfyUI) does not trace again."""
+    import dataclasses
+
+    key = (model, device, repr(sorted((k, v) for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_MEMORY)))
+    if key not in _ESTIMATES:
+        _ESTIMATES[key] = estimate_run(cfg, model, device=device)
+    return _ESTIMATES[key]
+
+
+_ESTIMATES: dict[tuple, Estimate] = {}
 
 
 # ---------------------------------------------------------------------------- measurement and presets
@@ -498,7 +645,7 @@ def stated_card_gib(preset: str) -> tuple[float, str]:
 
     text = (PRESET_DIR / f"{preset}.yaml").read_text(encoding="utf-8")
     head = "\n".join(line for line in text.splitlines() if line.startswith("#"))
-    m = re.search(r"\bon (?:an? |one )(\d+) GB\b", head)
+    m = re.search(r"\bon (?:an? |one )(\d+) GB\b", head, re.I)
     if m:
         return float(m.group(1)), m.group(0)
     m = re.search(r"Expected peak GPU memory: ~[\d.]+-([\d.]+) GB", head)
@@ -533,7 +680,7 @@ def count_records(cfg, kind: str, limit: int) -> int | None:
         return None
 
 
-def dry_run(cfg, *, fill_records: int | None = None, as_json: bool = False) -> str:
+def dry_run(cfg, *, as_json: bool = False) -> str:
     """`train --dry-run`: the estimate for `cfg` on its device (a GPU unless `cpu: true`), as one JSON
     line or a few lines of text."""
     from .methods import METHODS
@@ -541,16 +688,16 @@ def dry_run(cfg, *, fill_records: int | None = None, as_json: bool = False) -> s
     if not cfg.model:
         raise ValueError("config: `model` is empty; give a model folder, a checkpoint or a shipped config (sd15, sdxl)")
     device = "cpu" if cfg.cpu else "cuda"
-    chunk = fill_records or FILL_RECORDS
-    n = count_records(cfg, METHODS[cfg.method].data_kind, chunk)
-    e = estimate_run(cfg, cfg.model, device=device, fill_records=chunk, n_records=n)
+    n = count_records(cfg, METHODS[cfg.method].data_kind, fill_records(cfg))
+    e = estimate_run(cfg, cfg.model, device=device, n_records=n)
     if as_json:
         return e.to_json()
     step = e.phases["train_step"]
     lines = [f"memory estimate ({device}, {e.settings['weight_dtype']} weights, traced on fake tensors): "
              f"peak {e.peak_gib:.2f} GiB",
              f"  weights + LoRA/adapters: {e.phases['weights']['end']:.2f} GiB",
-             f"  cache fill ({e.settings['fill_images']} images per VAE batch): {e.phases['cache_fill']['peak']:.2f} GiB",
+             f"  cache fill ({e.settings['fill_records']} records, {e.settings['fill_images']} images, "
+             f"{e.settings['images_per_vae_call']} per VAE call: cache_batch_size): {e.phases['cache_fill']['peak']:.2f} GiB",
              "  train step: " + ", ".join(f"{k} {v['peak']:.2f}" for k, v in step.items()) + " GiB"]
     if device == "cuda":
         lines.append(f"  on a card: {e.card_gib():.2f} GiB with the CUDA context ({CONTEXT_GIB} GiB) and allocator "

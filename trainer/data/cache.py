@@ -41,6 +41,7 @@ from .records import BadRecord, PairRecord, load_image
 from .transforms import ImageTransform, SizeCond
 
 FORMAT = "npo-suite-latent-cache-1"
+FILL_BATCH = 8  # records `LatentCache.fill` reads and encodes together (its images go to the VAE in chunks)
 
 
 class CachedPair(NamedTuple):
@@ -245,8 +246,9 @@ class LatentCache:
             del x
         return torch.cat(out)  # [N, C, h, w] on the CPU (every read returns CPU tensors anyway)
 
-    def _encode(self, records: list, preps: list[dict]) -> list[dict[str, torch.Tensor]]:
-        """Tensors to store for records of ONE kind, from their `_prepare` output."""
+    def encode_records(self, records: list, preps: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Tensors to store for records of ONE kind, from their `_prepare` output ({"px_w": [3, H, W] pixels,
+        "size_w": SizeCond[, "px_l", "size_l"]}); images in chunks of `encode_batch`, one text-encoder call."""
         if isinstance(records[0], PairRecord):
             return self._encode_pairs(records, preps)
         return self._encode_prompts(records, preps)
@@ -309,10 +311,10 @@ class LatentCache:
             self.hits += 1
             return t
         self.misses += 1
-        t = self._encode([record], [self._prepare(record, variant)])[0]
+        t = self.encode_records([record], [self._prepare(record, variant)])[0]
         return self._store(kind, record, variant, t)
 
-    def fill(self, records: Iterable[PairRecord | PromptRecord], batch_size: int = 8,
+    def fill(self, records: Iterable[PairRecord | PromptRecord], batch_size: int = FILL_BATCH,
              variants: Sequence[int] | None = None, summary: DataSummary | None = None,
              verbose: bool = True) -> list:
         """Encode every record not cached yet, in batches and in the source's order (parquet row
@@ -340,7 +342,7 @@ class LatentCache:
                             summary.skip(e.reason, str(e))
                             bad.add(r.id)
                     if ready and self.root is not None:
-                        for r, t in zip(ready, self._encode(ready, preps)):
+                        for r, t in zip(ready, self.encode_records(ready, preps)):
                             self._store(self._kind(r), r, v, t)
                         self.misses += len(ready)
             for r in pending:
