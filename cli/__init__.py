@@ -66,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        _truncation_note()
+
+
+def _truncation_note() -> None:
+    """Once per command: how many prompts were cut to the text encoder's length (core.conditioning.TRUNCATED)."""
+    conditioning = sys.modules.get(f"{__package__.rsplit('.', 1)[0]}.core.conditioning")
+    note = conditioning.TRUNCATED.take_note() if conditioning is not None else None
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def error_line(e: BaseException) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .model_flags import add_model_flags, load_kwargs
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     import torch
@@ -13,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..trainer.ddspo import rewriter_names
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--model", required=True, help="reference model: a diffusers folder (SD1.x or SDXL)")
+    parser.add_argument("--model", required=True, help="reference model: a diffusers folder, a single-file .safetensors (SD1.x / SDXL) or a "
+                        "plug-in family's folder (the digits world)")
+    add_model_flags(parser)
     parser.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or .jsonl "
                         "({prompt, id?, negative_prompt? (alias neg_prompt)})")
     parser.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
@@ -53,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     from ..core.ddspo_format import DTYPES
     from ..core.prompts import read_prompts_file
     from ..core.summary import DataSummary
-    from ..diffusers_host.ddspo_prepare import load_pipeline, prepare
+    from ..diffusers_host.ddspo_prepare import load_reference, prepare
     from ..trainer.ddspo import build_rewriter
 
     cfg = config_from_args(args)
@@ -61,8 +65,8 @@ def main(args: argparse.Namespace) -> int:
     records = [rec for rec, _ in read_prompts_file(args.prompts, summary)]
     summary.print()
     rewriter = build_rewriter(cfg.rewriter, cfg.min_frac, cfg.max_frac, cfg.rewriter_path)
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
-    stats = prepare(pipe, records, args.out, cfg, batch_size=args.batch_size, limit=args.limit,
+    bundle = load_reference(args.model, DTYPES[args.dtype], args.device, **load_kwargs(args))
+    stats = prepare(bundle, records, args.out, cfg, batch_size=args.batch_size, limit=args.limit,
                     save_images=args.save_images, rewriter=rewriter)
     print(f"ddspo-prepare: {stats['done']} generated, {stats['skipped_done']} already done, "
           f"{stats['total']} in {args.out}")

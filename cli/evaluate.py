@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .model_flags import add_model_flags, load_kwargs
+
 
 def _scorer_options(p: argparse.ArgumentParser, multiple: bool = True) -> None:
     """--scorer (one or, with `multiple`, several) and the options of every scorer, incl. --device, --allow-pickle."""
@@ -72,7 +74,7 @@ def _sweep_arguments(sub) -> None:
     w.add_argument("--steps", type=int, default=20)
     w.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
     w.add_argument("--batch-size", type=int, default=16)
-    w.add_argument("--tokenizer", default=None)
+    add_model_flags(w)
     w.add_argument("--family", choices=family_names(), default=None)
     w.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     w.add_argument("--n-boot", type=int, default=5000)
@@ -215,7 +217,7 @@ def _sweep_render(args, jobs):
     from ..families.loading import load_model
 
     bundle = load_model(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
-                        tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
+                        allow_pickle=args.allow_pickle, **load_kwargs(args))
     loaded, _ = load_offsets(bundle, pos=args.pos_offset, neg=args.neg_offset, allow_pickle=args.allow_pickle)
     return sweep_renderer(bundle, loaded, jobs, cfg_scale=args.cfg, steps=args.steps, scheduler=args.scheduler,
                           batch_size=args.batch_size)

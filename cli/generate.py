@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .model_flags import add_model_flags
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..families import family_names
@@ -19,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = GenerateJob(model="", out="")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("model", help="diffusers folder, single-file .safetensors (with --tokenizer), or pixel-space world folder")
+    p.add_argument("model", help="diffusers folder, single-file .safetensors, or pixel-space world folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a .txt file (one prompt a line) or .jsonl ({prompt, negative_prompt?, seed?}; "
                                      "neg_prompt accepted for negative_prompt, docs/data.md)")
@@ -53,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"images per forward (x2 rows for the two branches; default {d.batch_size})")
     p.add_argument("--npo-path", default=d.npo_path, choices=list(NPO_PATHS), help="fast: per-row offsets, one forward; "
                    f"two-model: merged copies (needed for offsets on norm layers; default {d.npo_path})")
-    p.add_argument("--tokenizer", help="CLIP tokenizer folder (required for single-file checkpoints)")
+    add_model_flags(p)
     p.add_argument("--family", choices=family_names(), default=None, help="model family (default: detected)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin files (trusted files only)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"], help=f"default {d.dtype}")
@@ -71,7 +73,8 @@ def job_from_args(args: argparse.Namespace):
                        cfg=args.cfg, rescale=args.rescale, rescale_space=args.rescale_space, steps=args.steps,
                        scheduler=args.scheduler, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                        height=args.height, width=args.width, seeds=tuple(args.seeds), batch_size=args.batch_size,
-                       npo_path=args.npo_path, tokenizer=args.tokenizer, family=args.family,
+                       npo_path=args.npo_path, tokenizer=args.tokenizer, vae=args.vae,
+                       prediction_type=args.prediction_type, family=args.family,
                        allow_pickle=args.allow_pickle, dtype=args.dtype, device=str(args.device))
 
 

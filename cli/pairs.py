@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .evaluate import _scorer_options, scorer_settings
+from .model_flags import add_model_flags, load_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16, help="images rendered and scored per step of the resume log")
-    p.add_argument("--tokenizer", help="CLIP tokenizer folder (single-file checkpoints)")
+    add_model_flags(p)
     p.add_argument("--family", choices=family_names(), default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--rule", default="best_worst", choices=list(PAIR_RULES),
@@ -74,7 +75,7 @@ def _model_source(args):
 
     jobs, dups = plan_jobs(_items(args), args.samples_per_prompt, args.seed_start)
     bundle = load_model(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
-                        tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
+                        allow_pickle=args.allow_pickle, **load_kwargs(args))
     offsets, info = load_offsets(bundle, pos=args.pos_offset, neg=args.neg_offset, snpo=args.snpo_offset,
                                  alpha=args.alpha, beta=args.beta, allow_pickle=args.allow_pickle)
     settings = dict(cfg_scale=args.cfg, steps=args.steps, scheduler=args.scheduler, sigma_min=args.sigma_min,

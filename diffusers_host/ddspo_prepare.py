@@ -14,7 +14,6 @@ noise seed is derived from (seed, id), so an interrupted + resumed run equals an
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -29,15 +28,16 @@ from ..core.ddspo_format import (DTYPES, MANIFEST_NAME, PARTS_DIR, PrepareConfig
 from ..core.jsonl import write_jsonl
 from ..core.prompts import PromptRecord, read_prompts_file
 from ..core.summary import DataSummary
-from ..families.loading import bundle_from_pipeline
+from ..families.loading import ModelBundle, bundle_from_pipeline
 
 # c⁻ for prompts without a neg_prompt: rewriter(prompts, seeds) -> degraded prompts (a trainer.ddspo.PromptRewriter)
 Rewriter = Callable[[Sequence[str], Sequence[int]], list]
 
 
-def _resolve_size(pipe, cfg: PrepareConfig) -> tuple[int, int]:
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    default = int(pipe.unet.config.sample_size) * scale
+def _resolve_size(model, cfg: PrepareConfig) -> tuple[int, int]:
+    """(height, width): the config's, else the model's native size (UNet sample size x pixels per latent)."""
+    scale = getattr(model, "vae_scale_factor", None) or getattr(model, "latent_scale", 8)
+    default = int(model.unet.config.sample_size) * scale
     return cfg.height or default, cfg.width or default
 
 
@@ -52,12 +52,13 @@ def _generate(bundle, prompts: list[str], seeds: list[int], cfg: PrepareConfig, 
     return res.latents.float().cpu()
 
 
-def prepare(pipe, records: Iterable[PromptRecord], out_dir: str | os.PathLike, cfg: PrepareConfig,
+def prepare(model, records: Iterable[PromptRecord], out_dir: str | os.PathLike, cfg: PrepareConfig,
             batch_size: int = 1, limit: int | None = None, save_images: bool = False,
             summary: DataSummary | None = None, verbose: bool = True, rewriter: Rewriter | None = None) -> dict:
     """Generate the DDSPO data for `records` into `out_dir` (module docstring); resumable.
 
-    pipe: a diffusers StableDiffusion(XL)Pipeline (the reference model; left unchanged).
+    model: the reference model (left unchanged): a `families.loading.ModelBundle` (`load_reference`: any
+      family `load_model` reads, the digits world included) or a diffusers StableDiffusion(XL)Pipeline.
     limit: stop after this many NEW items (a partial run; rerun to continue).
     rewriter: c⁻ of the records without a neg_prompt, the one `cfg.rewriter` names (e.g.
     `trainer.ddspo.build_rewriter(cfg.rewriter, cfg.min_frac, cfg.max_frac, cfg.rewriter_path)`);
@@ -68,8 +69,8 @@ def prepare(pipe, records: Iterable[PromptRecord], out_dir: str | os.PathLike, c
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, cfg)
     done = {e["id"] for e in read_manifest(out)}
-    bundle = bundle_from_pipeline(pipe)
-    size = _resolve_size(pipe, cfg)
+    bundle = model if isinstance(model, ModelBundle) else bundle_from_pipeline(model)
+    size = _resolve_size(bundle, cfg)
     guidance = cfg.cfg if cfg.cfg is not None else bundle.family_spec.default_cfg
     dtype = DTYPES[cfg.store_dtype]
     stats = {"done": 0, "skipped_done": 0}
@@ -161,15 +162,10 @@ def _save_images(vae, out: Path, record_id: str, lat_w: torch.Tensor, lat_l: tor
 # ---------------------------------------------------------------------------------------------
 
 
-def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A diffusers SD1.x / SDXL pipeline from a local diffusers folder (nothing is downloaded)."""
-    p = Path(path)
-    if not (p / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path}: not a diffusers folder (no model_index.json); convert a single-file "
-                                f"checkpoint to a diffusers folder first")
-    from diffusers import DiffusionPipeline
+def load_reference(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", **load_kwargs):
+    """The reference model as a `families.loading.ModelBundle`: a diffusers folder, a single-file checkpoint,
+    or a plug-in family's folder (the digits world), through `load_model` (nothing is downloaded).
+    load_kwargs: tokenizer, vae, prediction_type (`load_model`)."""
+    from ..families.loading import load_model
 
-    index = json.loads((p / "model_index.json").read_text(encoding="utf-8"))
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-    pipe = DiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True, **kwargs)
-    return pipe.to(device)
+    return load_model(path, dtype=dtype, device=device, **load_kwargs)

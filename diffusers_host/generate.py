@@ -207,7 +207,7 @@ def decode_latents(bundle, latents: torch.Tensor) -> torch.Tensor:
 class GenerateJob:
     """One `generate` run: every prompt x seed sampled in every mode, written to `out` (PNGs, grid, manifest)."""
 
-    model: str  # diffusers folder, single-file .safetensors (with tokenizer), or pixel-space world folder
+    model: str  # diffusers folder, single-file .safetensors, or pixel-space world folder
     out: str  # output folder: images, grid.png, manifest.json
     prompt: tuple[str, ...] = ()  # prompts given one by one
     prompts: str | None = None  # a .txt (one prompt a line) or .jsonl file
@@ -230,7 +230,9 @@ class GenerateJob:
     seeds: tuple[int, ...] = (0,)  # seeds of every prompt without its own
     batch_size: int = 4
     npo_path: str = "fast"
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # default: the folder's own / the shipped CLIP tokenizer (single files)
+    vae: str | None = None  # a VAE folder or .safetensors (single files without one)
+    prediction_type: str | None = None  # epsilon | v_prediction over what was detected
     family: str | None = None
     allow_pickle: bool = False
     dtype: str = "float32"
@@ -316,7 +318,8 @@ def run_generate(job: GenerateJob, log=print, progress: bool = True) -> dict:
         raise ValueError(f"--batch-size must be >= 1, got {job.batch_size}")
     items = read_prompts(job.prompt, job.prompts, job.negative_prompt, job.seeds)
     bundle = load_model(job.model, family=job.family, dtype=getattr(torch, job.dtype), device=job.device,
-                        tokenizer=job.tokenizer, allow_pickle=job.allow_pickle)
+                        tokenizer=job.tokenizer, vae=job.vae, prediction_type=job.prediction_type,
+                        allow_pickle=job.allow_pickle)
     offsets, offset_info = load_offsets(bundle, pos=job.pos_offset, neg=job.neg_offset, snpo=job.snpo_offset,
                                         alpha=job.alpha, beta=job.beta, allow_pickle=job.allow_pickle)
     if "npo" in job.modes and offsets.delta is None:
@@ -351,7 +354,7 @@ def run_generate(job: GenerateJob, log=print, progress: bool = True) -> dict:
     manifest = {
         "command": "generate", "npo_suite_version": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "model": str(job.model), "model_hash": model_fingerprint(bundle), "family": bundle.family,
-        "prediction_type": bundle.prediction_type, "offsets": offset_info, "alpha": job.alpha, "beta": job.beta,
+        "prediction_type": bundle.prediction_type, "detected": bundle.detected, "offsets": offset_info, "alpha": job.alpha, "beta": job.beta,
         "cfg": job.cfg, "rescale": job.rescale, "rescale_space": job.rescale_space, "scheduler": job.scheduler,
         "steps": job.steps, "sigma_min": job.sigma_min, "sigma_max": job.sigma_max, "modes": modes,
         "npo_path": job.npo_path, "height": job.height, "width": job.width, "dtype": job.dtype, "device": str(job.device),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.conditioning import tokenize
+from ..core.conditioning import prompt_length, tokenize
 from ..core.offsets.keys import OffsetLayout, register_layout
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -64,6 +64,9 @@ class Family:
     folder_components: the sub-folders that identify a diffusers folder of this family, and
       folder_absent: those it must not have.
     activation_bytes_per_latent_pixel: training-memory estimate of one row (trainer/memory.py).
+    tokenizer_pads: the pad token of each encoder's tokenizer when one CLIP vocabulary serves every encoder
+      (a single file's shipped tokenizer, `--tokenizer DIR`): SDXL's OpenCLIP bigG pads with "!" (id 0)
+      where CLIP-L pads with <|endoftext|>, as diffusers' SDXL `tokenizer_2` and ComfyUI's SDXL clip_g do.
     """
 
     name: str
@@ -86,6 +89,7 @@ class Family:
     folder_components: tuple[str, ...] = ("unet", "text_encoder", "vae")
     folder_absent: tuple[str, ...] = ()
     unet_added_cond: str | None = None  # the UNet config's addition_embed_type ("text_time" for SDXL)
+    tokenizer_pads: tuple = ()  # per encoder, the pad token when one CLIP tokenizer folder serves all (None: its own)
     activation_bytes_per_latent_pixel: float | None = None
 
     def __post_init__(self):
@@ -95,17 +99,19 @@ class Family:
     # ----------------------------------------------------------------- text
     def encode_text(self, tokenizers: Sequence, text_encoders: Sequence, prompts: Sequence[str], device, *,
                     run: RunEncoder = _run) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden [B, L, D], pooled [B, P] or None) of `prompts`, in the encoders' dtype.
+        """(hidden [B, L, D], pooled [B, P] or None) of `prompts`, in the encoders' dtype; L is what the
+        encoder can take (`core.conditioning.prompt_length`), longer prompts are cut there and counted.
 
         last: the last hidden state of the (one) encoder. penultimate: the penultimate hidden states
         of every encoder concatenated [B, L, D1 + D2], as the SDXL pipeline; pooled: the projection
         (`text_embeds`) of the last encoder.
         """
         if self.hidden_layer == "last" and not self.pooled:
-            return run(0, text_encoders[0], tokenize(tokenizers[0], prompts, device))[0], None  # [B, L, D]
+            ids = tokenize(tokenizers[0], prompts, device, prompt_length(tokenizers[0], text_encoders[0]))
+            return run(0, text_encoders[0], ids)[0], None  # [B, L, D]
         hidden, pooled = [], None
         for i, (te, tok) in enumerate(zip(text_encoders, tokenizers)):
-            out = run(i, te, tokenize(tok, prompts, device))
+            out = run(i, te, tokenize(tok, prompts, device, prompt_length(tok, te)))
             hidden.append(out.hidden_states[-2] if self.hidden_layer == "penultimate" else out[0])
             pooled = getattr(out, "text_embeds", None)
             if pooled is None:

@@ -13,5 +13,6 @@ SDXL = Family(
     single_file_keys=("conditioner.embedders.1",), single_file_pipeline="StableDiffusionXLPipeline", config_dir="sdxl",
     folder_components=("unet", "text_encoder", "text_encoder_2", "vae"),
     unet_added_cond="text_time",
+    tokenizer_pads=(None, "!"),  # OpenCLIP bigG pads with "!" (id 0): diffusers' tokenizer_2, ComfyUI's clip_g
     activation_bytes_per_latent_pixel=650e3,
 )

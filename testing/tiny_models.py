@@ -110,3 +110,92 @@ def build_tiny_clip(directory: str | os.PathLike, tokenizer_dir: str | os.PathLi
     ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(directory)
     return Path(directory)
+
+
+# ------------------------------------------------------------------------------------------------
+# Single-file (LDM) checkpoints, as ComfyUI's and A1111's model folders hold them
+# ------------------------------------------------------------------------------------------------
+CLIP_VOCAB_SIZE = 49408  # the real CLIP vocabulary (the shipped tokenizer, configs/clip_tokenizer)
+
+
+def _vae_to_ldm_key(key: str, n_blocks: int) -> str:
+    """A diffusers AutoencoderKL state-dict key -> its LDM (`first_stage_model.*`) name: the inverse of
+    diffusers' `convert_ldm_vae_checkpoint` (decoder blocks are numbered from the bottom in LDM)."""
+    import re
+
+    k = key.replace("mid_block.attentions.0.", "mid.attn_1.").replace("conv_norm_out", "norm_out")
+    k = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", k)
+    k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", k)
+    k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+    k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+               lambda m: f"decoder.up.{n_blocks - 1 - int(m.group(1))}.block.{m.group(2)}.", k)
+    k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+               lambda m: f"decoder.up.{n_blocks - 1 - int(m.group(1))}.upsample.", k)
+    k = k.replace("conv_shortcut", "nin_shortcut")
+    for d, l in (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")):
+        if "mid.attn_1." in k:
+            k = k.replace("mid.attn_1." + d, "mid.attn_1." + l)
+    return "first_stage_model." + k
+
+
+def ldm_state_dict(unet, text_encoder, vae=None) -> dict:
+    """The LDM single-file state dict of an SD1.x UNet + CLIP text encoder (+ VAE): `model.diffusion_model.*`
+    (module names by `core.offsets.keys.diffusers_to_ldm`), `cond_stage_model.transformer.*`,
+    `first_stage_model.*` (1x1-conv attention weights, as the original checkpoints store them)."""
+    from ..core.offsets.keys import diffusers_to_ldm, unet_block_prefixes
+
+    prefixes = unet_block_prefixes(unet.config)
+    sd = {}
+    for k, v in unet.state_dict().items():
+        mod, param = k.rsplit(".", 1)
+        ldm = diffusers_to_ldm(mod, prefixes)
+        if ldm is None:
+            raise ValueError(f"no LDM name for UNet key {k}")
+        sd[f"model.diffusion_model.{ldm}.{param}"] = v
+    for k, v in text_encoder.state_dict().items():  # transformers 5 drops the `text_model.` the files carry
+        sd["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    if vae is not None:
+        n = len(vae.config.block_out_channels)
+        for k, v in vae.state_dict().items():
+            ldm = _vae_to_ldm_key(k, n)
+            sd[ldm] = v[..., None, None] if ".mid.attn_1." in ldm and ldm.endswith("weight") and v.ndim == 2 else v
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+
+def build_sd15_single_file(path: str | os.PathLike, config_dir: str | os.PathLike | None = None, *, seed: int = 0,
+                           with_vae: bool = True, v_pred: bool = False, dtype: torch.dtype = torch.float32,
+                           vocab_size: int = CLIP_VOCAB_SIZE):
+    """A tiny SD1.x single-file checkpoint (LDM keys) with the real CLIP vocabulary size, written to `path`;
+    `config_dir` (if given) receives its diffusers architecture configs (the tiny stand-in of the shipped
+    `configs/sd15`). v_pred: the empty `v_pred` tensor ComfyUI writes for v-prediction models. Returns
+    (unet, text_encoder, vae) in float32."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    te_cfg = text_encoder_config(vocab_size)
+    if vocab_size == CLIP_VOCAB_SIZE:
+        te_cfg.bos_token_id, te_cfg.eos_token_id, te_cfg.pad_token_id = 49406, 49407, 49407
+    te = CLIPTextModel(te_cfg).eval()
+    unet = UNet2DConditionModel(**unet_config_sd15()).eval()
+    vae = AutoencoderKL(**vae_config()).eval()
+    sd = ldm_state_dict(unet, te, vae if with_vae else None)
+    if v_pred:
+        sd["v_pred"] = torch.tensor([])
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}, str(path))
+    if config_dir is not None:
+        d = Path(config_dir)
+        unet.save_config(d / "unet")
+        vae.save_config(d / "vae")
+        te.config.save_pretrained(d / "text_encoder")
+        _scheduler().save_config(d / "scheduler")
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+                 "feature_extractor": [None, None], "safety_checker": [None, None],
+                 "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], "requires_safety_checker": False}
+        (d / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return unet, te, vae

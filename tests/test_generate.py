@@ -136,12 +136,14 @@ def test_loading_errors(sd15_dir, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(fake))
-    with pytest.raises(ValueError, match="--tokenizer"):
-        load_model(fake)
+    with pytest.raises(ValueError, match="without text-encoder weights"):
+        load_model(fake)  # no tokenizer needed any more (the shipped one): the file is what is wrong
     with pytest.raises(ValueError, match="without text-encoder weights"):
         load_model(fake, tokenizer=sd15_dir / "tokenizer")
     with pytest.raises(FileNotFoundError, match="vocab.json"):
-        load_model(fake, tokenizer=tmp_path)
+        load_model(fake, family="sd1", tokenizer=tmp_path)
+    with pytest.raises(ValueError, match="holds no VAE"):
+        load_model(fake, family="sd1")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="missing unet/"):
         load_model(tmp_path / "empty")

@@ -49,6 +49,12 @@ def target_presets() -> tuple[str, ...]:
 class TrainConfig(MethodConfig):
     # --- model and data
     model: str = _h("", "base model: a diffusers folder or a single-file .safetensors checkpoint (SD1.x / SDXL)")
+    tokenizer: str = _h("", "CLIP tokenizer folder ('' = the model folder's own; for a single-file checkpoint the "
+                            "standard CLIP tokenizer shipped in configs/clip_tokenizer)")
+    vae: str = _h("", "a diffusers VAE folder or a VAE .safetensors ('' = the model's own; required for a single "
+                      "file without VAE weights)")
+    prediction_type: str = _h("", "epsilon | v_prediction ('' = detected: a folder's scheduler config, a single "
+                                  "file's `v_pred` key as ComfyUI saves it, else the family's default)")
     data_kind: str = _h("auto", "data source kind (trainer/data): auto, jsonl, folders, pickapic, prompts, images; "
                                 "auto guesses from data_path")
     data_path: list[str] = _h([], "data source path(s); several sources are concatenated")
@@ -116,6 +122,7 @@ class TrainConfig(MethodConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("mixed_precision", PRECISIONS),
+                              ("prediction_type", ("", "epsilon", "v_prediction")),
                               ("lr_scheduler", LR_SCHEDULERS), ("crop", ("center", "random"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")

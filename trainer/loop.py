@@ -119,7 +119,8 @@ def build_backend(cfg: TrainConfig, device: torch.device):
     opts = BackendOptions(lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_init or None, cfg.seed),
                           gradient_checkpointing=cfg.gradient_checkpointing, resolution=cfg.resolution,
                           weight_dtype=dtype if device.type == "cuda" else torch.float32)
-    return DiffusersBackend.from_pretrained(cfg.model, device=device, options=opts)
+    return DiffusersBackend.from_pretrained(cfg.model, device=device, options=opts, tokenizer=cfg.tokenizer or None,
+                                            vae=cfg.vae or None, prediction_type=cfg.prediction_type or None)
 
 
 def build_data(cfg: TrainConfig, backend, method, process_index: int, num_processes: int):

@@ -299,14 +299,9 @@ def test_comfyui_and_cli_runs_agree(comfy, datasets, tmp_path):
     from npo_suite.trainer.config import TrainConfig
     from npo_suite.trainer.loop import train
 
-    import json
-    import shutil
-
-    # ComfyUI's tokenizer folder says model_max_length 8192 (ComfyUI chunks by 77 itself); the CLI
-    # backend pads to model_max_length, so give it the release value 77 (CLIP-L's position table).
-    tok = shutil.copytree(os.path.join(os.environ["COMFYUI_PATH"], "comfy", "sd1_tokenizer"), tmp_path / "tokenizer")
-    tok_cfg = json.loads((tok / "tokenizer_config.json").read_text())
-    (tok / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": 77}))
+    # ComfyUI's own tokenizer folder as it is (its config says model_max_length 8192: the CLI backend
+    # takes the text encoder's 77, core.conditioning.prompt_length).
+    tok = os.path.join(os.environ["COMFYUI_PATH"], "comfy", "sd1_tokenizer")
     ckpt = _with_text_model_prefix(comfy.root / "checkpoints" / CKPT, tmp_path / "sd15.safetensors")
     bundle = load_model(ckpt, family="sd1", tokenizer=tok)
     # a shared LoRA start: random down AND up projections on every attention projection

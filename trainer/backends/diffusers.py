@@ -112,11 +112,13 @@ class DiffusersBackend:
                    family=bundle.family, prediction_type=bundle.prediction_type, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "DiffusersBackend":
-        """A diffusers folder or a single-file checkpoint, through `families.loading.load_model`."""
+    def from_pretrained(cls, path: str, *, tokenizer=None, vae=None, prediction_type: str | None = None,
+                        **kwargs) -> "DiffusersBackend":
+        """A diffusers folder or a single-file checkpoint, through `families.loading.load_model` (tokenizer,
+        vae, prediction_type: its overrides)."""
         from ...families.loading import load_model
 
-        return cls.from_bundle(load_model(path), **kwargs)
+        return cls.from_bundle(load_model(path, tokenizer=tokenizer, vae=vae, prediction_type=prediction_type), **kwargs)
 
     def _make_lora_config(self, lora: LoraOptions):
         from peft import LoraConfig
