@@ -346,7 +346,8 @@ class GenerateJob:
     rescale: float = 0.0
     rescale_space: str = "x0"
     steps: int = 20
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the family's default (ddim; flow-euler for SD3/Flux)
+    flux_guidance: float | None = None  # Flux-dev's embedded guidance (None: the pipeline's 3.5)
     sigma_min: float | None = None
     sigma_max: float | None = None
     height: int | None = None
@@ -448,6 +449,7 @@ def run_generate(job: GenerateJob, log=print, progress: bool = True) -> dict:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = list(job.modes)
+    scheduler = job.scheduler or bundle.family_spec.default_scheduler
     jobs = [(i, it["prompt"], it["negative_prompt"], s) for i, it in enumerate(items) for s in it["seeds"]]
     total = len(modes) * -(-len(jobs) // job.batch_size) * job.steps
     records, cells = [], [[None] * len(modes) for _ in jobs]
@@ -458,7 +460,7 @@ def run_generate(job: GenerateJob, log=print, progress: bool = True) -> dict:
                 chunk = jobs[start:start + job.batch_size]
                 res = sample(bundle, [j[1] for j in chunk], [j[3] for j in chunk], mode,
                              negative_prompts=[j[2] for j in chunk], offsets=offsets, cfg_scale=job.cfg, steps=job.steps,
-                             scheduler=job.scheduler, sigma_min=job.sigma_min, sigma_max=job.sigma_max,
+                             scheduler=scheduler, flux_guidance=job.flux_guidance, sigma_min=job.sigma_min, sigma_max=job.sigma_max,
                              height=job.height, width=job.width, rescale=job.rescale, rescale_space=job.rescale_space,
                              npo_path=job.npo_path, progress=bar.update)
                 for k, (pi, prompt, neg, seed) in enumerate(chunk):
@@ -476,7 +478,8 @@ def run_generate(job: GenerateJob, log=print, progress: bool = True) -> dict:
         "command": "generate", "npo_suite_version": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "model": str(job.model), "model_hash": model_fingerprint(bundle), "family": bundle.family,
         "prediction_type": bundle.prediction_type, "offsets": offset_info, "alpha": job.alpha, "beta": job.beta,
-        "cfg": job.cfg, "rescale": job.rescale, "rescale_space": job.rescale_space, "scheduler": job.scheduler,
+        "cfg": job.cfg, "rescale": job.rescale, "rescale_space": job.rescale_space, "scheduler": scheduler,
+        "flux_guidance": job.flux_guidance,
         "steps": job.steps, "sigma_min": job.sigma_min, "sigma_max": job.sigma_max, "modes": modes,
         "npo_path": job.npo_path, "height": job.height, "width": job.width, "dtype": job.dtype, "device": str(job.device),
         "seeds": sorted({j[3] for j in jobs}), "grid": {"file": "grid.png", "rows": "prompt x seed (order of images)",
