@@ -126,7 +126,7 @@ def test_world_family_is_registered_only_through_the_plugin():
             "from npo_suite.world.plugin import register\n"
             "from npo_suite.world.family import WORLD\n"
             "register(); register()\n"
-            "assert F.FAMILIES['world'] is WORLD and list(F.FAMILIES) == ['sd1', 'sdxl', 'world']\n")
+            "assert F.FAMILIES['world'] is WORLD and list(F.FAMILIES) == ['sd1', 'sdxl', 'sd3', 'flux', 'world']\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for f in (PACKAGE / "families").glob("*.py"):  # no family module imports the world, lazily or not
