@@ -48,10 +48,12 @@ def _results_arguments(sub) -> None:
     r.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS),
                    help=f"methods of the registry (default: {' '.join(d.methods)})")
     r.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="training seeds (default 0 1 2)")
-    r.add_argument("--out", default=d.out, help="output folder (runs, data, results.json, results.md)")
+    r.add_argument("--out", default=None, help=f"output folder (runs, data, results.json, results.md; default {d.out}, "
+                                               f"{d.out}_flow for the flow world)")
     r.add_argument("--json", action="store_true", help="print ONE JSON line with the pooled figures")
     r.add_argument("--report", default=None, help="also write the tables into this Markdown file between the markers")
-    r.add_argument("--world", default=None, help="world folder (default: the shipped world)")
+    r.add_argument("--world", default=None, help="eps (the default: the shipped eps world), flow (the flow-matching "
+                                                 "world: shipped, else built into the cache), or a world folder")
     r.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
     r.add_argument("--train-steps", type=int, default=None, help=f"LoRA training steps (default {d.train_steps})")
     r.add_argument("--eval-seeds", type=int, default=None, help=f"evaluation seeds per prompt (default {d.eval_seeds})")
@@ -68,20 +70,35 @@ def _probe_arguments(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig override for this method (repeatable), e.g. tdft_start=noise")
     p.add_argument("--out", default="runs/probe", help="output folder (the runs are cached there as world results does)")
-    p.add_argument("--world", default=None, help="world folder (default: the shipped world)")
+    p.add_argument("--world", default=None, help="eps (default), flow, or a world folder (as world results)")
     p.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
+
+
+def _world_kw(world) -> tuple[str, dict]:
+    """(kind, ResultsConfig keywords) of a --world argument: eps (the default world, same stamps as no
+    argument), flow, or a folder; a flow world samples with core.flow's Euler solver."""
+    from ..world.results import world_kind
+
+    world = None if world == "eps" else world
+    kind = world_kind(world)
+    kw = {"world": world} if world is not None else {}
+    if kind == "flow":
+        kw["scheduler"] = "flow-euler"  # generate.FLOW_SCHEDULERS
+    return kind, kw
 
 
 def _results(args) -> int:
     from ..world.results import ResultsConfig, json_summary, markdown, run_results, write_report
 
-    kw = {k: v for k, v in (("out", args.out), ("world", args.world), ("train_steps", args.train_steps),
-                            ("eval_seeds", args.eval_seeds)) if v is not None}
+    kind, kw = _world_kw(args.world)
+    out = args.out or (ResultsConfig.out + ("_flow" if kind == "flow" else ""))
+    kw.update({k: v for k, v in (("out", out), ("train_steps", args.train_steps),
+                                 ("eval_seeds", args.eval_seeds)) if v is not None})
     kw.update(methods=tuple(args.methods), seeds=tuple(args.seeds))
     rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
     res = run_results(rc)
     if args.report:
-        write_report(Path(args.report), markdown(res, res["details"]))
+        write_report(Path(args.report), markdown(res, res["details"]), kind)
     if args.json:
         print(json.dumps(json_summary(res)))
     else:
@@ -93,7 +110,7 @@ def _probe(args) -> int:
     from ..world.probe import markdown, parse_sets, probe
     from ..world.results import ResultsConfig
 
-    kw = {"world": args.world} if args.world else {}
+    _, kw = _world_kw(args.world)
     rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
     res = probe(args.method, args.seeds, args.out, parse_sets(args.set), rc)
     print(markdown(res))

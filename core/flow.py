@@ -43,6 +43,9 @@ from typing import Callable
 
 import torch
 
+# the prediction_type of a flow model (a Family's, a Backend's, a ModelBundle's): the network predicts v
+FLOW = "flow"
+
 # the timestep samplers (`sample_u` scheme names); the only list of these names
 FLOW_T_SAMPLERS = ("logit_normal", "uniform", "mode")
 
@@ -241,6 +244,21 @@ def noise_pair(x0_w: torch.Tensor, x0_l: torch.Tensor, generator: torch.Generato
 # ---------------------------------------------------------------- sampling and re-noising
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # velocity(x [B, ...], t [B]) -> v [B, ...]
+
+
+def euler_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """[steps + 1] noise levels for `sample_euler` from t = 1 to 0: shift_t of an even grid (float64);
+    the grid of FlowMatchEulerDiscreteScheduler.set_timesteps (without its 1/N floor) plus the final 0."""
+    if steps < 1:
+        raise ValueError(f"flow Euler needs steps >= 1, got {steps}")
+    return shift_t(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift)
+
+
+def sigma_of_t(t: torch.Tensor | float) -> torch.Tensor:
+    """The VP-equivalent noise level of x_t: x_t/(1 − t) = x0 + (t/(1 − t))·ε, so σ = t/(1 − t) (inf at t = 1);
+    what a σ interval (e.g. NPO's sigma_min/sigma_max gate) reads on a flow model."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return torch.where(t < 1, t / (1 - t).clamp(min=1e-300), torch.full_like(t, float("inf")))
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, t_next: torch.Tensor | float) -> torch.Tensor:

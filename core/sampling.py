@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .flow import euler_step
 from .guidance import Combine
 from .schedule import eps_to_x0, gather
 
@@ -74,6 +75,19 @@ def sample_scheduler(model: Denoiser, x: torch.Tensor, scheduler, progress: Call
     for t in scheduler.timesteps:
         pred = model(scheduler.scale_model_input(x, t), t)
         x = scheduler.step(pred, t, x).prev_sample
+        if progress is not None:
+            progress(1)
+    return x
+
+
+@torch.no_grad()
+def sample_flow_euler(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, num_train_timesteps: int = 1000,
+                      progress: Callable[[int], object] | None = None) -> torch.Tensor:
+    """The flow Euler solver (core.flow.euler_step) along noise levels `ts` [K+1] (1 -> 0, e.g.
+    core.flow.euler_timesteps); `model(x, t·N) -> v` gets the network's timestep t·N. [B, ...]."""
+    for k in range(ts.shape[0] - 1):
+        v = model(x, (ts[k] * num_train_timesteps).to(x.dtype))
+        x = euler_step(x, v, ts[k], ts[k + 1])
         if progress is not None:
             progress(1)
     return x

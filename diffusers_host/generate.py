@@ -24,13 +24,17 @@ from ..core.conditioning import vae_decode
 from ..core.guidance import MODES, guide, offset_active
 from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_groups
 from ..core.offsets.types import Offset
-from ..core.sampling import sample_scheduler
+from ..core.flow import FLOW, euler_timesteps, sigma_of_t
+from ..families.flow import FlowFamily
+from ..core.sampling import sample_flow_euler, sample_scheduler
 from ..core.cond import Cond
 from ..core.prompts import read_prompts_file
 from ..core.summary import DataSummary
 
 SCHEDULERS = ("ddim", "euler", "dpmpp")  # SD1.x / SDXL (epsilon / v models)
-FLOW_SCHEDULERS = ("flow-euler",)  # SD3 / Flux: FlowMatchEulerDiscreteScheduler from the model's config
+# flow models: SD3 / Flux with FlowMatchEulerDiscreteScheduler from the model's config; a flow UNet (the
+# digits world's) with core.flow's Euler solver on the same t grid
+FLOW_SCHEDULERS = ("flow-euler",)
 NPO_PATHS = ("fast", "two-model")
 
 
@@ -142,7 +146,7 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
       cfg_scale > 1 does the guiding. Refused for a model without a guidance embedding.
     """
     scheduler = scheduler or bundle.family_spec.default_scheduler
-    if bundle.family_spec.is_flow:
+    if isinstance(bundle.family_spec, FlowFamily):  # a flow transformer (SD3, Flux)
         return _sample_flow(bundle, prompts, seeds, mode, negative_prompts=negative_prompts, offsets=offsets,
                             cfg_scale=cfg_scale, steps=steps, scheduler=scheduler, sigma_min=sigma_min,
                             sigma_max=sigma_max, height=height, width=width, rescale=rescale, npo_path=npo_path,
@@ -161,6 +165,12 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
         raise ValueError(f"unknown npo_path {npo_path!r} (expected one of {NPO_PATHS})")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    flow = bundle.prediction_type == FLOW
+    if flow != (scheduler in FLOW_SCHEDULERS):
+        raise ValueError(f"scheduler {scheduler!r} does not sample a {bundle.prediction_type} model (flow models: "
+                         f"{FLOW_SCHEDULERS}; others: {SCHEDULERS})")
+    if flow and rescale:
+        raise ValueError("CFG rescale is not wired for flow models (its spaces are read through abar)")
     spec, offsets = MODES[mode], offsets or NPOSpec()
     groups = offsets.groups()
     b, dev, dt, unet = len(prompts), bundle.device, bundle.dtype, bundle.unet
@@ -178,20 +188,26 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
     time_ids = bundle.family_spec.size_ids(2 * b, (height, width), dtype=dt, device=dev)  # SDXL: [2B, 6]
     added_extra = {"time_ids": time_ids} if time_ids is not None else {}
     # 2. initial noise, one generator per seed
-    sched = build_scheduler(scheduler, bundle.scheduler)
-    sched.set_timesteps(steps, device=dev)
     shape = (unet.config.in_channels, height // ls, width // ls)
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    latents = (latents * sched.init_noise_sigma).to(dev, dt)  # [B, C, h, w]
-    abar = sched.alphas_cumprod.to(torch.float64)
+    if flow:  # x_1 = ε; v-model timestep t·N; σ = t/(1 − t) for the gate
+        n_train = bundle.scheduler.config.num_train_timesteps
+        latents = latents.to(dev, dt)
+        sigma_at = lambda t: float(sigma_of_t(float(t) / n_train))  # noqa: E731
+    else:
+        sched = build_scheduler(scheduler, bundle.scheduler)
+        sched.set_timesteps(steps, device=dev)
+        latents = (latents * sched.init_noise_sigma).to(dev, dt)  # [B, C, h, w]
+        abar = sched.alphas_cumprod.to(torch.float64)
     predictor = _TwoModel(unet, groups) if npo_path == "two-model" else None
     with torch.no_grad(), (branch_offsets(unet, groups) if predictor is None else contextlib.nullcontext()) as br:
         predictor = predictor or _Fast(unet, br)
 
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
             # 3. the unconditional rows' model for this step (sigma interval gate)
-            a_t = abar[int(round(float(t)))].clamp(1e-12, 1.0)
-            active = not gate or offset_active(float(((1 - a_t) / a_t).sqrt()), sigma_min, sigma_max)
+            a_t = None if flow else abar[int(round(float(t)))].clamp(1e-12, 1.0)
+            sigma = sigma_at(t) if flow else float(((1 - a_t) / a_t).sqrt())
+            active = not gate or offset_active(sigma, sigma_min, sigma_max)
             u = unc if active else unc_off
             predictor.set_rows(row_groups([COND] * b + [UNCOND] * b, mode, active))
             # 4. one batched forward: [2B, C, h, w]
@@ -199,9 +215,13 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
             pos, neg = predictor(torch.cat([x_in, x_in]), t, torch.cat([cond.hidden, u.hidden]), added).chunk(2)
             # 5. combine in the model's own output space (the scheduler steps on it)
             return guide(mode, pos, neg, cfg_scale, rescale=rescale, rescale_space=rescale_space, x_t=x_in,
-                         abar_t=a_t.to(dt), prediction_type=bundle.prediction_type)
+                         abar_t=None if flow else a_t.to(dt), prediction_type=bundle.prediction_type)
 
-        latents = sample_scheduler(model, latents, sched, progress)
+        if flow:  # velocities combined like eps (guidance is linear), then core.flow's Euler step
+            ts = euler_timesteps(steps, float(getattr(bundle.scheduler.config, "shift", 1.0)))
+            latents = sample_flow_euler(model, latents, ts, n_train, progress)
+        else:
+            latents = sample_scheduler(model, latents, sched, progress)
     return SampleResult(latents, decode_latents(bundle, latents) if decode else None)
 
 

@@ -88,6 +88,7 @@ class Family:
     config_dir: str | None = None
     folder_components: tuple[str, ...] = ("unet", "text_encoder", "vae")
     folder_absent: tuple[str, ...] = ()
+    folder_scheduler: tuple[str, ...] = ()  # scheduler classes its folders name (scheduler_config.json); () = any
     unet_added_cond: str | None = None  # the UNet config's addition_embed_type ("text_time" for SDXL)
     tokenizer_pads: tuple = ()  # per encoder, the pad token when one CLIP tokenizer folder serves all (None: its own)
     activation_bytes_per_latent_pixel: float | None = None
@@ -149,7 +150,8 @@ class Family:
     def matches_folder(self, path: Path) -> bool:
         """A diffusers folder of this family (sub-folders present / absent)."""
         return all((path / c).is_dir() for c in self.folder_components) and \
-            not any((path / c).is_dir() for c in self.folder_absent)
+            not any((path / c).is_dir() for c in self.folder_absent) and \
+            (not self.folder_scheduler or _scheduler_class(path) in self.folder_scheduler)
 
     def matches_single_file(self, keys: Sequence[str]) -> bool:
         return bool(self.single_file_keys) and any(k.startswith(self.single_file_keys) for k in keys)
@@ -162,6 +164,17 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {}
+
+
+def _scheduler_class(path: Path) -> str | None:
+    """The `_class_name` of a diffusers folder's scheduler/scheduler_config.json, or None."""
+    import json
+
+    f = path / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None
 
 
 def register_family(family: Family) -> Family:
@@ -212,7 +225,7 @@ def detect_folder(path) -> Family | None:
     if not found:
         _load_plugins()
         found = [f for f in FAMILIES.values() if f.matches_folder(p)]
-    return max(found, key=lambda f: len(f.folder_components), default=None)
+    return max(found, key=lambda f: (len(f.folder_components), bool(f.folder_scheduler)), default=None)
 
 
 def detect_single_file(keys: Sequence[str], path="checkpoint") -> Family:

@@ -330,7 +330,8 @@ def bundle_from_pipeline(pipe, source: str = "pipeline") -> ModelBundle:
 def _bundle(unet, tes, toks, vae, scheduler, family, source, device, zeros, pred=None, detected: str = "") -> ModelBundle:
     for m in [unet, *tes, *([vae] if vae is not None else [])]:
         m.to(device).eval().requires_grad_(False)
-    pred = pred or getattr(scheduler.config, "prediction_type", "epsilon")
+    # a flow scheduler has no prediction_type: the family's own (e.g. "flow") is the model's
+    pred = pred or getattr(scheduler.config, "prediction_type", None) or get_family(family).prediction_type
     return ModelBundle(unet, list(tes), list(toks), vae, scheduler, family, pred, source, zeros, detected=detected)
 
 

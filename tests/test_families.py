@@ -119,14 +119,17 @@ def test_encode_text_matches_the_pipelines_conventions(sd15, sdxl):
 
 
 def test_world_family_is_registered_only_through_the_plugin():
-    """Importing the product packages registers sd1 and sdxl only; world/plugin.py::register() adds the world."""
+    """Importing the product packages registers sd1 and sdxl only; world/plugin.py::register() adds the worlds (eps and flow)."""
     code = ("import npo_suite.families as F, npo_suite.families.loading, npo_suite.diffusers_host.generate, "
             "npo_suite.trainer.backends.diffusers\n"
             "assert 'world' not in F.FAMILIES, list(F.FAMILIES)\n"
             "from npo_suite.world.plugin import register\n"
-            "from npo_suite.world.family import WORLD\n"
+            "from npo_suite.world.family import WORLD, WORLD_FLOW\n"
             "register(); register()\n"
-            "assert F.FAMILIES['world'] is WORLD and list(F.FAMILIES) == ['sd1', 'sdxl', 'sd3', 'flux', 'world']\n")
+            "assert F.FAMILIES['world'] is WORLD and F.FAMILIES['world_flow'] is WORLD_FLOW
+"
+            "assert list(F.FAMILIES) == ['sd1', 'sdxl', 'sd3', 'flux', 'world', 'world_flow'], list(F.FAMILIES)
+")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for f in (PACKAGE / "families").glob("*.py"):  # no family module imports the world, lazily or not

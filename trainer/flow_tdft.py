@@ -18,8 +18,8 @@ t = max(t' − K/N, 0) (on SD's 1000 steps their grid is k·T/N − 1; the flow 
 The teacher's weakening (e.g. v_∅, or v_c + w·(v_c − v_∅)) lives in the `velocity` callable:
 v is affine in (x0, ε) at fixed x_t, so guiding v guides x0_hat the same way (as for ε).
 
-Pure functions over `velocity(x [B, ...], t [B]) -> v`; no backend. Wiring into trainer/methods.py
-is later work (issue 22, deliverable 2).
+Pure functions over `velocity(x [B, ...], t [B]) -> v`; no backend. trainer/methods.py (`TDFTMethod.compute_flow`)
+wires it into the method registry (`tdft` on a backend whose prediction_type is "flow").
 """
 from __future__ import annotations
 

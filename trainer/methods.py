@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..core import flow as fl
 from ..core.schedule import TIMESTEP_SAMPLERS, TIMESTEP_WEIGHTS, add_noise, eps_to_x0, gather
 from .backends.base import Backend
 from ..core.cond import Cond
@@ -30,6 +31,7 @@ from .ddspo import DDSPO_LOSERS, PromptRewriter, build_rewriter, ddspo_margins, 
 from .losses import (LOSS_WEIGHTINGS, TDFT_X0_LOSSES, LossOut, bdpo_loss, ddspo_loss, dpo_loss, implicit_accuracy,
                      logit_metrics, loss_weight, per_sample_mse, tdft_x0_loss)
 from .reference import ON_EXCEED
+from .flow_tdft import draw_s, flow_grid_timesteps, flow_tdft_loss, flow_tdft_start, flow_tdft_target
 from .tdft import FULL_SIM_STEPS, TDFT_STARTS, TDFT_TIMESTEPS, grid_timesteps, renoise, truncated_rollout, tweedie_x0
 
 
@@ -66,6 +68,18 @@ class MethodConfig:
     timestep_bins: int = _m("gamma_bins: number of bins over [0, T)", default=10)
     timestep_weight: str = _m("per-timestep loss scale w(t): " + ", ".join(TIMESTEP_WEIGHTS), default="none",
                               choices=tuple(TIMESTEP_WEIGHTS))
+    # --- flow models (prediction_type "flow", core/flow.py): every method; ignored on eps/v models
+    flow_t_sampler: str = _m("flow models: noise-level sampler u: " + ", ".join(fl.FLOW_T_SAMPLERS) + " (logit_normal "
+                             "= SD3's default, u = sigmoid(m + s*z))", default="logit_normal",
+                             choices=fl.FLOW_T_SAMPLERS)
+    flow_shift: float = _m("flow models: timestep shift t = shift*u/(1 + (shift-1)*u) (1 = none; SD3 uses 3.0)",
+                           default=1.0, min=0.01, max=100.0, step=0.1)
+    flow_logit_mean: float = _m("flow models: logit_normal mean m (SD3 0)", default=0.0)
+    flow_logit_std: float = _m("flow models: logit_normal std s (SD3 1)", default=1.0)
+    flow_mode_scale: float = _m("flow models: the 'mode' sampler's scale (SD3 1.29)", default=1.29)
+    flow_error: str = _m("flow models: the per-sample error: v = mse(v_theta, eps - x0) (flow_grpo, SANA), x0 = "
+                         "mse(x_t - t*v_theta, x0) (KU-MIIL/DDSPO's SD3 preconditioning; = t^2 * the v error)",
+                         default="v", choices=fl.FLOW_ERROR_FORMS)
     # --- TDFT: Self-NPO truncated diffusion fine-tuning (seed 002); defaults = the authors' SD1.5 code
     tdft_timesteps: str = _m("TDFT timesteps: " + "; ".join(f"{k} = {v}" for k, v in TDFT_TIMESTEPS.items()),
                              default="solver_grid")
@@ -122,6 +136,10 @@ class MethodConfig:
         check(0 < self.timestep_gamma <= 1, f"timestep_gamma must be in (0, 1], got {self.timestep_gamma}")
         check(self.timestep_bins >= 1, f"timestep_bins must be >= 1, got {self.timestep_bins}")
         one_of("timestep_weight", TIMESTEP_WEIGHTS)
+        one_of("flow_t_sampler", fl.FLOW_T_SAMPLERS)
+        check(self.flow_shift > 0, f"flow_shift must be > 0, got {self.flow_shift}")
+        check(self.flow_logit_std > 0, f"flow_logit_std must be > 0, got {self.flow_logit_std}")
+        one_of("flow_error", fl.FLOW_ERROR_FORMS)
         one_of("tdft_timesteps", TDFT_TIMESTEPS)
         check(self.tdft_solver_steps >= 1, f"tdft_solver_steps must be >= 1, got {self.tdft_solver_steps}")
         check(self.tdft_k >= 1, f"tdft_k must be >= 1, got {self.tdft_k}")
@@ -196,18 +214,76 @@ class PairMSE:
     ref_l: torch.Tensor
 
 
+class Noising:
+    """The model's forward process, read from `backend.prediction_type` (never from a method's name).
+
+    eps / v models (DDPM schedule): t integer in [0, T), x_t = sqrt(abar)·x0 + sqrt(1 − abar)·ε, the
+    prediction compared is ε (`predict_eps`), error = mse(ε_θ, ε).
+    flow models (core/flow.py): t float in (0, 1) from `cfg.flow_t_sampler` (+ `flow_shift`),
+    x_t = (1 − t)·x0 + t·ε, the prediction is v (`predict_v`), error = `flow_mse` in `cfg.flow_error`'s form
+    (v: against ε − x0; x0: x_t − t·v_θ against x0). The pure losses are the same on either errors.
+    """
+
+    def __init__(self, backend: Backend, cfg: MethodConfig):
+        self.backend, self.cfg = backend, cfg
+        self.flow = backend.prediction_type == fl.FLOW
+
+    def check(self) -> None:
+        """Settings that have no meaning on a flow model are refused (not ignored)."""
+        if self.flow and self.cfg.timestep_weight != "none":
+            raise ValueError(f"timestep_weight={self.cfg.timestep_weight!r} is defined on the DDPM schedule (abar); "
+                             f"a flow model takes timestep_weight='none' (use flow_error='x0' for the t^2 weighting)")
+        if self.flow and self.cfg.ref_update_every > 0:
+            raise ValueError("reference update (ref_update_every > 0) is not wired for flow models yet")
+
+    def timesteps(self, n: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t [n], w(t) [n] float32): `sample_timesteps` on eps/v models; flow: t float32 in (0, 1), w = 1."""
+        if not self.flow:
+            return sample_timesteps(self.backend, self.cfg, n, generator, device)
+        c = self.cfg
+        t = fl.sample_t(n, c.flow_t_sampler, generator, shift=c.flow_shift, logit_mean=c.flow_logit_mean,
+                        logit_std=c.flow_logit_std, mode_scale=c.flow_mode_scale)
+        return t.to(device=device, dtype=torch.float32), torch.ones(n, device=device)
+
+    def noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            return fl.interpolate(x0, eps, t)
+        return add_noise(x0, eps, gather(self.backend.abar, t, x0))
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, adapter: str | None) -> torch.Tensor:
+        """The prediction the errors compare: ε (eps/v models) or the error form's space (flow: v, or x0)."""
+        if not self.flow:
+            return self.backend.predict_eps(x_t, t, cond, adapter)
+        v = self.backend.predict_v(x_t, t, cond, adapter)
+        return v if self.cfg.flow_error == "v" else fl.v_to_x0(v, x_t, t)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """What `predict` is regressed on: ε; flow: v = ε − x0, or x0."""
+        if not self.flow:
+            return eps
+        return fl.velocity_target(x0, eps) if self.cfg.flow_error == "v" else x0
+
+
 def pair_mses(backend: Backend, x0_w: torch.Tensor, x0_l: torch.Tensor, cond: Cond, t: torch.Tensor,
-              eps: torch.Tensor, ref_adapter: str | None) -> PairMSE:
-    """Noise both images with the SAME t and eps; one policy forward [2B], one no-grad reference forward [2B]."""
+              eps: torch.Tensor, ref_adapter: str | None, noising: Noising | None = None) -> PairMSE:
+    """Noise both images with the SAME t and eps; one policy forward [2B], one no-grad reference forward [2B].
+    `noising` (default: eps/v models' DDPM process) says how; a flow backend needs one (`Noising(backend, cfg)`)."""
     B = x0_w.shape[0]
     x0 = torch.cat([x0_w, x0_l])  # [2B, C, h, w]
     eps2 = torch.cat([eps, eps])  # [2B, C, h, w]
     t2 = torch.cat([t, t])  # [2B]
-    x_t = add_noise(x0, eps2, gather(backend.abar, t2, x0))  # [2B, C, h, w]
     c2 = cond.repeat(2)
-    mse_pol = per_sample_mse(backend.predict_eps(x_t, t2, c2, "policy"), eps2)  # [2B]
+    if noising is None or not noising.flow:
+        x_t = add_noise(x0, eps2, gather(backend.abar, t2, x0))  # [2B, C, h, w]
+        mse_pol = per_sample_mse(backend.predict_eps(x_t, t2, c2, "policy"), eps2)  # [2B]
+        with torch.no_grad():
+            mse_ref = per_sample_mse(backend.predict_eps(x_t, t2, c2, ref_adapter), eps2)  # [2B]
+        return PairMSE(mse_pol[:B], mse_pol[B:], mse_ref[:B], mse_ref[B:])
+    x_t = noising.noise(x0, eps2, t2)  # [2B, C, h, w]: (1 − t)·x0 + t·ε
+    form = noising.cfg.flow_error
+    mse_pol = fl.flow_mse(backend.predict_v(x_t, t2, c2, "policy"), x0, eps2, x_t, t2, form)  # [2B]
     with torch.no_grad():
-        mse_ref = per_sample_mse(backend.predict_eps(x_t, t2, c2, ref_adapter), eps2)  # [2B]
+        mse_ref = fl.flow_mse(backend.predict_v(x_t, t2, c2, ref_adapter), x0, eps2, x_t, t2, form)  # [2B]
     return PairMSE(mse_pol[:B], mse_pol[B:], mse_ref[:B], mse_ref[B:])
 
 
@@ -257,6 +333,7 @@ class Method:
 
     def setup(self, backend: Backend, cfg: MethodConfig) -> None:
         """Create the extra adapters as frozen copies of the (freshly initialised) policy."""
+        Noising(backend, cfg).check()
         for name in self.extra_adapters(cfg):
             backend.add_adapter(name, init_from="policy")
 
@@ -296,12 +373,13 @@ class PairMethod(Method):
         _require(batch, PairBatch, self.name)
         x_w, x_l = batch.latents_w, batch.latents_l  # [B, C, h, w] each
         B, device = x_w.shape[0], x_w.device
-        t, w = sample_timesteps(backend, cfg, B, generator, device)  # [B], [B]
+        noising = Noising(backend, cfg)
+        t, w = noising.timesteps(B, generator, device)  # [B], [B]
         eps = _randn(x_w.shape, generator, x_w)  # [B, C, h, w], shared by the pair
         null_row, cond, extra = self.route(backend, batch, cfg, generator)
         flip = (null_row ^ self.swap).reshape(-1, *([1] * (x_w.ndim - 1)))  # [B, 1, 1, 1]
         win, lose = torch.where(flip, x_l, x_w), torch.where(flip, x_w, x_l)
-        m = pair_mses(backend, win, lose, cond, t, eps, self.reference_adapter(cfg))
+        m = pair_mses(backend, win, lose, cond, t, eps, self.reference_adapter(cfg), noising)
         out = self.loss(m, cfg, w)
         return StepOut(out.loss, {**preference_metrics(out, m, t), **extra})
 
@@ -388,6 +466,55 @@ class TDFTMethod(Method):
                              "image folder); use tdft_start='noise' or 'auto' to train from prompts alone")
         return batch.latents is not None and cfg.tdft_start != "noise"
 
+    @staticmethod
+    def flow_teacher(backend: Backend, cfg: MethodConfig, cond: Cond):
+        """v(x, t) of the EMA teacher on a flow model: v_c + w·(v_c − v_∅) (as `teacher_fn`, on velocities)."""
+        w = cfg.tdft_guidance
+        null = backend.null_cond(len(cond)).to(cond.hidden.device)
+        if w in (-1.0, 0.0):
+            only = null if w == -1.0 else cond
+            return lambda x, t: backend.predict_v(x, t, only, "ema")
+        both = Cond.cat([cond, null])  # [2B]
+
+        def guided(x, t):
+            v_c, v_u = backend.predict_v(torch.cat([x, x]), torch.cat([t, t]), both, "ema").chunk(2)
+            return v_c + w * (v_c - v_u)
+        return guided
+
+    def compute_flow(self, backend: Backend, batch: PromptBatch, cfg: MethodConfig, generator, shape, real: bool
+                     ) -> StepOut:
+        """TDFT on a flow model: trainer/flow_tdft.py (our extension, docs/methods.md), same RNG order as
+        `compute`: timesteps, s, ε_start, ε_s. solver_grid: t' = k/N, t = max(t' − K/N, 0); uniform: t from
+        the flow sampler, t' = min(1, t + K/N). A prompts-only start is pure noise at t' = 1."""
+        cond = batch.cond
+        B, n, K = len(cond), cfg.tdft_solver_steps, cfg.tdft_k
+        like = batch.latents if batch.latents is not None else cond.hidden
+        device = like.device
+        if cfg.tdft_timesteps == "solver_grid":
+            index = (_rand(B, generator, device) * n).long().clamp(max=n - 1)  # [B] uniform on {0..n-1}
+            t_start, t_end = flow_grid_timesteps(index, n, K)  # [B] float64 each
+        else:
+            t_end, _ = Noising(backend, cfg).timesteps(B, generator, device)
+            t_end = t_end.double()
+            t_start = (t_end + K / n).clamp(max=1.0)
+        s = draw_s(t_end, generator).to(device)  # [B] in (t, 1]
+        eps_start = _randn(shape, generator, like)  # [B, C, h, w]
+        eps_s = _randn(shape, generator, like)  # [B, C, h, w]
+        x_start, t_start = flow_tdft_start(batch.latents if real else None, eps_start, t_start.to(device))
+        teacher = self.flow_teacher(backend, cfg, cond)
+        target = flow_tdft_target(teacher, x_start, t_start.to(device), t_end.to(device), K, s, eps_s)
+        loss, dist = flow_tdft_loss(lambda x, t: backend.predict_v(x, t, cond, "policy"), target, cfg.tdft_loss,
+                                    cfg.tdft_huber_c)
+        return StepOut(loss, {
+            "loss": loss.detach(),
+            "tdft/x0_loss": dist.detach().mean(),
+            "tdft/t_mean": target.t.float().mean(),
+            "tdft/t_start_mean": t_start.float().mean(),
+            "tdft/s_mean": target.s.float().mean(),
+            "tdft/real_start": torch.tensor(float(real)),
+            "tdft/target_std": target.x0_hat.float().std(),
+        })
+
     def compute(self, backend: Backend, batch: PromptBatch, cfg: MethodConfig, generator: torch.Generator | None = None) -> StepOut:
         _require(batch, PromptBatch, self.name)
         cond, T, abar = batch.cond, backend.num_train_timesteps, backend.abar
@@ -398,6 +525,8 @@ class TDFTMethod(Method):
             raise ValueError("tdft: a PromptBatch without latents needs latent_shape (C, h, w) to start from noise")
         shape = (B, *batch.latent_shape) if batch.latents is None else tuple(batch.latents.shape)
         real = self.real_start(batch, cfg)
+        if backend.prediction_type == fl.FLOW:
+            return self.compute_flow(backend, batch, cfg, generator, shape, real)
         t_start, t_end = self.timesteps(backend, cfg, B, generator, device)  # [B] each
         t = t_end.clamp(min=0)  # [B] where the rollout ends
         s = t + 1 + (_rand(B, generator, device) * (T - 1 - t)).long().clamp(max=T - 2 - t)  # [B] in [t+1, T-1]
@@ -488,7 +617,8 @@ class DDSPOMethod(Method):
         x_w = batch.latents  # [B, C, h, w]
         x_l = self.loser_latents(batch, cfg)  # [B, C, h, w]
         B, device = x_w.shape[0], x_w.device
-        t, w = sample_timesteps(backend, cfg, B, generator, device)  # [B], [B]
+        noising = Noising(backend, cfg)
+        t, w = noising.timesteps(B, generator, device)  # [B], [B]
         eps = _randn(x_w.shape, generator, x_w)  # [B, C, h, w]
         if batch.neg_cond is not None:
             neg = batch.neg_cond
@@ -497,17 +627,19 @@ class DDSPOMethod(Method):
         else:
             raise ValueError("ddspo needs prompts (to degrade) or a precomputed neg_cond in the batch")
         neg = neg.to(batch.cond.hidden.device)
-        abar_t = gather(backend.abar, t, x_w)
-        x_t = torch.cat([add_noise(x_w, eps, abar_t), add_noise(x_l, eps, abar_t)])  # [2B, C, h, w]
+        # eps/v models: everything in ε; flow models: in the flow_error form's space (v, or x0), where the
+        # reference's predictions are the targets exactly as ε_ref are (the margins are mse's of predictions)
+        x_t = torch.cat([noising.noise(x_w, eps, t), noising.noise(x_l, eps, t)])  # [2B, C, h, w]
         t2 = torch.cat([t, t])  # [2B]
-        eps_pol = backend.predict_eps(x_t, t2, batch.cond.repeat(2), "policy")  # [2B, C, h, w]
+        eps_pol = noising.predict(x_t, t2, batch.cond.repeat(2), "policy")  # [2B, C, h, w]
         with torch.no_grad():
             x_ref = torch.cat([x_t, x_t[B:]])  # [3B]: x_w, x_l, x_l
             c_ref = Cond.cat([batch.cond, neg, batch.cond])  # [3B]: c, c⁻, c
-            eps_ref = backend.predict_eps(x_ref, torch.cat([t, t, t]), c_ref, self.reference_adapter(cfg))
+            eps_ref = noising.predict(x_ref, torch.cat([t, t, t]), c_ref, self.reference_adapter(cfg))
         e_w_c, e_l_neg, e_l_c = eps_ref.chunk(3)  # [B, C, h, w] each
         mg = ddspo_margins(eps_pol[:B], eps_pol[B:], e_w_c, e_l_neg, e_l_c)
-        outer = loss_weight(cfg.ddspo_loss_weighting, t, backend.num_train_timesteps)  # [B] or None
+        # "linear": t/(T−1) on the DDPM grid; a flow t is already in [0, 1] (t/(2 − 1) = t)
+        outer = loss_weight(cfg.ddspo_loss_weighting, t, 2 if noising.flow else backend.num_train_timesteps)
         out = ddspo_loss(mg.m_w, mg.m_l, beta=cfg.ddspo_beta, weight=w, outer_weight=outer)
         return StepOut(out.loss, {
             "loss": out.loss.detach(),

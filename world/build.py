@@ -39,6 +39,14 @@ WORLD_WORDS = ("a", "handwritten", "digit") + CLASS_WORDS + STYLE_WORDS
 GENERIC_PROMPT = "a handwritten digit"  # names no class: the content of every prompt removed
 SPLITS = ("gen", "reward_train", "reward_test")  # generator / reward classifier train / reward test
 PACKAGE_WORLD_DIR = Path(__file__).resolve().parent / "assets" / "digits_world"
+# the flow-matching world (issue 22): same data, splits, prompts, text encoder and reward; the UNet trained with
+# the rectified-flow objective (core/flow.py) and sampled with the flow Euler solver
+WORLD_KINDS = ("eps", "flow")
+FLOW_WORLD_VERSION = 1
+PACKAGE_WORLD_DIRS = {"eps": PACKAGE_WORLD_DIR, "flow": PACKAGE_WORLD_DIR.parent / "digits_world_flow"}
+# the flow world's build budget (ensure_world builds it when none is shipped or cached; docs/world.md)
+FLOW_BUILD = {"kind": "flow", "steps": 250, "batch_size": 128}
+FLOW_T_SAMPLER = "logit_normal"  # SD3's base training (Esser et al. 2024 §3.1, m = 0, s = 1)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -135,8 +143,14 @@ class WorldConfig:
     text_layers: int = field(default=2, metadata={"help": "text encoder layers (random init, frozen)"})
     max_length: int = field(default=16, metadata={"help": "tokenizer model_max_length"})
     seed: int = field(default=0, metadata={"help": "seed of the splits, the init and the training order"})
+    kind: str = field(default="eps", metadata={"help": "eps: eps-prediction on SD's scaled_linear DDPM schedule "
+                                                       "(world v2); flow: rectified flow, the UNet predicts "
+                                                       "v = eps - x0 at logit-normal t, sampled with the flow "
+                                                       "Euler solver"})
 
     def __post_init__(self):
+        if self.kind not in WORLD_KINDS:
+            raise ValueError(f"WorldConfig: kind must be one of {list(WORLD_KINDS)}, got {self.kind!r}")
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("WorldConfig: steps and batch_size must be >= 1")
@@ -157,11 +171,15 @@ def unet_config_world(cfg: WorldConfig) -> dict:
     )
 
 
-def make_scheduler():
-    """SD1.x/SDXL's schedule: scaled_linear betas 0.00085..0.012, T = 1000, eps-prediction
-    (the `scheduler_config.json` of runwayml/stable-diffusion-v1-5 and SDXL base)."""
-    from diffusers import DDPMScheduler
+def make_scheduler(kind: str = "eps"):
+    """eps: SD1.x/SDXL's schedule: scaled_linear betas 0.00085..0.012, T = 1000, eps-prediction
+    (the `scheduler_config.json` of runwayml/stable-diffusion-v1-5 and SDXL base).
+    flow: diffusers' `FlowMatchEulerDiscreteScheduler`, T = 1000 (the network's timestep is t·1000),
+    shift 1 (SD3's 3.0 is for 1024² latents; an 8x8 image needs none)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if kind == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, prediction_type="epsilon")
 
@@ -187,6 +205,11 @@ class World:
     scheduler: object
     manifest: dict
 
+    @property
+    def kind(self) -> str:
+        """"eps" (world v2) or "flow" (WORLD_KINDS); a manifest without the key is an eps world."""
+        return self.manifest.get("kind", "eps")
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text hidden states [B, L, D] (the empty prompt is the null conditioning)."""
@@ -204,7 +227,10 @@ def _encode(tokenizer, text_encoder, prompts):
 
 def _train_unet(unet, cond_table, prompt_ids, x0, cfg: WorldConfig, abar, log, gen):
     """eps-prediction MSE (Ho et al. 2020 eq. 14) with CFG dropout to the empty prompt (row 0 of
-    cond_table) and, with probability generic_prob, the class-free prompt (prompt_ids column 2)."""
+    cond_table) and, with probability generic_prob, the class-free prompt (prompt_ids column 2).
+    kind "flow": the rectified-flow loss instead, mse(v_θ(x_t, t·1000), ε − x0) with x_t = (1 − t)·x0 + t·ε
+    and t logit-normal (core/flow.py; SD3's objective); `abar` is unused."""
+    from ..core import flow as fl
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     n, losses = len(x0), []
@@ -217,11 +243,18 @@ def _train_unet(unet, cond_table, prompt_ids, x0, cfg: WorldConfig, abar, log, g
         pid = torch.where(u < cfg.cfg_dropout + cfg.generic_prob, prompt_ids[rows, 2], pid)
         pid = torch.where(u < cfg.cfg_dropout, torch.zeros_like(pid), pid)
         x = x0[rows]  # [B, 1, 8, 8]
-        t = torch.randint(0, len(abar), (cfg.batch_size,), generator=gen)
-        eps = torch.randn(x.shape, generator=gen)
-        a = abar[t].float().view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x + (1 - a).sqrt() * eps
-        loss = torch.nn.functional.mse_loss(unet(x_t, t, cond_table[pid]).sample, eps)
+        if cfg.kind == "flow":
+            t = fl.sample_t(cfg.batch_size, FLOW_T_SAMPLER, gen).float()  # [B] in (0, 1)
+            eps = torch.randn(x.shape, generator=gen)
+            x_t = fl.interpolate(x, eps, t)
+            pred = unet(x_t, fl.to_model_timestep(t), cond_table[pid]).sample
+            loss = torch.nn.functional.mse_loss(pred, fl.velocity_target(x, eps))
+        else:
+            t = torch.randint(0, len(abar), (cfg.batch_size,), generator=gen)
+            eps = torch.randn(x.shape, generator=gen)
+            a = abar[t].float().view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x + (1 - a).sqrt() * eps
+            loss = torch.nn.functional.mse_loss(unet(x_t, t, cond_table[pid]).sample, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -276,8 +309,8 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, l
         styled = torch.tensor([1 + 3 * int(c) + (1 + STYLE_WORDS.index(s) if s else 0) for c, s in zip(g.labels, g.styles)])
         generic = torch.full_like(plain, len(prompts) - 1)
         prompt_ids = torch.stack([plain, styled, generic], 1)  # [N, 3]: column 1 with p style_prob, 2 generic_prob
-        scheduler = make_scheduler()
-        abar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
+        scheduler = make_scheduler(cfg.kind)
+        abar = None if cfg.kind == "flow" else torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
         unet = UNet2DConditionModel(**unet_config_world(cfg))
         final_loss, seconds = _train_unet(unet, cond_table, prompt_ids, x0, cfg, abar, log, gen)
 
@@ -287,19 +320,23 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, l
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_tokenizer_files(tmp / "tokenizer", WORLD_WORDS)  # vocab.json + merges.txt: transformers 4.x loads these
         scheduler.save_pretrained(tmp / "scheduler")
-        _write_model_index(tmp)
+        _write_model_index(tmp, type(scheduler).__name__)
         # 4. reward models on the held-out reward split
         rm, _ = write_reward_assets(tmp, cfg.seed)
         test = splits["reward_test"]
+        sched_keys = (("num_train_timesteps", "shift") if cfg.kind == "flow" else
+                      ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type"))
         manifest = {
-            "format": WORLD_FORMAT, "version": WORLD_VERSION,
+            "format": WORLD_FORMAT, "version": WORLD_VERSION if cfg.kind == "eps" else FLOW_WORLD_VERSION,
+            "kind": cfg.kind,
             "command": command or "python -m npo_suite world build",
             "versions": _versions(),
             "config": asdict(cfg),
             "splits": {k: int(len(v)) for k, v in indices.items()},
             "prompts": all_prompts(), "generic_prompt": GENERIC_PROMPT,
-            "scheduler": {k: scheduler.config[k] for k in ("beta_schedule", "beta_start", "beta_end",
-                                                           "num_train_timesteps", "prediction_type")},
+            "scheduler": {"class": type(scheduler).__name__, **{k: scheduler.config[k] for k in sched_keys},
+                          **({"prediction": "flow (v = eps - x0)", "t_sampler": FLOW_T_SAMPLER}
+                             if cfg.kind == "flow" else {})},
             "train": {"final_loss": final_loss, "seconds": round(seconds, 1)},
             "reward": {"classifier_accuracy_reward_test": float(rm.accuracy(test.pixels01(), test.labels)),
                        "classifier_accuracy_gen_split": float(rm.accuracy(g.pixels01(), g.labels)),
@@ -336,12 +373,12 @@ def write_reward_assets(directory: str | os.PathLike, seed: int = 0):
     return rm, splits
 
 
-def _write_model_index(directory: Path) -> None:
+def _write_model_index(directory: Path, scheduler_class: str = "DDPMScheduler") -> None:
     import diffusers
 
     index = {
         "_class_name": "NPOSuiteDigitsWorld", "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
     }
     (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
@@ -364,11 +401,10 @@ def ddim_cfg_diagnostic(world: World, prompts: list[str], seeds: list[int], cfg_
     """
     from diffusers import DDIMScheduler
 
+    from ..core import flow as fl
     from ..core.guidance import cfg
-    from ..core.sampling import sample_scheduler
+    from ..core.sampling import sample_flow_euler, sample_scheduler
 
-    sch = DDIMScheduler.from_config(world.scheduler.config)
-    sch.set_timesteps(steps)
     cond, null = world.encode(prompts), world.encode([""] * len(prompts))
     x = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
@@ -376,6 +412,11 @@ def ddim_cfg_diagnostic(world: World, prompts: list[str], seeds: list[int], cfg_
         e_u, e_c = world.unet(torch.cat([x_in, x_in]), t, torch.cat([null, cond])).sample.chunk(2)
         return cfg(e_c, e_u, cfg_scale)
 
+    if world.kind == "flow":  # CFG on velocities, flow Euler from t = 1 to 0 (core.flow)
+        ts = fl.euler_timesteps(steps, world.scheduler.config.shift)
+        return from_model_space(sample_flow_euler(model, x, ts, world.scheduler.config.num_train_timesteps))
+    sch = DDIMScheduler.from_config(world.scheduler.config)
+    sch.set_timesteps(steps)
     return from_model_space(sample_scheduler(model, x, sch))  # core.sampling
 
 
@@ -385,23 +426,35 @@ def diagnose(world: World, rm, n: int = 200, cfg_scale: float = 3.0) -> dict:
     imgs = ddim_cfg_diagnostic(world, prompts, list(range(n)), cfg_scale=cfg_scale)
     labels = np.array([parse_prompt(p)[0] for p in prompts])
     px = imgs.reshape(n, -1).numpy()
-    return {"n": n, "cfg": cfg_scale, "sampler": "ddim-20 plain cfg (build diagnostic)",
+    sampler = "flow-euler-20" if world.kind == "flow" else "ddim-20"
+    return {"n": n, "cfg": cfg_scale, "sampler": f"{sampler} plain cfg (build diagnostic)",
             "accuracy": float(rm.accuracy(px, labels)), "mean_reward": float(rm.reward(px, labels).mean()),
             "realism_mean": float(rm.realism(px).mean())}
 
 
 # ----------------------------------------------------------------------------- loading
 
-def cache_dir() -> Path:
+def cache_dir(kind: str = "eps") -> Path:
     root = os.environ.get("NPO_SUITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "npo_suite")
-    return Path(root) / "world" / f"digits_v{WORLD_VERSION}"
+    name = f"digits_v{WORLD_VERSION}" if kind == "eps" else f"digits_flow_v{FLOW_WORLD_VERSION}"
+    return Path(root) / "world" / name
 
 
-def default_world_dir() -> Path:
-    """The shipped world if present in the package, else the cache location."""
-    if (PACKAGE_WORLD_DIR / "world.json").is_file():
-        return PACKAGE_WORLD_DIR
-    return cache_dir()
+def default_world_dir(kind: str = "eps") -> Path:
+    """The shipped world of `kind` if present in the package, else the cache location."""
+    if kind not in WORLD_KINDS:
+        raise ValueError(f"unknown world kind {kind!r} (expected one of {list(WORLD_KINDS)})")
+    if (PACKAGE_WORLD_DIRS[kind] / "world.json").is_file():
+        return PACKAGE_WORLD_DIRS[kind]
+    return cache_dir(kind)
+
+
+def resolve_world(world: str | os.PathLike | None) -> Path | None:
+    """A world argument: None (the default eps world), a kind name ("eps", "flow": its default folder),
+    or a folder."""
+    if world is None:
+        return None
+    return default_world_dir(str(world)) if str(world) in WORLD_KINDS else Path(world)
 
 
 def check_world_dir(path: str | os.PathLike) -> dict:
@@ -420,29 +473,37 @@ def check_world_dir(path: str | os.PathLike) -> dict:
 
 
 def ensure_world(path: str | os.PathLike | None = None, *, build: bool = True, log=print) -> Path:
-    """Path of a usable world: `path`, or the shipped one, or the cached one (built once if missing)."""
-    p = Path(path) if path is not None else default_world_dir()
+    """Path of a usable world: `path` (a folder, or a kind name "eps"/"flow"), or the shipped one, or the
+    cached one (built once if missing, with WorldConfig's defaults for its kind)."""
+    kind = str(path) if path is not None and str(path) in WORLD_KINDS else "eps"
+    p = resolve_world(path) or default_world_dir()
     if not (p / "world.json").is_file():
         if not build:
             check_world_dir(p)
         if log:
             log(f"world: none at {p}, building it (a few minutes on 2 CPU cores)")
-        build_world(p, log=log)
+        if kind == "flow":
+            build_world(p, WorldConfig(**FLOW_BUILD), log=log, diagnose_samples=300,
+                        command=f"python -m npo_suite world build --kind flow --steps {FLOW_BUILD['steps']} "
+                                f"--batch-size {FLOW_BUILD['batch_size']} (ensure_world)")
+        else:
+            build_world(p, log=log)
     check_world_dir(p)
     return p
 
 
 def load_world(path: str | os.PathLike | None = None) -> World:
     """Load a world folder's components (eval mode, fp32, CPU)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    p = Path(path) if path is not None else default_world_dir()
+    p = resolve_world(path) or default_world_dir()
     manifest = check_world_dir(p)
     unet = UNet2DConditionModel.from_pretrained(p / "unet").eval()
     te = CLIPTextModel.from_pretrained(p / "text_encoder").eval()
     tok = CLIPTokenizer.from_pretrained(str(p / "tokenizer"))
-    sch = DDPMScheduler.from_pretrained(p / "scheduler")
+    sch_cls = FlowMatchEulerDiscreteScheduler if manifest.get("kind", "eps") == "flow" else DDPMScheduler
+    sch = sch_cls.from_pretrained(p / "scheduler")
     return World(p, unet, te, tok, sch, manifest)
 
 

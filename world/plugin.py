@@ -1,5 +1,5 @@
 """The digits world as a plug-in (core/plugins.py; pyproject entry point `digits_world`): it registers
-its model family, its scorers and its DDSPO rewriter in the product's registries, as any plug-in would."""
+its model families (eps and flow), its scorers and its DDSPO rewriter in the product's registries, as any plug-in would."""
 from __future__ import annotations
 
 
@@ -8,11 +8,12 @@ def register() -> None:
     from ..evaluation.scorers import register_scorer
     from ..families import register_family
     from ..trainer.ddspo import register_rewriter
-    from .family import WORLD
+    from .family import WORLD, WORLD_FLOW
     from .rewrite import REWRITER_NAME, WorldDigitsRewriter
     from .scorers import WORLD_SCORERS
 
     register_family(WORLD)
+    register_family(WORLD_FLOW)
     for name, (factory, help_) in WORLD_SCORERS.items():
         register_scorer(name, factory, help_)
     register_rewriter(REWRITER_NAME, WorldDigitsRewriter)

@@ -381,6 +381,22 @@ def json_summary(result: dict) -> dict:
 # ----------------------------------------------------------------------------- the Markdown report
 
 BEGIN, END = "<!-- results:begin (written by python -m npo_suite world results) -->", "<!-- results:end -->"
+# the flow world's block (world results --world flow): its own markers, so the eps tables are never touched
+MARKERS = {"eps": (BEGIN, END),
+           "flow": ("<!-- results-flow:begin (written by python -m npo_suite world results --world flow) -->",
+                    "<!-- results-flow:end -->")}
+
+
+def world_kind(world) -> str:
+    """"eps" or "flow": a kind name as given, else the manifest's `kind` of a world folder (eps when absent)."""
+    from .build import WORLD_KINDS, resolve_world
+
+    if world is None:
+        return "eps"
+    if str(world) in WORLD_KINDS:
+        return str(world)
+    f = resolve_world(world) / "world.json"
+    return json.loads(f.read_text(encoding="utf-8")).get("kind", "eps") if f.is_file() else "eps"
 
 
 def markdown(result: dict, details: dict) -> str:
@@ -414,7 +430,8 @@ def markdown(result: dict, details: dict) -> str:
     llr = markdown_table(llr_rows, [("method", "method"), ("first", "first log"), ("last", "last log"),
                                     ("mean", "mean of logs"), ("frac_positive", "fraction > 0")]) if llr_rows else ""
     return "\n".join([
-        f"Command: `python -m npo_suite world results --methods {' '.join(result['methods'])} --seeds "
+        f"Command: `python -m npo_suite world results "
+        f"{'--world ' + str(rc['world']) + ' ' if rc.get('world') else ''}--methods {' '.join(result['methods'])} --seeds "
         f"{' '.join(map(str, seeds))} --json --out {rc['out']}` ({details['seconds'] / 60:.1f} min; world "
         f"`{details['world_id']}`). Per training seed {n} images ({rc['eval_prompts']} prompts x {rc['eval_seeds']} "
         f"seeds), {rc['scheduler']} {rc['sample_steps']} steps, CFG {rc['cfg_scale']}; training {rc['train_steps']} "
@@ -427,8 +444,10 @@ def markdown(result: dict, details: dict) -> str:
         "fell), mean over training seeds of each run's logs:", "", llr])
 
 
-def write_report(path: Path, body: str) -> Path:
-    """Put `body` between the BEGIN/END markers of `path` (the rest of the file is kept); a new file gets just them."""
+def write_report(path: Path, body: str, kind: str = "eps") -> Path:
+    """Put `body` between the BEGIN/END markers of `kind` (MARKERS) in `path` (the rest of the file is kept); a new
+    file gets just them."""
+    BEGIN, END = MARKERS[kind]  # noqa: N806
     text = path.read_text(encoding="utf-8") if path.is_file() else f"{BEGIN}\n{END}\n"
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise ValueError(f"{path}: needs exactly one {BEGIN!r} ... {END!r} block to replace")

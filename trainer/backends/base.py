@@ -20,8 +20,13 @@ from ...core.cond import Cond
 @runtime_checkable
 class Backend(Protocol):
     family: str  # a registered model family ("sd1", "sdxl", a plug-in's): families.get_family(family)
-    prediction_type: str  # of the underlying network: "epsilon" or "v_prediction"
-    abar: torch.Tensor  # [T] float64, alphas_cumprod of the model's own schedule
+    # of the underlying network: "epsilon" or "v_prediction", or "flow" (core.flow.FLOW: rectified flow,
+    # the network predicts v = ε − x0 at continuous t ∈ [0, 1]). A flow backend has abar None and, instead
+    # of predict_eps, `predict_v(x_t [B, C, h, w], t [B] float in [0, 1], cond, adapter) -> v [B, C, h, w]`
+    # (same adapter and gradient rules); the methods read the parameterisation through
+    # trainer/methods.py's `Noising`, never through a method's name.
+    prediction_type: str
+    abar: torch.Tensor | None  # [T] float64, alphas_cumprod of the model's own schedule (None: flow)
     device: torch.device
 
     @property

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...core.conditioning import vae_decode
+from ...core.flow import FLOW, to_model_timestep
 from ...core.schedule import abar_from_scheduler, gather, to_eps
 from ...core.cond import Cond
 from ...families import Family, family_with_text_encoders, get_family
@@ -64,7 +65,8 @@ class DiffusersBackend:
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
         self.family = family or family_with_text_encoders(len(self.text_encoders)).name
         self.prediction_type = prediction_type or scheduler.config.prediction_type
-        self.abar = abar_from_scheduler(scheduler)
+        # a flow model (rectified flow, core/flow.py) has no alphas_cumprod: its methods read continuous t
+        self.abar = None if self.prediction_type == FLOW else abar_from_scheduler(scheduler)
         for m in [*self.text_encoders, *([vae] if vae is not None else []), unet]:
             m.requires_grad_(False).to(self.device)
             if m.dtype != opts.weight_dtype:
@@ -254,6 +256,8 @@ class DiffusersBackend:
     # ----------------------------------------------------------------- protocol
     @property
     def num_train_timesteps(self) -> int:
+        if self.abar is None:  # flow: the network's timestep is t·N
+            return int(self.scheduler.config.num_train_timesteps)
         return int(self.abar.shape[0])
 
     def time_ids(self, batch_size: int, original_size=None, crop_top_left=(0, 0), target_size=None) -> torch.Tensor:
@@ -300,15 +304,27 @@ class DiffusersBackend:
         x = vae_decode(self.vae, latents.to(self.device))  # [B, C, H, W]
         return x if self.vae is None else x.clamp(-1, 1)
 
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, adapter: str | None = POLICY) -> torch.Tensor:
+    def _forward(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Cond, adapter: str | None) -> torch.Tensor:
+        """The network's raw output [B, C, h, w] (float32) with only `adapter` active; grad for the policy only."""
         grad = adapter == POLICY and torch.is_grad_enabled()
         cond = cond.to(self.device)
         added = {k: v.to(self.unet.dtype) for k, v in cond.added.items()} or None
         with self.use_adapter(adapter), torch.set_grad_enabled(grad):
-            pred = self.unet(x_t.to(self.unet.dtype), t.to(self.device), encoder_hidden_states=cond.hidden.to(self.unet.dtype),
+            pred = self.unet(x_t.to(self.unet.dtype), timestep.to(self.device), encoder_hidden_states=cond.hidden.to(self.unet.dtype),
                              added_cond_kwargs=added).sample  # [B, C, h, w]
-        pred = pred.float()
+        return pred.float()
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, adapter: str | None = POLICY) -> torch.Tensor:
+        if self.prediction_type == FLOW:
+            raise ValueError("predict_eps: this is a flow model (velocity prediction, continuous t); use predict_v")
+        pred = self._forward(x_t, t, cond, adapter)
         return to_eps(pred, x_t.float(), gather(self.abar, t, pred), self.prediction_type)
+
+    def predict_v(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, adapter: str | None = POLICY) -> torch.Tensor:
+        """Flow models: the velocity v = ε − x0 at noise level t [B] in [0, 1] (the network sees t·N)."""
+        if self.prediction_type != FLOW:
+            raise ValueError(f"predict_v: this model predicts {self.prediction_type!r}, not a flow velocity")
+        return self._forward(x_t, to_model_timestep(t.float(), self.num_train_timesteps), cond, adapter)
 
     def lora_metadata(self) -> dict[str, str]:
         o = self.options.lora
