@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sweep_arguments(sub) -> None:
-    from ..diffusers_host.generate import SCHEDULERS
+    from ..diffusers_host.generate import FLOW_SCHEDULERS, SCHEDULERS
     from ..families import family_names
     from ..evaluation.scorers import SCORERS
 
@@ -72,7 +72,8 @@ def _sweep_arguments(sub) -> None:
     w.add_argument("--tolerance", type=float, default=0.02, help="largest drop of the guard's mean that still passes")
     w.add_argument("--cfg", type=float, default=7.5)
     w.add_argument("--steps", type=int, default=20)
-    w.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    w.add_argument("--scheduler", default=None, choices=list(SCHEDULERS) + list(FLOW_SCHEDULERS),
+                   help="default: the family's (ddim for SD1.x/SDXL, flow-euler for SD3/Flux)")
     w.add_argument("--batch-size", type=int, default=16)
     add_model_flags(w)
     w.add_argument("--family", choices=family_names(), default=None)

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..families import family_names
 
     from ..core.guidance import GUIDANCE
-    from ..diffusers_host.generate import SCHEDULERS
+    from ..diffusers_host.generate import FLOW_SCHEDULERS, SCHEDULERS
     from ..evaluation.pairing import PAIR_RULES
 
     src = p.add_mutually_exclusive_group(required=True)
@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--cfg", type=float, default=7.5, help="guidance weight w")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS) + list(FLOW_SCHEDULERS),
+                   help="default: the family's (ddim for SD1.x/SDXL, flow-euler for SD3/Flux)")
     p.add_argument("--sigma-min", type=float, default=None)
     p.add_argument("--sigma-max", type=float, default=None)
     p.add_argument("--height", type=int, default=None)

@@ -92,6 +92,12 @@ class Family:
     unet_added_cond: str | None = None  # the UNet config's addition_embed_type ("text_time" for SDXL)
     tokenizer_pads: tuple = ()  # per encoder, the pad token when one CLIP tokenizer folder serves all (None: its own)
     activation_bytes_per_latent_pixel: float | None = None
+    default_scheduler: str = "ddim"  # generate's sampler when none is named (flow families: "flow-euler")
+
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching transformer family (`families.flow.FlowFamily`): velocity prediction."""
+        return self.prediction_type == "flow"
 
     def __post_init__(self):
         if self.hidden_layer not in ("last", "penultimate"):
@@ -247,7 +253,7 @@ def detect_unet_config(config) -> Family:
 def family_with_text_encoders(n: int) -> Family:
     """The latent family whose checkpoints have `n` CLIP text encoders (a diffusers SD / SDXL pipeline,
     or a bare UNet + encoders handed to the trainer)."""
-    fam = _first(lambda f: f.latent and f.single_file_pipeline is not None and f.text_encoders == n)
+    fam = _first(lambda f: f.latent and not f.is_flow and f.single_file_pipeline is not None and f.text_encoders == n)
     if fam is None:
         raise ValueError(f"no registered model family has {n} text encoder(s) (known: {sorted(FAMILIES)})")
     return fam

@@ -114,12 +114,45 @@ def _detect_single_file_family(path: Path) -> Family:
     return detect_single_file(keys, path)
 
 
+def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device, tokenizer) -> ModelBundle:
+    """A diffusers folder of a flow family (SD3, Flux): its own pipeline class loads every component
+    (text encoders and tokenizers as the folder names them), nothing downloaded."""
+    import diffusers
+
+    if family is not None and family != fam.name:
+        get_family(family)
+        raise ValueError(f"{path}: looks like a {fam.name!r} model but family={family!r} was requested")
+    if tokenizer is not None:
+        raise ValueError(f"{path}: tokenizer= overrides a CLIP tokenizer of SD1.x/SDXL; a {fam.display_name} folder "
+                         f"uses its own tokenizers (tokenizer/, tokenizer_2/, ...)")
+    cls = getattr(diffusers, read_model_index(path)["_class_name"])
+    pipe = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    return bundle_from_flow_pipeline(pipe, fam, str(path), device)
+
+
+def bundle_from_flow_pipeline(pipe, fam: Family | str, source: str = "pipeline", device=None) -> ModelBundle:
+    """A ModelBundle over a diffusers SD3 / Flux pipeline's modules: the transformer in the denoiser
+    slot (`unet`), the text encoders and tokenizers in the pipeline's order (CLIP-L, CLIP-G, T5 / CLIP-L, T5)."""
+    fam = get_family(fam)
+    tes = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")[:fam.text_encoders]]
+    toks = [getattr(pipe, n) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")[:fam.text_encoders]]
+    if any(m is None for m in tes + toks):
+        raise ValueError(f"{source}: a {fam.display_name} pipeline needs its {fam.text_encoders} text encoders and "
+                         f"tokenizers (a pipeline loaded without one, e.g. text_encoder_3=None, is not supported)")
+    if device is None:
+        device = pipe.transformer.device
+    return _bundle(pipe.transformer, tes, toks, pipe.vae, pipe.scheduler, fam.name, source, device, False, "flow")
+
+
 def _from_folder(path: Path, family: str | None, dtype, device, tokenizer, vae=None,
                  prediction_type: str | None = None) -> ModelBundle:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index = read_model_index(path)
+    flow = detect_folder(path)
+    if flow is not None and flow.is_flow:
+        return _flow_from_folder(path, flow, family, dtype, device, tokenizer)
     for sub in ("unet", "scheduler", "text_encoder"):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"{path}: not a diffusers model folder (missing {sub}/)")
@@ -233,6 +266,13 @@ def _from_single_file(path: Path, family: str | None, dtype, device, tokenizer, 
     facts = _file_facts(path) if path.suffix.lower() == ".safetensors" else \
         {"keys": None, "dtype": "unknown (pickle)", "vae": True, "v_pred": False, "ztsnr": False}
     fam = get_family(family) if family is not None else detect_single_file(facts["keys"], path)
+    if fam.is_flow:
+        raise ValueError(
+            f"{path}: a {fam.display_name} single file is not supported: such files hold the transformer "
+            f"(ComfyUI/original key names) and at most some of the VAE and text encoders, and converting one needs "
+            f"the text encoders' weights (T5-XXL, CLIP) and their tokenizers, which a config folder cannot supply "
+            f"offline; pass the model's diffusers folder (model_index.json, transformer/, text_encoder*/, tokenizer*/, "
+            f"vae/, scheduler/) instead")
     if fam.single_file_pipeline is None:
         known = [f.name for f in FAMILIES.values() if f.single_file_pipeline]
         raise ValueError(f"{path}: single-file checkpoints must be family {' or '.join(repr(n) for n in known)}, "
@@ -287,11 +327,11 @@ def bundle_from_pipeline(pipe, source: str = "pipeline") -> ModelBundle:
     return ModelBundle(pipe.unet, tes, toks, getattr(pipe, "vae", None), pipe.scheduler, fam.name, pred, source, zeros)
 
 
-def _bundle(unet, tes, toks, vae, scheduler, family, source, device, zeros, detected: str = "") -> ModelBundle:
+def _bundle(unet, tes, toks, vae, scheduler, family, source, device, zeros, pred=None, detected: str = "") -> ModelBundle:
     for m in [unet, *tes, *([vae] if vae is not None else [])]:
         m.to(device).eval().requires_grad_(False)
     # a flow scheduler has no prediction_type: the family's own (e.g. "flow") is the model's
-    pred = getattr(scheduler.config, "prediction_type", None) or get_family(family).prediction_type
+    pred = pred or getattr(scheduler.config, "prediction_type", None) or get_family(family).prediction_type
     return ModelBundle(unet, list(tes), list(toks), vae, scheduler, family, pred, source, zeros, detected=detected)
 
 

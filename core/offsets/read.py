@@ -182,6 +182,7 @@ _PREFIXES = (
     ("lora_unet_", "unet", "flat"), ("lora_te1_", "te1", "flat"), ("lora_te2_", "te2", "flat"), ("lora_te_", "te1", "flat"),
     ("model.diffusion_model.", "unet", "dotted"), ("diffusion_model.", "unet", "dotted"),
     ("unet.base_model.model.", "unet", "dotted"), ("unet.", "unet", "dotted"),
+    ("transformer.", "unet", "dotted"),  # diffusers' SD3 / Flux LoRAs: the transformer is the denoiser ("unet")
     ("text_encoder_2.", "te2", "dotted"), ("text_encoder.", "te1", "dotted"),
     ("text_encoders.clip_l.transformer.", "te1", "dotted"), ("text_encoders.clip_g.transformer.", "te2", "dotted"),
     ("clip_l.transformer.", "te1", "dotted"), ("clip_g.transformer.", "te2", "dotted"),

@@ -1,0 +1,214 @@
+"""SD3 and Flux in `generate`: tiny pipelines of the full-size classes built offline (random weights,
+tokenizers built locally), checked against diffusers' own pipelines.
+
+Tolerances: the text encodings are compared with torch.equal (same modules, same calls). The sampled
+latents are compared with the diffusers pipeline at atol 1e-5 on values of size ~4: our sampler runs
+the conditional and unconditional rows in one batch [cond, uncond] where SD3's pipeline batches
+[uncond, cond] and Flux's runs two forwards, and a matmul over another batch size may block its
+sums differently (float32 round-off, ~1e-7 per op; measured 0.0 on this CPU). NPO's per-row path
+against the two-model reference: relative difference <= 1e-5 (the METHODS/issue bound for fp32).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from npo_suite.core.offsets.types import LowRankDelta
+from npo_suite.diffusers_host.generate import NPOSpec, encode_prompts, load_offsets, sample
+from npo_suite.families import FAMILIES, detect_folder, detect_single_file, family_with_text_encoders, get_family
+from npo_suite.families.loading import bundle_from_flow_pipeline, load_model
+
+T5_LEN = 16  # T5 tokens (the pipelines default to 256 / 512; a tiny model does not need them)
+PROMPTS = ["a photo of a cat", "red house with a tree"]
+NEGS = ["blurry", "ugly low quality"]
+SEEDS = [3, 4]
+SIZE = 16  # pixels; latents 8x8
+
+
+@pytest.fixture(scope="module")
+def flow_dirs(tmp_path_factory):
+    from npo_suite.testing.tiny_models import build_flux, build_sd3
+
+    root = tmp_path_factory.mktemp("flow")
+    build_sd3(root / "sd3")
+    build_flux(root / "flux")
+    return {"sd3": root / "sd3", "flux": root / "flux"}
+
+
+def _pipe(flow_dirs, name):
+    import diffusers
+
+    cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}[name]
+    return cls.from_pretrained(str(flow_dirs[name]), local_files_only=True)
+
+
+def _bundle(flow_dirs, name):
+    b = load_model(flow_dirs[name])
+    b.extra["max_sequence_length"] = T5_LEN
+    return b
+
+
+def _gens():
+    return [torch.Generator().manual_seed(s) for s in SEEDS]
+
+
+def _pipe_latents(pipe, name, *, negative, cfg, steps=3, flux_guidance=None):
+    kw = dict(num_inference_steps=steps, height=SIZE, width=SIZE, generator=_gens(), max_sequence_length=T5_LEN,
+              output_type="latent")
+    with torch.no_grad():
+        if name == "sd3":
+            out = pipe(PROMPTS, negative_prompt=negative, guidance_scale=cfg, **kw).images
+        else:
+            out = pipe(PROMPTS, negative_prompt=negative, true_cfg_scale=cfg,
+                       guidance_scale=3.5 if flux_guidance is None else flux_guidance, **kw).images
+            out = get_family("flux").unpack(out, SIZE // 2, SIZE // 2)
+    return out
+
+
+def _random_offset(model, targets, seed, scale=0.05, rank=2):
+    """Random low-rank deltas on every Linear whose name ends with one of `targets`."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            out[name] = LowRankDelta(torch.randn(rank, mod.in_features, generator=g) * scale,
+                                     torch.randn(mod.out_features, rank, generator=g) * scale)
+    assert out
+    return out
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------- family
+def test_flow_families_registered_and_detected(flow_dirs, tmp_path):
+    assert FAMILIES["sd3"].is_flow and FAMILIES["flux"].is_flow and not FAMILIES["sdxl"].is_flow
+    assert detect_folder(flow_dirs["sd3"]).name == "sd3" and detect_folder(flow_dirs["flux"]).name == "flux"
+    assert family_with_text_encoders(2).name == "sdxl"  # Flux's two encoders are not SDXL's
+    assert not FAMILIES["sd3"].matches_unet_config({"addition_embed_type": None})
+    assert detect_single_file(["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]).name == "sd3"
+    assert detect_single_file(["double_blocks.0.img_attn.qkv.weight"]).name == "flux"
+    # a single file of a flow family is refused with the reason (not converted half-way)
+    from safetensors.torch import save_file
+
+    f = tmp_path / "flux1.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(f))
+    with pytest.raises(ValueError, match="single file is not supported.*diffusers folder"):
+        load_model(f)
+    assert get_family("sd3").lora_target_modules("attn_ff")[-1] == "ff_context.net.2"
+    assert "proj_mlp" in get_family("flux").lora_target_modules("attn_ff")
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_encode_text_is_the_pipelines(flow_dirs, name):
+    bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
+    with torch.no_grad():
+        c, n = encode_prompts(bundle, PROMPTS), encode_prompts(bundle, [""] * 2)
+        if name == "sd3":
+            pe, npe, pp, npp = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, negative_prompt="",
+                                                  max_sequence_length=T5_LEN, do_classifier_free_guidance=True)
+        else:
+            pe, pp, _ = pipe.encode_prompt(PROMPTS, PROMPTS, max_sequence_length=T5_LEN)
+            npe, npp, _ = pipe.encode_prompt([""] * 2, [""] * 2, max_sequence_length=T5_LEN)
+    assert torch.equal(c.hidden, pe) and torch.equal(c.added["pooled_projections"], pp)
+    assert torch.equal(n.hidden, npe) and torch.equal(n.added["pooled_projections"], npp)  # null = encoded ""
+    assert n.hidden.abs().sum() > 0  # not zeros
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_cfg_equals_the_diffusers_pipeline(flow_dirs, name):
+    bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
+    ours = sample(bundle, PROMPTS, SEEDS, "cfg", negative_prompts=NEGS, cfg_scale=4.0, steps=3, height=SIZE,
+                  width=SIZE, decode=False, flux_guidance=2.0 if name == "flux" else None).latents
+    ref = _pipe_latents(pipe, name, negative=NEGS, cfg=4.0, flux_guidance=2.0)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_flux_guidance_embedding_is_an_option(flow_dirs):
+    bundle = _bundle(flow_dirs, "flux")
+    kw = dict(negative_prompts=NEGS, cfg_scale=3.0, steps=2, height=SIZE, width=SIZE, decode=False)
+    a = sample(bundle, PROMPTS, SEEDS, "cfg", flux_guidance=1.0, **kw).latents
+    b = sample(bundle, PROMPTS, SEEDS, "cfg", **kw).latents  # the pipeline's 3.5
+    assert (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        sample(_bundle(flow_dirs, "sd3"), PROMPTS, SEEDS, "cfg", flux_guidance=1.0, **kw)
+    with pytest.raises(ValueError, match="flow-euler"):
+        sample(bundle, PROMPTS, SEEDS, "cfg", scheduler="ddim", **kw)
+    with pytest.raises(ValueError, match="rescale"):
+        sample(bundle, PROMPTS, SEEDS, "cfg", rescale=0.7, **kw)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_npo_per_row_equals_the_merged_two_model_path(flow_dirs, name):
+    bundle = _bundle(flow_dirs, name)
+    targets = bundle.family_spec.lora_target_modules("attn_ff")
+    eta, delta = _random_offset(bundle.unet, targets, 1), _random_offset(bundle.unet, targets, 2, scale=0.2)
+    spec = NPOSpec(eta=eta, delta=delta, alpha=0.5, beta=1.0)
+    kw = dict(negative_prompts=NEGS, offsets=spec, cfg_scale=4.0, steps=3, height=SIZE, width=SIZE, decode=False)
+    fast = sample(bundle, PROMPTS, SEEDS, "npo", **kw).latents
+    two = sample(bundle, PROMPTS, SEEDS, "npo", npo_path="two-model", **kw).latents
+    cfg = sample(bundle, PROMPTS, SEEDS, "cfg", **kw).latents
+    assert _rel(fast, two) <= 1e-5
+    assert _rel(fast, cfg) > 1e-3  # delta on the unconditional rows changes the result
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_snpo_equals_the_lora_model_with_the_null_conditioning(flow_dirs, name):
+    from npo_suite.core.offsets import materialize
+
+    bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
+    s = _random_offset(bundle.unet, bundle.family_spec.lora_target_modules("attn_ff"), 5, scale=0.2)
+    ours = sample(bundle, PROMPTS, SEEDS, "snpo", negative_prompts=NEGS, offsets=NPOSpec(snpo=s, beta=1.0),
+                  cfg_scale=4.0, steps=3, height=SIZE, width=SIZE, decode=False).latents
+    pipe.transformer = materialize(pipe.transformer, [(s, 1.0)])  # θ + s merged, diffusers' own loop
+    ref = _pipe_latents(pipe, name, negative=[""] * 2, cfg=4.0)  # the null conditioning: ""
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_peft_lora_in_diffusers_naming_covers_every_target(flow_dirs, name, tmp_path):
+    """A LoRA as diffusers' `save_lora_weights` writes it (PEFT keys, "transformer." prefix) maps onto every
+    module PEFT targeted, and sampling with it equals the pipeline running the PEFT adapter itself."""
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
+    targets = bundle.family_spec.lora_target_modules("attn_ff")
+    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    sd = {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(pipe.transformer).items()}
+    peft_modules = {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in sd}
+    path = tmp_path / "lora.safetensors"
+    save_file(sd, str(path))
+    spec, info = load_offsets(bundle, pos=path)
+    assert set(spec.eta.unet) == peft_modules and not spec.eta.report.unmatched_keys
+    assert all(any(m.endswith(t) for m in peft_modules) for t in targets)  # every preset suffix exists
+    ours = sample(bundle, PROMPTS, SEEDS, "cfg", negative_prompts=NEGS, offsets=spec, cfg_scale=4.0, steps=2,
+                  height=SIZE, width=SIZE, decode=False).latents
+    ref = _pipe_latents(pipe, name, negative=NEGS, cfg=4.0, steps=2)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_bundle_from_flow_pipeline_refuses_a_missing_encoder(flow_dirs):
+    pipe = _pipe(flow_dirs, "sd3")
+    pipe.text_encoder_3 = None
+    with pytest.raises(ValueError, match="3 text encoders"):
+        bundle_from_flow_pipeline(pipe, "sd3")
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def test_generate_runs_a_flow_model(flow_dirs, tmp_path):
+    import json
+
+    from npo_suite.diffusers_host.generate import GenerateJob, run_generate
+
+    man = run_generate(GenerateJob(model=str(flow_dirs["sd3"]), out=str(tmp_path / "out"), prompt=("a cat",),
+                                   negative_prompt="blurry", modes=("cfg", "npo", "snpo"), steps=2, cfg=4.0,
+                                   height=SIZE, width=SIZE, seeds=(0,)), log=lambda *_: None, progress=False)
+    assert man["family"] == "sd3" and man["prediction_type"] == "flow" and man["scheduler"] == "flow-euler"
+    assert len(man["images"]) == 3 and (tmp_path / "out" / "grid.png").exists()
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["modes"] == ["cfg", "npo", "snpo"]
