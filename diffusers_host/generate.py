@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from ..core.atomic import atomic_path
-from ..core.branch_lora import branch_offsets
+from ..core.branch_lora import branch_offsets, component_deltas
 from ..core.conditioning import vae_decode
 from ..core.guidance import MODES, guide, offset_active
 from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_groups
@@ -67,7 +67,9 @@ class SampleResult:
 def _run_te(te, i: int, ids: torch.Tensor, groups, rows):
     """Encoder i's forward with each prompt's offset group on its rows (core.conditioning `run`)."""
     comp = f"te{i + 1}"
-    active = {g: [(o, w) for o, w in terms if o.text_encoders.get(comp)] for g, terms in (groups or {}).items()}
+    # an Offset's text-encoder part; a bare module -> Delta mapping is a UNet offset (nothing here)
+    active = {g: [(o, w) for o, w in terms if isinstance(o, Offset) and component_deltas(o, comp)]
+              for g, terms in (groups or {}).items()}
     if not any(active.values()):
         return te(ids, output_hidden_states=True)
     with branch_offsets(te, active, rows=[r if active.get(r) else None for r in rows], component=comp):
@@ -86,7 +88,7 @@ def encode_prompts(bundle, prompts: list[str], groups=None, rows=None) -> Cond:
     rows = list(rows) if rows is not None else [None] * len(prompts)
     dev = bundle.device
     fam = bundle.family_spec
-    if fam.is_flow:  # SD3 / Flux: the pipeline's own encoding; the null conditioning is the encoded ""
+    if isinstance(fam, FlowFamily):  # SD3 / Flux: the pipeline's own encoding; the null conditioning is the encoded ""
         with torch.no_grad():
             hidden, pooled = fam.encode_text(bundle.tokenizers, bundle.text_encoders, prompts, dev,
                                              run=lambda i, te, ids: _run_te(te, i, ids, groups, rows),
@@ -151,9 +153,8 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
                             cfg_scale=cfg_scale, steps=steps, scheduler=scheduler, sigma_min=sigma_min,
                             sigma_max=sigma_max, height=height, width=width, rescale=rescale, npo_path=npo_path,
                             decode=decode, progress=progress, flux_guidance=flux_guidance)
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r} for a {bundle.family_spec.display_name} model "
-                         f"(expected one of {SCHEDULERS})")
+    if scheduler not in SCHEDULERS + FLOW_SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r} (expected one of {SCHEDULERS + FLOW_SCHEDULERS})")
     if flux_guidance is not None:
         raise ValueError("flux_guidance is Flux's embedded guidance; this model is "
                          f"{bundle.family_spec.display_name}")
@@ -278,8 +279,6 @@ def _sample_flow(bundle, prompts, seeds, mode, *, negative_prompts, offsets, cfg
     v = v_uncond + w (v_cond - v_uncond), the two halves in ONE forward (rows [0, B) cond, [B, 2B) uncond)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from ..families.flow import sigma_of_t
-
     fam, model = bundle.family_spec, bundle.unet
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (expected one of {sorted(MODES)})")
@@ -325,7 +324,7 @@ def _sample_flow(bundle, prompts, seeds, mode, *, negative_prompts, offsets, cfg
     with torch.no_grad(), (branch_offsets(model, groups) if npo_path == "fast" else contextlib.nullcontext()) as br:
         predictor = _FlowPredictor(fam, model, groups, br, h=h, w=w, guidance=flux_guidance)
         for i, t in enumerate(sched.timesteps):
-            active = not gate or offset_active(sigma_of_t(sigmas[i]), sigma_min, sigma_max)
+            active = not gate or offset_active(float(sigma_of_t(sigmas[i])), sigma_min, sigma_max)
             u = unc if active else unc_off
             predictor.set_rows(row_groups([COND] * b + [UNCOND] * b, mode, active))
             added = {k: torch.cat([cond.added[k], u.added[k]]) for k in cond.added}

@@ -19,7 +19,6 @@ embedding linears [B, C]), as the hook requires.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +38,6 @@ def t5_ids(tokenizer, prompts: Sequence[str], max_length: int, device) -> torch.
                      add_special_tokens=True, return_tensors="pt").input_ids.to(device)
 
 
-def sigma_of_t(t: float) -> float:
-    """The noise level sigma = t / (1 - t) of flow time t (x_t / (1 - t) = x0 + sigma eps), the scale on
-    which `sigma_min` / `sigma_max` gate the negative offset in every family (inf at t = 1)."""
-    return math.inf if t >= 1.0 else t / (1.0 - t)
-
-
 @dataclass(frozen=True)
 class FlowFamily(Family):
     """A flow-matching transformer family (see the module docstring)."""
@@ -55,6 +48,10 @@ class FlowFamily(Family):
     pipeline_classes: tuple[str, ...] = ()
     t5_max_length: int = 256
     folder_components: tuple[str, ...] = ("transformer", "text_encoder", "vae", "scheduler")
+
+    @property
+    def is_flow_transformer(self) -> bool:
+        return True
 
     # ----------------------------------------------------------------- detection
     def matches_folder(self, path: Path) -> bool:

@@ -151,7 +151,7 @@ def _from_folder(path: Path, family: str | None, dtype, device, tokenizer, vae=N
 
     index = read_model_index(path)
     flow = detect_folder(path)
-    if flow is not None and flow.is_flow:
+    if flow is not None and flow.is_flow_transformer:
         return _flow_from_folder(path, flow, family, dtype, device, tokenizer)
     for sub in ("unet", "scheduler", "text_encoder"):
         if not (path / sub).is_dir():
@@ -266,7 +266,7 @@ def _from_single_file(path: Path, family: str | None, dtype, device, tokenizer, 
     facts = _file_facts(path) if path.suffix.lower() == ".safetensors" else \
         {"keys": None, "dtype": "unknown (pickle)", "vae": True, "v_pred": False, "ztsnr": False}
     fam = get_family(family) if family is not None else detect_single_file(facts["keys"], path)
-    if fam.is_flow:
+    if fam.is_flow_transformer:
         raise ValueError(
             f"{path}: a {fam.display_name} single file is not supported: such files hold the transformer "
             f"(ComfyUI/original key names) and at most some of the VAE and text encoders, and converting one needs "
