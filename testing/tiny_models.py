@@ -240,10 +240,12 @@ def flow_vae_config(latent_channels: int = 4, shift_factor: float = 0.0609, scal
 
 
 def sd3_transformer_config() -> dict:
-    """SD3-shaped MMDiT: joint blocks, patch 2, pooled = the two CLIP projections, context = T5 width."""
+    """SD3.5-medium-shaped MMDiT: joint blocks (the last one context-pre-only), patch 2, pooled = the two
+    CLIP projections, context = T5 width; SD3.5's RMS q/k norm and, in block 0, its second (image-only)
+    attention `attn2` (MMDiT-X), so every Linear kind of SD3 and SD3.5 is in the tiny model."""
     return dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
                 num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-                pos_embed_max_size=16)
+                pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
 
 
 def build_sd3(directory: str | os.PathLike | None = None, seed: int = 0, shift: float = 3.0):

@@ -68,11 +68,11 @@ def _pipe_latents(pipe, name, *, negative, cfg, steps=3, flux_guidance=None):
 
 
 def _random_offset(model, targets, seed, scale=0.05, rank=2):
-    """Random low-rank deltas on every Linear whose name ends with one of `targets`."""
+    """Random low-rank deltas on every Linear whose name ends with one of `targets` (None: every Linear)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+        if isinstance(mod, torch.nn.Linear) and (targets is None or any(name == t or name.endswith("." + t) for t in targets)):
             out[name] = LowRankDelta(torch.randn(rank, mod.in_features, generator=g) * scale,
                                      torch.randn(mod.out_features, rank, generator=g) * scale)
     assert out
@@ -85,7 +85,11 @@ def _rel(a, b):
 
 # ---------------------------------------------------------------------------------------------- family
 def test_flow_families_registered_and_detected(flow_dirs, tmp_path):
-    assert FAMILIES["sd3"].is_flow and FAMILIES["flux"].is_flow and not FAMILIES["sdxl"].is_flow
+    assert FAMILIES["sd3"].is_flow_transformer and FAMILIES["flux"].is_flow_transformer
+    assert not FAMILIES["sdxl"].is_flow_transformer
+    from npo_suite.world.family import WORLD_FLOW
+
+    assert not WORLD_FLOW.is_flow_transformer  # a flow-prediction UNet keeps the UNet paths
     assert detect_folder(flow_dirs["sd3"]).name == "sd3" and detect_folder(flow_dirs["flux"]).name == "flux"
     assert family_with_text_encoders(2).name == "sdxl"  # Flux's two encoders are not SDXL's
     assert not FAMILIES["sd3"].matches_unet_config({"addition_embed_type": None})
@@ -143,10 +147,16 @@ def test_flux_guidance_embedding_is_an_option(flow_dirs):
         sample(bundle, PROMPTS, SEEDS, "cfg", rescale=0.7, **kw)
 
 
+@pytest.mark.parametrize("coverage", ["attn_ff", "every_linear"])
 @pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_npo_per_row_equals_the_merged_two_model_path(flow_dirs, name):
+def test_npo_per_row_equals_the_merged_two_model_path(flow_dirs, name, coverage):
+    """The one batched forward with δ on the unconditional rows only equals one merged model per group.
+    "every_linear" puts offsets on every Linear of the transformer (timestep/text/guidance embedders,
+    AdaLN modulation `norm*.linear`, joint attention add_*_proj / to_add_out, Flux's single blocks
+    proj_mlp / proj_out, the final norm_out.linear / proj_out): each sees the batch as its leading
+    dimension, so each row gets its own group's weights."""
     bundle = _bundle(flow_dirs, name)
-    targets = bundle.family_spec.lora_target_modules("attn_ff")
+    targets = bundle.family_spec.lora_target_modules("attn_ff") if coverage == "attn_ff" else None
     eta, delta = _random_offset(bundle.unet, targets, 1), _random_offset(bundle.unet, targets, 2, scale=0.2)
     spec = NPOSpec(eta=eta, delta=delta, alpha=0.5, beta=1.0)
     kw = dict(negative_prompts=NEGS, offsets=spec, cfg_scale=4.0, steps=3, height=SIZE, width=SIZE, decode=False)
@@ -172,25 +182,35 @@ def test_snpo_equals_the_lora_model_with_the_null_conditioning(flow_dirs, name):
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_peft_lora_in_diffusers_naming_covers_every_target(flow_dirs, name, tmp_path):
-    """A LoRA as diffusers' `save_lora_weights` writes it (PEFT keys, "transformer." prefix) maps onto every
-    module PEFT targeted, and sampling with it equals the pipeline running the PEFT adapter itself."""
+    """A LoRA as diffusers' `save_lora_weights` writes it (PEFT keys with the "transformer." prefix, the LoraConfig
+    in the `lora_adapter_metadata` header: lora_alpha 4 != r 2 and a per-module alpha_pattern) maps onto every
+    module PEFT targeted, at PEFT's scale, and sampling with it equals diffusers loading the same file."""
     from peft import LoraConfig, get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
     targets = bundle.family_spec.lora_target_modules("attn_ff")
-    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
-    sd = {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(pipe.transformer).items()}
-    peft_modules = {k[len("transformer."):].rsplit(".lora_", 1)[0] for k in sd}
-    path = tmp_path / "lora.safetensors"
-    save_file(sd, str(path))
+    cfg = LoraConfig(r=2, lora_alpha=4, alpha_pattern={"ff.net.2": 1}, target_modules=targets, init_lora_weights=False)
+    pipe.transformer.add_adapter(cfg)
+    layers = get_peft_model_state_dict(pipe.transformer)
+    type(pipe).save_lora_weights(tmp_path, transformer_lora_layers=layers,
+                                 transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    peft_modules = {k.rsplit(".lora_", 1)[0] for k in layers}
     spec, info = load_offsets(bundle, pos=path)
     assert set(spec.eta.unet) == peft_modules and not spec.eta.report.unmatched_keys
     assert all(any(m.endswith(t) for m in peft_modules) for t in targets)  # every preset suffix exists
+    scales = {m: d.scale for m, d in spec.eta.unet.items()}
+    assert {s for m, s in scales.items() if m.endswith("ff.net.2")} == {0.5}  # alpha_pattern: 1 / r
+    assert {s for m, s in scales.items() if not m.endswith("ff.net.2")} == {2.0}  # lora_alpha / r
     ours = sample(bundle, PROMPTS, SEEDS, "cfg", negative_prompts=NEGS, offsets=spec, cfg_scale=4.0, steps=2,
                   height=SIZE, width=SIZE, decode=False).latents
-    ref = _pipe_latents(pipe, name, negative=NEGS, cfg=4.0, steps=2)
+    plain = sample(bundle, PROMPTS, SEEDS, "cfg", negative_prompts=NEGS, cfg_scale=4.0, steps=2,
+                   height=SIZE, width=SIZE, decode=False).latents
+    ref_pipe = _pipe(flow_dirs, name)
+    ref_pipe.load_lora_weights(str(path))  # diffusers reads the file itself (metadata included)
+    ref = _pipe_latents(ref_pipe, name, negative=NEGS, cfg=4.0, steps=2)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert (ours - plain).abs().max() > 1e-2  # the LoRA does act
 
 
 def test_bundle_from_flow_pipeline_refuses_a_missing_encoder(flow_dirs):
