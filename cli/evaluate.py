@@ -73,7 +73,7 @@ def _sweep_arguments(sub) -> None:
     w.add_argument("--cfg", type=float, default=7.5)
     w.add_argument("--steps", type=int, default=20)
     w.add_argument("--scheduler", default=None, choices=list(SCHEDULERS) + list(FLOW_SCHEDULERS),
-                   help="default: the family's (ddim for SD1.x/SDXL, flow-euler for SD3/Flux)")
+                   help="default ddim; flow-euler for flow-matching models (SD3/SD3.5, Flux, the flow world)")
     w.add_argument("--batch-size", type=int, default=16)
     add_model_flags(w)
     w.add_argument("--family", choices=family_names(), default=None)

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=7.5, help="guidance weight w")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS) + list(FLOW_SCHEDULERS),
-                   help="default: the family's (ddim for SD1.x/SDXL, flow-euler for SD3/Flux)")
+                   help="default ddim; flow-euler for flow-matching models (SD3/SD3.5, Flux, the flow world)")
     p.add_argument("--sigma-min", type=float, default=None)
     p.add_argument("--sigma-max", type=float, default=None)
     p.add_argument("--height", type=int, default=None)

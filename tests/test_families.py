@@ -33,8 +33,8 @@ def test_registry_holds_sd1_and_sdxl():
 
 
 def test_unknown_family_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"unknown family 'sd3' \(expected one of \[.*'sd1', 'sdxl'"):
-        get_family("sd3")
+    with pytest.raises(ValueError, match=r"unknown family 'auraflow' \(expected one of \[.*'sd1', 'sd3', 'sdxl'"):
+        get_family("auraflow")
 
 
 def test_register_family_adds_its_offset_layout():
