@@ -114,9 +114,11 @@ def _detect_single_file_family(path: Path) -> Family:
     return detect_single_file(keys, path)
 
 
-def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device, tokenizer) -> ModelBundle:
+def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device, tokenizer, vae=None,
+                      prediction_type: str | None = None) -> ModelBundle:
     """A diffusers folder of a flow family (SD3, Flux): its own pipeline class loads every component
-    (text encoders and tokenizers as the folder names them), nothing downloaded."""
+    (text encoders and tokenizers as the folder names them), nothing downloaded. `vae` replaces the
+    folder's VAE (a diffusers VAE folder, or a diffusers-named .safetensors read with the folder's vae/config)."""
     import diffusers
 
     if family is not None and family != fam.name:
@@ -125,9 +127,26 @@ def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device
     if tokenizer is not None:
         raise ValueError(f"{path}: tokenizer= overrides a CLIP tokenizer of SD1.x/SDXL; a {fam.display_name} folder "
                          f"uses its own tokenizers (tokenizer/, tokenizer_2/, ...)")
+    if prediction_type is not None:
+        raise ValueError(f"{path}: --prediction-type ({prediction_type}) is for SD1.x/SDXL checkpoints; a "
+                         f"{fam.display_name} model predicts a flow velocity")
+    extra, vae_note = {}, "VAE: vae/"
+    if vae is not None:
+        extra["vae"], vae_note = _load_vae(vae, path, dtype, str(path)), f"VAE: {vae}"
     cls = getattr(diffusers, read_model_index(path)["_class_name"])
-    pipe = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-    return bundle_from_flow_pipeline(pipe, fam, str(path), device)
+    pipe = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **extra)
+    weights = sorted((path / "transformer").glob("*.safetensors"))
+    file_dtype = _file_facts(weights[0])["dtype"] if weights else "unknown"
+    sc = pipe.scheduler.config
+    shift = (f"dynamic shift (base {sc.get('base_shift')}, max {sc.get('max_shift')})"
+             if sc.get("use_dynamic_shifting") else f"shift {sc.get('shift')}")
+    line = (f"model: {fam.display_name} diffusers folder {path.name} ({file_dtype} weights, loaded as "
+            f"{str(dtype).replace('torch.', '')}); prediction: flow (the family's); schedule: "
+            f"{type(pipe.scheduler).__name__}, {shift}; {vae_note}; tokenizers: the folder's "
+            f"({', '.join(type(t).__name__ for t in (pipe.tokenizer, getattr(pipe, 'tokenizer_2', None), getattr(pipe, 'tokenizer_3', None)) if t is not None)})")
+    bundle = bundle_from_flow_pipeline(pipe, fam, str(path), device)
+    bundle.detected = line
+    return bundle
 
 
 def bundle_from_flow_pipeline(pipe, fam: Family | str, source: str = "pipeline", device=None) -> ModelBundle:
@@ -152,7 +171,7 @@ def _from_folder(path: Path, family: str | None, dtype, device, tokenizer, vae=N
     index = read_model_index(path)
     flow = detect_folder(path)
     if flow is not None and flow.is_flow_transformer:
-        return _flow_from_folder(path, flow, family, dtype, device, tokenizer)
+        return _flow_from_folder(path, flow, family, dtype, device, tokenizer, vae, prediction_type)
     for sub in ("unet", "scheduler", "text_encoder"):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"{path}: not a diffusers model folder (missing {sub}/)")

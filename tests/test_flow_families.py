@@ -106,6 +106,30 @@ def test_flow_families_registered_and_detected(flow_dirs, tmp_path):
     assert "proj_mlp" in get_family("flux").lora_target_modules("attn_ff")
 
 
+def test_flow_folder_loading_says_what_it_found_and_takes_a_vae(flow_dirs, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from npo_suite.testing.tiny_models import flow_vae_config
+
+    lines = []
+    flux = load_model(flow_dirs["flux"], log=lines.append)
+    assert lines == [flux.detected] and flux.prediction_type == "flow"
+    assert "Flux.1 diffusers folder" in flux.detected and "dynamic shift (base 0.5, max 1.15)" in flux.detected
+    sd3 = load_model(flow_dirs["sd3"], log=False)
+    assert "SD3/SD3.5 diffusers folder" in sd3.detected and "shift 3.0" in sd3.detected and "VAE: vae/" in sd3.detected
+    torch.manual_seed(11)
+    AutoencoderKL(**flow_vae_config(4, 0.0609, 1.5035)).save_pretrained(tmp_path / "vae")
+    own = load_model(flow_dirs["sd3"], vae=tmp_path / "vae", log=False)
+    want = AutoencoderKL.from_pretrained(tmp_path / "vae").state_dict()
+    assert f"VAE: {tmp_path / 'vae'}" in own.detected
+    assert all(torch.equal(v, want[k]) for k, v in own.vae.state_dict().items())
+    assert not torch.equal(own.vae.decoder.conv_out.weight, sd3.vae.decoder.conv_out.weight)
+    with pytest.raises(ValueError, match="predicts a flow velocity"):
+        load_model(flow_dirs["sd3"], prediction_type="epsilon", log=False)
+    with pytest.raises(ValueError, match="uses its own tokenizers"):
+        load_model(flow_dirs["flux"], tokenizer=flow_dirs["flux"] / "tokenizer", log=False)
+
+
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_encode_text_is_the_pipelines(flow_dirs, name):
     bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
@@ -232,3 +256,50 @@ def test_generate_runs_a_flow_model(flow_dirs, tmp_path):
     assert man["family"] == "sd3" and man["prediction_type"] == "flow" and man["scheduler"] == "flow-euler"
     assert len(man["images"]) == 3 and (tmp_path / "out" / "grid.png").exists()
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["modes"] == ["cfg", "npo", "snpo"]
+
+
+def _peft_lora_file(flow_dirs, name, path, seed=0):
+    """A LoRA on the attn_ff preset as diffusers' `save_lora_weights` writes it (random nonzero weights)."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    pipe = _pipe(flow_dirs, name)
+    targets = get_family(name).lora_target_modules("attn_ff")
+    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False))
+    type(pipe).save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
+    return path / "pytorch_lora_weights.safetensors"
+
+
+def test_generate_pairs_and_sweep_commands_on_flow_models(flow_dirs, tmp_path, capsys):
+    """The three commands of issue 23 item 5 through the CLI: generate (Flux, cfg/npo with a negative LoRA,
+    --flux-guidance), pairs (SD3, npo, a tiny local CLIP scorer) and evaluate sweep (SD3, two beta settings)."""
+    import json
+
+    from npo_suite.cli import main
+    from npo_suite.testing.tiny_models import build_tiny_clip
+
+    build_tiny_clip(tmp_path / "clip", tmp_path / "clip_tok")
+    flux_lora = _peft_lora_file(flow_dirs, "flux", tmp_path / "flux_lora")
+    sd3_lora = _peft_lora_file(flow_dirs, "sd3", tmp_path / "sd3_lora")
+    size = ["--height", str(SIZE), "--width", str(SIZE)]
+    gen = tmp_path / "gen"
+    assert main(["generate", str(flow_dirs["flux"]), "--prompt", "a cat", "--negative-prompt", "blurry", "--modes",
+                 "cfg", "npo", "--neg-offset", str(flux_lora), "--cfg", "3", "--flux-guidance", "1.5", "--steps", "2",
+                 "--seeds", "0", "1", "--out", str(gen), *size]) == 0
+    man = json.loads((gen / "manifest.json").read_text())
+    assert man["family"] == "flux" and man["scheduler"] == "flow-euler" and man["flux_guidance"] == 1.5
+    assert len(man["images"]) == 4 and (gen / "grid.png").exists()
+    assert main(["pairs", "--model", str(flow_dirs["sd3"]), "--prompt", "a cat", "--prompt", "a red house",
+                 "--samples-per-prompt", "3", "--mode", "npo", "--neg-offset", str(sd3_lora), "--steps", "2",
+                 "--cfg", "4", "--scorer", "clip_score", "--model-path", str(tmp_path / "clip"), "--rule", "all",
+                 "--margin", "0", "--out", str(tmp_path / "pairs"), "--json", *size]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert rows and {r["prompt"] for r in rows} <= {"a cat", "a red house"}
+    capsys.readouterr()
+    assert main(["evaluate", "sweep", "--model", str(flow_dirs["sd3"]), "--neg-offset", str(sd3_lora),
+                 "--betas", "0.5", "1.0", "--prompt", "a cat", "--seeds", "0", "1", "--steps", "2", "--cfg", "4",
+                 "--scorer", "clip_score", "--guard", "clip_score", "--model-path", str(tmp_path / "clip"),
+                 "--n-boot", "50", "--json", *size]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(res["rows"]) == 2
