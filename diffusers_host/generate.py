@@ -419,6 +419,8 @@ def load_offsets(bundle, *, pos: str | os.PathLike | None = None, neg: str | os.
     for key, path in (("pos", pos), ("neg", neg), ("snpo", snpo)):
         if path:
             off = load_offset(path, base, family=fam, allow_pickle=allow_pickle)
+            if off.report is not None and off.report.family is None:
+                off.report.family = bundle.family  # matched against this model's own modules (SD3, Flux)
             loaded[key] = off
             info[key] = {"path": str(path), "report": off.report.summary() if off.report else None,
                          "metadata": dict(off.metadata)}

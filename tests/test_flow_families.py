@@ -222,6 +222,7 @@ def test_peft_lora_in_diffusers_naming_covers_every_target(flow_dirs, name, tmp_
     peft_modules = {k.rsplit(".lora_", 1)[0] for k in layers}
     spec, info = load_offsets(bundle, pos=path)
     assert set(spec.eta.unet) == peft_modules and not spec.eta.report.unmatched_keys
+    assert spec.eta.report.family == name and f"({name})" in info["pos"]["report"]  # not an SD label
     assert all(any(m.endswith(t) for m in peft_modules) for t in targets)  # every preset suffix exists
     scales = {m: d.scale for m, d in spec.eta.unet.items()}
     assert {s for m, s in scales.items() if m.endswith("ff.net.2")} == {0.5}  # alpha_pattern: 1 / r
@@ -235,6 +236,19 @@ def test_peft_lora_in_diffusers_naming_covers_every_target(flow_dirs, name, tmp_
     ref = _pipe_latents(ref_pipe, name, negative=NEGS, cfg=4.0, steps=2)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     assert (ours - plain).abs().max() > 1e-2  # the LoRA does act
+
+
+def test_kohya_named_flux_lora_is_refused_naming_its_keys(flow_dirs, tmp_path):
+    """Kohya/ComfyUI names of a Flux LoRA (fused qkv of `double_blocks`) are not mapped by this reader:
+    the file is refused with the keys and the model, nothing applied half-way."""
+    from safetensors.torch import save_file
+
+    f = tmp_path / "kohya_flux.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(2, 32),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(96, 2)}, str(f))
+    with pytest.raises(ValueError, match=r"2 key\(s\) match no module of the given model \(FluxTransformer2DModel\)"
+                                         r": lora_unet_double_blocks_0_img_attn_qkv"):
+        load_offsets(_bundle(flow_dirs, "flux"), neg=f)
 
 
 def test_bundle_from_flow_pipeline_refuses_a_missing_encoder(flow_dirs):

@@ -432,6 +432,8 @@ def test_flow_models_are_refused_with_a_panel_message():
     assert "Flux flow-matching" in msg and "CFG 1" in msg and "generate" in msg
     assert flow_model_refusal(types.SimpleNamespace(is_sdxl=True), torch.nn.Linear(2, 2)) is None
     assert flow_model_refusal(types.SimpleNamespace(is_sd3=False)) is None
+    chroma = flow_model_refusal(types.SimpleNamespace(is_chroma=True))
+    assert "Chroma flow-matching" in chroma and "No part of NPO Suite runs Chroma yet" in chroma
     params = {}
     with pytest.raises(ValueError), reported_errors(params, logging.getLogger("t")):
         raise ValueError(msg)

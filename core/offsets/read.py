@@ -14,6 +14,7 @@ from ..finite import first_nonfinite
 from .keys import (
     LAYOUTS,
     Target,
+    _cfg_get,
     canonical_te_path,
     display_name,
     get_layout,
@@ -99,8 +100,10 @@ def offset_from_state_dict(sd: dict[str, torch.Tensor], base=None, *, name: str 
     file_family = detect_family(entries, sd)
     targets = targets_from_base(base) if base is not None else {}
     model_family = targets["unet"].family if "unet" in targets else None
+    cfg = _unet_config_of(base) if base is not None else None
+    transformer = cfg is not None and _cfg_get(cfg, "down_block_types") is None  # SD3/Flux: no SD layout applies
     if base is not None:
-        fam = model_family or family or file_family or "sd1"
+        fam = model_family or family or (None if transformer else file_family or "sd1")
     else:
         fam = family or file_family or _best_standard_family(entries, sd)
     offset, unmatched, mismatched = _assemble(entries, sd, targets, fam, name)
@@ -376,6 +379,8 @@ def _best_standard_family(entries, sd) -> str:
 
 
 def _target_desc(targets, fam) -> str:
+    if targets and fam is None:
+        return f"given model ({targets['unet'].source if 'unet' in targets else 'no denoiser'})"
     if targets:
         return f"given model ({display_name(fam)})"
     return f"standard {display_name(fam)} architecture"
@@ -384,6 +389,8 @@ def _target_desc(targets, fam) -> str:
 def _target_for(targets: dict, fam: str, comp: str) -> Target | None:
     if comp in targets:
         return targets[comp]
+    if fam is None:  # a model without a standard layout (a flow transformer): only its own modules
+        return None
     if targets:  # a model was given but not this component: check names only
         try:
             return Target.standard(fam, comp).without_shapes()
