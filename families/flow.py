@@ -92,7 +92,10 @@ class FlowFamily(Family):
 
     def velocity(self, model, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, added: dict, *, h: int, w: int,
                  guidance: float | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The transformer's velocity at scheduler timestep t, as the family's pipeline calls it (each
+        family module defines it: SD3Family, FluxFamily)."""
+        raise NotImplementedError(f"family {self.name!r}: a FlowFamily must define velocity() (its pipeline's "
+                                  f"transformer call)")
 
 
 def dynamic_mu(config, image_seq_len: int, *, max_shift_default: float) -> float:
