@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sweep_arguments(sub) -> None:
-    from ..diffusers_host.generate import SCHEDULERS
+    from ..diffusers_host.generate import FLOW_SCHEDULERS, SCHEDULERS
     from ..families import family_names
     from ..evaluation.scorers import SCORERS
 
@@ -72,7 +72,12 @@ def _sweep_arguments(sub) -> None:
     w.add_argument("--tolerance", type=float, default=0.02, help="largest drop of the guard's mean that still passes")
     w.add_argument("--cfg", type=float, default=7.5)
     w.add_argument("--steps", type=int, default=20)
-    w.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    w.add_argument("--scheduler", default=None, choices=list(SCHEDULERS) + list(FLOW_SCHEDULERS),
+                   help="default ddim; flow-euler for flow-matching models (SD3/SD3.5, Flux, the flow world)")
+    w.add_argument("--flux-guidance", type=float, default=None,
+                   help="Flux-dev's embedded guidance (default 3.5); lower it (1-2) when --cfg > 1 does the guiding")
+    w.add_argument("--height", type=int, default=None, help="default: the model's own size")
+    w.add_argument("--width", type=int, default=None, help="default: the model's own size")
     w.add_argument("--batch-size", type=int, default=16)
     add_model_flags(w)
     w.add_argument("--family", choices=family_names(), default=None)
@@ -193,7 +198,8 @@ def sweep_setting(loaded, alpha: float | None, beta: float | None):
     return "npo", Offsets(loaded.eta, loaded.delta, None, ALPHA_DEFAULT if alpha is None else alpha, beta)
 
 
-def sweep_renderer(bundle, loaded, jobs, *, cfg_scale: float, steps: int, scheduler: str, batch_size: int):
+def sweep_renderer(bundle, loaded, jobs, *, cfg_scale: float, steps: int, scheduler: str | None, batch_size: int,
+                   flux_guidance: float | None = None, height: int | None = None, width: int | None = None):
     """render(alpha, beta) -> PIL images of `jobs` [(prompt, negative, seed)]: npo mode, or plain CFG for beta None.
     loaded: the NPOSpec of the offset files (its eta and delta; its weights are the setting's)."""
     from ..diffusers_host.generate import sample, to_pil
@@ -204,7 +210,8 @@ def sweep_renderer(bundle, loaded, jobs, *, cfg_scale: float, steps: int, schedu
         for i in range(0, len(jobs), batch_size):
             ch = jobs[i:i + batch_size]
             res = sample(bundle, [j[0] for j in ch], [j[2] for j in ch], mode, negative_prompts=[j[1] for j in ch],
-                         offsets=off, cfg_scale=cfg_scale, steps=steps, scheduler=scheduler)
+                         offsets=off, cfg_scale=cfg_scale, steps=steps, scheduler=scheduler,
+                         flux_guidance=flux_guidance, height=height, width=width)
             out += [to_pil(im) for im in res.images]
         return out
     return render
@@ -220,7 +227,8 @@ def _sweep_render(args, jobs):
                         allow_pickle=args.allow_pickle, **load_kwargs(args))
     loaded, _ = load_offsets(bundle, pos=args.pos_offset, neg=args.neg_offset, allow_pickle=args.allow_pickle)
     return sweep_renderer(bundle, loaded, jobs, cfg_scale=args.cfg, steps=args.steps, scheduler=args.scheduler,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, flux_guidance=args.flux_guidance, height=args.height,
+                          width=args.width)
 
 
 def _sweep(args) -> int:

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     import torch
 
     from ..core.guidance import GUIDANCE, RESCALE_SPACES
-    from ..diffusers_host.generate import NPO_PATHS, SCHEDULERS, GenerateJob
+    from ..diffusers_host.generate import FLOW_SCHEDULERS, NPO_PATHS, SCHEDULERS, GenerateJob
 
     d = GenerateJob(model="", out="")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,7 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rescale-space", default=d.rescale_space, choices=list(RESCALE_SPACES),
                    help=f"space of the CFG rescale (default {d.rescale_space})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
-    p.add_argument("--scheduler", default=d.scheduler, choices=list(SCHEDULERS), help=f"default {d.scheduler}")
+    p.add_argument("--flux-guidance", type=float, default=None,
+                   help="Flux-dev's embedded guidance (default 3.5); lower it (1-2) when --cfg > 1 does the guiding")
+    p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS) + list(FLOW_SCHEDULERS),
+                   help="default ddim; flow-euler for flow-matching models (SD3/SD3.5, Flux, the flow world)")
     p.add_argument("--sigma-min", type=float, default=d.sigma_min, help="negative offset on only for sigma >= this "
                                                                          "(default: no bound)")
     p.add_argument("--sigma-max", type=float, default=d.sigma_max, help="negative offset on only for sigma <= this "
@@ -71,7 +74,7 @@ def job_from_args(args: argparse.Namespace):
                        negative_prompt=args.negative_prompt, modes=tuple(args.modes), pos_offset=args.pos_offset,
                        neg_offset=args.neg_offset, snpo_offset=args.snpo_offset, alpha=args.alpha, beta=args.beta,
                        cfg=args.cfg, rescale=args.rescale, rescale_space=args.rescale_space, steps=args.steps,
-                       scheduler=args.scheduler, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                       scheduler=args.scheduler, flux_guidance=args.flux_guidance, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                        height=args.height, width=args.width, seeds=tuple(args.seeds), batch_size=args.batch_size,
                        npo_path=args.npo_path, tokenizer=args.tokenizer, vae=args.vae,
                        prediction_type=args.prediction_type, family=args.family,

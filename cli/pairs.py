@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..families import family_names
 
     from ..core.guidance import GUIDANCE
-    from ..diffusers_host.generate import SCHEDULERS
+    from ..diffusers_host.generate import FLOW_SCHEDULERS, SCHEDULERS
     from ..evaluation.pairing import PAIR_RULES
 
     src = p.add_mutually_exclusive_group(required=True)
@@ -42,7 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--cfg", type=float, default=7.5, help="guidance weight w")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS) + list(FLOW_SCHEDULERS),
+                   help="default ddim; flow-euler for flow-matching models (SD3/SD3.5, Flux, the flow world)")
+    p.add_argument("--flux-guidance", type=float, default=None,
+                   help="Flux-dev's embedded guidance (default 3.5); lower it (1-2) when --cfg > 1 does the guiding")
     p.add_argument("--sigma-min", type=float, default=None)
     p.add_argument("--sigma-max", type=float, default=None)
     p.add_argument("--height", type=int, default=None)
@@ -78,8 +81,9 @@ def _model_source(args):
                         allow_pickle=args.allow_pickle, **load_kwargs(args))
     offsets, info = load_offsets(bundle, pos=args.pos_offset, neg=args.neg_offset, snpo=args.snpo_offset,
                                  alpha=args.alpha, beta=args.beta, allow_pickle=args.allow_pickle)
-    settings = dict(cfg_scale=args.cfg, steps=args.steps, scheduler=args.scheduler, sigma_min=args.sigma_min,
-                    sigma_max=args.sigma_max, height=args.height, width=args.width)
+    settings = dict(cfg_scale=args.cfg, steps=args.steps, scheduler=args.scheduler or bundle.family_spec.default_scheduler,
+                    sigma_min=args.sigma_min, sigma_max=args.sigma_max, height=args.height, width=args.width,
+                    flux_guidance=args.flux_guidance)
 
     def render(chunk):
         res = sample(bundle, [j.prompt for j in chunk], [j.seed for j in chunk], args.mode,

@@ -85,7 +85,7 @@ def _world_kw(world) -> tuple[str, dict]:
     kind = world_kind(world)
     kw = {"world": world} if world is not None else {}
     if kind == "flow":
-        kw["scheduler"] = "flow_euler"  # generate.FLOW_SCHEDULERS
+        kw["scheduler"] = "flow-euler"  # generate.FLOW_SCHEDULERS
     return kind, kw
 
 

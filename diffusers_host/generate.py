@@ -19,19 +19,22 @@ from typing import Sequence
 import torch
 
 from ..core.atomic import atomic_path
-from ..core.branch_lora import branch_offsets
+from ..core.branch_lora import branch_offsets, component_deltas
 from ..core.conditioning import vae_decode
 from ..core.guidance import MODES, guide, offset_active
 from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, COND, UNCOND, NPOSpec, row_groups
 from ..core.offsets.types import Offset
 from ..core.flow import FLOW, euler_timesteps, sigma_of_t
+from ..families.flow import FlowFamily
 from ..core.sampling import sample_flow_euler, sample_scheduler
 from ..core.cond import Cond
 from ..core.prompts import read_prompts_file
 from ..core.summary import DataSummary
 
-SCHEDULERS = ("ddim", "euler", "dpmpp")
-FLOW_SCHEDULERS = ("flow_euler",)  # flow models (prediction_type "flow"): core.flow's Euler solver
+SCHEDULERS = ("ddim", "euler", "dpmpp")  # SD1.x / SDXL (epsilon / v models)
+# flow models: SD3 / Flux with FlowMatchEulerDiscreteScheduler from the model's config; a flow UNet (the
+# digits world's) with core.flow's Euler solver on the same t grid
+FLOW_SCHEDULERS = ("flow-euler",)
 NPO_PATHS = ("fast", "two-model")
 
 
@@ -64,7 +67,9 @@ class SampleResult:
 def _run_te(te, i: int, ids: torch.Tensor, groups, rows):
     """Encoder i's forward with each prompt's offset group on its rows (core.conditioning `run`)."""
     comp = f"te{i + 1}"
-    active = {g: [(o, w) for o, w in terms if o.text_encoders.get(comp)] for g, terms in (groups or {}).items()}
+    # an Offset's text-encoder part; a bare module -> Delta mapping is a UNet offset (nothing here)
+    active = {g: [(o, w) for o, w in terms if isinstance(o, Offset) and component_deltas(o, comp)]
+              for g, terms in (groups or {}).items()}
     if not any(active.values()):
         return te(ids, output_hidden_states=True)
     with branch_offsets(te, active, rows=[r if active.get(r) else None for r in rows], component=comp):
@@ -76,10 +81,19 @@ def encode_prompts(bundle, prompts: list[str], groups=None, rows=None) -> Cond:
 
     SD1.x / world: last hidden state of the CLIP encoder. SDXL: penultimate hidden states of both
     encoders concatenated, pooled projection of the second; empty prompts give zeros when the
-    pipeline says `force_zeros_for_empty_prompt` (what SDXL saw under dropout).
+    pipeline says `force_zeros_for_empty_prompt` (what SDXL saw under dropout). SD3 / Flux: the
+    family's `encode_text` (the pipeline's `encode_prompt`), pooled as `pooled_projections`; the T5
+    length is the family's default or `bundle.extra["max_sequence_length"]`.
     """
     rows = list(rows) if rows is not None else [None] * len(prompts)
     dev = bundle.device
+    fam = bundle.family_spec
+    if isinstance(fam, FlowFamily):  # SD3 / Flux: the pipeline's own encoding; the null conditioning is the encoded ""
+        with torch.no_grad():
+            hidden, pooled = fam.encode_text(bundle.tokenizers, bundle.text_encoders, prompts, dev,
+                                             run=lambda i, te, ids: _run_te(te, i, ids, groups, rows),
+                                             max_sequence_length=bundle.extra.get("max_sequence_length"))
+        return Cond(hidden.to(bundle.dtype), {"pooled_projections": pooled.to(bundle.dtype)})
     with torch.no_grad():
         hidden, pooled = bundle.family_spec.encode_text(bundle.tokenizers, bundle.text_encoders, prompts, dev,
                                                         run=lambda i, te, ids: _run_te(te, i, ids, groups, rows))
@@ -120,16 +134,30 @@ class _TwoModel:
 # Sampling
 # ----------------------------------------------------------------------------------------------
 def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, negative_prompts: list[str] | None = None,
-           offsets: NPOSpec | None = None, cfg_scale: float = 7.5, steps: int = 20, scheduler: str = "ddim",
+           offsets: NPOSpec | None = None, cfg_scale: float = 7.5, steps: int = 20, scheduler: str | None = None,
            sigma_min: float | None = None, sigma_max: float | None = None, height: int | None = None,
            width: int | None = None, rescale: float = 0.0, rescale_space: str = "x0", npo_path: str = "fast",
-           decode: bool = True, progress=None) -> SampleResult:
+           decode: bool = True, progress=None, flux_guidance: float | None = None) -> SampleResult:
     """Generate one image per (prompts[i], seeds[i]) with guidance `mode` (a key of core.guidance.MODES).
 
     Same seed -> same initial noise in every mode, so modes compare image by image. The offset of
     the unconditional rows is on only while sigma_min <= sigma_t <= sigma_max (plain CFG elsewhere).
     progress: an optional callable called once per step (e.g. a tqdm bar's update).
+    scheduler: None = the family's default ("ddim" for SD1.x/SDXL, "flow-euler" for SD3/Flux).
+    flux_guidance: Flux-dev's embedded guidance (default 3.5, the pipeline's); lower it (1-2) when
+      cfg_scale > 1 does the guiding. Refused for a model without a guidance embedding.
     """
+    scheduler = scheduler or bundle.family_spec.default_scheduler
+    if isinstance(bundle.family_spec, FlowFamily):  # a flow transformer (SD3, Flux)
+        return _sample_flow(bundle, prompts, seeds, mode, negative_prompts=negative_prompts, offsets=offsets,
+                            cfg_scale=cfg_scale, steps=steps, scheduler=scheduler, sigma_min=sigma_min,
+                            sigma_max=sigma_max, height=height, width=width, rescale=rescale, npo_path=npo_path,
+                            decode=decode, progress=progress, flux_guidance=flux_guidance)
+    if scheduler not in SCHEDULERS + FLOW_SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r} (expected one of {SCHEDULERS + FLOW_SCHEDULERS})")
+    if flux_guidance is not None:
+        raise ValueError("flux_guidance is Flux's embedded guidance; this model is "
+                         f"{bundle.family_spec.display_name}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (expected one of {sorted(MODES)})")
     if len(prompts) != len(seeds) or not prompts:
@@ -211,6 +239,103 @@ class _Fast:
         return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added or None).sample
 
 
+# ----------------------------------------------------------------------------------------------
+# Flow families (SD3, Flux): velocity prediction, FlowMatchEulerDiscreteScheduler
+# ----------------------------------------------------------------------------------------------
+class _FlowPredictor:
+    """One batched transformer forward with per-row offsets (fast) or one materialised copy per group
+    (two-model, the reference): velocities in the family's layout."""
+
+    def __init__(self, fam, model, groups, br=None, *, h: int, w: int, guidance: float | None):
+        from ..core.offsets import materialize
+
+        self.fam, self.br, self.h, self.w, self.guidance = fam, br, h, w, guidance
+        self.models = None if br is not None else \
+            {g: (materialize(model, list(terms)) if terms else model) for g, terms in groups.items()}
+        self.model, self.rows = model, None
+
+    def set_rows(self, rows):
+        self.rows = list(rows)
+        if self.br is not None:
+            self.br.set_rows(self.rows)
+
+    def _v(self, model, x, t, hidden, added):
+        return self.fam.velocity(model, x, t, hidden, added, h=self.h, w=self.w, guidance=self.guidance)
+
+    def __call__(self, x, t, hidden, added):
+        if self.models is None:
+            return self._v(self.model, x, t, hidden, added)
+        out = torch.empty_like(x)
+        for g in dict.fromkeys(self.rows):
+            idx = torch.tensor([i for i, r in enumerate(self.rows) if r == g], device=x.device)
+            out[idx] = self._v(self.models[g], x[idx], t, hidden[idx], {k: v[idx] for k, v in added.items()})
+        return out
+
+
+def _sample_flow(bundle, prompts, seeds, mode, *, negative_prompts, offsets, cfg_scale, steps, scheduler, sigma_min,
+                 sigma_max, height, width, rescale, npo_path, decode, progress, flux_guidance) -> SampleResult:
+    """`sample` for a flow family: the family's diffusers pipeline loop (its scheduler timesteps, shift or
+    dynamic shift, latent layout and transformer call) with the guidance of `mode` on velocities,
+    v = v_uncond + w (v_cond - v_uncond), the two halves in ONE forward (rows [0, B) cond, [B, 2B) uncond)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    fam, model = bundle.family_spec, bundle.unet
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (expected one of {sorted(MODES)})")
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError(f"sample: need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+    if npo_path not in NPO_PATHS:
+        raise ValueError(f"unknown npo_path {npo_path!r} (expected one of {NPO_PATHS})")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if scheduler not in FLOW_SCHEDULERS:
+        raise ValueError(f"scheduler {scheduler!r}: a {fam.display_name} model samples with {FLOW_SCHEDULERS} "
+                         f"(diffusers' FlowMatchEulerDiscreteScheduler from the model's own config and shift)")
+    if rescale:
+        raise ValueError(f"CFG rescale is defined on a DDPM model's eps/x0; it is not implemented for "
+                         f"{fam.display_name} (flow) models: pass rescale 0")
+    if flux_guidance is not None and not getattr(model.config, "guidance_embeds", False):
+        raise ValueError(f"flux_guidance: this {fam.display_name} transformer has no guidance embedding "
+                         f"(guidance_embeds false: e.g. Flux schnell, SD3)")
+    spec, offsets = MODES[mode], offsets or NPOSpec()
+    groups = offsets.groups()
+    b, dev, dt = len(prompts), bundle.device, bundle.dtype
+    negs = [""] * b if spec.uncond == "null" or negative_prompts is None else list(negative_prompts)
+    gate = spec.neg_group != spec.pos_group
+    cond = encode_prompts(bundle, prompts, groups, [spec.pos_group] * b)
+    unc = encode_prompts(bundle, negs, groups, [spec.neg_group] * b)
+    unc_off = encode_prompts(bundle, negs, groups, [spec.pos_group] * b) if gate else unc
+    ls = bundle.latent_scale
+    size = getattr(model.config, "sample_size", None)
+    height = height or (size * ls if size else fam.default_resolution)
+    width = width or (size * ls if size else fam.default_resolution)
+    mult = ls * fam.latent_multiple(model)
+    if height % mult or width % mult:
+        raise ValueError(f"height/width must be multiples of {mult} for this {fam.display_name} model, "
+                         f"got {height}x{width}")
+    h, w = height // ls, width // ls
+    sched = FlowMatchEulerDiscreteScheduler.from_config(bundle.scheduler.config)
+    fam.set_timesteps(sched, steps, fam.image_seq_len(model, h, w), dev)
+    sched.set_begin_index(0)
+    shape = (fam.latent_channels(model), h, w)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    x = fam.pack(noise.to(dev, dt))
+    sigmas = sched.sigmas.tolist()
+    with torch.no_grad(), (branch_offsets(model, groups) if npo_path == "fast" else contextlib.nullcontext()) as br:
+        predictor = _FlowPredictor(fam, model, groups, br, h=h, w=w, guidance=flux_guidance)
+        for i, t in enumerate(sched.timesteps):
+            active = not gate or offset_active(float(sigma_of_t(sigmas[i])), sigma_min, sigma_max)
+            u = unc if active else unc_off
+            predictor.set_rows(row_groups([COND] * b + [UNCOND] * b, mode, active))
+            added = {k: torch.cat([cond.added[k], u.added[k]]) for k in cond.added}
+            pos, neg = predictor(torch.cat([x, x]), t, torch.cat([cond.hidden, u.hidden]), added).chunk(2)
+            x = sched.step(guide(mode, pos, neg, cfg_scale), t, x, return_dict=False)[0]
+            if progress is not None:
+                progress(1)
+    latents = fam.unpack(x, h, w)
+    return SampleResult(latents, decode_latents(bundle, latents) if decode else None)
+
+
 def decode_latents(bundle, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images [N, C, H, W] in [0, 1] (pixel space: the latents are pixels in [-1, 1])."""
     with torch.no_grad():
@@ -240,7 +365,8 @@ class GenerateJob:
     rescale: float = 0.0
     rescale_space: str = "x0"
     steps: int = 20
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the family's default (ddim; flow-euler for SD3/Flux)
+    flux_guidance: float | None = None  # Flux-dev's embedded guidance (None: the pipeline's 3.5)
     sigma_min: float | None = None
     sigma_max: float | None = None
     height: int | None = None
@@ -293,6 +419,8 @@ def load_offsets(bundle, *, pos: str | os.PathLike | None = None, neg: str | os.
     for key, path in (("pos", pos), ("neg", neg), ("snpo", snpo)):
         if path:
             off = load_offset(path, base, family=fam, allow_pickle=allow_pickle)
+            if off.report is not None and off.report.family is None:
+                off.report.family = bundle.family  # matched against this model's own modules (SD3, Flux)
             loaded[key] = off
             info[key] = {"path": str(path), "report": off.report.summary() if off.report else None,
                          "metadata": dict(off.metadata)}
@@ -345,6 +473,7 @@ def run_generate(job: GenerateJob, log=print, progress: bool = True) -> dict:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = list(job.modes)
+    scheduler = job.scheduler or bundle.family_spec.default_scheduler
     jobs = [(i, it["prompt"], it["negative_prompt"], s) for i, it in enumerate(items) for s in it["seeds"]]
     total = len(modes) * -(-len(jobs) // job.batch_size) * job.steps
     records, cells = [], [[None] * len(modes) for _ in jobs]
@@ -355,7 +484,7 @@ def run_generate(job: GenerateJob, log=print, progress: bool = True) -> dict:
                 chunk = jobs[start:start + job.batch_size]
                 res = sample(bundle, [j[1] for j in chunk], [j[3] for j in chunk], mode,
                              negative_prompts=[j[2] for j in chunk], offsets=offsets, cfg_scale=job.cfg, steps=job.steps,
-                             scheduler=job.scheduler, sigma_min=job.sigma_min, sigma_max=job.sigma_max,
+                             scheduler=scheduler, flux_guidance=job.flux_guidance, sigma_min=job.sigma_min, sigma_max=job.sigma_max,
                              height=job.height, width=job.width, rescale=job.rescale, rescale_space=job.rescale_space,
                              npo_path=job.npo_path, progress=bar.update)
                 for k, (pi, prompt, neg, seed) in enumerate(chunk):
@@ -373,7 +502,8 @@ def run_generate(job: GenerateJob, log=print, progress: bool = True) -> dict:
         "command": "generate", "npo_suite_version": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "model": str(job.model), "model_hash": model_fingerprint(bundle), "family": bundle.family,
         "prediction_type": bundle.prediction_type, "detected": bundle.detected, "offsets": offset_info, "alpha": job.alpha, "beta": job.beta,
-        "cfg": job.cfg, "rescale": job.rescale, "rescale_space": job.rescale_space, "scheduler": job.scheduler,
+        "cfg": job.cfg, "rescale": job.rescale, "rescale_space": job.rescale_space, "scheduler": scheduler,
+        "flux_guidance": job.flux_guidance,
         "steps": job.steps, "sigma_min": job.sigma_min, "sigma_max": job.sigma_max, "modes": modes,
         "npo_path": job.npo_path, "height": job.height, "width": job.width, "dtype": job.dtype, "device": str(job.device),
         "seeds": sorted({j[3] for j in jobs}), "grid": {"file": "grid.png", "rows": "prompt x seed (order of images)",

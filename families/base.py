@@ -90,6 +90,14 @@ class Family:
     folder_scheduler: tuple[str, ...] = ()  # scheduler classes its folders name (scheduler_config.json); () = any
     unet_added_cond: str | None = None  # the UNet config's addition_embed_type ("text_time" for SDXL)
     tokenizer_pads: tuple = ()  # per encoder, the pad token when one CLIP tokenizer folder serves all (None: its own)
+    default_scheduler: str = "ddim"  # generate's sampler when none is named (flow families: "flow-euler")
+
+    @property
+    def is_flow_transformer(self) -> bool:
+        """A flow-matching transformer family (`families.flow.FlowFamily`: SD3, Flux), loaded through its
+        diffusers pipeline and sampled by its pipeline's loop. False for every plain `Family`, including a
+        flow-prediction UNet (the digits world's `world_flow`), which keeps the UNet paths."""
+        return False
 
     def __post_init__(self):
         if self.hidden_layer not in ("last", "penultimate"):
@@ -226,7 +234,7 @@ def detect_single_file(keys: Sequence[str], path="checkpoint") -> Family:
     fam = _first(lambda f: f.matches_single_file(keys))
     if fam is not None:
         return fam
-    names = [f.name for f in FAMILIES.values() if f.single_file_keys]
+    names = [f.name for f in FAMILIES.values() if f.single_file_keys and f.single_file_pipeline]  # loadable ones
     if any(k.startswith("model.diffusion_model.") for k in keys):
         raise ValueError(f"{path}: an LDM checkpoint without text-encoder weights; pass family="
                          + " or ".join(repr(n) for n in names))
@@ -245,7 +253,7 @@ def detect_unet_config(config) -> Family:
 def family_with_text_encoders(n: int) -> Family:
     """The latent family whose checkpoints have `n` CLIP text encoders (a diffusers SD / SDXL pipeline,
     or a bare UNet + encoders handed to the trainer)."""
-    fam = _first(lambda f: f.latent and f.single_file_pipeline is not None and f.text_encoders == n)
+    fam = _first(lambda f: f.latent and not f.is_flow_transformer and f.single_file_pipeline is not None and f.text_encoders == n)
     if fam is None:
         raise ValueError(f"no registered model family has {n} text encoder(s) (known: {sorted(FAMILIES)})")
     return fam

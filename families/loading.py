@@ -114,12 +114,64 @@ def _detect_single_file_family(path: Path) -> Family:
     return detect_single_file(keys, path)
 
 
+def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device, tokenizer, vae=None,
+                      prediction_type: str | None = None) -> ModelBundle:
+    """A diffusers folder of a flow family (SD3, Flux): its own pipeline class loads every component
+    (text encoders and tokenizers as the folder names them), nothing downloaded. `vae` replaces the
+    folder's VAE (a diffusers VAE folder, or a diffusers-named .safetensors read with the folder's vae/config)."""
+    import diffusers
+
+    if family is not None and family != fam.name:
+        get_family(family)
+        raise ValueError(f"{path}: looks like a {fam.name!r} model but family={family!r} was requested")
+    if tokenizer is not None:
+        raise ValueError(f"{path}: tokenizer= overrides a CLIP tokenizer of SD1.x/SDXL; a {fam.display_name} folder "
+                         f"uses its own tokenizers (tokenizer/, tokenizer_2/, ...)")
+    if prediction_type is not None:
+        raise ValueError(f"{path}: --prediction-type ({prediction_type}) is for SD1.x/SDXL checkpoints; a "
+                         f"{fam.display_name} model predicts a flow velocity")
+    extra, vae_note = {}, "VAE: vae/"
+    if vae is not None:
+        extra["vae"], vae_note = _load_vae(vae, path, dtype, str(path)), f"VAE: {vae}"
+    cls = getattr(diffusers, read_model_index(path)["_class_name"])
+    pipe = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **extra)
+    weights = sorted((path / "transformer").glob("*.safetensors"))
+    file_dtype = _file_facts(weights[0])["dtype"] if weights else "unknown"
+    sc = pipe.scheduler.config
+    shift = (f"dynamic shift (base {sc.get('base_shift')}, max {sc.get('max_shift')})"
+             if sc.get("use_dynamic_shifting") else f"shift {sc.get('shift')}")
+    line = (f"model: {fam.display_name} diffusers folder {path.name} ({file_dtype} weights, loaded as "
+            f"{str(dtype).replace('torch.', '')}); prediction: flow (the family's); schedule: "
+            f"{type(pipe.scheduler).__name__}, {shift}; {vae_note}; tokenizers: the folder's "
+            f"({', '.join(type(t).__name__ for t in (pipe.tokenizer, getattr(pipe, 'tokenizer_2', None), getattr(pipe, 'tokenizer_3', None)) if t is not None)})")
+    bundle = bundle_from_flow_pipeline(pipe, fam, str(path), device)
+    bundle.detected = line
+    return bundle
+
+
+def bundle_from_flow_pipeline(pipe, fam: Family | str, source: str = "pipeline", device=None) -> ModelBundle:
+    """A ModelBundle over a diffusers SD3 / Flux pipeline's modules: the transformer in the denoiser
+    slot (`unet`), the text encoders and tokenizers in the pipeline's order (CLIP-L, CLIP-G, T5 / CLIP-L, T5)."""
+    fam = get_family(fam)
+    tes = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")[:fam.text_encoders]]
+    toks = [getattr(pipe, n) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")[:fam.text_encoders]]
+    if any(m is None for m in tes + toks):
+        raise ValueError(f"{source}: a {fam.display_name} pipeline needs its {fam.text_encoders} text encoders and "
+                         f"tokenizers (a pipeline loaded without one, e.g. text_encoder_3=None, is not supported)")
+    if device is None:
+        device = pipe.transformer.device
+    return _bundle(pipe.transformer, tes, toks, pipe.vae, pipe.scheduler, fam.name, source, device, False, "flow")
+
+
 def _from_folder(path: Path, family: str | None, dtype, device, tokenizer, vae=None,
                  prediction_type: str | None = None) -> ModelBundle:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index = read_model_index(path)
+    flow = detect_folder(path)
+    if flow is not None and flow.is_flow_transformer:
+        return _flow_from_folder(path, flow, family, dtype, device, tokenizer, vae, prediction_type)
     for sub in ("unet", "scheduler", "text_encoder"):
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"{path}: not a diffusers model folder (missing {sub}/)")
@@ -233,6 +285,13 @@ def _from_single_file(path: Path, family: str | None, dtype, device, tokenizer, 
     facts = _file_facts(path) if path.suffix.lower() == ".safetensors" else \
         {"keys": None, "dtype": "unknown (pickle)", "vae": True, "v_pred": False, "ztsnr": False}
     fam = get_family(family) if family is not None else detect_single_file(facts["keys"], path)
+    if fam.is_flow_transformer:
+        raise ValueError(
+            f"{path}: a {fam.display_name} single file is not supported: such files hold the transformer "
+            f"(ComfyUI/original key names) and at most some of the VAE and text encoders, and converting one needs "
+            f"the text encoders' weights (T5-XXL, CLIP) and their tokenizers, which a config folder cannot supply "
+            f"offline; pass the model's diffusers folder (model_index.json, transformer/, text_encoder*/, tokenizer*/, "
+            f"vae/, scheduler/) instead")
     if fam.single_file_pipeline is None:
         known = [f.name for f in FAMILIES.values() if f.single_file_pipeline]
         raise ValueError(f"{path}: single-file checkpoints must be family {' or '.join(repr(n) for n in known)}, "
@@ -287,11 +346,11 @@ def bundle_from_pipeline(pipe, source: str = "pipeline") -> ModelBundle:
     return ModelBundle(pipe.unet, tes, toks, getattr(pipe, "vae", None), pipe.scheduler, fam.name, pred, source, zeros)
 
 
-def _bundle(unet, tes, toks, vae, scheduler, family, source, device, zeros, detected: str = "") -> ModelBundle:
+def _bundle(unet, tes, toks, vae, scheduler, family, source, device, zeros, pred=None, detected: str = "") -> ModelBundle:
     for m in [unet, *tes, *([vae] if vae is not None else [])]:
         m.to(device).eval().requires_grad_(False)
     # a flow scheduler has no prediction_type: the family's own (e.g. "flow") is the model's
-    pred = getattr(scheduler.config, "prediction_type", None) or get_family(family).prediction_type
+    pred = pred or getattr(scheduler.config, "prediction_type", None) or get_family(family).prediction_type
     return ModelBundle(unet, list(tes), list(toks), vae, scheduler, family, pred, source, zeros, detected=detected)
 
 

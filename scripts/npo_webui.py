@@ -55,7 +55,7 @@ if IN_WEBUI:
     from npo_suite.webui.infotext import INFOTEXT_KEYS, error_text, reported_errors
     from npo_suite.webui.offset_files import OffsetCache, list_offset_files, resolve_offset_file
     from npo_suite.webui.offset_notes import offset_summary
-    from npo_suite.webui.plan import build_plan
+    from npo_suite.webui.plan import build_plan, flow_model_refusal
     from npo_suite.webui.runtime import NPORuntime
     from npo_suite.webui.settings import MODES, NONE, NPOSettings, paste_value
     from npo_suite.webui.verify import verify_log_from_env
@@ -73,6 +73,12 @@ if IN_WEBUI:
 
     def is_forge(sd_model) -> bool:
         return hasattr(sd_model, "forge_objects")
+
+    def _diffusion_model_or_none(sd_model):
+        try:
+            return unet_module(sd_model)
+        except AttributeError:
+            return None
 
     def unet_module(sd_model):
         if is_forge(sd_model):
@@ -210,6 +216,9 @@ if IN_WEBUI:
                 return
             with reported_errors(p.extra_generation_params, log):
                 s.validate()
+                flow = flow_model_refusal(p.sd_model, _diffusion_model_or_none(p.sd_model))
+                if flow:
+                    raise ValueError(flow)
                 if not is_forge(p.sd_model):
                     refusal = a1111_refusal(p.sd_model, getattr(p, "refiner_checkpoint", None))
                     if refusal:

@@ -277,3 +277,104 @@ def build_sd15_single_file(path: str | os.PathLike, config_dir: str | os.PathLik
                  "vae": ["diffusers", "AutoencoderKL"], "requires_safety_checker": False}
         (d / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return unet, te, vae
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow-matching transformers (SD3, Flux): the classes of the full-size pipelines, tiny sizes
+# ----------------------------------------------------------------------------------------------
+def build_t5_tokenizer(directory: str | os.PathLike | None = None, words=DEFAULT_WORDS, max_length: int = 32):
+    """A T5-style word-level tokenizer built offline (`tokenizers` WordLevel, wrapped in
+    PreTrainedTokenizerFast): <pad>=0, </s>=1, <unk>=2, one id per word, `</s>` appended like T5's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in sorted(set(w.lower() for w in words)):
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                  model_max_length=max_length)
+    if directory is not None:
+        tok.save_pretrained(str(directory))
+    return tok
+
+
+def t5_encoder(vocab_size: int, d_model: int = 64, layers: int = 2):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers,
+                                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0)).eval()
+
+
+def flow_vae_config(latent_channels: int = 4, shift_factor: float = 0.0609, scaling_factor: float = 1.5035) -> dict:
+    """An AutoencoderKL with SD3/Flux's latent shift and scale (2x down-sampling, no quant convs)."""
+    return dict(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                layers_per_block=1, norm_num_groups=8, sample_size=16, use_quant_conv=False,
+                use_post_quant_conv=False, shift_factor=shift_factor, scaling_factor=scaling_factor)
+
+
+def sd3_transformer_config() -> dict:
+    """SD3.5-medium-shaped MMDiT: joint blocks (the last one context-pre-only), patch 2, pooled = the two
+    CLIP projections, context = T5 width; SD3.5's RMS q/k norm and, in block 0, its second (image-only)
+    attention `attn2` (MMDiT-X), so every Linear kind of SD3 and SD3.5 is in the tiny model."""
+    return dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
+def build_sd3(directory: str | os.PathLike | None = None, seed: int = 0, shift: float = 3.0):
+    """A tiny StableDiffusion3Pipeline (CLIP-L, CLIP-G with projections, T5; MMDiT; flow-match Euler with
+    `shift`), random weights, tokenizers built offline (saved to `directory` if given)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok_dir = Path(directory or "/tmp/npo_suite_tok_sd3") / "tokenizer_src"
+    clip_tok = build_tokenizer(tok_dir)
+    t5_tok = build_t5_tokenizer()
+    te1 = CLIPTextModelWithProjection(text_encoder_config(len(clip_tok), projection_dim=32)).eval()
+    te2 = CLIPTextModelWithProjection(text_encoder_config(len(clip_tok), projection_dim=32)).eval()
+    te3 = t5_encoder(len(t5_tok))
+    transformer = SD3Transformer2DModel(**sd3_transformer_config()).eval()
+    vae = AutoencoderKL(**flow_vae_config(4, 0.0609, 1.5035)).eval()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+                                    vae=vae, text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2,
+                                    tokenizer_2=clip_tok, text_encoder_3=te3, tokenizer_3=t5_tok)
+    if directory is not None:
+        pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe
+
+
+def flux_transformer_config(guidance_embeds: bool = True) -> dict:
+    """Flux-shaped: double (joint) and single-stream blocks, 2x2-packed latents (in_channels = 4 * 4),
+    RoPE axes summing to the head dim, guidance embedding (dev) or not (schnell)."""
+    return dict(patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=2,
+                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+                guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8))
+
+
+def build_flux(directory: str | os.PathLike | None = None, seed: int = 0, guidance_embeds: bool = True):
+    """A tiny FluxPipeline (CLIP-L pooled + T5, double/single-stream transformer, Flux-dev's dynamic
+    shift schedule), random weights, tokenizers built offline (saved to `directory` if given)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok_dir = Path(directory or "/tmp/npo_suite_tok_flux") / "tokenizer_src"
+    clip_tok = build_tokenizer(tok_dir)
+    t5_tok = build_t5_tokenizer()
+    te1 = CLIPTextModel(text_encoder_config(len(clip_tok))).eval()
+    te2 = t5_encoder(len(t5_tok))
+    transformer = FluxTransformer2DModel(**flux_transformer_config(guidance_embeds)).eval()
+    vae = AutoencoderKL(**flow_vae_config(4, 0.1159, 0.3611)).eval()
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te1, tokenizer=clip_tok,
+                        text_encoder_2=te2, tokenizer_2=t5_tok)
+    if directory is not None:
+        pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe

@@ -33,8 +33,8 @@ def test_registry_holds_sd1_and_sdxl():
 
 
 def test_unknown_family_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"unknown family 'sd3' \(expected one of \[.*'sd1', 'sdxl'"):
-        get_family("sd3")
+    with pytest.raises(ValueError, match=r"unknown family 'auraflow' \(expected one of \[.*'sd1', 'sd3', 'sdxl'"):
+        get_family("auraflow")
 
 
 def test_register_family_adds_its_offset_layout():
@@ -127,7 +127,7 @@ def test_world_family_is_registered_only_through_the_plugin():
             "from npo_suite.world.family import WORLD, WORLD_FLOW\n"
             "register(); register()\n"
             "assert F.FAMILIES['world'] is WORLD and F.FAMILIES['world_flow'] is WORLD_FLOW\n"
-            "assert list(F.FAMILIES) == ['sd1', 'sdxl', 'world', 'world_flow'], list(F.FAMILIES)\n")
+            "assert list(F.FAMILIES) == ['sd1', 'sdxl', 'sd3', 'flux', 'world', 'world_flow'], list(F.FAMILIES)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for f in (PACKAGE / "families").glob("*.py"):  # no family module imports the world, lazily or not

@@ -148,6 +148,8 @@ def test_loading_errors(sd15_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing unet/"):
         load_model(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown family"):
+        load_model(sd15_dir, family="auraflow")
+    with pytest.raises(ValueError, match="looks like a 'sd1' model but family='sd3' was requested"):
         load_model(sd15_dir, family="sd3")
 
 

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -413,3 +414,33 @@ def test_kohya_file_through_cache_maps_to_ldm(unet, tmp_path):
     mapped, unmatched = unet_deltas_to_ldm(loaded, ldm_view(unet), [unet.config])
     assert len(mapped) == len(off.unet) and not unmatched
     assert loaded.report is not None and "kohya" in loaded.report.summary()
+
+
+def test_flow_models_are_refused_with_a_panel_message():
+    """SD3 (A1111 >= 1.10 `is_sd3`) and Flux (Forge: `double_blocks` in its diffusion model) end in a
+    message naming the model and the way to run it, raised inside `reported_errors` (the infotext's
+    `NPO error`), never a generation that silently ignores the offsets. SD1.x/SDXL pass."""
+    from npo_suite.webui.plan import flow_model_refusal
+
+    class FluxDM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.double_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+    assert "SD3 flow-matching" in flow_model_refusal(types.SimpleNamespace(is_sd3=True, is_sdxl=False))
+    msg = flow_model_refusal(types.SimpleNamespace(is_sdxl=False), FluxDM())
+    assert "Flux flow-matching" in msg and "CFG 1" in msg and "generate" in msg
+    assert flow_model_refusal(types.SimpleNamespace(is_sdxl=True), torch.nn.Linear(2, 2)) is None
+    assert flow_model_refusal(types.SimpleNamespace(is_sd3=False)) is None
+    chroma = flow_model_refusal(types.SimpleNamespace(is_chroma=True))
+    assert "Chroma flow-matching" in chroma and "No part of NPO Suite runs Chroma yet" in chroma
+    params = {}
+    with pytest.raises(ValueError), reported_errors(params, logging.getLogger("t")):
+        raise ValueError(msg)
+    assert "Flux" in next(iter(params.values()))
+
+
+def test_the_script_refuses_flow_models_before_loading_offsets():
+    src = (Path(__file__).resolve().parents[1] / "scripts" / "npo_webui.py").read_text(encoding="utf-8")
+    process = src[src.index("def process(self, p"):src.index("def process_batch")]
+    assert process.index("flow_model_refusal(") < process.index("load_offsets(")

@@ -39,7 +39,7 @@ def test_flow_world_layout_family_and_manifest(flow_world):
 
 
 def test_flow_sampling_is_euler_with_cfg_on_velocities(flow_world):
-    """generate.sample(..., scheduler="flow_euler") = x_1 = ε(seed); K steps x += (t_{k+1} − t_k)·v,
+    """generate.sample(..., scheduler="flow-euler") = x_1 = ε(seed); K steps x += (t_{k+1} − t_k)·v,
     v = v_u + w·(v_c − v_u), t_k = 1 − k/K, the UNet at timestep t·1000. Same ops, fp32: 1e-5."""
     from npo_suite.diffusers_host.generate import sample
     from npo_suite.families.loading import load_model
@@ -48,7 +48,7 @@ def test_flow_sampling_is_euler_with_cfg_on_velocities(flow_world):
     register()
     b = load_model(str(flow_world))
     prompts, seeds, K, w = ["a handwritten seven", "a thin handwritten two"], [3, 4], 5, 3.0
-    got = sample(b, prompts, seeds, "cfg", cfg_scale=w, steps=K, scheduler="flow_euler", decode=False).latents
+    got = sample(b, prompts, seeds, "cfg", cfg_scale=w, steps=K, scheduler="flow-euler", decode=False).latents
     wo = wb.load_world(flow_world)
     c, u = wo.encode(prompts), wo.encode(["", ""])
     x = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
@@ -63,7 +63,7 @@ def test_flow_sampling_is_euler_with_cfg_on_velocities(flow_world):
         sample(b, prompts, seeds, "cfg", steps=2, scheduler="ddim")
     e = load_model(str(wb.PACKAGE_WORLD_DIR))
     with pytest.raises(ValueError, match="does not sample a epsilon model"):
-        sample(e, prompts, seeds, "cfg", steps=2, scheduler="flow_euler")
+        sample(e, prompts, seeds, "cfg", steps=2, scheduler="flow-euler")
 
 
 def test_world_results_on_the_flow_world(flow_world, tmp_path, capsys):
@@ -79,7 +79,7 @@ def test_world_results_on_the_flow_world(flow_world, tmp_path, capsys):
     res = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.strip()][0])
     assert list(res["methods"]) == ["snpo", "tdft", "ddspo"]
     full = json.loads((out / "results.json").read_text())
-    assert full["details"]["config"]["scheduler"] == "flow_euler"
+    assert full["details"]["config"]["scheduler"] == "flow-euler"
     assert full["details"]["roles"] == {"snpo": "snpo", "tdft": "negative", "ddspo": "positive"}
     text = report.read_text()
     assert text.startswith(f"# R\n{eps_block}flow:\n{fb}\n") and "old" not in text and "--world " in text
@@ -102,7 +102,7 @@ def test_shipped_flow_world_base_model_is_clearly_imperfect():
     bundle = load_model(str(d))
     assert bundle.family == "world_flow"
     prompts = [p for p in wb.all_prompts() for _ in range(2)]  # 30 prompts x 2 seeds
-    res = gen.sample(bundle, prompts, list(range(60)), "cfg", cfg_scale=3.0, steps=20, scheduler="flow_euler")
+    res = gen.sample(bundle, prompts, list(range(60)), "cfg", cfg_scale=3.0, steps=20, scheduler="flow-euler")
     px = res.images.float().mean(1).reshape(60, -1).numpy()
     labels = [wb.parse_prompt(p)[0] for p in prompts]
     acc = rm.accuracy(px, labels)

@@ -70,3 +70,30 @@ def build_plan(settings: NPOSettings, unet: nn.Module, eta: Offset | None, delta
     lines = [describe(eta, eta_m, eta_un, "positive"), describe(delta, delta_m, delta_un,
                                                                 "SNPO" if settings.mode == "SNPO" else "negative")]
     return plan, lines
+
+
+# Flags the WebUIs set on a loaded checkpoint (A1111 >= 1.10: is_sd3; Forge's diffusion engines).
+_FLOW_FLAGS = (("is_sd3", "SD3"), ("is_flux", "Flux"), ("is_chroma", "Chroma"))
+# Block lists of the flow transformers' diffusion models (ComfyUI/Forge/A1111 module names).
+_FLOW_BLOCKS = (("double_blocks", "Flux"), ("joint_blocks", "SD3"))
+_GENERATE_RUNS = ("SD3", "Flux")  # families.sd3 / families.flux: `generate` samples their diffusers folders
+
+
+def flow_model_refusal(sd_model, diffusion_model=None) -> str | None:
+    """Why the panel refuses this checkpoint (None: an SD1.x/SDXL UNet it supports).
+
+    A flow-matching transformer (SD3/SD3.5 in A1111 >= 1.10, Flux and SD3 in Forge) is refused with
+    a message instead of running: the panel maps offsets onto SD1.x/SDXL UNet modules (LDM names),
+    and Flux-dev at Forge's default (CFG 1, "Distilled CFG") runs no unconditional row, so the
+    negative offset would have nothing to act on. `python -m npo_suite generate` runs SD3/SD3.5 and Flux
+    diffusers folders with NPO (the ComfyUI nodes do not map offsets onto these models yet)."""
+    name = next((n for flag, n in _FLOW_FLAGS if getattr(sd_model, flag, False) is True), None)
+    if name is None and diffusion_model is not None:
+        name = next((n for attr, n in _FLOW_BLOCKS if isinstance(getattr(diffusion_model, attr, None), nn.Module)), None)
+    if name is None:
+        return None
+    way = (f"Use `python -m npo_suite generate` with the model's diffusers folder for {name} (real CFG, --cfg > 1)"
+           if name in _GENERATE_RUNS else f"No part of NPO Suite runs {name} yet")
+    return (f"NPO: this checkpoint is a {name} flow-matching transformer; the Forge/A1111 panel applies NPO to "
+            f"SD1.x/SDXL UNets only (and Flux-dev at CFG 1 runs no unconditional pass for the negative offset "
+            f"to act on). {way}; or disable NPO")

@@ -19,5 +19,5 @@ WORLD_FLOW = Family(
     text_encoders=1, hidden_layer="last", pooled=False, time_ids=False, force_zeros_for_empty_prompt=False,
     latent=False, default_resolution=8, default_cfg=3.0, offsets=None,
     folder_components=("unet", "text_encoder"), folder_absent=("vae",),
-    folder_scheduler=("FlowMatchEulerDiscreteScheduler",),
+    folder_scheduler=("FlowMatchEulerDiscreteScheduler",), default_scheduler="flow-euler",
 )

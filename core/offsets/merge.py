@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Mapping
 
 import torch
 
 from .schema import _MAX_LISTED, Term
-from .types import DenseDelta, _shape_fits, delta_shape
+from .types import DenseDelta, Offset, _shape_fits, delta_shape
 
 
 # Merging
@@ -39,12 +40,22 @@ def _weight_owner(root: torch.nn.Module, path: str) -> torch.nn.Module:
     return base if isinstance(base, torch.nn.Module) else mod
 
 
+def _component_deltas(offset, component: str) -> dict:
+    """The path -> Delta mapping of `offset` for `component`: an Offset's part, or a bare mapping as it is
+    (the deltas of the component being merged, as `core.branch_lora.component_deltas` reads one)."""
+    if isinstance(offset, Offset):
+        return offset.components().get(component, {})
+    if isinstance(offset, Mapping):
+        return dict(offset)
+    raise TypeError(f"expected an Offset or a dict of module path -> Delta, got {type(offset).__name__}")
+
+
 def _summed_deltas(root: torch.nn.Module, terms: list[Term], component: str):
     """{path: (weight delta, bias delta or None)} in float32, validated against `root` first."""
     acc: dict[str, list] = {}
     problems = []
     for offset, scale in terms:
-        deltas = offset.components().get(component, {})
+        deltas = _component_deltas(offset, component)
         for path, d in deltas.items():
             try:
                 owner = _weight_owner(root, path)
@@ -69,7 +80,7 @@ def _summed_deltas(root: torch.nn.Module, terms: list[Term], component: str):
             if db is not None:
                 slot[1] = db if slot[1] is None else slot[1] + db
     if problems:
-        name = next((o.report.path for o, _ in terms if o.report is not None), "offset")
+        name = next((o.report.path for o, _ in terms if getattr(o, "report", None) is not None), "offset")
         raise ValueError(f"{name}: {len(problems)} {component} delta(s) do not fit the model: {'; '.join(problems[:_MAX_LISTED])}")
     return acc
 

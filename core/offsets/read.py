@@ -1,6 +1,8 @@
 """Loading offsets: file formats, key grammar, family detection, full-UNet diffs."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -12,6 +14,7 @@ from ..finite import first_nonfinite
 from .keys import (
     LAYOUTS,
     Target,
+    _cfg_get,
     canonical_te_path,
     display_name,
     get_layout,
@@ -71,6 +74,7 @@ def scan_offset(path, *, allow_pickle: bool = False) -> Offset:
     entries, fmt, skipped = _parse_keys(sd, str(path))
     if fmt == "full_unet":
         raise ValueError(f"{path}: a full UNet state dict, not an offset; pass the UNet it was fine-tuned from as base")
+    peft_note = _apply_peft_metadata(entries, sd, meta, str(path))
     out = Offset(metadata=dict(meta))
     for e in entries:
         comp = out.unet if e.component == "unet" else out.text_encoders.setdefault(e.component, {})
@@ -78,7 +82,7 @@ def scan_offset(path, *, allow_pickle: bool = False) -> Offset:
             raise ValueError(f"{path}: module {e.component}:{e.name} is given twice ({', '.join(e.parts.values())})")
         comp[e.name] = _make_delta(e, sd, str(path))
     out.report = LoadReport(path=str(path), format=fmt, family=detect_family(entries, sd), matched=len(entries),
-                            unmatched_keys=skipped, notes=["names and shapes not checked: no model given"])
+                            unmatched_keys=skipped, notes=["names and shapes not checked: no model given"] + peft_note)
     return out
 
 
@@ -92,15 +96,18 @@ def offset_from_state_dict(sd: dict[str, torch.Tensor], base=None, *, name: str 
     entries, fmt, skipped = _parse_keys(sd, name)
     if fmt == "full_unet":
         return _full_unet_offset(sd, base, name, strict, metadata or {})
+    peft_note = _apply_peft_metadata(entries, sd, metadata or {}, name)
     file_family = detect_family(entries, sd)
     targets = targets_from_base(base) if base is not None else {}
     model_family = targets["unet"].family if "unet" in targets else None
+    cfg = _unet_config_of(base) if base is not None else None
+    transformer = cfg is not None and _cfg_get(cfg, "down_block_types") is None  # SD3/Flux: no SD layout applies
     if base is not None:
-        fam = model_family or family or file_family or "sd1"
+        fam = model_family or family or (None if transformer else file_family or "sd1")
     else:
         fam = family or file_family or _best_standard_family(entries, sd)
     offset, unmatched, mismatched = _assemble(entries, sd, targets, fam, name)
-    notes = []
+    notes = list(peft_note)
     ref_family = model_family or family
     if file_family and ref_family and file_family != ref_family:
         who = "the model is" if model_family else "the requested family is"
@@ -182,6 +189,7 @@ _PREFIXES = (
     ("lora_unet_", "unet", "flat"), ("lora_te1_", "te1", "flat"), ("lora_te2_", "te2", "flat"), ("lora_te_", "te1", "flat"),
     ("model.diffusion_model.", "unet", "dotted"), ("diffusion_model.", "unet", "dotted"),
     ("unet.base_model.model.", "unet", "dotted"), ("unet.", "unet", "dotted"),
+    ("transformer.", "unet", "dotted"),  # diffusers' SD3 / Flux LoRAs: the transformer is the denoiser ("unet")
     ("text_encoder_2.", "te2", "dotted"), ("text_encoder.", "te1", "dotted"),
     ("text_encoders.clip_l.transformer.", "te1", "dotted"), ("text_encoders.clip_g.transformer.", "te2", "dotted"),
     ("clip_l.transformer.", "te1", "dotted"), ("clip_g.transformer.", "te2", "dotted"),
@@ -191,11 +199,77 @@ _PREFIXES = (
 
 
 class _Entry:
-    __slots__ = ("component", "spelling", "name", "parts", "kind")
+    __slots__ = ("component", "spelling", "name", "parts", "kind", "scale")
 
     def __init__(self, component, spelling, name, kind):
         self.component, self.spelling, self.name, self.kind = component, spelling, name, kind
         self.parts: dict[str, str] = {}  # part -> original key
+        self.scale: float | None = None  # a LoRA's alpha / r from the file's PEFT config when it has no .alpha key
+
+
+# diffusers' `save_lora_weights` / `save_lora_adapter` write each component's PEFT LoraConfig as JSON under
+# this safetensors metadata key, its fields prefixed by the component ("transformer.lora_alpha", ...), or
+# unprefixed for a single model's adapter. PEFT scales a LoRA by lora_alpha / r (use_rslora: / sqrt(r)), with
+# per-module alpha_pattern / rank_pattern; a PEFT state dict has no .alpha tensors, so without this config a
+# file trained with lora_alpha != r would be read at the wrong strength.
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+_PEFT_PREFIXES = {"transformer": "unet", "unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
+
+
+def _peft_configs(raw: str, name: str) -> dict[str, dict]:
+    """{component: LoraConfig fields} of a `lora_adapter_metadata` value ("*": the unprefixed config)."""
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: metadata {PEFT_METADATA_KEY!r} is not JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{name}: metadata {PEFT_METADATA_KEY!r} is not a JSON object")
+    out: dict[str, dict] = {}
+    for k, v in cfg.items():
+        pre, _, field = k.partition(".")
+        if field and pre in _PEFT_PREFIXES:
+            out.setdefault(_PEFT_PREFIXES[pre], {})[field] = v
+        else:
+            out.setdefault("*", {})[k] = v
+    return out
+
+
+def _pattern_value(patterns: dict, module: str):
+    """PEFT's `get_pattern_key`: the first pattern p with re.match(rf"(.*\.)?({p})$", module)."""
+    for p, v in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({p})$", module):
+            return v
+    return None
+
+
+def _apply_peft_metadata(entries, sd, metadata: dict, name: str) -> list[str]:
+    """Set each PEFT LoRA entry's scale from the file's `lora_adapter_metadata` (entries with an .alpha
+    key keep it); returns the report note. A config whose rank disagrees with the tensors, or that asks
+    for DoRA, is refused."""
+    raw = (metadata or {}).get(PEFT_METADATA_KEY)
+    if not raw:
+        return []
+    configs = _peft_configs(raw, name)
+    used = set()
+    for e in entries:
+        cfg = configs.get(e.component, configs.get("*"))
+        if e.kind != "lora" or cfg is None or "alpha" in e.parts or "down" not in e.parts:
+            continue
+        if cfg.get("use_dora"):
+            raise ValueError(f"{name}: the file's PEFT config says use_dora (DoRA is not supported)")
+        module = strip_peft_name(e.name)
+        r = int(sd[e.parts["down"]].shape[0])
+        want_r = _pattern_value(cfg.get("rank_pattern"), module) or cfg.get("r")
+        if want_r is not None and int(want_r) != r:
+            raise ValueError(f"{name}: module {e.name} has rank {r} but the file's PEFT config says r={want_r}")
+        alpha = _pattern_value(cfg.get("alpha_pattern"), module)
+        alpha = float(alpha if alpha is not None else cfg.get("lora_alpha", r))
+        e.scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        used.add((e.component, cfg.get("lora_alpha"), cfg.get("r"), bool(cfg.get("use_rslora"))))
+    if not used:
+        return []
+    desc = ", ".join(f"{c}: lora_alpha {a}, r {r}" + (", rslora" if rs else "") for c, a, r, rs in sorted(used, key=str))
+    return [f"LoRA scales from the file's PEFT config ({PEFT_METADATA_KEY}: {desc})"]
 
 
 def _split_key(key: str):
@@ -305,6 +379,8 @@ def _best_standard_family(entries, sd) -> str:
 
 
 def _target_desc(targets, fam) -> str:
+    if targets and fam is None:
+        return f"given model ({targets['unet'].source if 'unet' in targets else 'no denoiser'})"
     if targets:
         return f"given model ({display_name(fam)})"
     return f"standard {display_name(fam)} architecture"
@@ -313,6 +389,8 @@ def _target_desc(targets, fam) -> str:
 def _target_for(targets: dict, fam: str, comp: str) -> Target | None:
     if comp in targets:
         return targets[comp]
+    if fam is None:  # a model without a standard layout (a flow transformer): only its own modules
+        return None
     if targets:  # a model was given but not this component: check names only
         try:
             return Target.standard(fam, comp).without_shapes()
@@ -376,8 +454,11 @@ def _make_delta(e: _Entry, sd, name) -> Delta:
     if up.shape[1] != r or (mid is not None and tuple(mid.shape[:2]) != (r, r)):
         raise ValueError(f"{name}: module {e.name}: rank mismatch between down {tuple(down.shape)}, "
                          f"up {tuple(up.shape)}" + (f", mid {tuple(mid.shape)}" if mid is not None else ""))
-    alpha = float(sd[p["alpha"]].float().item()) if "alpha" in p else float(r)
-    return LowRankDelta(down=down, up=up, scale=alpha / r, mid=mid)
+    if "alpha" in p:
+        scale = float(sd[p["alpha"]].float().item()) / r
+    else:  # PEFT: the file's LoraConfig (`_apply_peft_metadata`), else alpha = r
+        scale = e.scale if e.scale is not None else 1.0
+    return LowRankDelta(down=down, up=up, scale=scale, mid=mid)
 
 
 def _unet_config_of(base):

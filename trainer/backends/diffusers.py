@@ -108,6 +108,10 @@ class DiffusersBackend:
     @classmethod
     def from_bundle(cls, bundle, **kwargs) -> "DiffusersBackend":
         """From `families.loading.ModelBundle` (its `force_zeros_for_empty_prompt` picks the SDXL ∅)."""
+        if get_family(bundle.family).is_flow_transformer:
+            raise ValueError(f"{bundle.source}: training a {get_family(bundle.family).display_name} transformer is not "
+                             f"supported (the trainer's backend runs UNets: SD1.x, SDXL, the digits worlds); "
+                             f"`generate`, `pairs` and `evaluate sweep` sample this model")
         if get_family(bundle.family).force_zeros_for_empty_prompt:
             kwargs["options"] = _with_null(kwargs.get("options"), getattr(bundle, "force_zeros_for_empty_prompt", True))
         return cls(bundle.unet, bundle.text_encoders, bundle.tokenizers, bundle.scheduler, bundle.vae,

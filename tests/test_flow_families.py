@@ -1,0 +1,326 @@
+"""SD3 and Flux in `generate`: tiny pipelines of the full-size classes built offline (random weights,
+tokenizers built locally), checked against diffusers' own pipelines.
+
+Tolerances: the text encodings are compared with torch.equal (same modules, same calls). The sampled
+latents are compared with the diffusers pipeline at atol 1e-5 on values of size ~4: our sampler runs
+the conditional and unconditional rows in one batch [cond, uncond] where SD3's pipeline batches
+[uncond, cond] and Flux's runs two forwards, and a matmul over another batch size may block its
+sums differently (float32 round-off, ~1e-7 per op; measured 0.0 on this CPU). NPO's per-row path
+against the two-model reference: relative difference <= 1e-5 (the METHODS/issue bound for fp32).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from npo_suite.core.offsets.types import LowRankDelta
+from npo_suite.diffusers_host.generate import NPOSpec, encode_prompts, load_offsets, sample
+from npo_suite.families import FAMILIES, detect_folder, detect_single_file, family_with_text_encoders, get_family
+from npo_suite.families.loading import bundle_from_flow_pipeline, load_model
+
+T5_LEN = 16  # T5 tokens (the pipelines default to 256 / 512; a tiny model does not need them)
+PROMPTS = ["a photo of a cat", "red house with a tree"]
+NEGS = ["blurry", "ugly low quality"]
+SEEDS = [3, 4]
+SIZE = 16  # pixels; latents 8x8
+
+
+@pytest.fixture(scope="module")
+def flow_dirs(tmp_path_factory):
+    from npo_suite.testing.tiny_models import build_flux, build_sd3
+
+    root = tmp_path_factory.mktemp("flow")
+    build_sd3(root / "sd3")
+    build_flux(root / "flux")
+    return {"sd3": root / "sd3", "flux": root / "flux"}
+
+
+def _pipe(flow_dirs, name):
+    import diffusers
+
+    cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}[name]
+    return cls.from_pretrained(str(flow_dirs[name]), local_files_only=True)
+
+
+def _bundle(flow_dirs, name):
+    b = load_model(flow_dirs[name])
+    b.extra["max_sequence_length"] = T5_LEN
+    return b
+
+
+def _gens():
+    return [torch.Generator().manual_seed(s) for s in SEEDS]
+
+
+def _pipe_latents(pipe, name, *, negative, cfg, steps=3, flux_guidance=None):
+    kw = dict(num_inference_steps=steps, height=SIZE, width=SIZE, generator=_gens(), max_sequence_length=T5_LEN,
+              output_type="latent")
+    with torch.no_grad():
+        if name == "sd3":
+            out = pipe(PROMPTS, negative_prompt=negative, guidance_scale=cfg, **kw).images
+        else:
+            out = pipe(PROMPTS, negative_prompt=negative, true_cfg_scale=cfg,
+                       guidance_scale=3.5 if flux_guidance is None else flux_guidance, **kw).images
+            out = get_family("flux").unpack(out, SIZE // 2, SIZE // 2)
+    return out
+
+
+def _random_offset(model, targets, seed, scale=0.05, rank=2):
+    """Random low-rank deltas on every Linear whose name ends with one of `targets` (None: every Linear)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and (targets is None or any(name == t or name.endswith("." + t) for t in targets)):
+            out[name] = LowRankDelta(torch.randn(rank, mod.in_features, generator=g) * scale,
+                                     torch.randn(mod.out_features, rank, generator=g) * scale)
+    assert out
+    return out
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------- family
+def test_flow_families_registered_and_detected(flow_dirs, tmp_path):
+    assert FAMILIES["sd3"].is_flow_transformer and FAMILIES["flux"].is_flow_transformer
+    assert not FAMILIES["sdxl"].is_flow_transformer
+    from npo_suite.world.family import WORLD_FLOW
+
+    assert not WORLD_FLOW.is_flow_transformer  # a flow-prediction UNet keeps the UNet paths
+    assert detect_folder(flow_dirs["sd3"]).name == "sd3" and detect_folder(flow_dirs["flux"]).name == "flux"
+    assert family_with_text_encoders(2).name == "sdxl"  # Flux's two encoders are not SDXL's
+    assert not FAMILIES["sd3"].matches_unet_config({"addition_embed_type": None})
+    assert detect_single_file(["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]).name == "sd3"
+    assert detect_single_file(["double_blocks.0.img_attn.qkv.weight"]).name == "flux"
+    # a single file of a flow family is refused with the reason (not converted half-way)
+    from safetensors.torch import save_file
+
+    f = tmp_path / "flux1.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(f))
+    with pytest.raises(ValueError, match="single file is not supported.*diffusers folder"):
+        load_model(f)
+    assert get_family("sd3").lora_target_modules("attn_ff")[-1] == "ff_context.net.2"
+    assert "proj_mlp" in get_family("flux").lora_target_modules("attn_ff")
+
+
+def test_flow_folder_loading_says_what_it_found_and_takes_a_vae(flow_dirs, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from npo_suite.testing.tiny_models import flow_vae_config
+
+    lines = []
+    flux = load_model(flow_dirs["flux"], log=lines.append)
+    assert lines == [flux.detected] and flux.prediction_type == "flow"
+    assert "Flux.1 diffusers folder" in flux.detected and "dynamic shift (base 0.5, max 1.15)" in flux.detected
+    sd3 = load_model(flow_dirs["sd3"], log=False)
+    assert "SD3/SD3.5 diffusers folder" in sd3.detected and "shift 3.0" in sd3.detected and "VAE: vae/" in sd3.detected
+    torch.manual_seed(11)
+    AutoencoderKL(**flow_vae_config(4, 0.0609, 1.5035)).save_pretrained(tmp_path / "vae")
+    own = load_model(flow_dirs["sd3"], vae=tmp_path / "vae", log=False)
+    want = AutoencoderKL.from_pretrained(tmp_path / "vae").state_dict()
+    assert f"VAE: {tmp_path / 'vae'}" in own.detected
+    assert all(torch.equal(v, want[k]) for k, v in own.vae.state_dict().items())
+    assert not torch.equal(own.vae.decoder.conv_out.weight, sd3.vae.decoder.conv_out.weight)
+    with pytest.raises(ValueError, match="predicts a flow velocity"):
+        load_model(flow_dirs["sd3"], prediction_type="epsilon", log=False)
+    with pytest.raises(ValueError, match="uses its own tokenizers"):
+        load_model(flow_dirs["flux"], tokenizer=flow_dirs["flux"] / "tokenizer", log=False)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_encode_text_is_the_pipelines(flow_dirs, name):
+    bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
+    with torch.no_grad():
+        c, n = encode_prompts(bundle, PROMPTS), encode_prompts(bundle, [""] * 2)
+        if name == "sd3":
+            pe, npe, pp, npp = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, negative_prompt="",
+                                                  max_sequence_length=T5_LEN, do_classifier_free_guidance=True)
+        else:
+            pe, pp, _ = pipe.encode_prompt(PROMPTS, PROMPTS, max_sequence_length=T5_LEN)
+            npe, npp, _ = pipe.encode_prompt([""] * 2, [""] * 2, max_sequence_length=T5_LEN)
+    assert torch.equal(c.hidden, pe) and torch.equal(c.added["pooled_projections"], pp)
+    assert torch.equal(n.hidden, npe) and torch.equal(n.added["pooled_projections"], npp)  # null = encoded ""
+    assert n.hidden.abs().sum() > 0  # not zeros
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_cfg_equals_the_diffusers_pipeline(flow_dirs, name):
+    bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
+    ours = sample(bundle, PROMPTS, SEEDS, "cfg", negative_prompts=NEGS, cfg_scale=4.0, steps=3, height=SIZE,
+                  width=SIZE, decode=False, flux_guidance=2.0 if name == "flux" else None).latents
+    ref = _pipe_latents(pipe, name, negative=NEGS, cfg=4.0, flux_guidance=2.0)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_flux_guidance_embedding_is_an_option(flow_dirs):
+    bundle = _bundle(flow_dirs, "flux")
+    kw = dict(negative_prompts=NEGS, cfg_scale=3.0, steps=2, height=SIZE, width=SIZE, decode=False)
+    a = sample(bundle, PROMPTS, SEEDS, "cfg", flux_guidance=1.0, **kw).latents
+    b = sample(bundle, PROMPTS, SEEDS, "cfg", **kw).latents  # the pipeline's 3.5
+    assert (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        sample(_bundle(flow_dirs, "sd3"), PROMPTS, SEEDS, "cfg", flux_guidance=1.0, **kw)
+    with pytest.raises(ValueError, match="flow-euler"):
+        sample(bundle, PROMPTS, SEEDS, "cfg", scheduler="ddim", **kw)
+    with pytest.raises(ValueError, match="rescale"):
+        sample(bundle, PROMPTS, SEEDS, "cfg", rescale=0.7, **kw)
+
+
+@pytest.mark.parametrize("coverage", ["attn_ff", "every_linear"])
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_npo_per_row_equals_the_merged_two_model_path(flow_dirs, name, coverage):
+    """The one batched forward with δ on the unconditional rows only equals one merged model per group.
+    "every_linear" puts offsets on every Linear of the transformer (timestep/text/guidance embedders,
+    AdaLN modulation `norm*.linear`, joint attention add_*_proj / to_add_out, Flux's single blocks
+    proj_mlp / proj_out, the final norm_out.linear / proj_out): each sees the batch as its leading
+    dimension, so each row gets its own group's weights."""
+    bundle = _bundle(flow_dirs, name)
+    targets = bundle.family_spec.lora_target_modules("attn_ff") if coverage == "attn_ff" else None
+    eta, delta = _random_offset(bundle.unet, targets, 1), _random_offset(bundle.unet, targets, 2, scale=0.2)
+    spec = NPOSpec(eta=eta, delta=delta, alpha=0.5, beta=1.0)
+    kw = dict(negative_prompts=NEGS, offsets=spec, cfg_scale=4.0, steps=3, height=SIZE, width=SIZE, decode=False)
+    fast = sample(bundle, PROMPTS, SEEDS, "npo", **kw).latents
+    two = sample(bundle, PROMPTS, SEEDS, "npo", npo_path="two-model", **kw).latents
+    cfg = sample(bundle, PROMPTS, SEEDS, "cfg", **kw).latents
+    assert _rel(fast, two) <= 1e-5
+    assert _rel(fast, cfg) > 1e-3  # delta on the unconditional rows changes the result
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_snpo_equals_the_lora_model_with_the_null_conditioning(flow_dirs, name):
+    from npo_suite.core.offsets import materialize
+
+    bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
+    s = _random_offset(bundle.unet, bundle.family_spec.lora_target_modules("attn_ff"), 5, scale=0.2)
+    ours = sample(bundle, PROMPTS, SEEDS, "snpo", negative_prompts=NEGS, offsets=NPOSpec(snpo=s, beta=1.0),
+                  cfg_scale=4.0, steps=3, height=SIZE, width=SIZE, decode=False).latents
+    pipe.transformer = materialize(pipe.transformer, [(s, 1.0)])  # θ + s merged, diffusers' own loop
+    ref = _pipe_latents(pipe, name, negative=[""] * 2, cfg=4.0)  # the null conditioning: ""
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_peft_lora_in_diffusers_naming_covers_every_target(flow_dirs, name, tmp_path):
+    """A LoRA as diffusers' `save_lora_weights` writes it (PEFT keys with the "transformer." prefix, the LoraConfig
+    in the `lora_adapter_metadata` header: lora_alpha 4 != r 2 and a per-module alpha_pattern) maps onto every
+    module PEFT targeted, at PEFT's scale, and sampling with it equals diffusers loading the same file."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
+    targets = bundle.family_spec.lora_target_modules("attn_ff")
+    cfg = LoraConfig(r=2, lora_alpha=4, alpha_pattern={"ff.net.2": 1}, target_modules=targets, init_lora_weights=False)
+    pipe.transformer.add_adapter(cfg)
+    layers = get_peft_model_state_dict(pipe.transformer)
+    type(pipe).save_lora_weights(tmp_path, transformer_lora_layers=layers,
+                                 transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    peft_modules = {k.rsplit(".lora_", 1)[0] for k in layers}
+    spec, info = load_offsets(bundle, pos=path)
+    assert set(spec.eta.unet) == peft_modules and not spec.eta.report.unmatched_keys
+    assert spec.eta.report.family == name and f"({name})" in info["pos"]["report"]  # not an SD label
+    assert all(any(m.endswith(t) for m in peft_modules) for t in targets)  # every preset suffix exists
+    scales = {m: d.scale for m, d in spec.eta.unet.items()}
+    assert {s for m, s in scales.items() if m.endswith("ff.net.2")} == {0.5}  # alpha_pattern: 1 / r
+    assert {s for m, s in scales.items() if not m.endswith("ff.net.2")} == {2.0}  # lora_alpha / r
+    ours = sample(bundle, PROMPTS, SEEDS, "cfg", negative_prompts=NEGS, offsets=spec, cfg_scale=4.0, steps=2,
+                  height=SIZE, width=SIZE, decode=False).latents
+    plain = sample(bundle, PROMPTS, SEEDS, "cfg", negative_prompts=NEGS, cfg_scale=4.0, steps=2,
+                   height=SIZE, width=SIZE, decode=False).latents
+    ref_pipe = _pipe(flow_dirs, name)
+    ref_pipe.load_lora_weights(str(path))  # diffusers reads the file itself (metadata included)
+    ref = _pipe_latents(ref_pipe, name, negative=NEGS, cfg=4.0, steps=2)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert (ours - plain).abs().max() > 1e-2  # the LoRA does act
+
+
+def test_kohya_named_flux_lora_is_refused_naming_its_keys(flow_dirs, tmp_path):
+    """Kohya/ComfyUI names of a Flux LoRA (fused qkv of `double_blocks`) are not mapped by this reader:
+    the file is refused with the keys and the model, nothing applied half-way."""
+    from safetensors.torch import save_file
+
+    f = tmp_path / "kohya_flux.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(2, 32),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(96, 2)}, str(f))
+    with pytest.raises(ValueError, match=r"2 key\(s\) match no module of the given model \(FluxTransformer2DModel\)"
+                                         r": lora_unet_double_blocks_0_img_attn_qkv"):
+        load_offsets(_bundle(flow_dirs, "flux"), neg=f)
+
+
+def test_training_a_flow_transformer_is_a_clear_error(flow_dirs):
+    from npo_suite.trainer.backends.diffusers import DiffusersBackend
+
+    with pytest.raises(ValueError, match="training a Flux.1 transformer is not supported"):
+        DiffusersBackend.from_pretrained(str(flow_dirs["flux"]))
+
+
+def test_bundle_from_flow_pipeline_refuses_a_missing_encoder(flow_dirs):
+    pipe = _pipe(flow_dirs, "sd3")
+    pipe.text_encoder_3 = None
+    with pytest.raises(ValueError, match="3 text encoders"):
+        bundle_from_flow_pipeline(pipe, "sd3")
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def test_generate_runs_a_flow_model(flow_dirs, tmp_path):
+    import json
+
+    from npo_suite.diffusers_host.generate import GenerateJob, run_generate
+
+    man = run_generate(GenerateJob(model=str(flow_dirs["sd3"]), out=str(tmp_path / "out"), prompt=("a cat",),
+                                   negative_prompt="blurry", modes=("cfg", "npo", "snpo"), steps=2, cfg=4.0,
+                                   height=SIZE, width=SIZE, seeds=(0,)), log=lambda *_: None, progress=False)
+    assert man["family"] == "sd3" and man["prediction_type"] == "flow" and man["scheduler"] == "flow-euler"
+    assert len(man["images"]) == 3 and (tmp_path / "out" / "grid.png").exists()
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["modes"] == ["cfg", "npo", "snpo"]
+
+
+def _peft_lora_file(flow_dirs, name, path, seed=0):
+    """A LoRA on the attn_ff preset as diffusers' `save_lora_weights` writes it (random nonzero weights)."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    pipe = _pipe(flow_dirs, name)
+    targets = get_family(name).lora_target_modules("attn_ff")
+    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False))
+    type(pipe).save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
+    return path / "pytorch_lora_weights.safetensors"
+
+
+def test_generate_pairs_and_sweep_commands_on_flow_models(flow_dirs, tmp_path, capsys):
+    """The three commands of issue 23 item 5 through the CLI: generate (Flux, cfg/npo with a negative LoRA,
+    --flux-guidance), pairs (SD3, npo, a tiny local CLIP scorer) and evaluate sweep (SD3, two beta settings)."""
+    import json
+
+    from npo_suite.cli import main
+    from npo_suite.testing.tiny_models import build_tiny_clip
+
+    build_tiny_clip(tmp_path / "clip", tmp_path / "clip_tok")
+    flux_lora = _peft_lora_file(flow_dirs, "flux", tmp_path / "flux_lora")
+    sd3_lora = _peft_lora_file(flow_dirs, "sd3", tmp_path / "sd3_lora")
+    size = ["--height", str(SIZE), "--width", str(SIZE)]
+    gen = tmp_path / "gen"
+    assert main(["generate", str(flow_dirs["flux"]), "--prompt", "a cat", "--negative-prompt", "blurry", "--modes",
+                 "cfg", "npo", "--neg-offset", str(flux_lora), "--cfg", "3", "--flux-guidance", "1.5", "--steps", "2",
+                 "--seeds", "0", "1", "--out", str(gen), *size]) == 0
+    man = json.loads((gen / "manifest.json").read_text())
+    assert man["family"] == "flux" and man["scheduler"] == "flow-euler" and man["flux_guidance"] == 1.5
+    assert len(man["images"]) == 4 and (gen / "grid.png").exists()
+    assert main(["pairs", "--model", str(flow_dirs["sd3"]), "--prompt", "a cat", "--prompt", "a red house",
+                 "--samples-per-prompt", "3", "--mode", "npo", "--neg-offset", str(sd3_lora), "--steps", "2",
+                 "--cfg", "4", "--scorer", "clip_score", "--model-path", str(tmp_path / "clip"), "--rule", "all",
+                 "--margin", "0", "--out", str(tmp_path / "pairs"), "--json", *size]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert rows and {r["prompt"] for r in rows} <= {"a cat", "a red house"}
+    capsys.readouterr()
+    assert main(["evaluate", "sweep", "--model", str(flow_dirs["sd3"]), "--neg-offset", str(sd3_lora),
+                 "--betas", "0.5", "1.0", "--prompt", "a cat", "--seeds", "0", "1", "--steps", "2", "--cfg", "4",
+                 "--scorer", "clip_score", "--guard", "clip_score", "--model-path", str(tmp_path / "clip"),
+                 "--n-boot", "50", "--json", *size]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(res["rows"]) == 2
