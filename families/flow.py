@@ -48,6 +48,7 @@ class FlowFamily(Family):
     pipeline_classes: tuple[str, ...] = ()
     t5_max_length: int = 256
     folder_components: tuple[str, ...] = ("transformer", "text_encoder", "vae", "scheduler")
+    base_model_version: str = ""  # the kohya `ss_base_model_version` of its LoRAs ("sd3", "flux1")
 
     @property
     def is_flow_transformer(self) -> bool:

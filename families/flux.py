@@ -88,6 +88,7 @@ class FluxFamily(FlowFamily):
 
 
 FLUX = FluxFamily(
+    base_model_version="flux1",
     name="flux", display_name="Flux.1",
     text_encoders=2, hidden_layer="last", pooled=True,
     default_resolution=1024, default_cfg=3.5,

@@ -50,6 +50,7 @@ class SD3Family(FlowFamily):
 
 
 SD3 = SD3Family(
+    base_model_version="sd3",
     name="sd3", display_name="SD3/SD3.5",
     text_encoders=3, hidden_layer="penultimate", pooled=True,
     default_resolution=1024, default_cfg=7.0,

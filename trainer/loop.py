@@ -135,6 +135,26 @@ def build_backend(cfg: TrainConfig, device: torch.device):
                                             vae=cfg.vae or None, prediction_type=cfg.prediction_type or None)
 
 
+def release_text_encoders(cfg: TrainConfig, backend, method, *, verbose: bool = True) -> int:
+    """Free a flow transformer's text encoders once the cache holds every prompt (T5-XXL alone is 4.7 B
+    parameters): only when nothing encodes text later (the method's steps, validation grids). Returns the
+    parameters freed (0: kept, and why is printed)."""
+    if not getattr(backend, "is_transformer", False) or not getattr(backend, "text_encoders", None):
+        return 0
+    keep = ("no cache_dir: every batch is encoded when it is drawn (set cache_dir to encode once and release "
+            "them)" if not cfg.cache_dir else
+            "the method encodes prompts at every step" if method.encodes_text_in_training else
+            "validation grids encode their prompts" if cfg.validate_every else None)
+    if keep:
+        if verbose:
+            print(f"text encoders: kept in memory ({keep})", file=sys.stderr)
+        return 0
+    n = backend.release_text_encoders()
+    if verbose:
+        print(f"text encoders: released after caching ({n / 1e6:,.1f} M parameters)", file=sys.stderr)
+    return n
+
+
 def build_data(cfg: TrainConfig, backend, method, process_index: int, num_processes: int):
     """An endless, resumable iterator of this process's micro-batches (trainer/data)."""
     from .stream import build_batches
@@ -377,6 +397,7 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     method = METHODS[cfg.method]
     method.setup(backend, cfg)
     data = iter(data) if data is not None else build_data(cfg, backend, method, acc.process_index, acc.num_processes)
+    release_text_encoders(cfg, backend, method, verbose=acc.is_main_process)
     opt = acc.prepare_optimizer(build_optimizer(cfg, backend.trainable_parameters()), device_placement=False)
     if acc.is_main_process:
         for line in setup_lines(cfg, acc, backend, opt):

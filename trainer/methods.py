@@ -321,6 +321,7 @@ class Method:
     role: str = "positive"  # what the trained LoRA is: "positive" | "negative" | "snpo" (metadata, sampling)
     beta_key: str | None = "beta"  # the MethodConfig field holding this method's β (None: it has no β)
     lambda_key: str | None = None  # the MethodConfig field holding its λ (None: it has no λ)
+    encodes_text_in_training: bool = False  # calls backend.encode_prompts during steps (not only ∅ and the cache)
 
     def extra_adapters(self, cfg: MethodConfig) -> tuple[str, ...]:
         """Adapters to create besides "policy": own ones, plus "ref" when reference update is on."""
@@ -565,6 +566,7 @@ class DDSPOMethod(Method):
     """
 
     data_kind = "prompts_with_winners"
+    encodes_text_in_training = True  # c⁻: the rewritten prompts are encoded per step
     beta_key = "ddspo_beta"  # its own β (paper 16000), not the DPO family's `beta`
 
     def __init__(self, name: str = "ddspo"):

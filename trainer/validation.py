@@ -24,6 +24,7 @@ import torch
 
 from ..core.atomic import append_bytes, atomic_path
 from ..core.guidance import GUIDANCE, ROLE_SAMPLING
+from ..core.flow import FLOW, euler_timesteps, sample_euler
 from ..core.sampling import ddim_timesteps, guided_denoiser, sample_ddim
 from .stream import latent_shape
 
@@ -106,8 +107,14 @@ class MetricsLog:
 # ---------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def ddim_sample(backend, cond, null, noise: torch.Tensor, steps: int, w: float, branches) -> torch.Tensor:
-    """Deterministic DDIM (Song et al. 2021, eq. 12, η = 0) with guidance `branches` (ROLE_BRANCHES), to the clean sample."""
+    """Deterministic DDIM (Song et al. 2021, eq. 12, η = 0) with guidance `branches` (ROLE_BRANCHES), to the clean
+    sample; on a flow model the flow Euler solver with the same guidance on velocities."""
     a_cond, a_null, combine = branches[0], branches[1], GUIDANCE[branches[2]]
+    if backend.prediction_type == FLOW:  # flow models: the same guidance on velocities, flow Euler (shift of the scheduler)
+        model = guided_denoiser(lambda x, t: backend.predict_v(x, t, cond, a_cond),
+                                lambda x, t: backend.predict_v(x, t, null, a_null), combine, w)
+        shift = float(backend.scheduler.config.get("shift", 1.0) or 1.0)
+        return sample_euler(model, noise, euler_timesteps(steps, shift))
     model = guided_denoiser(lambda x, t: backend.predict_eps(x, t, cond, a_cond),
                             lambda x, t: backend.predict_eps(x, t, null, a_null), combine, w)
     return sample_ddim(model, noise, ddim_timesteps(backend.num_train_timesteps, steps), backend.abar, to_clean=True)
@@ -211,6 +218,11 @@ def save_lora(cfg, backend, method, step: int, out: Path) -> Path:
 
     offset = Offset(unet=offset_from_peft(backend.unet, "policy", "unet"))
     path = Path(out) / f"{cfg.lora_name}.safetensors"
+    if getattr(backend, "is_transformer", False):  # SD3 / Flux: diffusers' transformer.* layout (no kohya form)
+        from ..core.offsets import save_transformer_lora
+
+        return save_transformer_lora(offset, path, base_model_version=backend.spec.base_model_version,
+                                     metadata=lora_metadata(cfg, backend, method, step))
     save_offset(offset, path, format=cfg.save_format, metadata=lora_metadata(cfg, backend, method, step),
                 base=backend.unet)
     return path

@@ -30,10 +30,10 @@ from .merge import applied, component_module, materialize, merged_state_dict, mo
 from .read import diff_between, load_offset, load_unet_state_dict, offset_from_state_dict, scan_offset
 from .schema import FORMATS, ROLES, Term
 from .types import DenseDelta, Delta, LoadReport, LowRankDelta, Offset
-from .write import model_hash, offset_from_peft, offset_to_state_dict, save_offset
+from .write import model_hash, offset_from_peft, offset_to_state_dict, save_offset, save_transformer_lora
 
 __all__ = [
     "FORMATS", "ROLES", "Term", "DenseDelta", "Delta", "LoadReport", "LowRankDelta", "Offset", "applied", "component_module", "diff_between", "extract_lora", "load_offset", "load_unet_state_dict",
     "materialize", "merged_state_dict", "model_hash", "module_for_path", "normalize_unet_state_dict",
-    "offset_from_peft", "offset_from_state_dict", "offset_to_state_dict", "save_offset", "scan_offset",
+    "offset_from_peft", "offset_from_state_dict", "offset_to_state_dict", "save_offset", "save_transformer_lora", "scan_offset",
 ]

@@ -46,13 +46,38 @@ def save_offset(offset: Offset, path, *, format: str = "kohya", metadata: dict |
     return path
 
 
-def build_metadata(offset: Offset, family: str, path: Path, metadata: dict | None) -> dict[str, str]:
+def save_transformer_lora(offset: Offset, path, *, base_model_version: str, metadata: dict | None = None) -> Path:
+    """Write the LoRA of a flow-matching transformer (SD3/SD3.5, Flux) atomically in diffusers' layout:
+    `transformer.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r] with the scale alpha/r folded
+    into lora_B (no `.alpha` keys: diffusers' SD3 / Flux `load_lora_weights` reads PEFT keys without
+    them). ComfyUI's LoRA loaders take the same keys (its key map names `transformer.<diffusers module>`
+    for SD3 and Flux). `base_model_version`: the kohya `ss_base_model_version` ("sd3", "flux1")."""
+    path = Path(path)
+    if offset.text_encoders:
+        raise ValueError("a transformer LoRA holds the transformer's modules only (text-encoder deltas given)")
+    if not offset.unet:
+        raise ValueError("the offset is empty: nothing to save")
+    tensors: dict[str, torch.Tensor] = {}
+    for p, d in offset.unet.items():
+        if not isinstance(d, LowRankDelta):
+            raise ValueError(f"{p}: a dense delta cannot be saved as a LoRA")
+        down, up = _plain_lora(d)
+        tensors[f"transformer.{p}.lora_A.weight"] = down
+        tensors[f"transformer.{p}.lora_B.weight"] = (up.float() * d.scale).to(up.dtype)
+    meta = build_metadata(offset, "", path, metadata, base_model_version=base_model_version)
+    _save_finite(path, tensors, meta)
+    return path
+
+
+def build_metadata(offset: Offset, family: str, path: Path, metadata: dict | None, *,
+                   base_model_version: str | None = None) -> dict[str, str]:
     """kohya `ss_*` fields + `npo_*` fields (all str; schema.py, docs/offsets.md); the role is validated
-    in either spelling (`npo_role`, or `npo_suite.role` carried over from an older file)."""
+    in either spelling (`npo_role`, or `npo_suite.role` carried over from an older file).
+    `base_model_version` overrides the family layout's (families without an offset layout)."""
     meta = {k: v for k, v in (offset.metadata or {}).items() if isinstance(v, str)}
     ranks = sorted({d.rank for c in offset.components().values() for d in c.values() if isinstance(d, LowRankDelta)})
     alphas = sorted({d.scale * d.rank for c in offset.components().values() for d in c.values() if isinstance(d, LowRankDelta)})
-    meta.update({"ss_network_module": "networks.lora", "ss_base_model_version": get_layout(family).base_model_version,
+    meta.update({"ss_network_module": "networks.lora", "ss_base_model_version": base_model_version or get_layout(family).base_model_version,
                  "ss_output_name": path.stem})
     if ranks:
         meta["ss_network_dim"] = str(ranks[-1])

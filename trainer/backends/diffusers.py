@@ -1,4 +1,5 @@
-"""Training backend on a diffusers UNet2DConditionModel + CLIP text encoder(s) (SD1.x, SDXL).
+"""Training backend on a diffusers denoiser + its text encoder(s): a UNet2DConditionModel (SD1.x, SDXL,
+the digits worlds) or a flow-matching transformer of a `families.flow.FlowFamily` (SD3/SD3.5, Flux).
 
 Implements `trainer/backends/base.py`'s protocol. All LoRA adapters live on ONE network as named
 PEFT adapters ("policy" trainable; "ref"/"ema" frozen copies on request); the reference of plain
@@ -16,6 +17,13 @@ Conventions:
   (the SDXL default), else the encoded empty prompt (`BackendOptions.sdxl_null`).
 - Images are encoded with the VAE posterior mean (deterministic, so latent caches are exact);
   `vae=None` means pixel space (the digits world): encode/decode are the identity.
+- Flow transformers (SD3, Flux): the family's own pipeline encoding (`encode_text`) gives the text
+  sequence and the pooled projection (`Cond.added["pooled_projections"]`); ∅ is the encoded empty
+  prompt, as the pipelines' negative prompt; the network is called through the family's
+  `pack` / `velocity` / `unpack` (Flux packs 2x2 latent patches into tokens) at timestep t·1000;
+  Flux-dev's embedded guidance is `BackendOptions.flux_guidance` (1.0 while training, as ai-toolkit
+  and SimpleTuner train Flux-dev LoRAs). After the cache is filled the text encoders can be released
+  (`release_text_encoders`): a T5-XXL is 4.7 B parameters the training step never uses.
 - Resting state: the "policy" adapter is active between calls; gradient checkpointing recomputes
   forwards during backward in that state, so every adapter switch is undone in a `finally`.
 """
@@ -32,6 +40,7 @@ from ...core.flow import FLOW, to_model_timestep
 from ...core.schedule import abar_from_scheduler, gather, to_eps
 from ...core.cond import Cond
 from ...families import Family, family_with_text_encoders, get_family
+from ...families.flow import FlowFamily
 
 POLICY = "policy"
 
@@ -51,6 +60,7 @@ class BackendOptions:
     weight_dtype: torch.dtype = torch.float32  # frozen base weights; LoRA weights stay float32
     resolution: int = 512  # SDXL default size conditioning (pixels)
     sdxl_null: str = "zeros"  # "zeros" (pipeline default) or "empty" (encoded "")
+    flux_guidance: float = 1.0  # Flux-dev's embedded guidance while training (guidance_embeds models only)
 
 
 class DiffusersBackend:
@@ -89,6 +99,11 @@ class DiffusersBackend:
             self.load_lora_file(opts.lora.init_path)
         self._activate(POLICY)
         self._null: Cond | None = None
+
+    @property
+    def is_transformer(self) -> bool:
+        """A flow-matching transformer family (SD3, Flux): called through the family's velocity()."""
+        return isinstance(self.spec, FlowFamily)
 
     @property
     def spec(self) -> Family:
@@ -273,11 +288,24 @@ class DiffusersBackend:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         prompts = list(prompts)
+        if not self.text_encoders:
+            raise RuntimeError("the text encoders were released after caching (release_text_encoders); this "
+                               "run encodes every prompt before training")
         hidden, pooled = self.spec.encode_text(self.tokenizers, self.text_encoders, prompts, self.device)
         if pooled is None:
             return Cond(hidden.float())  # [B, L, D]
+        if self.is_transformer:  # [B, L, D], pooled [B, P]
+            return Cond(hidden.float(), {"pooled_projections": pooled.float()})
         return Cond(hidden.float(),  # [B, L, D1 + D2]
                     {"text_embeds": pooled.float(), "time_ids": self.time_ids(len(prompts))})
+
+    def release_text_encoders(self) -> int:
+        """Drop the text encoders (after the cache holds every prompt's encoding and ∅ is cached); returns
+        the parameters freed. Later `encode_prompts` calls fail with a clear error."""
+        self.null_cond(1)
+        n = sum(p.numel() for te in self.text_encoders for p in te.parameters())
+        self.text_encoders = []
+        return n
 
     def null_cond(self, batch_size: int) -> Cond:
         if self._null is None:
@@ -314,6 +342,12 @@ class DiffusersBackend:
         cond = cond.to(self.device)
         added = {k: v.to(self.unet.dtype) for k, v in cond.added.items()} or None
         with self.use_adapter(adapter), torch.set_grad_enabled(grad):
+            if self.is_transformer:
+                spec, (h, w) = self.spec, x_t.shape[-2:]
+                x = spec.pack(x_t.to(self.device, self.unet.dtype))  # the transformer's token layout
+                out = spec.velocity(self.unet, x, timestep.to(self.device, torch.float32), cond.hidden.to(self.unet.dtype),
+                                    added or {}, h=h, w=w, guidance=self.options.flux_guidance)
+                return spec.unpack(out, h, w).float()  # [B, C, h, w]
             pred = self.unet(x_t.to(self.unet.dtype), timestep.to(self.device), encoder_hidden_states=cond.hidden.to(self.unet.dtype),
                              added_cond_kwargs=added).sample  # [B, C, h, w]
         return pred.float()
