@@ -251,13 +251,6 @@ def test_kohya_named_flux_lora_is_refused_naming_its_keys(flow_dirs, tmp_path):
         load_offsets(_bundle(flow_dirs, "flux"), neg=f)
 
 
-def test_training_a_flow_transformer_is_a_clear_error(flow_dirs):
-    from npo_suite.trainer.backends.diffusers import DiffusersBackend
-
-    with pytest.raises(ValueError, match="training a Flux.1 transformer is not supported"):
-        DiffusersBackend.from_pretrained(str(flow_dirs["flux"]))
-
-
 def test_bundle_from_flow_pipeline_refuses_a_missing_encoder(flow_dirs):
     pipe = _pipe(flow_dirs, "sd3")
     pipe.text_encoder_3 = None

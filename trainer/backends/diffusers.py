@@ -40,7 +40,6 @@ from ...core.flow import FLOW, to_model_timestep
 from ...core.schedule import abar_from_scheduler, gather, to_eps
 from ...core.cond import Cond
 from ...families import Family, family_with_text_encoders, get_family
-from ...families.flow import FlowFamily
 
 POLICY = "policy"
 
@@ -103,7 +102,7 @@ class DiffusersBackend:
     @property
     def is_transformer(self) -> bool:
         """A flow-matching transformer family (SD3, Flux): called through the family's velocity()."""
-        return isinstance(self.spec, FlowFamily)
+        return self.spec.is_flow_transformer
 
     @property
     def spec(self) -> Family:
@@ -123,10 +122,6 @@ class DiffusersBackend:
     @classmethod
     def from_bundle(cls, bundle, **kwargs) -> "DiffusersBackend":
         """From `families.loading.ModelBundle` (its `force_zeros_for_empty_prompt` picks the SDXL ∅)."""
-        if get_family(bundle.family).is_flow_transformer:
-            raise ValueError(f"{bundle.source}: training a {get_family(bundle.family).display_name} transformer is not "
-                             f"supported (the trainer's backend runs UNets: SD1.x, SDXL, the digits worlds); "
-                             f"`generate`, `pairs` and `evaluate sweep` sample this model")
         if get_family(bundle.family).force_zeros_for_empty_prompt:
             kwargs["options"] = _with_null(kwargs.get("options"), getattr(bundle, "force_zeros_for_empty_prompt", True))
         return cls(bundle.unet, bundle.text_encoders, bundle.tokenizers, bundle.scheduler, bundle.vae,
