@@ -150,3 +150,10 @@ def test_text_encoders_are_kept_when_something_still_encodes(flow_dirs, capsys):
     assert b.null_cond(2).hidden.shape[0] == 2  # ∅ was cached before the release
     with pytest.raises(RuntimeError, match="released after caching"):
         b.encode_prompts(["a cat"])
+
+
+def test_dry_run_on_a_transformer_folder_says_it_is_not_estimated(flow_dirs, tmp_path):
+    from npo_suite.trainer.memory_estimate import resolve_model
+
+    with pytest.raises(ValueError, match="transformer model .* UNet models .* only so far"):
+        resolve_model(str(flow_dirs["sd3"]))

@@ -219,6 +219,9 @@ def resolve_model(model: str) -> ModelConfigs:
         return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
 
     unet = read("unet")
+    if unet is None and (folder / "transformer").is_dir():
+        raise ValueError(f"{folder}: a transformer model (SD3/Flux); the memory estimate traces UNet models (SD1.x, "
+                         "SDXL) only so far")
     if unet is None:
         raise FileNotFoundError(f"{folder}: no unet/config.json")
     tes = [c for c in (read("text_encoder"), read("text_encoder_2")) if c is not None]
