@@ -15,9 +15,39 @@ NPO_FOLDER = "npo"  # models/npo, registered by the extension on load
 OFFSET_EXTENSIONS = {".safetensors", ".ckpt", ".pt", ".bin", ".pth"}
 
 
+MODEL_KEYS = "model"  # keys as the file names them, resolved by the model's own key map (any ComfyUI family)
+
+
 def family_options() -> list[str]:
-    """The family dropdown: "auto" (detected from the file) and every family with offset files."""
-    return ["auto", *(name for name, f in FAMILIES.items() if f.offsets is not None)]
+    """The family dropdown: "auto" (detected from the file), "model" (the file's own key names,
+    resolved against the model when applied: SD3, Flux, Wan, ... and any SD file) and every family
+    with offset files."""
+    return ["auto", MODEL_KEYS, *(name for name, f in FAMILIES.items() if f.offsets is not None)]
+
+
+def read_offset(path: str, family: str = "auto", allow_pickle: bool = False):
+    """The Offset of a file for the sampling nodes.
+
+    "auto": an SD1.x / SDXL file (every key resolves to a module of the standard architecture) is
+    read as such (unchanged behaviour); any other file keeps its own key names (`Offset.file_keys`),
+    resolved when applied by ComfyUI's key map of the model at hand (nodes/comfy/keymap.py), which
+    knows the naming conventions of every family ComfyUI runs. MODEL_KEYS forces the latter.
+    """
+    from ..core.offsets import load_offset, load_offset_file_keys
+
+    if family == MODEL_KEYS:
+        return load_offset_file_keys(path, allow_pickle=allow_pickle)
+    if family != "auto":
+        return load_offset(path, allow_pickle=allow_pickle, family=family)
+    try:
+        return load_offset(path, allow_pickle=allow_pickle)
+    except ValueError as sd_error:
+        try:
+            off = load_offset_file_keys(path, allow_pickle=allow_pickle)
+        except ValueError:
+            raise sd_error from None
+        off.report.notes.insert(0, f"not an SD1.x / SDXL offset ({str(sd_error).split(': ', 1)[-1][:160]})")
+        return off
 
 
 def register_folder() -> None:
@@ -64,11 +94,7 @@ class LoadWeightOffset(io.ComfyNode):
 
     @classmethod
     def execute(cls, offset_name, family="auto", allow_pickle=False) -> io.NodeOutput:
-        from ..core.offsets import load_offset
-
-        path = resolve_offset_file(offset_name)
-        kwargs = {} if family == "auto" else {"family": family}
-        offset = load_offset(path, allow_pickle=allow_pickle, **kwargs)
+        offset = read_offset(resolve_offset_file(offset_name), family, allow_pickle)
         return io.NodeOutput(offset, offset_report(offset, offset_name))
 
 
@@ -77,7 +103,8 @@ def offset_report(offset, name: str) -> str:
     lines = [offset.report.summary() if offset.report is not None else f"{name}: {len(offset.unet)} UNet modules"]
     lines[0] = lines[0].replace(str(getattr(offset.report, "path", "")), name) if offset.report else lines[0]
     te = {k: len(v) for k, v in offset.text_encoders.items() if v}
-    lines.append(f"unet modules: {len(offset.unet)}" + (f", text encoders: {te}" if te else ""))
+    what = "diffusion-model keys (resolved against the model when applied)" if offset.file_keys else "unet modules"
+    lines.append(f"{what}: {len(offset.unet)}" + (f", text encoders: {te}" if te else ""))
     if offset.report is not None:
         lines += offset.report.notes
         if offset.report.unmatched_keys:
