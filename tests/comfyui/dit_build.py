@@ -115,7 +115,7 @@ def tiny_clip(seed: int = 0):
     class TinyClip(comfy.sd1_clip.SD1ClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}, **kw):
             super().__init__(device=device, dtype=dtype, model_options=model_options,
-                             textmodel_json_config=dict(CLIP_CONFIG), **kw)
+                             clip_model=comfy.sd1_clip.SDClipModel, textmodel_json_config=dict(CLIP_CONFIG), **kw)
 
     target = types.SimpleNamespace(clip=TinyClip, tokenizer=comfy.sd1_clip.SD1Tokenizer, params={})
     clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
