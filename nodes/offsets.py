@@ -140,8 +140,12 @@ def weight_diff(tuned: dict, base: dict, model_patcher) -> dict:
     LDM -> diffusers map, so any UNet layout ComfyUI loads works, and partial dicts are fine)."""
     from ..core.offsets.types import DenseDelta
     from .comfy.branch import diffusers_to_ldm_modules
+    from .comfy.keymap import comfy_family
 
-    to_diffusers = {v: k for k, v in diffusers_to_ldm_modules(model_patcher).items()}
+    if comfy_family(model_patcher).unet:
+        to_diffusers = {v: k for k, v in diffusers_to_ldm_modules(model_patcher).items()}
+    else:  # a DiT: ComfyUI's generic key names (`diffusion_model.<module>`), read back with family 'model'
+        to_diffusers = _GenericKeys()
     out = {}
     for key, w in tuned.items():
         mod, _, pname = key.rpartition(".")
@@ -153,6 +157,11 @@ def weight_diff(tuned: dict, base: dict, model_patcher) -> dict:
             bias = (tuned[b].float() - base[b].float()) if b in tuned and b in base else None
             out[to_diffusers.get(mod, mod)] = DenseDelta(d, bias if bias is not None and bias.any() else None)
     return out
+
+
+class _GenericKeys(dict):
+    def get(self, mod, default=None):
+        return f"diffusion_model.{mod}"
 
 
 class ExtractOffset(io.ComfyNode):
@@ -180,14 +189,18 @@ class ExtractOffset(io.ComfyNode):
         keys = differing_keys(tuned_model, base_model)
         if keys is not None and not keys:
             raise ValueError("tuned_model and base_model are the same network with the same weights: nothing to extract")
+        from .comfy.keymap import comfy_family
+
+        fam = comfy_family(tuned_model)
         offset, rep = extract_lora(weight_diff(unet_weights(tuned_model, keys), unet_weights(base_model, keys),
                                                tuned_model), rank)
+        offset.file_keys = not fam.unet  # DiT offsets keep ComfyUI's generic names (diffusion_model.<module>)
         lines = [f"{len(offset.unet)} modules differ; rank {rank}: relative Frobenius error {rep['overall']:.4f}"]
         if rep["dropped_bias"]:
             lines.append(f"{len(rep['dropped_bias'])} bias deltas dropped (a LoRA cannot hold them)")
         if target is not None:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            save_offset(offset, target, format="kohya")
+            save_offset(offset, target, format="kohya", family=None if fam.unet else fam.cls.lower())
             lines.append(f"saved {NPO_FOLDER}/{os.path.basename(target)}")
         return io.NodeOutput(offset, "\n".join(lines))
 

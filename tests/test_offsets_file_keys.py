@@ -52,3 +52,24 @@ def test_refusals(tmp_path):
     q = tmp_path / "ok.safetensors"
     save_file({"a.lora_down.weight": torch.ones(1, 2), "a.lora_up.weight": torch.ones(2, 1)}, str(q))
     assert set(load_offset_file_keys(q).unet) == {"a"}
+
+
+def test_save_round_trip_names_the_family(tmp_path):
+    from safetensors import safe_open
+
+    from npo_suite.core.offsets import save_offset
+
+    g = torch.Generator().manual_seed(1)
+    off = offset_file_keys_from_state_dict({
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.randn(2, 8, generator=g),
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.randn(24, 2, generator=g),
+        "diffusion_model.double_blocks.0.img_attn.qkv.alpha": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="needs family"):
+        save_offset(off, tmp_path / "x.safetensors")
+    p = save_offset(off, tmp_path / "x.safetensors", family="flux", metadata={"npo_role": "negative"})
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata()
+    assert meta["npo_family"] == "flux" and meta["ss_base_model_version"] == "flux"
+    back = load_offset_file_keys(p)
+    d0, d1 = off.unet["diffusion_model.double_blocks.0.img_attn.qkv"], back.unet["diffusion_model.double_blocks.0.img_attn.qkv"]
+    assert torch.equal(d0.dense(), d1.dense()) and back.report.family == "flux"

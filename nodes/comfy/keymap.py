@@ -91,7 +91,14 @@ def map_file_keys(deltas: dict, model_patcher) -> Mapped:
         if target is None:
             out.unmatched.append(f"{key} (no such module in this {type(model_patcher.model).__name__} model)")
             continue
-        wkey, sl = target if isinstance(target, tuple) else (target, None)
+        wkey, sl, fn = (target[0], target[1], target[2] if len(target) > 2 else None) if isinstance(target, tuple) \
+            else (target, None, None)
+        if fn is not None:
+            d = _row_function(d, fn)
+            if d is None:
+                out.unmatched.append(f"{key} (ComfyUI transforms this weight with {getattr(fn, '__name__', fn)}, "
+                                     "which a per-row offset cannot reproduce)")
+                continue
         if not (wkey.startswith("diffusion_model.") and wkey.endswith(".weight")) or wkey not in shapes:
             out.unmatched.append(f"{key} (maps to {wkey}, not a weight of the diffusion model)")
             continue
@@ -127,6 +134,19 @@ def map_file_keys(deltas: dict, model_patcher) -> Mapped:
             continue
         out.applied += len(items)
     return out
+
+
+def _row_function(d, fn):
+    """The delta with ComfyUI's key-map transform applied, for transforms that permute output rows
+    (`comfy.utils.swap_scale_shift`: diffusers' (scale, shift) order of adaLN rows -> (shift, scale)),
+    which act on `up` (or the dense rows) exactly; None for any other transform."""
+    import comfy.utils
+
+    if fn is not comfy.utils.swap_scale_shift:
+        return None
+    if isinstance(d, LowRankDelta):
+        return LowRankDelta(down=d.down, up=fn(d.up), scale=d.scale, mid=d.mid)
+    return DenseDelta(fn(d.weight), None if d.bias is None else fn(d.bias), d.scale)
 
 
 def _overlap(slices) -> bool:

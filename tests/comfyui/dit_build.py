@@ -163,7 +163,7 @@ def peft_lora(model_patcher, key_prefix: str, seed: int, rank: int = 2, std: flo
     for name, target in sorted(km.items()):
         if not name.startswith(key_prefix):
             continue
-        wkey, sl = target if isinstance(target, tuple) else (target, None)
+        wkey, sl = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
         if not wkey.endswith(".weight") or len(shapes.get(wkey, ())) != 2:
             continue
         o, i = shapes[wkey]

@@ -184,7 +184,7 @@ def test_snpo_equals_lora_loader_with_null_conditioning(fam):
     from npo_suite.nodes.sampling import SNPOGuider
 
     model = fam.lora_model("eta")
-    guider = SNPOGuider.execute(model, fam.clip, fam.cond(fam.pos), 3.0)[0]
+    guider = SNPOGuider.execute(model, fam.clip, fam.cond(fam.pos), 3.0).args[0]
     snpo = fam.custom(guider, model)
     ref = fam.custom(fam.cfg_guider(model, negative=dit_build.encode(fam.clip, "")), model)
     assert rel(snpo, ref) < 1e-6
@@ -214,9 +214,9 @@ def test_cfg1_is_reported_and_warned(fam, caplog):
     from npo_suite.nodes.sampling import ApplyNPO, NPOGuider
 
     off = fam.offset("delta")
-    out = NPOGuider.execute(fam.model, fam.cond(fam.pos), fam.cond(fam.neg), 1.0, negative_offset=off, beta=1.0)
+    out = NPOGuider.execute(fam.model, fam.cond(fam.pos), fam.cond(fam.neg), 1.0, negative_offset=off, beta=1.0).args
     assert "cfg = 1" in out[1] and "nothing to act on" in out[1]
-    model, report = ApplyNPO.execute(fam.model, negative_offset=off, beta=1.0)
+    model, report = ApplyNPO.execute(fam.model, negative_offset=off, beta=1.0).args
     assert "cfg != 1" in report
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -238,3 +238,19 @@ def test_unknown_family_and_sd_offset_on_dit_are_errors(fam):
     sd_off = Offset(unet={"down_blocks.0.attentions.0.proj_in": LowRankDelta(torch.zeros(1, 4), torch.zeros(4, 1))})
     with pytest.raises(ValueError, match="UNet module names"):
         apply_npo(fam.model, NPOSpec(delta=sd_off, beta=1.0))
+
+
+def test_extract_offset_of_a_dit_round_trips(fam):
+    """Extract Offset on a DiT: tuned = ComfyUI's LoRA loader on the δ file (rank 2), extracted at
+    rank 2 -> ComfyUI's generic keys, covering exactly the LoRA's modules, ΔW equal to the file's."""
+    from npo_suite.nodes.comfy.branch import model_deltas
+    from npo_suite.nodes.offsets import ExtractOffset
+
+    off, report = ExtractOffset.execute(fam.lora_model("delta"), fam.model, 2).args
+    assert off.file_keys and all(k.startswith("diffusion_model.") for k in off.unet)
+    m = model_deltas(off, fam.model)
+    assert not m.unmatched and set(m.modules) == set(fam.modules)
+    ref = model_deltas(fam.offset("delta"), fam.model).modules
+    for path, d in m.modules.items():
+        a, b = d.dense(), ref[path].dense()
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-4, path
