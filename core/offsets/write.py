@@ -60,7 +60,8 @@ def build_metadata(offset: Offset, family: str, path: Path, metadata: dict | Non
     alphas = sorted({d.scale * d.rank for c in offset.components().values() for d in c.values() if isinstance(d, LowRankDelta)})
     version = get_layout(family).base_model_version if family in LAYOUTS else family
     meta.update({"ss_network_module": "networks.lora", "ss_base_model_version": version, "ss_output_name": path.stem})
-    meta.setdefault(metadata_key("family"), family)  # the model family the offset is for (schema.py)
+    if family not in LAYOUTS:  # a family without an SD layout (flux, sd3, wan21, ...): name it (schema.py)
+        meta.setdefault(metadata_key("family"), family)
     if ranks:
         meta["ss_network_dim"] = str(ranks[-1])
         meta["ss_network_alpha"] = metadata_value(alphas[-1])  # the alpha _common_alpha writes for every module

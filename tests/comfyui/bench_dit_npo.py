@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 CASES = ("plain", "npo", "hook", "dual")
 MODELS = {"sd3": ("SD3 depth 2 (hidden 128)", (1, 16, 32, 32)), "flux": ("Flux 2+2 blocks, hidden 64", (1, 16, 32, 32)),
           "wan": ("Wan 2.1 2 blocks, dim 64", (1, 16, 1, 32, 32)),
-          "sd3d8": ("SD3 depth 8 (hidden 512, 8 heads)", (1, 16, 64, 64))}
+          "sd3d8": ("SD3 depth 8 (hidden 512, 8 heads)", (1, 16, 32, 32))}
 
 
 def _rss_anon() -> int:
