@@ -40,7 +40,7 @@ DIT_FAMILIES = {"SD3": "SD3 / SD3.5", "Flux": "Flux", "Chroma": "Chroma", "AuraF
                 "GenmoMochi": "Mochi", "LTXV": "LTX-Video", "CosmosPredict2": "Cosmos Predict2",
                 "HunyuanImage21": "HunyuanImage 2.1", "Omnigen2": "OmniGen2"}
 FAMILIES = {**UNET_FAMILIES, **DIT_FAMILIES}
-# tested end to end in real ComfyUI (tests/comfyui): the per-row result equals the merged weights
+# covered by the real-ComfyUI tests (tests/comfyui: test_comfy_npo / test_sdxl, and test_dit_npo for the DiTs)
 TESTED = ("BaseModel", "SDXL", "SD3", "Flux", "WAN21")
 
 
