@@ -16,6 +16,7 @@ from .comfy.branch import (
     encode_empty,
     negative_clip,
     negative_model,
+    with_embedded_guidance,
 )
 
 NPOOffset = io.Custom("NPO_OFFSET")
@@ -166,7 +167,7 @@ class SNPOGuider(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="NPOSuite_SNPOGuider", display_name="SNPO Guider", category=CATEGORY,
-            description="Diff-SNPO sampling: CFG whose unconditional input is the encoded empty prompt ∅, optionally blended with a negative prompt.",
+            description="Diff-SNPO sampling: CFG whose unconditional input is the encoded empty prompt ∅, optionally blended with a negative prompt. ∅ takes the positive's embedded guidance (FluxGuidance) if it has one.",
             inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Conditioning.Input("positive"),
                     io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
                     io.Conditioning.Input("negative", optional=True),
@@ -178,7 +179,8 @@ class SNPOGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, positive, cfg, negative=None, negative_weight=0.0) -> io.NodeOutput:
         guider = Guider_SNPO(model)
-        guider.set_conds(positive, blend_conditioning(encode_empty(clip), negative, negative_weight))
+        guider.set_conds(positive, blend_conditioning(with_embedded_guidance(encode_empty(clip), positive), negative,
+                                                      negative_weight))
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)
 

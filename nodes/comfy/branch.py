@@ -301,3 +301,20 @@ def encode_empty(clip) -> list:
     """∅: the encoded empty prompt, exactly what the model saw under CFG dropout."""
     tokens = clip.tokenize("")
     return clip.encode_from_tokens_scheduled(tokens)
+
+
+EMBEDDED_GUIDANCE = "guidance"  # FluxGuidance's key (Flux dev, HunyuanVideo): a model control, not text
+
+
+def with_embedded_guidance(null_cond: list, positive: list) -> list:
+    """∅ carrying the positive's embedded guidance (FluxGuidance), so the unconditional row differs from
+    the conditional one in its text only; without it the model's default (Flux: 3.5) would apply to ∅
+    while the positive runs at the lowered guidance of real CFG (docs/comfyui.md, cfg = 1)."""
+    values = {e[1][EMBEDDED_GUIDANCE] for e in positive if e[1].get(EMBEDDED_GUIDANCE) is not None}
+    if not values:
+        return null_cond
+    if len(values) > 1:
+        raise ValueError(f"SNPO: the positive conditioning has several embedded guidance values {sorted(values)}; "
+                         "set one with FluxGuidance")
+    g = values.pop()
+    return [[t, {**d, EMBEDDED_GUIDANCE: g}] for t, d in null_cond]

@@ -105,8 +105,12 @@ def map_file_keys(deltas: dict, model_patcher) -> Mapped:
         shape = shapes[wkey]
         if sl is not None:
             dim, off, size = sl
-            if dim != 0 or off + size > shape[0]:
+            if dim != 0:
                 out.unmatched.append(f"{key} (slice {sl} of {wkey} {shape}: only output-row slices are supported)")
+                continue
+            if off + size > shape[0]:
+                out.unmatched.append(f"{key} (ComfyUI maps it to rows {off}..{off + size} of {wkey}, which has "
+                                     f"{shape[0]} rows: the model's layout differs from what the key map assumes)")
                 continue
             want = (size, *shape[1:])
         else:

@@ -69,7 +69,7 @@ def tiny_sd3(depth: int = 2, seed: int = 0):
 
 
 FLUX_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=TEXT, context_in_dim=TEXT,
-                   hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12],
+                   hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12],
                    theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
 
 WAN_CONFIG = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=64,
@@ -120,7 +120,11 @@ def tiny_clip(seed: int = 0):
     target = types.SimpleNamespace(clip=TinyClip, tokenizer=comfy.sd1_clip.SD1Tokenizer, params={})
     clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
     sd = random_state_dict(clip.cond_stage_model, seed, std=0.2)
-    clip.load_sd(sd)
+    # keys of the whole cond_stage_model ("clip_l.transformer..."): `load_sd(sd)` without full_model
+    # would hand them to the inner transformer, match none (strict=False) and leave every weight unset
+    missing, unexpected = clip.load_sd(sd, full_model=True)
+    if missing or unexpected:
+        raise AssertionError(f"tiny CLIP: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return clip
 
 
@@ -138,7 +142,7 @@ def linear_modules(model_patcher, prefixes: tuple[str, ...]) -> dict[str, tuple[
     return out
 
 
-def kohya_lora(modules: dict, seed: int, rank: int = 2, std: float = 0.1, alpha: float = 1.0) -> dict:
+def kohya_lora(modules: dict, seed: int, rank: int = 2, std: float = 0.2, alpha: float = 1.0) -> dict:
     """A kohya LoRA file (lora_unet_<path_with_underscores>.lora_down/up.weight + .alpha) over `modules`."""
     g = torch.Generator().manual_seed(seed)
     sd = {}

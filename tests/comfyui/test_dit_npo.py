@@ -25,9 +25,11 @@ if not os.environ.get("COMFYUI_PATH"):
 import torch  # noqa: E402
 
 import dit_build  # noqa: E402
+from informative import assert_informative  # noqa: E402
 
 RTOL_SAME, RTOL_DIFF = 1e-5, 1e-2
 STEPS, SEED = 2, 7
+NEGATIVE = "blurry, low quality, watermark, jpeg artifacts, text, deformed"
 
 FAMILIES = {
     # name: (builder, latent shape, block prefixes of the targeted Linears, diffusers key prefix or None)
@@ -38,36 +40,47 @@ FAMILIES = {
 
 
 def rel(a, b):
+    """max|a - b| / max|b|, after asserting both are finite and not constant (no agreement of two broken outputs)."""
+    assert_informative(a, b, name="compared latents")
     return float((a - b).abs().max() / b.abs().max())
 
 
 class Fam:
-    def __init__(self, name, tmp):
+    def __init__(self, name, root):
+        """root: ComfyUI's base folder of the in-process runtime; the LoRA files go to its models/loras
+        folder and are read by the Load Weight Offset node (never from outside ComfyUI's folders)."""
+        tmp = root / "loras"
         builder, self.shape, prefixes, self.diffusers_prefix = FAMILIES[name]
         self.name = name
         self.model = builder()
         self.clip = dit_build.tiny_clip()
         self.pos = dit_build.encode(self.clip, "a photo of a red cube")
-        self.neg = dit_build.encode(self.clip, "blurry")
+        # a realistic negative prompt: with a one-word one ("blurry") the tiny random CLIP's encoding is
+        # too close to the positive's for "differs from plain CFG / from ∅" to be measured (Wan: ~4e-3)
+        self.neg = dit_build.encode(self.clip, NEGATIVE)
         self.modules = dit_build.linear_modules(self.model, prefixes)
         from safetensors.torch import save_file
 
         self.files = {}
         for role, seed in (("delta", 1), ("eta", 2)):
-            p = tmp / f"{name}_{role}_kohya.safetensors"
+            p = tmp / f"dit_{name}_{role}_kohya.safetensors"
             save_file(dit_build.kohya_lora(self.modules, seed), str(p))
             self.files[role] = p
         # PEFT suffixes: diffusers names where ComfyUI maps them for the family, else the generic names
-        p = tmp / f"{name}_delta_peft.safetensors"
+        p = tmp / f"dit_{name}_delta_peft.safetensors"
         sd = (dit_build.peft_lora(self.model, self.diffusers_prefix, 3) if self.diffusers_prefix else
               dit_build.peft_lora(self.model, "diffusion_model.", 3))
         save_file(sd, str(p))
         self.files["delta_peft"] = p
 
     def offset(self, role):
-        from npo_suite.nodes.offsets import read_offset
+        return self.load(role)[0]
 
-        return read_offset(str(self.files[role]))
+    def load(self, role):
+        """(offset, report) of the Load Weight Offset node on the role's file (family 'auto')."""
+        from npo_suite.nodes.offsets import LoadWeightOffset
+
+        return LoadWeightOffset.execute(f"loras/{self.files[role].name}").args
 
     def lora_model(self, role, strength=1.0):
         """ComfyUI's own LoRA loader (LoraLoaderModelOnly's code) on the same file."""
@@ -114,16 +127,17 @@ class Fam:
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def fam(request, comfy_runtime, tmp_path_factory):
-    return Fam(request.param, tmp_path_factory.mktemp(request.param))
+def fam(request, comfy_runtime):
+    return Fam(request.param, comfy_runtime.root)
 
 
 def test_keys_cover_every_targeted_module(fam):
     from npo_suite.nodes.comfy.branch import model_deltas
 
     assert type(fam.model.model).__name__ in {"SD3", "Flux", "WAN21"}
-    kohya = fam.offset("delta")
+    kohya, report = fam.load("delta")
     assert kohya.file_keys and kohya.report.format == "kohya"
+    assert f"diffusion-model keys (resolved against the model when applied): {len(fam.modules)}" in report, report
     m = model_deltas(kohya, fam.model)
     assert not m.unmatched and m.applied == len(kohya.unet)
     assert set(m.modules) == set(fam.modules), "kohya names: every targeted Linear"
@@ -141,24 +155,23 @@ def test_keys_cover_every_targeted_module(fam):
 
 @pytest.mark.parametrize("role", ["delta", "delta_peft"])
 def test_npo_per_row_equals_merged_negative_model(fam, role):
-    from npo_suite.core.npo import NPOSpec
-    from npo_suite.nodes.comfy.branch import Guider_DualModelNPO, Guider_NPO, apply_npo
+    """Through the nodes: Load Weight Offset -> Apply NPO (+ stock KSampler and SamplerCustomAdvanced),
+    NPO Guider, and the Dual-Model NPO Guider with ComfyUI's own LoRA loader as the negative model."""
+    from npo_suite.nodes.sampling import ApplyNPO, DualModelNPOGuider, NPOGuider
 
-    spec = NPOSpec(eta=None, delta=fam.offset(role), alpha=0.0, beta=1.0)
-    applied, report = apply_npo(fam.model, spec)
-    assert "do not" not in report
+    off = fam.offset(role)
+    applied, report = ApplyNPO.execute(fam.model, negative_offset=off, beta=1.0, alpha=0.0).args
+    n = len(off.unet)
+    assert f"{n}/{n}" in report and "do not" not in report, report
     npo_k = fam.ksampler(applied)
     npo_c = fam.custom(fam.cfg_guider(applied), applied)
-    g = Guider_NPO(fam.model, spec)
-    g.set_conds(fam.cond(fam.pos), fam.cond(fam.neg))
-    g.set_cfg(3.0)
+    g, g_report = NPOGuider.execute(fam.model, fam.cond(fam.pos), fam.cond(fam.neg), 3.0, negative_offset=off,
+                                    beta=1.0, alpha=0.0).args
+    assert "cfg = 1" not in g_report
     npo_g = fam.custom(g, fam.model)
-    dual = Guider_DualModelNPO(fam.model, fam.lora_model(role))
-    dual.set_conds(fam.cond(fam.pos), fam.cond(fam.neg))
-    dual.set_cfg(3.0)
+    dual = DualModelNPOGuider.execute(fam.model, fam.lora_model(role), fam.cond(fam.pos), fam.cond(fam.neg), 3.0).args[0]
     merged = fam.custom(dual, fam.model)
     plain = fam.ksampler(fam.model)
-    assert torch.isfinite(npo_k).all()
     assert rel(npo_k, npo_c) < 1e-6, "stock KSampler vs SamplerCustomAdvanced"
     assert rel(npo_g, npo_c) < 1e-6, "NPO Guider vs Apply NPO"
     assert rel(npo_k, merged) < RTOL_SAME, "per-row NPO vs the merged-weights negative model (ComfyUI LoRA loader)"
@@ -166,17 +179,17 @@ def test_npo_per_row_equals_merged_negative_model(fam, role):
 
 
 def test_eta_and_delta_rows_with_negative_model_node(fam):
-    """η on both branches (α = 0.5 on the negative): per row == positive θ+η, negative θ+0.5η+δ merged."""
-    from npo_suite.core.npo import NPOSpec
-    from npo_suite.nodes.comfy.branch import Guider_DualModelNPO, apply_npo, negative_model
+    """η on both branches (α = 0.5 on the negative): Apply NPO per row == the Dual-Model guider on two
+    NPO Negative Model outputs (positive θ+η, negative θ+0.5η+δ, ComfyUI weight patches)."""
+    from npo_suite.nodes.sampling import ApplyNPO, DualModelNPOGuider, NPONegativeModel
 
     eta, delta = fam.offset("eta"), fam.offset("delta")
-    applied, _ = apply_npo(fam.model, NPOSpec(eta=eta, delta=delta, alpha=0.5, beta=1.0))
-    pos_model, _ = negative_model(fam.model, None, eta, 0.0, 1.0)
-    neg_model, _ = negative_model(fam.model, eta, delta, 0.5, 1.0)
-    dual = Guider_DualModelNPO(pos_model, neg_model)
-    dual.set_conds(fam.cond(fam.pos), fam.cond(fam.neg))
-    dual.set_cfg(3.0)
+    applied, _ = ApplyNPO.execute(fam.model, negative_offset=delta, beta=1.0, positive_offset=eta, alpha=0.5).args
+    pos_model, _ = NPONegativeModel.execute(fam.model, eta, 1.0).args
+    neg_model, report = NPONegativeModel.execute(fam.model, delta, 1.0, positive_offset=eta, alpha=0.5).args
+    n = len(fam.modules)
+    assert report.count(f"{n}/{n}") == 2, report
+    dual = DualModelNPOGuider.execute(pos_model, neg_model, fam.cond(fam.pos), fam.cond(fam.neg), 3.0).args[0]
     assert rel(fam.ksampler(applied), fam.custom(dual, fam.model)) < RTOL_SAME
 
 
@@ -233,8 +246,12 @@ def test_unknown_family_and_sd_offset_on_dit_are_errors(fam):
     from npo_suite.nodes.comfy.branch import apply_npo
 
     off = fam.offset("delta")
-    with pytest.raises(ValueError, match="family these nodes do not know"):
-        apply_npo(_t.SimpleNamespace(model=torch.nn.Linear(2, 2)), NPOSpec(delta=off, beta=1.0))
+    import comfy.model_base
+
+    # a real ComfyUI model class that is not in keymap.FAMILIES (only its type is read before the error)
+    unknown = comfy.model_base.Hunyuan3Dv2.__new__(comfy.model_base.Hunyuan3Dv2)
+    with pytest.raises(ValueError, match="Hunyuan3Dv2.*family these nodes do not know"):
+        apply_npo(_t.SimpleNamespace(model=unknown), NPOSpec(delta=off, beta=1.0))
     sd_off = Offset(unet={"down_blocks.0.attentions.0.proj_in": LowRankDelta(torch.zeros(1, 4), torch.zeros(4, 1))})
     with pytest.raises(ValueError, match="UNet module names"):
         apply_npo(fam.model, NPOSpec(delta=sd_off, beta=1.0))
