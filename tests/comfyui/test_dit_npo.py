@@ -259,12 +259,24 @@ def test_unknown_family_and_sd_offset_on_dit_are_errors(fam):
 
 def test_extract_offset_of_a_dit_round_trips(fam):
     """Extract Offset on a DiT: tuned = ComfyUI's LoRA loader on the δ file (rank 2), extracted at
-    rank 2 -> ComfyUI's generic keys, covering exactly the LoRA's modules, ΔW equal to the file's."""
+    rank 2 -> ComfyUI's generic keys, covering exactly the LoRA's modules, ΔW equal to the file's;
+    saved to models/npo with `npo_family` metadata and read back by Load Weight Offset."""
     from npo_suite.nodes.comfy.branch import model_deltas
     from npo_suite.nodes.offsets import ExtractOffset
 
-    off, report = ExtractOffset.execute(fam.lora_model("delta"), fam.model, 2).args
+    off, report = ExtractOffset.execute(fam.lora_model("delta"), fam.model, 2, f"dit_{fam.name}_extracted").args
     assert off.file_keys and all(k.startswith("diffusion_model.") for k in off.unet)
+    assert f"saved npo/dit_{fam.name}_extracted.safetensors" in report, report
+    # the written file names its family in the metadata, and Load Weight Offset reads it back from models/npo
+    from safetensors import safe_open
+
+    from npo_suite.nodes.offsets import LoadWeightOffset, resolve_offset_file
+
+    family = type(fam.model.model).__name__.lower()  # sd3 / flux / wan21
+    with safe_open(resolve_offset_file(f"npo/dit_{fam.name}_extracted.safetensors"), "pt") as f:
+        assert f.metadata().get("npo_family") == family, f.metadata()
+    back, _ = LoadWeightOffset.execute(f"npo/dit_{fam.name}_extracted.safetensors").args
+    assert back.file_keys and back.report.family == family and set(back.unet) == set(off.unet)
     m = model_deltas(off, fam.model)
     assert not m.unmatched and set(m.modules) == set(fam.modules)
     ref = model_deltas(fam.offset("delta"), fam.model).modules
