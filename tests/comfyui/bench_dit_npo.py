@@ -94,11 +94,11 @@ def child(model_name: str, case: str, m: int, n: int, out_path: str) -> None:
     if case == "npo":  # Load Weight Offset -> Apply NPO -> stock KSampler
         run_model = ApplyNPO.execute(model, negative_offset=offset, beta=1.0, alpha=0.0).args[0]
     else:
-        del offset
         import gc
 
+        del offset
         gc.collect()
-    elif case == "hook":  # Create Hook LoRA (MO) -> Cond Set Props on the negative only -> stock KSampler
+    if case == "hook":  # Create Hook LoRA (MO) -> Cond Set Props on the negative only -> stock KSampler
         (hooks,) = CreateHookLoraModelOnly().create_hook_model_only("delta.safetensors", 1.0)
         (neg,) = ConditioningSetProperties().set_properties(neg, 1.0, "default", hooks=hooks)
     elif case == "dual":  # LoraLoaderModelOnly -> Dual-Model NPO Guider -> SamplerCustomAdvanced
