@@ -15,9 +15,39 @@ NPO_FOLDER = "npo"  # models/npo, registered by the extension on load
 OFFSET_EXTENSIONS = {".safetensors", ".ckpt", ".pt", ".bin", ".pth"}
 
 
+MODEL_KEYS = "model"  # keys as the file names them, resolved by the model's own key map (any ComfyUI family)
+
+
 def family_options() -> list[str]:
-    """The family dropdown: "auto" (detected from the file) and every family with offset files."""
-    return ["auto", *(name for name, f in FAMILIES.items() if f.offsets is not None)]
+    """The family dropdown: "auto" (detected from the file), "model" (the file's own key names,
+    resolved against the model when applied: SD3, Flux, Wan, ... and any SD file) and every family
+    with offset files."""
+    return ["auto", MODEL_KEYS, *(name for name, f in FAMILIES.items() if f.offsets is not None)]
+
+
+def read_offset(path: str, family: str = "auto", allow_pickle: bool = False):
+    """The Offset of a file for the sampling nodes.
+
+    "auto": an SD1.x / SDXL file (every key resolves to a module of the standard architecture) is
+    read as such (unchanged behaviour); any other file keeps its own key names (`Offset.file_keys`),
+    resolved when applied by ComfyUI's key map of the model at hand (nodes/comfy/keymap.py), which
+    knows the naming conventions of every family ComfyUI runs. MODEL_KEYS forces the latter.
+    """
+    from ..core.offsets import load_offset, load_offset_file_keys
+
+    if family == MODEL_KEYS:
+        return load_offset_file_keys(path, allow_pickle=allow_pickle)
+    if family != "auto":
+        return load_offset(path, allow_pickle=allow_pickle, family=family)
+    try:
+        return load_offset(path, allow_pickle=allow_pickle)
+    except ValueError as sd_error:
+        try:
+            off = load_offset_file_keys(path, allow_pickle=allow_pickle)
+        except ValueError:
+            raise sd_error from None
+        off.report.notes.insert(0, f"not an SD1.x / SDXL offset ({str(sd_error).split(': ', 1)[-1][:160]})")
+        return off
 
 
 def register_folder() -> None:
@@ -64,11 +94,7 @@ class LoadWeightOffset(io.ComfyNode):
 
     @classmethod
     def execute(cls, offset_name, family="auto", allow_pickle=False) -> io.NodeOutput:
-        from ..core.offsets import load_offset
-
-        path = resolve_offset_file(offset_name)
-        kwargs = {} if family == "auto" else {"family": family}
-        offset = load_offset(path, allow_pickle=allow_pickle, **kwargs)
+        offset = read_offset(resolve_offset_file(offset_name), family, allow_pickle)
         return io.NodeOutput(offset, offset_report(offset, offset_name))
 
 
@@ -77,7 +103,8 @@ def offset_report(offset, name: str) -> str:
     lines = [offset.report.summary() if offset.report is not None else f"{name}: {len(offset.unet)} UNet modules"]
     lines[0] = lines[0].replace(str(getattr(offset.report, "path", "")), name) if offset.report else lines[0]
     te = {k: len(v) for k, v in offset.text_encoders.items() if v}
-    lines.append(f"unet modules: {len(offset.unet)}" + (f", text encoders: {te}" if te else ""))
+    what = "diffusion-model keys (resolved against the model when applied)" if offset.file_keys else "unet modules"
+    lines.append(f"{what}: {len(offset.unet)}" + (f", text encoders: {te}" if te else ""))
     if offset.report is not None:
         lines += offset.report.notes
         if offset.report.unmatched_keys:
@@ -113,8 +140,12 @@ def weight_diff(tuned: dict, base: dict, model_patcher) -> dict:
     LDM -> diffusers map, so any UNet layout ComfyUI loads works, and partial dicts are fine)."""
     from ..core.offsets.types import DenseDelta
     from .comfy.branch import diffusers_to_ldm_modules
+    from .comfy.keymap import comfy_family
 
-    to_diffusers = {v: k for k, v in diffusers_to_ldm_modules(model_patcher).items()}
+    if comfy_family(model_patcher).unet:
+        to_diffusers = {v: k for k, v in diffusers_to_ldm_modules(model_patcher).items()}
+    else:  # a DiT: ComfyUI's generic key names (`diffusion_model.<module>`), read back with family 'model'
+        to_diffusers = _GenericKeys()
     out = {}
     for key, w in tuned.items():
         mod, _, pname = key.rpartition(".")
@@ -126,6 +157,11 @@ def weight_diff(tuned: dict, base: dict, model_patcher) -> dict:
             bias = (tuned[b].float() - base[b].float()) if b in tuned and b in base else None
             out[to_diffusers.get(mod, mod)] = DenseDelta(d, bias if bias is not None and bias.any() else None)
     return out
+
+
+class _GenericKeys(dict):
+    def get(self, mod, default=None):
+        return f"diffusion_model.{mod}"
 
 
 class ExtractOffset(io.ComfyNode):
@@ -153,14 +189,18 @@ class ExtractOffset(io.ComfyNode):
         keys = differing_keys(tuned_model, base_model)
         if keys is not None and not keys:
             raise ValueError("tuned_model and base_model are the same network with the same weights: nothing to extract")
+        from .comfy.keymap import comfy_family
+
+        fam = comfy_family(tuned_model)
         offset, rep = extract_lora(weight_diff(unet_weights(tuned_model, keys), unet_weights(base_model, keys),
                                                tuned_model), rank)
+        offset.file_keys = not fam.unet  # DiT offsets keep ComfyUI's generic names (diffusion_model.<module>)
         lines = [f"{len(offset.unet)} modules differ; rank {rank}: relative Frobenius error {rep['overall']:.4f}"]
         if rep["dropped_bias"]:
             lines.append(f"{len(rep['dropped_bias'])} bias deltas dropped (a LoRA cannot hold them)")
         if target is not None:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            save_offset(offset, target, format="kohya")
+            save_offset(offset, target, format="kohya", family=None if fam.unet else fam.cls.lower())
             lines.append(f"saved {NPO_FOLDER}/{os.path.basename(target)}")
         return io.NodeOutput(offset, "\n".join(lines))
 

@@ -1,6 +1,9 @@
 """NPO / SNPO sampling nodes: thin V3 shells over `comfy.branch` (behaviour lives there)."""
 from __future__ import annotations
 
+import logging
+import math
+
 from comfy_api.latest import io
 
 from ..core.npo import ALPHA_DEFAULT, BETA_DEFAULT, NPOSpec, sigma_bound
@@ -13,6 +16,7 @@ from .comfy.branch import (
     encode_empty,
     negative_clip,
     negative_model,
+    with_embedded_guidance,
 )
 
 NPOOffset = io.Custom("NPO_OFFSET")
@@ -27,7 +31,26 @@ def _offset_inputs() -> list:
         io.Float.Input("alpha", default=ALPHA_DEFAULT, min=-2.0, max=2.0, step=0.05, tooltip="α: weight of η on the negative branch"),
         io.Float.Input("sigma_min", default=0.0, min=0.0, max=1000.0, step=0.01, tooltip="δ acts only for sigma >= this"),
         io.Float.Input("sigma_max", default=0.0, min=0.0, max=1000.0, step=0.01, tooltip="δ acts only for sigma <= this (0: no bound)"),
+        _allow_partial_input(),
     ]
+
+
+def _allow_partial_input():
+    return io.Boolean.Input("allow_partial", default=False, optional=True,
+                            tooltip="apply an offset even when some of its keys match no module of this model "
+                                    "(they are named in the report); off: such an offset is refused")
+
+
+def cfg1_warning(cfg: float, report: str) -> str:
+    """With cfg 1 ComfyUI runs no unconditional rows: δ is inert. Returns the report with the note
+    first, and logs a warning (never silent)."""
+    if not math.isclose(float(cfg), 1.0):
+        return report
+    note = ("cfg = 1: ComfyUI runs no unconditional pass, so the negative offset δ has nothing to act on "
+            "(this run is the positive model alone). Use cfg > 1 (for guidance-distilled models such as Flux dev, "
+            "with the embedded guidance lowered, e.g. FluxGuidance 1-1.5), see docs/comfyui.md")
+    logging.warning("NPO: %s", note)
+    return note + "\n" + report
 
 
 def _spec(negative_offset, beta, positive_offset, alpha, sigma_min, sigma_max) -> NPOSpec:
@@ -50,11 +73,12 @@ class NPOGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, negative_offset=None, beta=BETA_DEFAULT, positive_offset=None,
-                alpha=ALPHA_DEFAULT, sigma_min=0.0, sigma_max=0.0) -> io.NodeOutput:
-        guider = Guider_NPO(model, _spec(negative_offset, beta, positive_offset, alpha, sigma_min, sigma_max))
+                alpha=ALPHA_DEFAULT, sigma_min=0.0, sigma_max=0.0, allow_partial=False) -> io.NodeOutput:
+        guider = Guider_NPO(model, _spec(negative_offset, beta, positive_offset, alpha, sigma_min, sigma_max),
+                            allow_partial)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
-        return io.NodeOutput(guider, guider.report)
+        return io.NodeOutput(guider, cfg1_warning(cfg, guider.report))
 
 
 class ApplyNPO(io.ComfyNode):
@@ -69,8 +93,9 @@ class ApplyNPO(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, negative_offset=None, beta=BETA_DEFAULT, positive_offset=None, alpha=ALPHA_DEFAULT, sigma_min=0.0,
-                sigma_max=0.0) -> io.NodeOutput:
-        m, report = apply_npo(model, _spec(negative_offset, beta, positive_offset, alpha, sigma_min, sigma_max))
+                sigma_max=0.0, allow_partial=False) -> io.NodeOutput:
+        m, report = apply_npo(model, _spec(negative_offset, beta, positive_offset, alpha, sigma_min, sigma_max),
+                              allow_partial)
         return io.NodeOutput(m, report)
 
 
@@ -83,13 +108,15 @@ class NPONegativeModel(io.ComfyNode):
             inputs=[io.Model.Input("model"), NPOOffset.Input("negative_offset"),
                     io.Float.Input("beta", default=BETA_DEFAULT, min=-2.0, max=2.0, step=0.05),
                     NPOOffset.Input("positive_offset", optional=True),
-                    io.Float.Input("alpha", default=ALPHA_DEFAULT, min=-2.0, max=2.0, step=0.05)],
+                    io.Float.Input("alpha", default=ALPHA_DEFAULT, min=-2.0, max=2.0, step=0.05),
+                    _allow_partial_input()],
             outputs=[io.Model.Output(display_name="negative_model"), io.String.Output(display_name="report")],
         )
 
     @classmethod
-    def execute(cls, model, negative_offset, beta, positive_offset=None, alpha=ALPHA_DEFAULT) -> io.NodeOutput:
-        m, report = negative_model(model, positive_offset, negative_offset, alpha, beta)
+    def execute(cls, model, negative_offset, beta, positive_offset=None, alpha=ALPHA_DEFAULT,
+                allow_partial=False) -> io.NodeOutput:
+        m, report = negative_model(model, positive_offset, negative_offset, alpha, beta, allow_partial)
         return io.NodeOutput(m, report)
 
 
@@ -140,7 +167,7 @@ class SNPOGuider(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="NPOSuite_SNPOGuider", display_name="SNPO Guider", category=CATEGORY,
-            description="Diff-SNPO sampling: CFG whose unconditional input is the encoded empty prompt ∅, optionally blended with a negative prompt.",
+            description="Diff-SNPO sampling: CFG whose unconditional input is the encoded empty prompt ∅, optionally blended with a negative prompt. ∅ takes the positive's embedded guidance (FluxGuidance) if it has one.",
             inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Conditioning.Input("positive"),
                     io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
                     io.Conditioning.Input("negative", optional=True),
@@ -152,7 +179,8 @@ class SNPOGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, positive, cfg, negative=None, negative_weight=0.0) -> io.NodeOutput:
         guider = Guider_SNPO(model)
-        guider.set_conds(positive, blend_conditioning(encode_empty(clip), negative, negative_weight))
+        guider.set_conds(positive, blend_conditioning(with_embedded_guidance(encode_empty(clip), positive), negative,
+                                                      negative_weight))
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)
 

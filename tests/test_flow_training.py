@@ -103,6 +103,7 @@ def test_train_writes_a_lora_that_diffusers_loads_as_trained(flow_dirs, fam, met
         state = {k: f.get_tensor(k) for k in keys}
     assert keys and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     assert meta["ss_base_model_version"] == {"sd3": "sd3", "flux": "flux1"}[fam] and meta["npo_method"] == method
+    assert meta["npo_family"] == fam
     assert any(v.abs().max() > 0 for k, v in state.items() if k.endswith("lora_B.weight"))  # it trained
 
     # ours: the backend with the file loaded as its policy adapter (the continue-training reader)

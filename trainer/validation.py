@@ -221,7 +221,7 @@ def save_lora(cfg, backend, method, step: int, out: Path) -> Path:
     if getattr(backend, "is_transformer", False):  # SD3 / Flux: diffusers' transformer.* layout (no kohya form)
         from ..core.offsets import save_transformer_lora
 
-        return save_transformer_lora(offset, path, base_model_version=backend.spec.base_model_version,
+        return save_transformer_lora(offset, path, family=backend.family, base_model_version=backend.spec.base_model_version,
                                      metadata=lora_metadata(cfg, backend, method, step))
     save_offset(offset, path, format=cfg.save_format, metadata=lora_metadata(cfg, backend, method, step),
                 base=backend.unet)

@@ -27,13 +27,21 @@ conventions are documented in docs/offsets.md.
 from .extract import extract_lora
 from .keys import normalize_unet_state_dict
 from .merge import applied, component_module, materialize, merged_state_dict, module_for_path
-from .read import diff_between, load_offset, load_unet_state_dict, offset_from_state_dict, scan_offset
+from .read import (
+    diff_between,
+    load_offset,
+    load_offset_file_keys,
+    load_unet_state_dict,
+    offset_file_keys_from_state_dict,
+    offset_from_state_dict,
+    scan_offset,
+)
 from .schema import FORMATS, ROLES, Term
 from .types import DenseDelta, Delta, LoadReport, LowRankDelta, Offset
 from .write import model_hash, offset_from_peft, offset_to_state_dict, save_offset, save_transformer_lora
 
 __all__ = [
-    "FORMATS", "ROLES", "Term", "DenseDelta", "Delta", "LoadReport", "LowRankDelta", "Offset", "applied", "component_module", "diff_between", "extract_lora", "load_offset", "load_unet_state_dict",
+    "FORMATS", "ROLES", "Term", "DenseDelta", "Delta", "LoadReport", "LowRankDelta", "Offset", "applied", "component_module", "diff_between", "extract_lora", "load_offset", "load_offset_file_keys", "load_unet_state_dict", "offset_file_keys_from_state_dict",
     "materialize", "merged_state_dict", "model_hash", "module_for_path", "normalize_unet_state_dict",
     "offset_from_peft", "offset_from_state_dict", "offset_to_state_dict", "save_offset", "save_transformer_lora", "scan_offset",
 ]

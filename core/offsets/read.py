@@ -22,7 +22,7 @@ from .keys import (
     strip_peft_name,
     targets_from_base,
 )
-from .schema import _MAX_LISTED, PICKLE_SUFFIXES
+from .schema import _MAX_LISTED, PICKLE_SUFFIXES, read_npo_metadata
 from .types import (
     Delta,
     DenseDelta,
@@ -135,6 +135,68 @@ def offset_from_state_dict(sd: dict[str, torch.Tensor], base=None, *, name: str 
     offset.report = LoadReport(path=name, format=fmt, family=fam, matched=sum(len(c) for c in offset.components().values()),
                                unmatched_keys=unmatched, notes=notes)
     return offset
+
+
+def load_offset_file_keys(path, *, allow_pickle: bool = False) -> Offset:
+    """A LoRA / diff file with its UNet (diffusion-model) keys kept as the file names them.
+
+    For model families whose module names this package does not tabulate (SD3, Flux, Chroma,
+    AuraFlow, Lumina 2, Qwen-Image, HiDream, Wan, HunyuanVideo, ...): each delta is keyed by its
+    LoRA key prefix, the part before `.lora_down.weight` / `.lora_A.weight` / `.alpha` / `.diff`
+    ("lora_unet_double_blocks_0_img_attn_qkv", "transformer.single_transformer_blocks.0.attn.to_q",
+    "diffusion_model.blocks.0.self_attn.q"), exactly the names a host's key map resolves (ComfyUI's
+    own `comfy.lora.model_lora_keys_unet`). `Offset.file_keys` is True. Text-encoder keys
+    (`lora_te*_`, `text_encoder*.`) are not read: they are counted in the report.
+    """
+    path = Path(path)
+    sd, meta = _read_tensors(path, allow_pickle)
+    return offset_file_keys_from_state_dict(sd, name=str(path), metadata=meta)
+
+
+def offset_file_keys_from_state_dict(sd: dict[str, torch.Tensor], *, name: str = "<memory>",
+                                     metadata: dict[str, str] | None = None) -> Offset:
+    """`load_offset_file_keys` on tensors in memory."""
+    _check_tensors(sd, name)
+    entries, fmt, skipped = _parse_keys(sd, name)
+    if fmt == "full_unet":
+        raise ValueError(f"{name}: a full model state dict, not an offset (no LoRA or .diff keys)")
+    out = Offset(metadata=dict(metadata or {}), file_keys=True)
+    te_keys = []
+    for e in entries:
+        if e.component != "unet":
+            te_keys += list(e.parts.values())
+            continue
+        key = _file_prefix(next(iter(e.parts.values())))
+        if key is None:  # diffusers attention-processor keys (`.processor.to_q_lora.down.weight`)
+            skipped += list(e.parts.values())
+            continue
+        if key in out.unet:
+            raise ValueError(f"{name}: module {key} is given twice ({', '.join(e.parts.values())})")
+        out.unet[key] = _make_delta(e, sd, name)
+    if not out.unet:
+        raise ValueError(f"{name}: no diffusion-model LoRA or .diff keys" + (f" ({len(te_keys)} text-encoder keys only)"
+                                                                            if te_keys else ""))
+    notes = ["keys kept as the file names them: mapped onto the model by its own key map when applied"]
+    if te_keys:
+        notes.append(f"{len(te_keys)} text-encoder keys not read (the sampling nodes act on the diffusion model)")
+    if skipped:
+        notes.append(f"{len(skipped)} keys are not LoRA / diff keys and were ignored")
+    out.report = LoadReport(path=name, format=fmt, family=metadata_family(out.metadata), matched=len(out.unet),
+                            unmatched_keys=skipped, notes=notes)
+    return out
+
+
+def metadata_family(meta: dict[str, str]) -> str | None:
+    """The model family a file names in its metadata (`npo_family`, or kohya's `ss_base_model_version`), else None."""
+    return read_npo_metadata(meta).get("family") or meta.get("ss_base_model_version") or None
+
+
+def _file_prefix(key: str) -> str | None:
+    """The LoRA key prefix of one key as written in the file (None for attention-processor keys)."""
+    if _PROCESSOR.match(key) or _OLD_TE.match(key):
+        return None
+    m = _SUFFIX.match(key)
+    return m["name"] if m else None
 
 
 def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -87,6 +87,11 @@ class Offset:
     text_encoders: dict[str, dict[str, Delta]] = field(default_factory=dict)  # "te1"/"te2" -> modules
     metadata: dict[str, str] = field(default_factory=dict)
     report: LoadReport | None = None
+    # True: `unet` is keyed by the file's own LoRA key prefixes ("lora_unet_double_blocks_0_img_attn_qkv",
+    # "transformer.transformer_blocks.0.attn.to_q"), not by module paths: a host resolves them against
+    # the loaded model with that model's key map (ComfyUI: `comfy.lora.model_lora_keys_unet`), which
+    # knows every family's conventions (read.py `load_offset_file_keys`).
+    file_keys: bool = False
 
     def components(self) -> dict[str, dict[str, Delta]]:
         return {"unet": self.unet, **self.text_encoders}

@@ -11,13 +11,14 @@ from ..atomic import save_safetensors
 from ..finite import first_nonfinite
 
 from .keys import (
+    LAYOUTS,
     Target,
     canonical_te_path,
     get_layout,
     strip_peft_name,
     targets_from_base,
 )
-from .schema import FORMATS, metadata_value, validate_metadata
+from .schema import FORMATS, metadata_key, metadata_value, validate_metadata
 from .types import Delta, DenseDelta, LowRankDelta, Offset, _shape_fits, delta_shape
 
 
@@ -39,6 +40,11 @@ def save_offset(offset: Offset, path, *, format: str = "kohya", metadata: dict |
     non-standard SDXL-shaped UNet; without it the standard SDXL layout is used and checked.
     """
     path = Path(path)
+    if offset.file_keys:  # keys as a host's key map names them (SD3, Flux, Wan, ...): written as they are
+        if not family:
+            raise ValueError(f"{path}: an offset keyed by model keys needs family= (the model family it is for)")
+        _save_finite(path, file_key_tensors(offset, format), build_metadata(offset, family, path, metadata))
+        return path
     tensors = offset_to_state_dict(offset, format=format, base=base, family=family)
     fam = family or _family_of_offset(offset, base)
     meta = build_metadata(offset, fam, path, metadata)
@@ -46,12 +52,14 @@ def save_offset(offset: Offset, path, *, format: str = "kohya", metadata: dict |
     return path
 
 
-def save_transformer_lora(offset: Offset, path, *, base_model_version: str, metadata: dict | None = None) -> Path:
+def save_transformer_lora(offset: Offset, path, *, family: str, base_model_version: str,
+                          metadata: dict | None = None) -> Path:
     """Write the LoRA of a flow-matching transformer (SD3/SD3.5, Flux) atomically in diffusers' layout:
     `transformer.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r] with the scale alpha/r folded
     into lora_B (no `.alpha` keys: diffusers' SD3 / Flux `load_lora_weights` reads PEFT keys without
     them). ComfyUI's LoRA loaders take the same keys (its key map names `transformer.<diffusers module>`
-    for SD3 and Flux). `base_model_version`: the kohya `ss_base_model_version` ("sd3", "flux1")."""
+    for SD3 and Flux). `family`: the model family (written as `npo_family`); `base_model_version`: the kohya
+    `ss_base_model_version` ("sd3", "flux1")."""
     path = Path(path)
     if offset.text_encoders:
         raise ValueError("a transformer LoRA holds the transformer's modules only (text-encoder deltas given)")
@@ -64,7 +72,7 @@ def save_transformer_lora(offset: Offset, path, *, base_model_version: str, meta
         down, up = _plain_lora(d)
         tensors[f"transformer.{p}.lora_A.weight"] = down
         tensors[f"transformer.{p}.lora_B.weight"] = (up.float() * d.scale).to(up.dtype)
-    meta = build_metadata(offset, "", path, metadata, base_model_version=base_model_version)
+    meta = build_metadata(offset, family, path, metadata, base_model_version=base_model_version)
     _save_finite(path, tensors, meta)
     return path
 
@@ -77,8 +85,10 @@ def build_metadata(offset: Offset, family: str, path: Path, metadata: dict | Non
     meta = {k: v for k, v in (offset.metadata or {}).items() if isinstance(v, str)}
     ranks = sorted({d.rank for c in offset.components().values() for d in c.values() if isinstance(d, LowRankDelta)})
     alphas = sorted({d.scale * d.rank for c in offset.components().values() for d in c.values() if isinstance(d, LowRankDelta)})
-    meta.update({"ss_network_module": "networks.lora", "ss_base_model_version": base_model_version or get_layout(family).base_model_version,
-                 "ss_output_name": path.stem})
+    version = base_model_version or (get_layout(family).base_model_version if family in LAYOUTS else family)
+    meta.update({"ss_network_module": "networks.lora", "ss_base_model_version": version, "ss_output_name": path.stem})
+    if family not in LAYOUTS:  # a family without an SD layout (flux, sd3, wan21, ...): name it (schema.py)
+        meta.setdefault(metadata_key("family"), family)
     if ranks:
         meta["ss_network_dim"] = str(ranks[-1])
         meta["ss_network_alpha"] = metadata_value(alphas[-1])  # the alpha _common_alpha writes for every module
@@ -88,6 +98,31 @@ def build_metadata(offset: Offset, family: str, path: Path, metadata: dict | Non
         meta[str(k)] = metadata_value(v)
     validate_metadata(meta, str(path))
     return meta
+
+
+def file_key_tensors(offset: Offset, format: str = "kohya") -> dict[str, torch.Tensor]:
+    """Tensors of a file-keyed offset (`Offset.file_keys`): `<key>.lora_down.weight` / `.lora_up.weight` /
+    `.alpha` (kohya), or `<key>.diff` (+ `.diff_b`); every key the host's key map resolved stays as it was."""
+    if format not in ("kohya", "diff"):
+        raise ValueError(f"an offset keyed by model keys is saved as 'kohya' or 'diff', not {format!r}")
+    if format == "kohya" and not offset.is_low_rank():
+        raise ValueError("dense deltas cannot be saved as a LoRA: use format='diff' or extract_lora() first")
+    if offset.text_encoders:
+        raise ValueError("an offset keyed by model keys holds no text-encoder part")
+    out: dict[str, torch.Tensor] = {}
+    for k, d in offset.unet.items():
+        if format == "kohya":
+            out[f"{k}.lora_down.weight"], out[f"{k}.lora_up.weight"] = d.down, d.up
+            if d.mid is not None:
+                out[f"{k}.lora_mid.weight"] = d.mid
+            out[f"{k}.alpha"] = torch.tensor(float(d.scale * d.rank), dtype=torch.float32)
+        else:
+            out[f"{k}.diff"] = d.dense(torch.float32).to(_dtype_of(d))
+            if isinstance(d, DenseDelta) and d.bias is not None:
+                out[f"{k}.diff_b"] = (d.scale * d.bias.float()).to(_dtype_of(d))
+    if not out:
+        raise ValueError("the offset is empty: nothing to save")
+    return out
 
 
 def _save_finite(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:

@@ -12,6 +12,7 @@ names, mapped with `comfy.utils.unet_to_diffusers`.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -24,6 +25,7 @@ import comfy.utils
 from ...core.npo import NPOSpec, match_deltas, npo_groups
 from ...core.offsets.keys import ClipKeyMap, clip_coverage_line, comfy_clip_deltas, weight_module_map
 from ...core.offsets.types import LowRankDelta, Offset, coverage_line
+from .keymap import Mapped, comfy_family, map_file_keys
 from .rows import NPOBranchWrapper
 
 
@@ -36,7 +38,8 @@ def diffusers_to_ldm_modules(model_patcher) -> dict[str, str]:
 
 
 def unet_deltas_ldm(offset: Offset | None, model_patcher) -> tuple[dict, list[str]]:
-    """The offset's UNet deltas re-keyed to LDM module paths; also the keys that match nothing."""
+    """The offset's UNet deltas re-keyed to LDM module paths; also the keys that match nothing
+    (diffusers-keyed SD1.x / SDXL offsets on an LDM UNet)."""
     if offset is None:
         return {}, []
     mapping = diffusers_to_ldm_modules(model_patcher)
@@ -44,40 +47,110 @@ def unet_deltas_ldm(offset: Offset | None, model_patcher) -> tuple[dict, list[st
     return match_deltas(offset.unet, model_patcher.model.diffusion_model, lambda name: (mapping.get(name, name),))
 
 
+def model_deltas(offset: Offset | None, model_patcher) -> Mapped:
+    """The offset's diffusion-model deltas keyed by module paths inside `diffusion_model`.
+
+    File-keyed offsets (any family) go through ComfyUI's own key map (keymap.py); offsets read with
+    SD1.x / SDXL module names (the SD path, unchanged) through the diffusers -> LDM table. A model
+    family this package does not know is a ValueError (`comfy_family`).
+    """
+    fam = comfy_family(model_patcher)
+    if offset is None:
+        return Mapped()
+    if offset.file_keys:
+        return map_file_keys(offset.unet, model_patcher)
+    if not fam.unet:
+        what = offset.report.family if offset.report is not None and offset.report.family else "SD1.x / SDXL"
+        raise ValueError(f"this offset was read with {what} UNet module names, but the model is {fam.name}: load it "
+                         f"with Load Weight Offset family 'model' (keys resolved by ComfyUI's key map of the model)")
+    mapped, unmatched = unet_deltas_ldm(offset, model_patcher)
+    return Mapped(mapped, len(mapped), unmatched)
+
+
+def checked_deltas(offset: Offset | None, model_patcher, role: str, allow_partial: bool) -> Mapped:
+    """`model_deltas`, refusing an offset none of whose keys apply, and a partial one unless `allow_partial`."""
+    m = model_deltas(offset, model_patcher)
+    if offset is None:
+        return m
+    if not m.modules:
+        raise ValueError(f"{role} offset: none of its {len(offset.unet)} diffusion-model keys match this model"
+                         + (f" (e.g. {m.unmatched[0]})" if m.unmatched else ""))
+    if m.unmatched and not allow_partial:
+        head = "; ".join(m.unmatched[:5]) + (f"; ... and {len(m.unmatched) - 5} more" if len(m.unmatched) > 5 else "")
+        raise ValueError(f"{role} offset: {len(m.unmatched)} of its {len(offset.unet)} keys do not apply to this "
+                         f"{comfy_family(model_patcher).name} model: {head}. Set allow_partial to apply the other "
+                         f"{m.applied} anyway")
+    return m
+
+
 TE_NOTE_DELTA = "apply to the negative prompt through NPO Negative CLIP (encode the negative prompt with it)"
 TE_NOTE_ETA = ("apply to the positive prompt through LoraLoader (strength_clip 1) and, x α, to the negative "
                "prompt through NPO Negative CLIP")
 
 
-def describe_coverage(offset: Offset | None, model_patcher, role: str, te_note: str = TE_NOTE_DELTA) -> str:
+def describe_coverage(offset: Offset | None, model_patcher, role: str, te_note: str = TE_NOTE_DELTA,
+                      mapped: Mapped | None = None) -> str:
     """One line for logs / node reports: how much of the offset the model accepted (and where its
     text-encoder part goes: the UNet nodes never apply it, NPO Negative CLIP does)."""
     if offset is None:
         return coverage_line(None, 0, (), role)
-    mapped, unmatched = unet_deltas_ldm(offset, model_patcher)
-    return coverage_line(offset, len(mapped), unmatched, role, te_note=te_note)
+    m = mapped if mapped is not None else model_deltas(offset, model_patcher)
+    return coverage_line(offset, m.applied, m.unmatched, role, te_note=te_note)
+
+
+CFG1_NOTE = ("δ acts on the unconditional rows, which ComfyUI computes only when cfg != 1: at cfg 1 NPO is inert "
+             "(only η on the positive rows applies)")
+
+
+def cfg1_note(model_patcher) -> str:
+    """The cfg = 1 note of a report (stronger for guidance-distilled models, whose default is cfg 1)."""
+    fam = comfy_family(model_patcher)
+    if fam.guidance_distilled:
+        return (f"{fam.name} with a guidance embedding is guidance-distilled and usually run at cfg 1: {CFG1_NOTE}. "
+                "For NPO run real CFG (cfg > 1, e.g. 2-4) with the embedded guidance lowered (FluxGuidance 1-1.5)")
+    return CFG1_NOTE
 
 
 # ---------------------------------------------------------------------------------------------
 # branch path: one batched forward, per-row offsets
 # ---------------------------------------------------------------------------------------------
-def apply_npo(model_patcher, spec: NPOSpec):
+def apply_npo(model_patcher, spec: NPOSpec, allow_partial: bool = False):
     """A clone of `model_patcher` whose CFG forward does NPO on the negative rows.
 
-    Returns (clone, report line). With cfg = 1 ComfyUI runs no negative rows: only η applies.
+    Returns (clone, report). With cfg = 1 ComfyUI runs no negative rows: only η applies (the
+    report says so, and the wrapper logs a warning when a run has no unconditional rows).
     """
-    eta, un_eta = unet_deltas_ldm(spec.eta, model_patcher)
-    delta, un_delta = unet_deltas_ldm(spec.delta, model_patcher)
-    if spec.eta is not None and not eta:
-        raise ValueError(f"positive offset: none of its {len(spec.eta.unet)} UNet modules match this model")
-    if spec.delta is not None and not delta:
-        raise ValueError(f"negative offset: none of its {len(spec.delta.unet)} UNet modules match this model")
+    eta = checked_deltas(spec.eta, model_patcher, "positive", allow_partial)
+    delta = checked_deltas(spec.delta, model_patcher, "negative", allow_partial)
     m = model_patcher.clone()
     previous = m.model_options.get("model_function_wrapper")
-    m.set_model_unet_function_wrapper(NPOBranchWrapper(eta, delta, spec, previous))
-    report = "; ".join([describe_coverage(spec.eta, model_patcher, "positive η", TE_NOTE_ETA),
-                        describe_coverage(spec.delta, model_patcher, "negative δ")])
-    return m, report
+    m.set_model_unet_function_wrapper(NPOBranchWrapper(eta.modules, delta.modules, spec, previous))
+    if delta.modules or (eta.modules and spec.alpha != 1.0):  # something differs between the branches
+        m.set_model_sampler_pre_cfg_function(Cfg1Warning(comfy_family(model_patcher).name))
+    report = "; ".join([describe_coverage(spec.eta, model_patcher, "positive η", TE_NOTE_ETA, eta),
+                        describe_coverage(spec.delta, model_patcher, "negative δ", mapped=delta)])
+    return m, report + "\n" + cfg1_note(model_patcher)
+
+
+class Cfg1Warning:
+    """`sampler_pre_cfg_function` that logs a warning on the first step of a run sampled with cfg 1
+    (ComfyUI then computes no unconditional rows, so δ has nothing to act on); changes nothing."""
+
+    def __init__(self, family: str):
+        self.family = family
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args: dict):
+        if math.isclose(float(args["cond_scale"]), 1.0):
+            sigmas = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
+            first = sigmas is None or bool(torch.isclose(args["sigma"].flatten()[0].float().cpu(),
+                                                         sigmas[0].float().cpu()))
+            if first:
+                logging.warning("NPO (%s): this run samples with cfg 1: ComfyUI computes no unconditional rows, so "
+                                "the negative offset δ has nothing to act on. %s", self.family, CFG1_NOTE)
+        return args["conds_out"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,17 +176,16 @@ def comfy_patches(deltas_ldm: dict, prefix: str = "diffusion_model.") -> dict:
     return patches
 
 
-def negative_model(model_patcher, eta: Offset | None, delta: Offset | None, alpha: float, beta: float):
+def negative_model(model_patcher, eta: Offset | None, delta: Offset | None, alpha: float, beta: float,
+                   allow_partial: bool = False):
     """`θ + α·η + β·δ` as a ModelPatcher clone with ComfyUI weight patches (loads/offloads normally)."""
     m = model_patcher.clone()
-    eta_ldm, _ = unet_deltas_ldm(eta, model_patcher)
-    delta_ldm, _ = unet_deltas_ldm(delta, model_patcher)
-    if delta is not None and not delta_ldm:
-        raise ValueError(f"negative offset: none of its {len(delta.unet)} UNet modules match this model")
-    for deltas, w in npo_groups(eta_ldm, delta_ldm, alpha, beta)["neg"]:  # η first, then δ
+    eta_m = checked_deltas(eta, model_patcher, "positive", allow_partial)
+    delta_m = checked_deltas(delta, model_patcher, "negative", allow_partial)
+    for deltas, w in npo_groups(eta_m.modules, delta_m.modules, alpha, beta)["neg"]:  # η first, then δ
         m.add_patches(comfy_patches(deltas), strength_patch=w)
-    report = "; ".join([describe_coverage(eta, model_patcher, f"η x {alpha:g}", TE_NOTE_ETA),
-                        describe_coverage(delta, model_patcher, f"δ x {beta:g}")])
+    report = "; ".join([describe_coverage(eta, model_patcher, f"η x {alpha:g}", TE_NOTE_ETA, eta_m),
+                        describe_coverage(delta, model_patcher, f"δ x {beta:g}", mapped=delta_m)])
     return m, report
 
 
@@ -160,8 +232,8 @@ class Guider_NPO(comfy.samplers.CFGGuider):
     `predict_noise` is inherited: `cfg_function` runs the sampler_cfg / post-cfg hooks.
     """
 
-    def __init__(self, model_patcher, spec: NPOSpec):
-        patched, self.report = apply_npo(model_patcher, spec)
+    def __init__(self, model_patcher, spec: NPOSpec, allow_partial: bool = False):
+        patched, self.report = apply_npo(model_patcher, spec, allow_partial)
         super().__init__(patched)
         self.spec = spec
 
@@ -229,3 +301,20 @@ def encode_empty(clip) -> list:
     """∅: the encoded empty prompt, exactly what the model saw under CFG dropout."""
     tokens = clip.tokenize("")
     return clip.encode_from_tokens_scheduled(tokens)
+
+
+EMBEDDED_GUIDANCE = "guidance"  # FluxGuidance's key (Flux dev, HunyuanVideo): a model control, not text
+
+
+def with_embedded_guidance(null_cond: list, positive: list) -> list:
+    """∅ carrying the positive's embedded guidance (FluxGuidance), so the unconditional row differs from
+    the conditional one in its text only; without it the model's default (Flux: 3.5) would apply to ∅
+    while the positive runs at the lowered guidance of real CFG (docs/comfyui.md, cfg = 1)."""
+    values = {e[1][EMBEDDED_GUIDANCE] for e in positive if e[1].get(EMBEDDED_GUIDANCE) is not None}
+    if not values:
+        return null_cond
+    if len(values) > 1:
+        raise ValueError(f"SNPO: the positive conditioning has several embedded guidance values {sorted(values)}; "
+                         "set one with FluxGuidance")
+    g = values.pop()
+    return [[t, {**d, EMBEDDED_GUIDANCE: g}] for t, d in null_cond]

@@ -151,10 +151,16 @@ class Comfy:
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
+def comfy_runtime(tmp_path_factory):
+    """ComfyUI initialised in-process (custom nodes loaded), with no checkpoint."""
     if not COMFYUI_PATH:
         pytest.skip("COMFYUI_PATH is not set")
-    h = Comfy(tmp_path_factory.mktemp("comfy_root"))
+    return Comfy(tmp_path_factory.mktemp("comfy_root"))
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_runtime):
+    h = comfy_runtime
     ckpt = CACHE / CKPT_NAME
     if not ckpt.exists():
         build_random_sd15(ckpt)
