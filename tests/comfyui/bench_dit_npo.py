@@ -58,7 +58,12 @@ def child(model_name: str, case: str, m: int, n: int, out_path: str) -> None:
     sys.path.insert(0, str(HERE))
     from conftest import Comfy
 
-    harness = Comfy(Path(tempfile.mkdtemp(prefix="npo_bench_")))
+    import atexit
+    import shutil
+
+    root = Path(tempfile.mkdtemp(prefix="npo_bench_"))
+    atexit.register(shutil.rmtree, root, True)  # the child's ComfyUI folders (its LoRA file), nothing left in /tmp
+    harness = Comfy(root)
     import torch
     from safetensors.torch import save_file
 
@@ -184,6 +189,9 @@ def main() -> None:
                                          "dual/plain peak_anon": med["dual"]["peak_anon_mib"] / med["plain"]["peak_anon_mib"]}}
         print(json.dumps({model_name: report[model_name]["median"], "ratios": report[model_name]["ratios"],
                           "same_image": checks}), flush=True)
+    import shutil
+
+    shutil.rmtree(tmp, True)
     if a.json:
         print(json.dumps(report, indent=1))
 
