@@ -273,7 +273,7 @@ def train_step(cfg, acc, backend, method, data: Iterator, opt, step: int, genera
         acc.backward(out.loss / cfg.grad_accum)
         finite = finite and is_finite(out.loss.detach())
         for name, v in {"loss": out.loss, **out.metrics}.items():
-            sums[name] = sums.get(name, 0.0) + float(v) / cfg.grad_accum
+            sums[name] = sums.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / cfg.grad_accum
         if on_micro is not None:
             on_micro(1)
     finite = not any_process(acc, not finite)
