@@ -158,14 +158,7 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
     if flux_guidance is not None:
         raise ValueError("flux_guidance is Flux's embedded guidance; this model is "
                          f"{bundle.family_spec.display_name}")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r} (expected one of {sorted(MODES)})")
-    if len(prompts) != len(seeds) or not prompts:
-        raise ValueError(f"sample: need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
-    if npo_path not in NPO_PATHS:
-        raise ValueError(f"unknown npo_path {npo_path!r} (expected one of {NPO_PATHS})")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    _check_request(mode, prompts, seeds, npo_path, steps)
     flow = bundle.prediction_type == FLOW
     if flow != (scheduler in FLOW_SCHEDULERS):
         raise ValueError(f"scheduler {scheduler!r} does not sample a {bundle.prediction_type} model (flow models: "
@@ -175,12 +168,8 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
     spec, offsets = MODES[mode], offsets or NPOSpec()
     groups = offsets.groups()
     b, dev, dt, unet = len(prompts), bundle.device, bundle.dtype, bundle.unet
-    negs = [""] * b if spec.uncond == "null" or negative_prompts is None else list(negative_prompts)
-    gate = spec.neg_group != spec.pos_group
     # 1. conditioning: cond rows, uncond rows (neg group), uncond rows with the pos group (outside the interval)
-    cond = encode_prompts(bundle, prompts, groups, [spec.pos_group] * b)
-    unc = encode_prompts(bundle, negs, groups, [spec.neg_group] * b)
-    unc_off = encode_prompts(bundle, negs, groups, [spec.pos_group] * b) if gate else unc
+    negs, gate, cond, unc, unc_off = _encode_rows(bundle, prompts, negative_prompts, spec, groups)
     ls = bundle.latent_scale
     height = height or unet.config.sample_size * ls
     width = width or unet.config.sample_size * ls
@@ -272,14 +261,20 @@ class _FlowPredictor:
         return out
 
 
-def _sample_flow(bundle, prompts, seeds, mode, *, negative_prompts, offsets, cfg_scale, steps, scheduler, sigma_min,
-                 sigma_max, height, width, rescale, npo_path, decode, progress, flux_guidance) -> SampleResult:
-    """`sample` for a flow family: the family's diffusers pipeline loop (its scheduler timesteps, shift or
-    dynamic shift, latent layout and transformer call) with the guidance of `mode` on velocities,
-    v = v_uncond + w (v_cond - v_uncond), the two halves in ONE forward (rows [0, B) cond, [B, 2B) uncond)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def _encode_rows(bundle, prompts, negative_prompts, spec, groups):
+    """(negative prompts, gate, cond rows, uncond rows with the negative group, uncond rows with the positive
+    group — used outside the sigma interval, the same as `unc` when both groups are one) of a request."""
+    b = len(prompts)
+    negs = [""] * b if spec.uncond == "null" or negative_prompts is None else list(negative_prompts)
+    gate = spec.neg_group != spec.pos_group
+    cond = encode_prompts(bundle, prompts, groups, [spec.pos_group] * b)
+    unc = encode_prompts(bundle, negs, groups, [spec.neg_group] * b)
+    unc_off = encode_prompts(bundle, negs, groups, [spec.pos_group] * b) if gate else unc
+    return negs, gate, cond, unc, unc_off
 
-    fam, model = bundle.family_spec, bundle.unet
+
+def _check_request(mode, prompts, seeds, npo_path, steps) -> None:
+    """The checks every `sample` request gets, whatever the family."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (expected one of {sorted(MODES)})")
     if len(prompts) != len(seeds) or not prompts:
@@ -288,6 +283,17 @@ def _sample_flow(bundle, prompts, seeds, mode, *, negative_prompts, offsets, cfg
         raise ValueError(f"unknown npo_path {npo_path!r} (expected one of {NPO_PATHS})")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+def _sample_flow(bundle, prompts, seeds, mode, *, negative_prompts, offsets, cfg_scale, steps, scheduler, sigma_min,
+                 sigma_max, height, width, rescale, npo_path, decode, progress, flux_guidance) -> SampleResult:
+    """`sample` for a flow family: the family's diffusers pipeline loop (its scheduler timesteps, shift or
+    dynamic shift, latent layout and transformer call) with the guidance of `mode` on velocities,
+    v = v_uncond + w (v_cond - v_uncond), the two halves in ONE forward (rows [0, B) cond, [B, 2B) uncond)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    fam, model = bundle.family_spec, bundle.unet
+    _check_request(mode, prompts, seeds, npo_path, steps)
     if scheduler not in FLOW_SCHEDULERS:
         raise ValueError(f"scheduler {scheduler!r}: a {fam.display_name} model samples with {FLOW_SCHEDULERS} "
                          f"(diffusers' FlowMatchEulerDiscreteScheduler from the model's own config and shift)")
@@ -300,11 +306,7 @@ def _sample_flow(bundle, prompts, seeds, mode, *, negative_prompts, offsets, cfg
     spec, offsets = MODES[mode], offsets or NPOSpec()
     groups = offsets.groups()
     b, dev, dt = len(prompts), bundle.device, bundle.dtype
-    negs = [""] * b if spec.uncond == "null" or negative_prompts is None else list(negative_prompts)
-    gate = spec.neg_group != spec.pos_group
-    cond = encode_prompts(bundle, prompts, groups, [spec.pos_group] * b)
-    unc = encode_prompts(bundle, negs, groups, [spec.neg_group] * b)
-    unc_off = encode_prompts(bundle, negs, groups, [spec.pos_group] * b) if gate else unc
+    negs, gate, cond, unc, unc_off = _encode_rows(bundle, prompts, negative_prompts, spec, groups)
     ls = bundle.latent_scale
     size = getattr(model.config, "sample_size", None)
     height = height or (size * ls if size else fam.default_resolution)
