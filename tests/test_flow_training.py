@@ -158,3 +158,24 @@ def test_dry_run_on_a_transformer_folder_says_it_is_not_estimated(flow_dirs, tmp
 
     with pytest.raises(ValueError, match="transformer model .* UNet models .* only so far"):
         resolve_model(str(flow_dirs["sd3"]))
+
+
+def test_validation_grid_on_a_flow_transformer(flow_dirs, tmp_path, capsys):
+    """validate_every on SD3: the grid is sampled with the flow Euler solver (predict_eps would refuse a flow
+    model mid-run), and the text encoders stay for it (said)."""
+    import numpy as np
+    from PIL import Image
+
+    from npo_suite.cli import main
+
+    pairs = make_pairs(tmp_path / "pairs", n=2)
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(flow_dirs["sd3"]), "--data-path", str(pairs), "--method", "dpo", "--steps", "2",
+               "--resolution", "16", "--lora-rank", "2", "--lora-alpha", "2", "--checkpoint-every", "0",
+               "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--cpu",
+               "--set", "validate_every=2", "--set", "validation_sample_steps=2", "--set", "validation_seeds=[0]"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "text encoders: kept in memory (validation grids encode their prompts)" in err
+    grid = np.asarray(Image.open(out / "validation" / "step_000002.png"))
+    assert grid.shape[0] == 16 and grid.shape[1] == 32 and grid.std() > 0  # one prompt x (base, LoRA)
