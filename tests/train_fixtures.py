@@ -78,3 +78,20 @@ def load_pipe(path):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(str(path))
+
+
+def train_two_steps(cfg, backend):
+    """`trainer.loop.train` for cfg's 2 steps on a prebuilt backend: finished, finite loss and gradient
+    norm, the policy moved. Returns the TrainResult (the smoke tests of every method, eps and flow)."""
+    import math
+
+    import torch
+
+    from npo_suite.trainer.loop import train
+
+    before = [p.detach().clone() for p in backend.trainable_parameters()]
+    result = train(cfg, backend=backend)
+    assert result.steps_done == cfg.steps == 2 and not result.interrupted
+    assert math.isfinite(result.last_metrics["loss"]) and math.isfinite(result.last_metrics["grad_norm"])
+    assert any(not torch.equal(a, p) for a, p in zip(before, backend.trainable_parameters()))
+    return result

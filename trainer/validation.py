@@ -110,7 +110,8 @@ def ddim_sample(backend, cond, null, noise: torch.Tensor, steps: int, w: float, 
     """Deterministic DDIM (Song et al. 2021, eq. 12, η = 0) with guidance `branches` (ROLE_BRANCHES), to the clean
     sample; on a flow model the flow Euler solver with the same guidance on velocities."""
     a_cond, a_null, combine = branches[0], branches[1], GUIDANCE[branches[2]]
-    if backend.prediction_type == FLOW:  # flow models: the same guidance on velocities, flow Euler (shift of the scheduler)
+    if backend.prediction_type == FLOW:  # flow: the same guidance on velocities, flow Euler at the scheduler's static
+        # shift (a preview: Flux's resolution-dependent mu, which `generate` applies, is not used here)
         model = guided_denoiser(lambda x, t: backend.predict_v(x, t, cond, a_cond),
                                 lambda x, t: backend.predict_v(x, t, null, a_null), combine, w)
         shift = float(backend.scheduler.config.get("shift", 1.0) or 1.0)

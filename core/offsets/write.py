@@ -69,9 +69,7 @@ def save_transformer_lora(offset: Offset, path, *, family: str, base_model_versi
     for p, d in offset.unet.items():
         if not isinstance(d, LowRankDelta):
             raise ValueError(f"{p}: a dense delta cannot be saved as a LoRA")
-        down, up = _plain_lora(d)
-        tensors[f"transformer.{p}.lora_A.weight"] = down
-        tensors[f"transformer.{p}.lora_B.weight"] = (up.float() * d.scale).to(up.dtype)
+        tensors[f"transformer.{p}.lora_A.weight"], tensors[f"transformer.{p}.lora_B.weight"] = _peft_pair(d)
     meta = build_metadata(offset, family, path, metadata, base_model_version=base_model_version)
     _save_finite(path, tensors, meta)
     return path
@@ -173,9 +171,7 @@ def offset_to_state_dict(offset: Offset, *, format: str = "kohya", base=None, fa
         for p, d in mods.items():
             if format == "peft":
                 pre = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}[comp]
-                down, up = _plain_lora(d)
-                out[f"{pre}{p}.lora_A.weight"] = down
-                out[f"{pre}{p}.lora_B.weight"] = (up.float() * d.scale).to(up.dtype)
+                out[f"{pre}{p}.lora_A.weight"], out[f"{pre}{p}.lora_B.weight"] = _peft_pair(d)
             elif format == "kohya":
                 k = names[p]
                 fold = d.scale * d.rank / common_alpha  # 1.0 unless alphas differ between modules
@@ -204,6 +200,12 @@ def _common_alpha(offset: Offset) -> float:
 
 def _dtype_of(d: Delta) -> torch.dtype:
     return d.weight.dtype if isinstance(d, DenseDelta) else d.up.dtype
+
+
+def _peft_pair(d: LowRankDelta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A, lora_B) of the PEFT layout: Tucker folded into A, the scale alpha/r folded into B."""
+    down, up = _plain_lora(d)
+    return down, (up.float() * d.scale).to(up.dtype)
 
 
 def _plain_lora(d: LowRankDelta) -> tuple[torch.Tensor, torch.Tensor]:

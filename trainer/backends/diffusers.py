@@ -21,8 +21,8 @@ Conventions:
   sequence and the pooled projection (`Cond.added["pooled_projections"]`); ∅ is the encoded empty
   prompt, as the pipelines' negative prompt; the network is called through the family's
   `pack` / `velocity` / `unpack` (Flux packs 2x2 latent patches into tokens) at timestep t·1000;
-  Flux-dev's embedded guidance is `BackendOptions.flux_guidance` (1.0 while training, as ai-toolkit
-  and SimpleTuner train Flux-dev LoRAs). After the cache is filled the text encoders can be released
+  Flux-dev's embedded guidance is `BackendOptions.flux_guidance` (1.0 while training: our default,
+  not taken from a measured comparison; not a TrainConfig field yet). After the cache is filled the text encoders can be released
   (`release_text_encoders`): a T5-XXL is 4.7 B parameters the training step never uses.
 - Resting state: the "policy" adapter is active between calls; gradient checkpointing recomputes
   forwards during backward in that state, so every adapter switch is undone in a `finally`.
