@@ -12,11 +12,14 @@ no weight is patched and no second copy of the network exists.
 
 Efficiency: per module, all low-rank deltas of the same kind are concatenated once (in
 `__enter__`, already in the module's dtype and device) into `down_cat [R, in]`, `up_cat [out, R]`
-with `R = sum of ranks`, and the groups into a coefficient matrix `coef [G, R]`. A forward then
-costs ONE `x @ down_cat^T` (shape [B, ..., R]), one per-row scale `S = onehot(rows) @ coef`
-([B, R]), and ONE in-place `out += (h * S) @ up_cat^T` per module, whatever the number of offsets
-and groups (so `eta` shared by both groups is computed once). DenseDelta (full-weight diffs) costs
-one dense matmul per delta and module with a per-row coefficient.
+with `R = sum of ranks`, and the groups into a coefficient matrix `coef [G, R]`. The per-row scale
+`S = onehot(rows) @ coef` ([B, R]) is computed once per row assignment (`set_rows`), with the runs
+of equal non-zero rows of S. A Linear forward then costs, per run (NPO's [cond | uncond] batch: one
+or two), ONE `x[run] @ down_cat^T` and ONE in-place `out[run] += (h * S_run) @ up_cat^T`, whatever
+the number of offsets and groups (so `eta` shared by both groups is computed once); rows without
+offset cost nothing. (Under autograd, for convs, or with more than `MAX_SEGMENTS` runs, the same
+product runs over all rows with S per row.) DenseDelta (full-weight diffs) costs one dense matmul
+per delta and module with a per-row coefficient.
 
 Requirement: every targeted module must see the batch as its leading dimension with the same
 size B as the UNet input. This holds for diffusers' UNet2DConditionModel (attention projections
@@ -249,8 +252,10 @@ class BranchOffsets:
             s = onehot @ coef  # [B, R] or [B]
             return None if not bool(s.abs().sum() > 0) else s
 
-        return {"buckets": [scale(t.coef) for t in plan.buckets], "tucker": [scale(t.coef) for t in plan.tucker],
-                "dense": [scale(t.coef) for t in plan.dense]}
+        buckets = [scale(t.coef) for t in plan.buckets]
+        return {"buckets": buckets, "tucker": [scale(t.coef) for t in plan.tucker],
+                "dense": [scale(t.coef) for t in plan.dense],
+                "segments": [None if s is None else _segments(s) for s in buckets]}
 
     def _hook(self, i: int):
         plan = self._plans[i]
@@ -272,7 +277,7 @@ class BranchOffsets:
             key = (self._rows_key, i, out.device, out.dtype)
             moved = self._moved_scales.get(key)
             if moved is None:
-                moved = {k: [None if v is None else v.to(out.device, out.dtype) for v in vs] for k, vs in scales.items()}
+                moved = {k: [None if v is None else _to(v, out.device, out.dtype) for v in vs] for k, vs in scales.items()}
                 if len(self._moved_scales) >= 64 * max(1, len(self._plans)):
                     self._moved_scales.clear()
                 self._moved_scales[key] = moved
@@ -321,14 +326,53 @@ def _plan_place(plan: _Plan) -> tuple[torch.device, torch.dtype] | None:
     return None if ref is None else (ref.device, ref.dtype)
 
 
+# At most this many runs of equal rows take the per-run path of `_apply` (NPO's batch is [cond | uncond]:
+# two runs, one of them often without offset); a batch that alternates more takes the all-rows path.
+MAX_SEGMENTS = 4
+
+
+def _segments(s: torch.Tensor) -> list[tuple[int, int, torch.Tensor | None]] | None:
+    """The batch rows of a per-row scale s [B, R] as runs of equal rows with a non-zero scale:
+    [(start, stop, scale [R], or None when every entry is 1)], or None when there are more than
+    MAX_SEGMENTS runs. Rows without offset (scale 0) belong to no run."""
+    runs: list[tuple[int, int, torch.Tensor | None]] = []
+    b, start = s.shape[0], 0
+    for i in range(1, b + 1):
+        if i < b and torch.equal(s[i], s[start]):
+            continue
+        row = s[start]
+        if bool(row.abs().sum() > 0):
+            runs.append((start, i, None if bool((row == 1).all()) else row.clone()))
+        start = i
+    return runs if len(runs) <= MAX_SEGMENTS else None
+
+
+def _to(v, device, dtype):
+    """A scale tensor, or a run list of `_segments`, on device/dtype."""
+    if isinstance(v, list):
+        return [(a, b, None if r is None else r.to(device, dtype)) for a, b, r in v]
+    return v.to(device, dtype)
+
+
 def _apply(plan: _Plan, scales: dict, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out + sum over terms of the per-row scaled delta output (in place when autograd allows)."""
+    """out + sum over terms of the per-row scaled delta output (in place when autograd allows).
+
+    Linear low-rank terms in place run per run of equal rows (`_segments`): rows without offset cost
+    nothing (NPO's conditional rows when η is absent), and a run's scale is one [R] vector, not a
+    [B, R] product, so the work is the low-rank arithmetic of the rows that have an offset."""
     mod = plan.module
     inplace = not (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)) and out.is_contiguous()
     conv = isinstance(mod, nn.Conv2d)
     x = x.to(out.dtype)  # the factors are in the output's dtype (see BranchOffsets._on)
-    for t, s in zip(plan.buckets, scales["buckets"]):
+    for t, s, runs in zip(plan.buckets, scales["buckets"], scales["segments"]):
         if s is None:
+            continue
+        if inplace and not conv and runs is not None:
+            for a, b, r in runs:
+                h = F.linear(x[a:b], t.down)  # [n, ..., R]
+                if r is not None:
+                    h.mul_(r)
+                out[a:b].view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), t.up_t)
             continue
         if conv:
             h = F.conv2d(x, t.down, None, mod.stride, mod.padding, mod.dilation)  # [B, R, H, W]

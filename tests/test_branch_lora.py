@@ -213,3 +213,39 @@ def test_follows_the_input_dtype_of_manually_cast_layers():
     want = torch.stack([x[0] @ w.t(), x[1] @ (w + 0.7 * d.dense()).t(), x[2] @ (w + 0.7 * d.dense()).t()])
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [["neg", "neg", None, None], [None, None, "neg", "neg"], ["pos", "neg", "neg", "pos"],
+                                  ["neg", None, "pos", None, "neg", "pos", "neg"], [None, None], ["pos", "pos", "pos"]])
+def test_row_runs_equal_the_all_rows_product(rows):
+    """The per-run path (no grad, Linear, <= MAX_SEGMENTS runs of equal rows) equals the merged model per
+    row, as the all-rows path under autograd does; the 7-row case alternates into 5 runs (all-rows path).
+    fp32 on a 3-layer MLP over [B, L, C] tokens: the two sides sum the same products in another order,
+    relative error ~1e-7; bound 1e-5."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 5))
+    def lora(seed, scale):
+        g = torch.Generator().manual_seed(seed)
+        return {n: LowRankDelta(down=torch.randn(3, m.in_features, generator=g) * 0.3,
+                                up=torch.randn(m.out_features, 3, generator=g) * 0.3, scale=scale)
+                for n, m in net.named_modules() if isinstance(m, nn.Linear)}
+    eta, delta = lora(1, 0.5), lora(2, 2.0)
+    groups = {"pos": [(eta, 1.0)], "neg": [(eta, 0.5), (delta, -1.5)]}
+    models = {None: net, "pos": materialize(net, [(eta, 1.0)]), "neg": materialize(net, [(eta, 0.5), (delta, -1.5)])}
+    x = torch.randn(len(rows), 7, 12)
+    with torch.no_grad():
+        want = torch.cat([models[r](x[i:i + 1]) for i, r in enumerate(rows)])
+    with branch_offsets(net, groups, rows) as br:
+        with torch.no_grad():
+            fast = net(x)
+        slow = net(x.clone().requires_grad_(True))  # autograd: the all-rows path
+        runs = br._cache[br._rows_key][0]["segments"][0]
+    assert rel_err(fast, want) <= 1e-5 and rel_err(slow.detach(), want) <= 1e-5
+    active = [r for r in rows if r is not None]
+    if not active:
+        assert runs is None  # a module without active rows does nothing
+    n_runs = sum(1 for i, r in enumerate(rows) if r is not None and (i == 0 or rows[i - 1] != r))
+    if active:
+        assert (runs is None) == (n_runs > 4)
+        if runs is not None:
+            assert len(runs) == n_runs and all(rows[a] is not None for a, _, _ in runs)

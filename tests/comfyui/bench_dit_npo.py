@@ -43,7 +43,8 @@ NEGATIVE = "blurry, low quality, watermark, jpeg artifacts, text, deformed"
 CASES = ("plain", "npo", "hook", "dual")
 MODELS = {"sd3": ("SD3 depth 2 (hidden 128)", (1, 16, 32, 32)), "flux": ("Flux 2+2 blocks, hidden 64", (1, 16, 32, 32)),
           "wan": ("Wan 2.1 2 blocks, dim 64", (1, 16, 1, 32, 32)),
-          "sd3d8": ("SD3 depth 8 (hidden 512, 8 heads)", (1, 16, 32, 32))}
+          "sd3d8": ("SD3 depth 8 (hidden 512, 8 heads)", (1, 16, 32, 32)),
+          "sd3d8_512": ("SD3 depth 8 (hidden 512, 8 heads) at 512 px", (1, 16, 64, 64))}
 
 
 def _rss_anon() -> int:
@@ -77,8 +78,8 @@ def child(model_name: str, case: str, m: int, n: int, out_path: str) -> None:
 
     torch.manual_seed(0)
     builder = {"sd3": dit_build.tiny_sd3, "flux": dit_build.tiny_flux, "wan": dit_build.tiny_wan,
-               "sd3d8": lambda: dit_build.tiny_sd3(depth=8)}[model_name]
-    prefixes = {"sd3": ("joint_blocks.",), "sd3d8": ("joint_blocks.",), "flux": ("double_blocks.", "single_blocks."),
+               "sd3d8": lambda: dit_build.tiny_sd3(depth=8), "sd3d8_512": lambda: dit_build.tiny_sd3(depth=8, pos_embed_max_size=32)}[model_name]
+    prefixes = {"sd3": ("joint_blocks.",), "sd3d8": ("joint_blocks.",), "sd3d8_512": ("joint_blocks.",), "flux": ("double_blocks.", "single_blocks."),
                 "wan": ("blocks.",)}[model_name]
     model = builder()
     clip = dit_build.tiny_clip()

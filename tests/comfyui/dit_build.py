@@ -45,12 +45,13 @@ SD3_CONFIG = dict(patch_size=2, in_channels=16, out_channels=16, adm_in_channels
                   context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": TEXT, "out_features": 128}})
 
 
-def sd3_state_dict(depth: int = 2, seed: int = 0) -> dict:
-    """Random SD3-layout MMDiT weights (`depth` joint blocks, width 64·depth), as a diffusion-model file holds them."""
+def sd3_state_dict(depth: int = 2, seed: int = 0, pos_embed_max_size: int = 16) -> dict:
+    """Random SD3-layout MMDiT weights (`depth` joint blocks, width 64·depth), as a diffusion-model file holds them
+    (`pos_embed_max_size` patches per side: latents up to 2x that)."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    cfg = dict(SD3_CONFIG, context_embedder_config={"target": "torch.nn.Linear",
+    cfg = dict(SD3_CONFIG, pos_embed_max_size=pos_embed_max_size, context_embedder_config={"target": "torch.nn.Linear",
                                                     "params": {"in_features": TEXT, "out_features": 64 * depth}})
     m = MMDiT(input_size=None, depth=depth, operations=comfy.ops.disable_weight_init, device="cpu", **cfg)
     sd = random_state_dict(m, seed)
@@ -58,11 +59,11 @@ def sd3_state_dict(depth: int = 2, seed: int = 0) -> dict:
     return sd
 
 
-def tiny_sd3(depth: int = 2, seed: int = 0):
+def tiny_sd3(depth: int = 2, seed: int = 0, pos_embed_max_size: int = 16):
     """A ModelPatcher of a random SD3 MMDiT loaded through ComfyUI's own detection (fp32)."""
     import comfy.sd
 
-    mp = comfy.sd.load_diffusion_model_state_dict(sd3_state_dict(depth, seed), {"dtype": torch.float32})
+    mp = comfy.sd.load_diffusion_model_state_dict(sd3_state_dict(depth, seed, pos_embed_max_size), {"dtype": torch.float32})
     if mp is None or type(mp.model).__name__ != "SD3":
         raise AssertionError(f"ComfyUI did not detect the tiny MMDiT as SD3 (got {None if mp is None else type(mp.model)})")
     return mp
