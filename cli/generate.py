@@ -76,7 +76,7 @@ def job_from_args(args: argparse.Namespace):
                        cfg=args.cfg, rescale=args.rescale, rescale_space=args.rescale_space, steps=args.steps,
                        scheduler=args.scheduler, flux_guidance=args.flux_guidance, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                        height=args.height, width=args.width, seeds=tuple(args.seeds), batch_size=args.batch_size,
-                       npo_path=args.npo_path, tokenizer=args.tokenizer, vae=args.vae,
+                       npo_path=args.npo_path, tokenizer=args.tokenizer, vae=args.vae, model_config=args.model_config,
                        prediction_type=args.prediction_type, family=args.family,
                        allow_pickle=args.allow_pickle, dtype=args.dtype, device=str(args.device))
 

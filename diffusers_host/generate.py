@@ -378,6 +378,7 @@ class GenerateJob:
     npo_path: str = "fast"
     tokenizer: str | None = None  # default: the folder's own / the shipped CLIP tokenizer (single files)
     vae: str | None = None  # a VAE folder or .safetensors (single files without one)
+    model_config: str | None = None  # a single file's diffusers folder (SD3/Flux: required; see cli/model_flags.py)
     prediction_type: str | None = None  # epsilon | v_prediction over what was detected
     family: str | None = None
     allow_pickle: bool = False
@@ -467,7 +468,7 @@ def run_generate(job: GenerateJob, log=print, progress: bool = True) -> dict:
     items = read_prompts(job.prompt, job.prompts, job.negative_prompt, job.seeds)
     bundle = load_model(job.model, family=job.family, dtype=getattr(torch, job.dtype), device=job.device,
                         tokenizer=job.tokenizer, vae=job.vae, prediction_type=job.prediction_type,
-                        allow_pickle=job.allow_pickle)
+                        allow_pickle=job.allow_pickle, config=job.model_config)
     offsets, offset_info = load_offsets(bundle, pos=job.pos_offset, neg=job.neg_offset, snpo=job.snpo_offset,
                                         alpha=job.alpha, beta=job.beta, allow_pickle=job.allow_pickle)
     if "npo" in job.modes and offsets.delta is None:

@@ -115,10 +115,12 @@ def _detect_single_file_family(path: Path) -> Family:
 
 
 def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device, tokenizer, vae=None,
-                      prediction_type: str | None = None) -> ModelBundle:
+                      prediction_type: str | None = None, *, transformer=None, source: str | None = None) -> ModelBundle:
     """A diffusers folder of a flow family (SD3, Flux): its own pipeline class loads every component
     (text encoders and tokenizers as the folder names them), nothing downloaded. `vae` replaces the
-    folder's VAE (a diffusers VAE folder, or a diffusers-named .safetensors read with the folder's vae/config)."""
+    folder's VAE (a diffusers VAE folder, a diffusers-named .safetensors read with the folder's vae/config,
+    or an already loaded VAE model); `transformer` (a loaded model) replaces the folder's (a single file,
+    `source` names it in the line)."""
     import diffusers
 
     if family is not None and family != fam.name:
@@ -131,21 +133,75 @@ def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device
         raise ValueError(f"{path}: --prediction-type ({prediction_type}) is for SD1.x/SDXL checkpoints; a "
                          f"{fam.display_name} model predicts a flow velocity")
     extra, vae_note = {}, "VAE: vae/"
-    if vae is not None:
+    if isinstance(vae, torch.nn.Module):
+        extra["vae"], vae_note = vae, f"VAE: in the file {Path(source).name}" if source else "VAE: given"
+    elif vae is not None:
         extra["vae"], vae_note = _load_vae(vae, path, dtype, str(path)), f"VAE: {vae}"
+    if transformer is not None:
+        extra["transformer"] = transformer
     cls = getattr(diffusers, read_model_index(path)["_class_name"])
     pipe = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **extra)
-    weights = sorted((path / "transformer").glob("*.safetensors"))
-    file_dtype = _file_facts(weights[0])["dtype"] if weights else "unknown"
+    if transformer is not None:
+        file_dtype = _file_facts(Path(source))["dtype"]
+        what = (f"single file {Path(source).name} (its transformer; text encoders, tokenizers and scheduler from the "
+                f"diffusers folder {path.name})")
+    else:
+        weights = sorted((path / "transformer").glob("*.safetensors"))
+        file_dtype = _file_facts(weights[0])["dtype"] if weights else "unknown"
+        what = f"diffusers folder {path.name}"
     sc = pipe.scheduler.config
     shift = (f"dynamic shift (base {sc.get('base_shift')}, max {sc.get('max_shift')})"
              if sc.get("use_dynamic_shifting") else f"shift {sc.get('shift')}")
-    line = (f"model: {fam.display_name} diffusers folder {path.name} ({file_dtype} weights, loaded as "
+    line = (f"model: {fam.display_name} {what} ({file_dtype} weights, loaded as "
             f"{str(dtype).replace('torch.', '')}); prediction: flow (the family's); schedule: "
             f"{type(pipe.scheduler).__name__}, {shift}; {vae_note}; tokenizers: the folder's "
             f"({', '.join(type(t).__name__ for t in (pipe.tokenizer, getattr(pipe, 'tokenizer_2', None), getattr(pipe, 'tokenizer_3', None)) if t is not None)})")
-    bundle = bundle_from_flow_pipeline(pipe, fam, str(path), device)
+    bundle = bundle_from_flow_pipeline(pipe, fam, source or str(path), device)
     bundle.detected = line
+    return bundle
+
+
+def _flow_single_file(path: Path, fam: Family, facts: dict, dtype, device, tokenizer, config: str | None, vae=None,
+                      prediction_type: str | None = None) -> ModelBundle:
+    """An SD3 / Flux single file (original SAI / BFL key names, with or without the `model.diffusion_model.`
+    prefix): its transformer converted by diffusers' own single-file loader, with the config of the model's
+    diffusers folder `config`, which also supplies the text encoders, tokenizers and scheduler (a transformer
+    file holds none of them that a config could rebuild offline). The VAE: `vae=` if given, else the
+    file's own (`first_stage_model.*`, as SD3.5 files hold it), else the folder's; the line says which."""
+    import diffusers
+
+    if config is None:
+        raise ValueError(
+            f"{path}: a {fam.display_name} single file holds the transformer (and at most the VAE); pass --config DIR "
+            f"(config=): the model's diffusers folder (model_index.json, transformer/config.json, text_encoder*/, "
+            f"tokenizer*/, scheduler/), whose text encoders, tokenizers and scheduler are used with the file's transformer")
+    cfg = Path(config)
+    if not cfg.is_dir() or not fam.matches_folder(cfg):
+        raise ValueError(f"{path}: --config {str(cfg)!r} is not a {fam.display_name} diffusers folder (model_index.json "
+                         f"naming {' or '.join(fam.pipeline_classes)}, with {', '.join(fam.folder_components)})")
+    tcfg = json.loads((cfg / "transformer" / "config.json").read_text(encoding="utf-8"))
+    if fam.name == "flux":
+        width = int(tcfg.get("num_attention_heads", 0)) * int(tcfg.get("attention_head_dim", 0))
+        if width != 3072:  # diffusers' convert_flux_transformer_checkpoint_to_diffusers fixes inner_dim = 3072
+            raise ValueError(f"{path}: diffusers converts Flux single files of the released width 3072 only (it "
+                             f"splits `linear1` with that width); the config's transformer is {width} wide")
+    cls = getattr(diffusers, tcfg["_class_name"], None)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise ValueError(f"{path}: transformer class {tcfg.get('_class_name')!r} of {cfg} has no single-file loader in "
+                         f"diffusers {diffusers.__version__}")
+    transformer = cls.from_single_file(str(path), config=str(cfg), subfolder="transformer", torch_dtype=dtype,
+                                       local_files_only=True)
+    if vae is None and facts["vae"]:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_single_file(str(path), config=str(cfg), subfolder="vae", torch_dtype=dtype,
+                                             local_files_only=True)
+    bundle = _flow_from_folder(cfg, fam, None, dtype, device, tokenizer, vae, prediction_type, transformer=transformer,
+                               source=str(path))
+    n_te = sum(k.startswith("text_encoders.") for k in facts["keys"])
+    if n_te:
+        bundle.detected += (f"; the file's own text encoders ({n_te} text_encoders.* tensors) are not used: "
+                            f"the folder's are")
     return bundle
 
 
@@ -286,12 +342,7 @@ def _from_single_file(path: Path, family: str | None, dtype, device, tokenizer, 
         {"keys": None, "dtype": "unknown (pickle)", "vae": True, "v_pred": False, "ztsnr": False}
     fam = get_family(family) if family is not None else detect_single_file(facts["keys"], path)
     if fam.is_flow_transformer:
-        raise ValueError(
-            f"{path}: a {fam.display_name} single file is not supported: such files hold the transformer "
-            f"(ComfyUI/original key names) and at most some of the VAE and text encoders, and converting one needs "
-            f"the text encoders' weights (T5-XXL, CLIP) and their tokenizers, which a config folder cannot supply "
-            f"offline; pass the model's diffusers folder (model_index.json, transformer/, text_encoder*/, tokenizer*/, "
-            f"vae/, scheduler/) instead")
+        return _flow_single_file(path, fam, facts, dtype, device, tokenizer, config, vae, prediction_type)
     if fam.single_file_pipeline is None:
         known = [f.name for f in FAMILIES.values() if f.single_file_pipeline]
         raise ValueError(f"{path}: single-file checkpoints must be family {' or '.join(repr(n) for n in known)}, "

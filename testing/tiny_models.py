@@ -349,6 +349,73 @@ def build_sd3(directory: str | os.PathLike | None = None, seed: int = 0, shift: 
     return pipe
 
 
+def _swap_halves(w: torch.Tensor) -> torch.Tensor:
+    """(shift, scale) <-> (scale, shift) along dim 0: diffusers' `swap_scale_shift`, its own inverse."""
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def sd3_original_state_dict(transformer) -> dict:
+    """The SAI single-file names (`model.diffusion_model.joint_blocks.*`, fused qkv, LDM-style final layer) of a
+    diffusers SD3Transformer2DModel: the inverse of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`
+    (tests load it back through that converter and compare every tensor)."""
+    sd = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    n = transformer.config.num_layers
+    o = {"pos_embed": sd.pop("pos_embed.pos_embed")}
+    ren = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+           "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2", "context_embedder": "context_embedder",
+           "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+           "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out"}
+    for i in range(n):
+        b, d = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
+        ren.update({b + "x_block.attn.proj": d + "attn.to_out.0", b + "x_block.adaLN_modulation.1": d + "norm1.linear",
+                    b + "x_block.mlp.fc1": d + "ff.net.0.proj", b + "x_block.mlp.fc2": d + "ff.net.2"})
+        if i < n - 1:
+            ren.update({b + "context_block.attn.proj": d + "attn.to_add_out",
+                        b + "context_block.adaLN_modulation.1": d + "norm1_context.linear",
+                        b + "context_block.mlp.fc1": d + "ff_context.net.0.proj",
+                        b + "context_block.mlp.fc2": d + "ff_context.net.2"})
+        for p in ("weight", "bias"):
+            o[f"{b}x_block.attn.qkv.{p}"] = torch.cat([sd.pop(f"{d}attn.to_{x}.{p}") for x in "qkv"])
+            o[f"{b}context_block.attn.qkv.{p}"] = torch.cat([sd.pop(f"{d}attn.add_{x}_proj.{p}") for x in "qkv"])
+            if f"{d}attn2.to_q.{p}" in sd:
+                o[f"{b}x_block.attn2.qkv.{p}"] = torch.cat([sd.pop(f"{d}attn2.to_{x}.{p}") for x in "qkv"])
+                o[f"{b}x_block.attn2.proj.{p}"] = sd.pop(f"{d}attn2.to_out.0.{p}")
+            if i == n - 1:
+                o[f"{b}context_block.adaLN_modulation.1.{p}"] = _swap_halves(sd.pop(f"{d}norm1_context.linear.{p}"))
+        for blk, attn, pre in (("x_block", "attn", ""), ("context_block", "attn", "added_"), ("x_block", "attn2", "")):
+            for x in "qk":
+                key = f"{d}{attn}.norm_{pre}{x}.weight"
+                if key in sd:
+                    o[f"{b}{blk}.{attn}.ln_{x}.weight"] = sd.pop(key)
+    for p in ("weight", "bias"):
+        o[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(sd.pop(f"norm_out.linear.{p}"))
+        for new, old in ren.items():
+            o[f"{new}.{p}"] = sd.pop(f"{old}.{p}")
+    if sd:
+        raise ValueError(f"sd3_original_state_dict: diffusers keys without an original name: {sorted(sd)[:8]}")
+    return {"model.diffusion_model." + k: v.contiguous() for k, v in o.items()}
+
+
+def build_sd3_single_file(path: str | os.PathLike, folder: str | os.PathLike, *, with_vae: bool = True,
+                          seed: int = 0) -> Path:
+    """A tiny SD3 single file as SAI ships SD3.5 (`model.diffusion_model.*` MMDiT + `first_stage_model.*` VAE,
+    no text encoders) with the random weights of `build_sd3(folder, seed)` (the folder is written too: it is the
+    `--config` such a file needs)."""
+    from safetensors.torch import save_file
+
+    pipe = build_sd3(folder, seed=seed)
+    sd = sd3_original_state_dict(pipe.transformer)
+    if with_vae:
+        n = len(pipe.vae.config.block_out_channels)
+        for k, v in pipe.vae.state_dict().items():
+            ldm = _vae_to_ldm_key(k, n)
+            sd[ldm] = (v[..., None, None] if ".mid.attn_1." in ldm and ldm.endswith("weight") and v.ndim == 2 else v).clone()
+    path = Path(path)
+    save_file(sd, str(path))
+    return path
+
+
 def flux_transformer_config(guidance_embeds: bool = True) -> dict:
     """Flux-shaped: double (joint) and single-stream blocks, 2x2-packed latents (in_channels = 4 * 4),
     RoPE axes summing to the head dim, guidance embedding (dev) or not (schnell)."""

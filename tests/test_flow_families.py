@@ -95,13 +95,17 @@ def test_flow_families_registered_and_detected(flow_dirs, tmp_path):
     assert not FAMILIES["sd3"].matches_unet_config({"addition_embed_type": None})
     assert detect_single_file(["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]).name == "sd3"
     assert detect_single_file(["double_blocks.0.img_attn.qkv.weight"]).name == "flux"
-    # a single file of a flow family is refused with the reason (not converted half-way)
+    # a single file of a flow family needs its diffusers folder (text encoders, tokenizers, scheduler)
     from safetensors.torch import save_file
 
     f = tmp_path / "flux1.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(f))
-    with pytest.raises(ValueError, match="single file is not supported.*diffusers folder"):
+    with pytest.raises(ValueError, match="single file holds the transformer.*pass --config DIR"):
         load_model(f)
+    with pytest.raises(ValueError, match="is not a Flux.1 diffusers folder"):
+        load_model(f, config=str(flow_dirs["sd3"]))
+    with pytest.raises(ValueError, match="released width 3072 only.*32 wide"):  # diffusers' converter fixes it
+        load_model(f, config=str(flow_dirs["flux"]))
     assert get_family("sd3").lora_target_modules("attn_ff")[-1] == "ff_context.net.2"
     assert "proj_mlp" in get_family("flux").lora_target_modules("attn_ff")
 
@@ -317,3 +321,39 @@ def test_generate_pairs_and_sweep_commands_on_flow_models(flow_dirs, tmp_path, c
                  "--n-boot", "50", "--json", *size]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(res["rows"]) == 2
+
+
+def test_sd3_single_file_takes_its_transformer_and_vae_and_the_folders_encoders(flow_dirs, tmp_path):
+    """An SD3.5-style single file (SAI names: `model.diffusion_model.joint_blocks.*` with fused qkv, the VAE as
+    `first_stage_model.*`) loads through diffusers' own converter with --model-config = a diffusers folder: the
+    transformer and VAE are the FILE's (seed 1, bit for bit), the text encoders the FOLDER's (seed 0), and
+    `generate` runs cfg / npo on it."""
+    from npo_suite.diffusers_host.generate import GenerateJob, run_generate
+    from npo_suite.testing.tiny_models import build_sd3_single_file
+
+    f = build_sd3_single_file(tmp_path / "sd35.safetensors", tmp_path / "seed1", seed=1)
+    ref = load_model(tmp_path / "seed1", log=False)
+    other = flow_dirs["sd3"]  # the session's SD3 folder: other random weights
+    b = load_model(f, config=str(other), log=False)
+    for got, want in ((b.unet, ref.unet), (b.vae, ref.vae)):
+        g, w = got.state_dict(), want.state_dict()
+        assert set(g) == set(w) and all(torch.equal(g[k], w[k]) for k in w)
+    folder = load_model(other, log=False)
+    assert all(torch.equal(a, c) for a, c in zip(b.text_encoders[2].state_dict().values(),
+                                                   folder.text_encoders[2].state_dict().values()))
+    assert not torch.equal(b.text_encoders[0].state_dict()["text_projection.weight"],
+                           ref.text_encoders[0].state_dict()["text_projection.weight"])
+    assert not torch.equal(b.unet.state_dict()["proj_out.weight"], folder.unet.state_dict()["proj_out.weight"])
+    assert "single file sd35.safetensors" in b.detected and "VAE: in the file" in b.detected
+    # without its VAE the file takes the folder's, and says so
+    f2 = tmp_path / "novae.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v for k, v in load_file(str(f)).items() if not k.startswith("first_stage_model.")}, str(f2))
+    b2 = load_model(f2, config=str(other), log=False)
+    assert "VAE: vae/" in b2.detected and torch.equal(b2.vae.state_dict()["decoder.conv_out.weight"],
+                                                     folder.vae.state_dict()["decoder.conv_out.weight"])
+    man = run_generate(GenerateJob(model=str(f), model_config=str(other), out=str(tmp_path / "out"), prompt=("a cat",),
+                                   modes=("cfg", "npo"), steps=2, cfg=4.0, height=SIZE, width=SIZE, seeds=(0,)),
+                       log=lambda *_: None, progress=False)
+    assert man["family"] == "sd3" and len(man["images"]) == 2

@@ -104,7 +104,7 @@ class Comfy:
         import utils.extra_config  # noqa: F401  (must precede `nodes`)
         import folder_paths
 
-        for sub in ("checkpoints", "loras", "npo", "custom_nodes", "output", "input", "temp"):
+        for sub in ("checkpoints", "loras", "npo", "text_encoders", "custom_nodes", "output", "input", "temp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         (root / "custom_nodes" / "npo_suite").symlink_to(REPO, target_is_directory=True)
         folder_paths.folder_names_and_paths["custom_nodes"] = ([str(root / "custom_nodes")], set())
@@ -114,6 +114,7 @@ class Comfy:
         folder_paths.folder_names_and_paths["checkpoints"] = ([str(root / "checkpoints")], folder_paths.supported_pt_extensions)
         folder_paths.folder_names_and_paths["loras"] = ([str(root / "loras")], folder_paths.supported_pt_extensions)
         folder_paths.folder_names_and_paths["npo"] = ([str(root / "npo")], {".safetensors", ".ckpt", ".pt", ".bin", ".pth"})
+        folder_paths.folder_names_and_paths["text_encoders"] = ([str(root / "text_encoders")], folder_paths.supported_pt_extensions)
         import nodes
 
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))

@@ -51,7 +51,7 @@ def sd3_state_dict(depth: int = 2, seed: int = 0, pos_embed_max_size: int = 16) 
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    cfg = dict(SD3_CONFIG, pos_embed_max_size=pos_embed_max_size, context_embedder_config={"target": "torch.nn.Linear",
+    cfg = dict(SD3_CONFIG, pos_embed_max_size=pos_embed_max_size, num_patches=pos_embed_max_size ** 2, context_embedder_config={"target": "torch.nn.Linear",
                                                     "params": {"in_features": TEXT, "out_features": 64 * depth}})
     m = MMDiT(input_size=None, depth=depth, operations=comfy.ops.disable_weight_init, device="cpu", **cfg)
     sd = random_state_dict(m, seed)

@@ -97,6 +97,12 @@ NOTES = {
     "render the same batch. Repeat with other prompts and seeds. Later, **Preference "
     "Dataset** `my_pairs` → **Train Preference LoRA** (npo) → **NPO Guider**. By score instead: put **Score Images** "
     "(weights in `models/npo_rewards`) before it and set `choose` to *by score*. See docs/pairs.md.",
+    "npo_sd35": "## NPO on SD3.5 (a flow-matching DiT)\nThe same chain as for SD: **Apply NPO** puts θ + β·δ on the "
+    "negative (unconditional) rows of KSampler's one batched CFG forward; the combine is CFG on velocities. δ: an "
+    "SD3/SD3.5 LoRA in `models/npo` (ours: `python -m npo_suite train --method npo` on an SD3.5 diffusers folder; "
+    "diffusers/PEFT, kohya and ComfyUI key names are mapped with ComfyUI's own key map, the report names what "
+    "was covered). SD3.5 Medium: cfg 4–5, ~28 steps, 1024 px. Flux dev is guidance-distilled: use cfg > 1 "
+    "(real CFG) with its FluxGuidance lowered, see docs/comfyui.md.",
 }
 
 

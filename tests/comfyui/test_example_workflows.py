@@ -28,7 +28,10 @@ WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 CKPT = "npo_random_sd15_v1.safetensors"
 NOTE_TYPES = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-VALIDATE_ONLY = {"train_npo_lora", "train_self_npo", "extract_offset", "collect_pairs_by_hand"}  # training (run in test_training_nodes.py) / SVD of two full checkpoints
+# training (run in test_training_nodes.py) / SVD of two full checkpoints; npo_sd35: ComfyUI builds SD3's
+# text encoders at their fixed full size (T5-XXL 4.7 B parameters) and the tiny SD3 of dit_build.py is
+# no checkpoint file: Load Weight Offset -> Apply NPO -> KSampler on SD3 runs in test_dit_npo.py instead
+VALIDATE_ONLY = {"train_npo_lora", "train_self_npo", "extract_offset", "collect_pairs_by_hand", "npo_sd35"}
 SEED_NAMES = ("seed", "noise_seed")
 
 
@@ -125,6 +128,10 @@ def files(comfy):
         if not path.exists():
             save_offset(_random_lora(seed), path, format="kohya", family="sd1")
         out[folder] = path.name
+    te = comfy.root / "text_encoders" / "example_te.safetensors"  # a name in the text-encoder list (never loaded)
+    if not te.exists():
+        save_offset(_random_lora(13), te, format="kohya", family="sd1")
+    out["text_encoders"] = te.name
     return out
 
 
@@ -145,12 +152,15 @@ def _localise(prompt: dict, files: dict, input_types) -> None:
         elif t == "NPOSuite_LoadWeightOffset":
             folder = inp["offset_name"].split("/", 1)[0]
             inp["offset_name"] = f"{folder}/{files['loras' if folder == 'loras' else 'npo']}"
+        elif t in ("TripleCLIPLoader", "DualCLIPLoader", "CLIPLoader"):  # validation only: any listed file
+            for k in [k for k in inp if k.startswith("clip_name")]:
+                inp[k] = files["text_encoders"]
         elif t in ("LoraLoaderModelOnly", "LoraLoader"):
             inp["lora_name"] = files["loras"]
         elif t == "NPOSuite_PreferenceDataset":  # no dataset here: the always-present first choice validates
             spec = input_types(t)["required"]["dataset"]
             inp["dataset"] = (spec[0] if isinstance(spec[0], list) else _opts(spec)["options"])[0]
-        elif t == "EmptyLatentImage":
+        elif t in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inp.update(width=64, height=64, batch_size=1)
         elif t in ("BasicScheduler", "KSampler"):
             inp["steps"] = 1
