@@ -20,7 +20,7 @@ IMAGES = ROOT / "docs" / "images" / "workflows"
 CORE_TYPES = {
     "CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
     "PreviewImage", "LoraLoaderModelOnly", "LoraLoader", "RandomNoise", "KSamplerSelect", "BasicScheduler",
-    "SamplerCustomAdvanced", "PreviewAny", "CFGGuider", "ImageBatch",
+    "SamplerCustomAdvanced", "PreviewAny", "CFGGuider", "ImageBatch", "TripleCLIPLoader", "EmptySD3LatentImage",
 }
 NOTE_TYPES = {"Note", "MarkdownNote"}  # frontend-only: not sent to the server
 TEST_CKPT = "npo_random_sd15_v1.safetensors"
