@@ -126,6 +126,11 @@ class Family:
                 pooled = out[0]
         return torch.cat(hidden, dim=-1), (pooled if self.pooled else None)  # [B, L, sum D], [B, P]
 
+    def cache_tag(self) -> str:
+        """What else, besides the encoders' weights, decides this family's cached text encodings (part of the
+        trainer's latent-cache key); "" for most families (SANA: its instruction prefix and token length)."""
+        return ""
+
     def size_ids(self, batch: int, original_size, crop_top_left=(0, 0), target_size=None, *, dtype=torch.float32,
                  device="cpu") -> torch.Tensor | None:
         """SDXL micro-conditioning [B, 6] (orig_h, orig_w, crop_top, crop_left, target_h, target_w), or

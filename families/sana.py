@@ -76,6 +76,14 @@ class SanaFamily(FlowFamily):
             hidden, mask = hidden[:, keep], mask[:, keep]
         return hidden, mask
 
+    def cache_tag(self) -> str:
+        """The instruction prefix (the installed diffusers' default) and the token length: a cached encoding made
+        with another prefix is not reused."""
+        import hashlib
+
+        chi = "\n".join(complex_human_instruction())
+        return f":chi={hashlib.sha1(chi.encode('utf-8')).hexdigest()[:12]}:len={self.t5_max_length}"
+
     def flow_scheduler(self, scheduler):
         """(the FlowMatchEulerDiscreteScheduler generate and the trainer use, what was read) from a folder's
         scheduler: DPMSolverMultistep with flow_prediction and use_flow_sigmas -> flow Euler at its flow_shift;

@@ -124,6 +124,17 @@ def test_sana_family_detection_and_refusals(sana_dir, tmp_path):
         load_model(f, log=False)
 
 
+def test_the_cache_key_follows_the_instruction_prefix(monkeypatch):
+    """Cached SANA text encodings depend on the pipeline's instruction prefix (a diffusers default): another
+    prefix gives another cache key; families without such a setting keep theirs ("")."""
+    import npo_suite.families.sana as sana
+
+    tag = FAMILIES["sana"].cache_tag()
+    assert tag.startswith(":chi=") and tag.endswith(":len=300") and FAMILIES["sd3"].cache_tag() == ""
+    monkeypatch.setattr(sana, "complex_human_instruction", lambda: ["another instruction"])
+    assert FAMILIES["sana"].cache_tag() != tag
+
+
 @pytest.mark.parametrize("text_len", [TEXT_LEN, None])  # None: the pipeline's 300
 def test_encode_text_is_the_pipelines(sana_dir, text_len):
     """Positive prompts with the complex human instruction and the token selection, the negative / null ""
