@@ -139,7 +139,11 @@ def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device
                          f"{fam.vae_class} (vae/), which no other VAE replaces here")
     if vae is not None:
         extra["vae"], vae_note = _load_vae(vae, path, dtype, str(path)), f"VAE: {vae}"
-    cls = getattr(diffusers, read_model_index(path)["_class_name"])
+    name = read_model_index(path)["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"{path}: the installed diffusers ({diffusers.__version__}) has no {name}; upgrade diffusers "
+                         f"to load this {fam.display_name} folder")
     pipe = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **extra)
     weights = sorted((path / "transformer").glob("*.safetensors"))
     file_dtype = _file_facts(weights[0])["dtype"] if weights else "unknown"

@@ -67,8 +67,9 @@ class SanaFamily(FlowFamily):
             chi_prompt = "\n".join(chi)
             texts = [chi_prompt + p for p in texts]
             total = len(tok.encode(chi_prompt)) + n - 2
+        tok.padding_side = "right"  # as the pipeline sets it (Gemma's tokenizers pad left by default)
         enc = tok(texts, padding="max_length", max_length=total, truncation=True, add_special_tokens=True,
-                  return_tensors="pt", padding_side="right")
+                  return_tensors="pt")
         ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
         hidden = run(0, te, ids, attention_mask=mask)[0].to(te.dtype)  # [B, total, D]
         if not negative:
