@@ -293,6 +293,35 @@ def test_backend_velocity_and_latents_are_the_pipelines(sana_dir):
     with torch.no_grad():
         want = pipe.vae.encode(px).latent * pipe.vae.config.scaling_factor
     assert torch.equal(b.encode_images(px), want)
+    # a transformer whose config scales the timestep (`timestep_scale`, 1.0 in the hub's 1600M folders)
+    for m in (b.unet, pipe.transformer):
+        m.register_to_config(timestep_scale=0.25)
+    with b.use_adapter(None):
+        v_scaled = b.predict_v(x, t, cond)
+    with torch.no_grad():
+        ref = pipe.transformer(x, encoder_hidden_states=pe, encoder_attention_mask=pm, timestep=t * 1000 * 0.25,
+                               return_dict=False)[0]
+    torch.testing.assert_close(v_scaled, ref, rtol=0, atol=0)
+    assert (v_scaled - v).abs().max() > 1e-4
+
+
+def test_learned_sigma_output_keeps_its_first_half():
+    """A transformer with out_channels = 2 in_channels (learned sigma): the velocity is the first half of its
+    output, as SanaPipeline takes it."""
+    from diffusers import SanaTransformer2DModel
+
+    from npo_suite.testing.tiny_models import sana_transformer_config
+
+    torch.manual_seed(0)
+    model = SanaTransformer2DModel(**{**sana_transformer_config(), "out_channels": 8}).eval()
+    g = torch.Generator().manual_seed(0)
+    x, hidden = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 5, 16, generator=g)
+    mask, t = torch.ones(2, 5), torch.tensor([500.0])
+    with torch.no_grad():
+        v = get_family("sana").velocity(model, x, t, hidden, {"encoder_attention_mask": mask}, h=4, w=4)
+        full = model(x, encoder_hidden_states=hidden, encoder_attention_mask=mask, timestep=t.expand(2),
+                     return_dict=False)[0]
+    assert full.shape[1] == 8 and torch.equal(v, full[:, :4])
 
 
 @pytest.mark.parametrize("method", ["dpo", "npo"])
