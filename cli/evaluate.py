@@ -73,7 +73,7 @@ def _sweep_arguments(sub) -> None:
     w.add_argument("--cfg", type=float, default=7.5)
     w.add_argument("--steps", type=int, default=20)
     w.add_argument("--scheduler", default=None, choices=list(SCHEDULERS) + list(FLOW_SCHEDULERS),
-                   help="default ddim; flow-euler for flow-matching models (SD3/SD3.5, Flux, the flow world)")
+                   help="default ddim; flow-euler for flow-matching models (SD3/SD3.5, Flux, SANA, the flow world)")
     w.add_argument("--flux-guidance", type=float, default=None,
                    help="Flux-dev's embedded guidance (default 3.5); lower it (1-2) when --cfg > 1 does the guiding")
     w.add_argument("--height", type=int, default=None, help="default: the model's own size")

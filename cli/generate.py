@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flux-guidance", type=float, default=None,
                    help="Flux-dev's embedded guidance (default 3.5); lower it (1-2) when --cfg > 1 does the guiding")
     p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS) + list(FLOW_SCHEDULERS),
-                   help="default ddim; flow-euler for flow-matching models (SD3/SD3.5, Flux, the flow world)")
+                   help="default ddim; flow-euler for flow-matching models (SD3/SD3.5, Flux, SANA, the flow world)")
     p.add_argument("--sigma-min", type=float, default=d.sigma_min, help="negative offset on only for sigma >= this "
                                                                          "(default: no bound)")
     p.add_argument("--sigma-max", type=float, default=d.sigma_max, help="negative offset on only for sigma <= this "

@@ -32,7 +32,7 @@ from ..core.prompts import read_prompts_file
 from ..core.summary import DataSummary
 
 SCHEDULERS = ("ddim", "euler", "dpmpp")  # SD1.x / SDXL (epsilon / v models)
-# flow models: SD3 / Flux with FlowMatchEulerDiscreteScheduler from the model's config; a flow UNet (the
+# flow models: SD3 / Flux / SANA with FlowMatchEulerDiscreteScheduler from the model's config (SANA: at its flow_shift); a flow UNet (the
 # digits world's) with core.flow's Euler solver on the same t grid
 FLOW_SCHEDULERS = ("flow-euler",)
 NPO_PATHS = ("fast", "two-model")
@@ -64,36 +64,40 @@ class SampleResult:
 # ----------------------------------------------------------------------------------------------
 # Text conditioning
 # ----------------------------------------------------------------------------------------------
-def _run_te(te, i: int, ids: torch.Tensor, groups, rows):
-    """Encoder i's forward with each prompt's offset group on its rows (core.conditioning `run`)."""
+def _run_te(te, i: int, ids: torch.Tensor, groups, rows, **kw):
+    """Encoder i's forward with each prompt's offset group on its rows (core.conditioning `run`); kw go to
+    the forward (SANA's attention_mask)."""
     comp = f"te{i + 1}"
     # an Offset's text-encoder part; a bare module -> Delta mapping is a UNet offset (nothing here)
     active = {g: [(o, w) for o, w in terms if isinstance(o, Offset) and component_deltas(o, comp)]
               for g, terms in (groups or {}).items()}
     if not any(active.values()):
-        return te(ids, output_hidden_states=True)
+        return te(ids, output_hidden_states=True, **kw)
     with branch_offsets(te, active, rows=[r if active.get(r) else None for r in rows], component=comp):
-        return te(ids, output_hidden_states=True)
+        return te(ids, output_hidden_states=True, **kw)
 
 
-def encode_prompts(bundle, prompts: list[str], groups=None, rows=None) -> Cond:
+def encode_prompts(bundle, prompts: list[str], groups=None, rows=None, *, negative: bool = False) -> Cond:
     """Text conditioning of `prompts` [B]; rows[i] names the offset group of prompt i's text encoder.
 
     SD1.x / world: last hidden state of the CLIP encoder. SDXL: penultimate hidden states of both
     encoders concatenated, pooled projection of the second; empty prompts give zeros when the
     pipeline says `force_zeros_for_empty_prompt` (what SDXL saw under dropout). SD3 / Flux: the
     family's `encode_text` (the pipeline's `encode_prompt`), pooled as `pooled_projections`; the T5
-    length is the family's default or `bundle.extra["max_sequence_length"]`.
+    length is the family's default or `bundle.extra["max_sequence_length"]`. SANA: Gemma2's hidden states
+    with the attention mask as `encoder_attention_mask`. negative: these are negative / null prompts, encoded
+    as the pipeline encodes those (SANA: without its instruction prefix; the same for the others).
     """
     rows = list(rows) if rows is not None else [None] * len(prompts)
     dev = bundle.device
     fam = bundle.family_spec
-    if isinstance(fam, FlowFamily):  # SD3 / Flux: the pipeline's own encoding; the null conditioning is the encoded ""
+    if isinstance(fam, FlowFamily):  # SD3 / Flux / SANA: the pipeline's own encoding; the null conditioning is the encoded ""
         with torch.no_grad():
-            hidden, pooled = fam.encode_text(bundle.tokenizers, bundle.text_encoders, prompts, dev,
-                                             run=lambda i, te, ids: _run_te(te, i, ids, groups, rows),
-                                             max_sequence_length=bundle.extra.get("max_sequence_length"))
-        return Cond(hidden.to(bundle.dtype), {"pooled_projections": pooled.to(bundle.dtype)})
+            hidden, second = fam.encode_text(bundle.tokenizers, bundle.text_encoders, prompts, dev,
+                                             run=lambda i, te, ids, **kw: _run_te(te, i, ids, groups, rows, **kw),
+                                             max_sequence_length=bundle.extra.get("max_sequence_length"),
+                                             negative=negative)
+        return Cond(hidden.to(bundle.dtype), {fam.text_added_key: second.to(bundle.dtype)})
     with torch.no_grad():
         hidden, pooled = bundle.family_spec.encode_text(bundle.tokenizers, bundle.text_encoders, prompts, dev,
                                                         run=lambda i, te, ids: _run_te(te, i, ids, groups, rows))
@@ -143,12 +147,12 @@ def sample(bundle, prompts: list[str], seeds: list[int], mode: str = "cfg", *, n
     Same seed -> same initial noise in every mode, so modes compare image by image. The offset of
     the unconditional rows is on only while sigma_min <= sigma_t <= sigma_max (plain CFG elsewhere).
     progress: an optional callable called once per step (e.g. a tqdm bar's update).
-    scheduler: None = the family's default ("ddim" for SD1.x/SDXL, "flow-euler" for SD3/Flux).
+    scheduler: None = the family's default ("ddim" for SD1.x/SDXL, "flow-euler" for SD3/Flux/SANA).
     flux_guidance: Flux-dev's embedded guidance (default 3.5, the pipeline's); lower it (1-2) when
       cfg_scale > 1 does the guiding. Refused for a model without a guidance embedding.
     """
     scheduler = scheduler or bundle.family_spec.default_scheduler
-    if isinstance(bundle.family_spec, FlowFamily):  # a flow transformer (SD3, Flux)
+    if isinstance(bundle.family_spec, FlowFamily):  # a flow transformer (SD3, Flux, SANA)
         return _sample_flow(bundle, prompts, seeds, mode, negative_prompts=negative_prompts, offsets=offsets,
                             cfg_scale=cfg_scale, steps=steps, scheduler=scheduler, sigma_min=sigma_min,
                             sigma_max=sigma_max, height=height, width=width, rescale=rescale, npo_path=npo_path,
@@ -229,7 +233,7 @@ class _Fast:
 
 
 # ----------------------------------------------------------------------------------------------
-# Flow families (SD3, Flux): velocity prediction, FlowMatchEulerDiscreteScheduler
+# Flow families (SD3, Flux, SANA): velocity prediction, FlowMatchEulerDiscreteScheduler
 # ----------------------------------------------------------------------------------------------
 class _FlowPredictor:
     """One batched transformer forward with per-row offsets (fast) or one materialised copy per group
@@ -268,8 +272,8 @@ def _encode_rows(bundle, prompts, negative_prompts, spec, groups):
     negs = [""] * b if spec.uncond == "null" or negative_prompts is None else list(negative_prompts)
     gate = spec.neg_group != spec.pos_group
     cond = encode_prompts(bundle, prompts, groups, [spec.pos_group] * b)
-    unc = encode_prompts(bundle, negs, groups, [spec.neg_group] * b)
-    unc_off = encode_prompts(bundle, negs, groups, [spec.pos_group] * b) if gate else unc
+    unc = encode_prompts(bundle, negs, groups, [spec.neg_group] * b, negative=True)
+    unc_off = encode_prompts(bundle, negs, groups, [spec.pos_group] * b, negative=True) if gate else unc
     return negs, gate, cond, unc, unc_off
 
 

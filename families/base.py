@@ -20,9 +20,10 @@ from ..core.offsets.keys import OffsetLayout, register_layout
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# (i, encoder, token ids [B, L]) -> the encoder's output with hidden states; a caller may wrap the
-# forward (e.g. per-row offsets on the text encoder, `diffusers_host.generate.encode_prompts`).
-RunEncoder = Callable[[int, torch.nn.Module, torch.Tensor], object]
+# (i, encoder, token ids [B, L], **kw) -> the encoder's output with hidden states (kw: e.g. SANA's
+# attention_mask, passed to the forward); a caller may wrap the forward (e.g. per-row offsets on the text
+# encoder, `diffusers_host.generate.encode_prompts`).
+RunEncoder = Callable[..., object]
 
 # LoRA target-module presets (module-name suffixes matched by PEFT) of a diffusers UNet2DConditionModel.
 UNET_LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -37,8 +38,8 @@ UNET_LORA_TARGETS["attn+conv"] = UNET_LORA_TARGETS["attn"] + ("conv1", "conv2", 
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
-def _run(i: int, te: torch.nn.Module, ids: torch.Tensor):
-    return te(ids, output_hidden_states=True)
+def _run(i: int, te: torch.nn.Module, ids: torch.Tensor, **kw):
+    return te(ids, output_hidden_states=True, **kw)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Family:
 
     @property
     def is_flow_transformer(self) -> bool:
-        """A flow-matching transformer family (`families.flow.FlowFamily`: SD3, Flux), loaded through its
+        """A flow-matching transformer family (`families.flow.FlowFamily`: SD3, Flux, SANA), loaded through its
         diffusers pipeline and sampled by its pipeline's loop. False for every plain `Family`, including a
         flow-prediction UNet (the digits world's `world_flow`), which keeps the UNet paths."""
         return False
@@ -124,6 +125,11 @@ class Family:
             if pooled is None:
                 pooled = out[0]
         return torch.cat(hidden, dim=-1), (pooled if self.pooled else None)  # [B, L, sum D], [B, P]
+
+    def cache_tag(self) -> str:
+        """What else, besides the encoders' weights, decides this family's cached text encodings (part of the
+        trainer's latent-cache key); "" for most families (SANA: its instruction prefix and token length)."""
+        return ""
 
     def size_ids(self, batch: int, original_size, crop_top_left=(0, 0), target_size=None, *, dtype=torch.float32,
                  device="cpu") -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""Flow-matching transformer families (SD3/SD3.5, Flux): what they share.
+"""Flow-matching transformer families (SD3/SD3.5, Flux, SANA): what they share.
 
 These models predict a velocity v = eps - x0 on the rectified-flow path x_t = (1 - t) x0 + t eps
 (`core.flow`), run a transformer instead of a UNet (the bundle's `unet` slot holds it: the
@@ -8,8 +8,14 @@ and its `shift`, or the resolution-dependent shift `mu` when the scheduler confi
 
   pipeline_classes: the diffusers pipeline `_class_name`s of a model folder of this family
     (`model_index.json`), used for detection and loading;
-  t5_max_length: the T5 token length the pipeline uses by default (`max_sequence_length`);
-  encode_text: the pipeline's own prompt encoding (subclasses, checked against `encode_prompt`);
+  t5_max_length: the text token length the pipeline uses by default (`max_sequence_length`: T5 for
+    SD3/Flux, Gemma2 for SANA);
+  encode_text: the pipeline's own prompt encoding (subclasses, checked against `encode_prompt`):
+    (hidden, second) where second goes to the transformer as `Cond.added[text_added_key]` (the
+    pooled projection of SD3/Flux, SANA's attention mask); `negative=True` encodes a negative prompt
+    the way the pipeline encodes those (SANA: without its instruction prefix);
+  flow_scheduler: the FlowMatchEulerDiscreteScheduler sampled with, from the folder's scheduler
+    (SANA's DPM-Solver config gives its flow_shift), or a refusal;
   pack / unpack / velocity / timesteps: the latent layout, the transformer call and the
     scheduler's timesteps, exactly as the family's diffusers pipeline does them.
 
@@ -49,6 +55,8 @@ class FlowFamily(Family):
     t5_max_length: int = 256
     folder_components: tuple[str, ...] = ("transformer", "text_encoder", "vae", "scheduler")
     base_model_version: str = ""  # the kohya `ss_base_model_version` of its LoRAs ("sd3", "flux1")
+    text_added_key: str = "pooled_projections"  # Cond.added key of encode_text's second output
+    vae_class: str = "AutoencoderKL"  # its VAE (a --vae override must be one; SANA: AutoencoderDC)
 
     @property
     def is_flow_transformer(self) -> bool:
@@ -62,6 +70,18 @@ class FlowFamily(Family):
 
     def matches_unet_config(self, config) -> bool:
         return False  # a transformer, never a UNet
+
+    def refusal(self, pipeline_class: str) -> str | None:
+        """Why a folder of a related pipeline this family does not sample is refused (None: not refused)."""
+        return None
+
+    def flow_scheduler(self, scheduler):
+        """(the scheduler sampled with, a description) from the folder's scheduler: SD3/Flux's own
+        FlowMatchEulerDiscreteScheduler as it is."""
+        c = scheduler.config
+        shift = (f"dynamic shift (base {c.get('base_shift')}, max {c.get('max_shift')})"
+                 if c.get("use_dynamic_shifting") else f"shift {c.get('shift')}")
+        return scheduler, f"{type(scheduler).__name__}, {shift}"
 
     # ----------------------------------------------------------------- sampling
     def pack(self, latents: torch.Tensor) -> torch.Tensor:

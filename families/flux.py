@@ -36,8 +36,9 @@ class FluxFamily(FlowFamily):
     default_flux_guidance: float = 3.5
 
     def encode_text(self, tokenizers: Sequence, text_encoders: Sequence, prompts: Sequence[str], device, *,
-                    run: RunEncoder = _run, max_sequence_length: int | None = None):
-        """(T5 hidden [B, L_t5, D_t5], CLIP pooled [B, D_clip]) of `prompts`, as the Flux pipeline."""
+                    run: RunEncoder = _run, max_sequence_length: int | None = None, negative: bool = False):
+        """(T5 hidden [B, L_t5, D_t5], CLIP pooled [B, D_clip]) of `prompts`, as the Flux pipeline (a negative
+        prompt is encoded the same way: `negative` changes nothing)."""
         pooled = run(0, text_encoders[0], tokenize(tokenizers[0], prompts, device)).pooler_output
         n = max_sequence_length or self.t5_max_length
         t5 = run(1, text_encoders[1], t5_ids(tokenizers[1], prompts, n, device))[0]

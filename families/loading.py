@@ -79,6 +79,8 @@ class ModelBundle:
         """Pixels per latent cell (8 for SD VAEs, 1 in pixel space)."""
         if self.vae is None:
             return 1
+        if getattr(self.vae, "spatial_compression_ratio", None):  # DC-AE (SANA): 2 ** (encoder blocks - 1)
+            return int(self.vae.spatial_compression_ratio)
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
@@ -116,11 +118,12 @@ def _detect_single_file_family(path: Path) -> Family:
 
 def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device, tokenizer, vae=None,
                       prediction_type: str | None = None, *, transformer=None, source: str | None = None) -> ModelBundle:
-    """A diffusers folder of a flow family (SD3, Flux): its own pipeline class loads every component
+    """A diffusers folder of a flow family (SD3, Flux, SANA): its own pipeline class loads every component
     (text encoders and tokenizers as the folder names them), nothing downloaded. `vae` replaces the
     folder's VAE (a diffusers VAE folder, a diffusers-named .safetensors read with the folder's vae/config,
-    or an already loaded VAE model); `transformer` (a loaded model) replaces the folder's (a single file,
-    `source` names it in the line)."""
+    or an already loaded VAE model); an AutoencoderKL only (SANA's DC-AE is refused). `transformer` (a
+    loaded model) replaces the folder's (a single file, `source` names it in the line). The scheduler
+    sampled with is `fam.flow_scheduler`'s."""
     import diffusers
 
     if family is not None and family != fam.name:
@@ -133,13 +136,20 @@ def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device
         raise ValueError(f"{path}: --prediction-type ({prediction_type}) is for SD1.x/SDXL checkpoints; a "
                          f"{fam.display_name} model predicts a flow velocity")
     extra, vae_note = {}, "VAE: vae/"
+    if vae is not None and fam.vae_class != "AutoencoderKL":
+        raise ValueError(f"{path}: vae= replaces an AutoencoderKL; a {fam.display_name} folder uses its own "
+                         f"{fam.vae_class} (vae/), which no other VAE replaces here")
     if isinstance(vae, torch.nn.Module):
         extra["vae"], vae_note = vae, f"VAE: in the file {Path(source).name}" if source else "VAE: given"
     elif vae is not None:
         extra["vae"], vae_note = _load_vae(vae, path, dtype, str(path)), f"VAE: {vae}"
     if transformer is not None:
         extra["transformer"] = transformer
-    cls = getattr(diffusers, read_model_index(path)["_class_name"])
+    name = read_model_index(path)["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"{path}: the installed diffusers ({diffusers.__version__}) has no {name}; upgrade diffusers "
+                         f"to load this {fam.display_name} folder")
     pipe = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **extra)
     if transformer is not None:
         file_dtype = _file_facts(Path(source))["dtype"]
@@ -149,12 +159,10 @@ def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device
         weights = sorted((path / "transformer").glob("*.safetensors"))
         file_dtype = _file_facts(weights[0])["dtype"] if weights else "unknown"
         what = f"diffusers folder {path.name}"
-    sc = pipe.scheduler.config
-    shift = (f"dynamic shift (base {sc.get('base_shift')}, max {sc.get('max_shift')})"
-             if sc.get("use_dynamic_shifting") else f"shift {sc.get('shift')}")
+    schedule = fam.flow_scheduler(pipe.scheduler)[1]
     line = (f"model: {fam.display_name} {what} ({file_dtype} weights, loaded as "
             f"{str(dtype).replace('torch.', '')}); prediction: flow (the family's); schedule: "
-            f"{type(pipe.scheduler).__name__}, {shift}; {vae_note}; tokenizers: the folder's "
+            f"{schedule}; {vae_note}; tokenizers: the folder's "
             f"({', '.join(type(t).__name__ for t in (pipe.tokenizer, getattr(pipe, 'tokenizer_2', None), getattr(pipe, 'tokenizer_3', None)) if t is not None)})")
     bundle = bundle_from_flow_pipeline(pipe, fam, source or str(path), device)
     bundle.detected = line
@@ -170,6 +178,11 @@ def _flow_single_file(path: Path, fam: Family, facts: dict, dtype, device, token
     file's own (`first_stage_model.*`, as SD3.5 files hold it), else the folder's; the line says which."""
     import diffusers
 
+    if fam.name not in ("sd3", "flux"):
+        raise ValueError(
+            f"{path}: a {fam.display_name} single file is not supported: such files hold the transformer in the "
+            f"original key names, and converting one is not tested here for this family; pass the model's diffusers "
+            f"folder (model_index.json, transformer/, text_encoder*/, tokenizer*/, vae/, scheduler/) instead")
     if config is None:
         raise ValueError(
             f"{path}: a {fam.display_name} single file holds the transformer (and at most the VAE); pass --config DIR "
@@ -206,8 +219,9 @@ def _flow_single_file(path: Path, fam: Family, facts: dict, dtype, device, token
 
 
 def bundle_from_flow_pipeline(pipe, fam: Family | str, source: str = "pipeline", device=None) -> ModelBundle:
-    """A ModelBundle over a diffusers SD3 / Flux pipeline's modules: the transformer in the denoiser
-    slot (`unet`), the text encoders and tokenizers in the pipeline's order (CLIP-L, CLIP-G, T5 / CLIP-L, T5)."""
+    """A ModelBundle over a diffusers SD3 / Flux / SANA pipeline's modules: the transformer in the denoiser
+    slot (`unet`), the text encoders and tokenizers in the pipeline's order (CLIP-L, CLIP-G, T5 / CLIP-L, T5 /
+    Gemma2), the scheduler `fam.flow_scheduler` gives (SANA: flow Euler at its DPM-Solver's flow_shift)."""
     fam = get_family(fam)
     tes = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")[:fam.text_encoders]]
     toks = [getattr(pipe, n) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")[:fam.text_encoders]]
@@ -216,7 +230,8 @@ def bundle_from_flow_pipeline(pipe, fam: Family | str, source: str = "pipeline",
                          f"tokenizers (a pipeline loaded without one, e.g. text_encoder_3=None, is not supported)")
     if device is None:
         device = pipe.transformer.device
-    return _bundle(pipe.transformer, tes, toks, pipe.vae, pipe.scheduler, fam.name, source, device, False, "flow")
+    scheduler = fam.flow_scheduler(pipe.scheduler)[0]
+    return _bundle(pipe.transformer, tes, toks, pipe.vae, scheduler, fam.name, source, device, False, "flow")
 
 
 def _from_folder(path: Path, family: str | None, dtype, device, tokenizer, vae=None,
@@ -225,6 +240,10 @@ def _from_folder(path: Path, family: str | None, dtype, device, tokenizer, vae=N
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index = read_model_index(path)
+    for f in FAMILIES.values():  # a folder of a related pipeline a flow family does not sample (SANA-Sprint, ...)
+        why = f.refusal(index.get("_class_name", "")) if f.is_flow_transformer else None
+        if why:
+            raise ValueError(f"{path}: {why}")
     flow = detect_folder(path)
     if flow is not None and flow.is_flow_transformer:
         return _flow_from_folder(path, flow, family, dtype, device, tokenizer, vae, prediction_type)

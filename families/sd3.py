@@ -30,8 +30,9 @@ SD3_LORA_TARGETS = {
 @dataclass(frozen=True)
 class SD3Family(FlowFamily):
     def encode_text(self, tokenizers: Sequence, text_encoders: Sequence, prompts: Sequence[str], device, *,
-                    run: RunEncoder = _run, max_sequence_length: int | None = None):
-        """(prompt embeds [B, 77 + L_t5, D_t5], pooled [B, P1 + P2]) of `prompts`, as the SD3 pipeline."""
+                    run: RunEncoder = _run, max_sequence_length: int | None = None, negative: bool = False):
+        """(prompt embeds [B, 77 + L_t5, D_t5], pooled [B, P1 + P2]) of `prompts`, as the SD3 pipeline (a
+        negative prompt is encoded the same way: `negative` changes nothing)."""
         hidden, pooled = [], []
         for i in (0, 1):
             out = run(i, text_encoders[i], tokenize(tokenizers[i], prompts, device))

@@ -1,4 +1,4 @@
-"""Tiny SD1.x- and SDXL-shaped models with random weights, built locally (no downloads).
+"""Tiny SD1.x-, SDXL-, SD3-, Flux- and SANA-shaped models with random weights, built locally (no downloads).
 
 Used by the test-suite fixtures and the benchmarks; production code never imports this package
 (the world's tokenizer lives in `world/tokenizer.py`). Every
@@ -442,6 +442,89 @@ def build_flux(directory: str | os.PathLike | None = None, seed: int = 0, guidan
                                             base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te1, tokenizer=clip_tok,
                         text_encoder_2=te2, tokenizer_2=t5_tok)
+    if directory is not None:
+        pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# SANA: linear-attention DiT, Gemma2 text encoder, DC-AE (the classes of SanaPipeline, tiny sizes)
+# ----------------------------------------------------------------------------------------------
+def build_gemma_tokenizer(directory: str | os.PathLike | None = None, words=DEFAULT_WORDS):
+    """A transformers `GemmaTokenizer` (BPE with byte fallback, "▁" for spaces, <bos> prepended, as Gemma's)
+    built offline: the special tokens, the 256 byte tokens, every character and word of `words` and of
+    SanaPipeline's default `complex_human_instruction` (so that prefix is ~200 tokens, not ~1000 bytes),
+    merges letter by letter. Saved to `directory` if given."""
+    import re
+
+    from transformers import GemmaTokenizer
+
+    from ..families.sana import complex_human_instruction
+
+    text = " ".join(list(words) + complex_human_instruction())
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    vocab.update({f"<0x{b:02X}>": 5 + b for b in range(256)})
+    for ch in sorted(set(text.replace(" ", "▁")) | {"▁"}):
+        vocab.setdefault(ch, len(vocab))
+    merges = []
+    for w in sorted(set(re.findall(r"[A-Za-z']+", text))):
+        for piece in (w, w.lower(), "▁" + w, "▁" + w.lower()):
+            cur = piece[0]
+            for ch in piece[1:]:
+                if (cur, ch) not in merges:
+                    merges.append((cur, ch))
+                cur += ch
+                vocab.setdefault(cur, len(vocab))
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+    if directory is not None:
+        tok.save_pretrained(str(directory))
+    return tok
+
+
+def sana_transformer_config(caption_channels: int = 16) -> dict:
+    """SANA-shaped: linear self-attention + cross-attention blocks, GLUMBConv feed-forward, patch 1,
+    caption projection from the Gemma2 width; no guidance embedding (SanaPipeline's models)."""
+    return dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+                num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                caption_channels=caption_channels, sample_size=8)
+
+
+def dc_ae_config() -> dict:
+    """A tiny AutoencoderDC (diffusers' own SANA test config): 4 latent channels, 2x down-sampling."""
+    return dict(in_channels=3, latent_channels=4, attention_head_dim=2,
+                encoder_block_types=("ResBlock", "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
+                encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+                upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                scaling_factor=0.41407)
+
+
+def sana_scheduler(flow_shift: float = 3.0):
+    """The scheduler of the hub's SANA folders (Sana_1600M_1024px_diffusers): DPM-Solver++ on flow sigmas."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2,
+                                       prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
+
+
+def build_sana(directory: str | os.PathLike | None = None, seed: int = 0, flow_shift: float = 3.0):
+    """A tiny SanaPipeline (Gemma2 text encoder with a GemmaTokenizer built offline, SanaTransformer2DModel,
+    AutoencoderDC, the hub's DPM-Solver flow scheduler at `flow_shift`), random weights (saved to `directory`
+    if given)."""
+    from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    tok = build_gemma_tokenizer()
+    te = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                  max_position_embeddings=2048, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+                                  attn_implementation="eager")).eval()
+    transformer = SanaTransformer2DModel(**sana_transformer_config(caption_channels=16)).eval()
+    vae = AutoencoderDC(**dc_ae_config()).eval()
+    pipe = SanaPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer,
+                        scheduler=sana_scheduler(flow_shift))
     if directory is not None:
         pipe.save_pretrained(directory, safe_serialization=True)
     return pipe

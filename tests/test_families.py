@@ -127,7 +127,7 @@ def test_world_family_is_registered_only_through_the_plugin():
             "from npo_suite.world.family import WORLD, WORLD_FLOW\n"
             "register(); register()\n"
             "assert F.FAMILIES['world'] is WORLD and F.FAMILIES['world_flow'] is WORLD_FLOW\n"
-            "assert list(F.FAMILIES) == ['sd1', 'sdxl', 'sd3', 'flux', 'world', 'world_flow'], list(F.FAMILIES)\n")
+            "assert list(F.FAMILIES) == ['sd1', 'sdxl', 'sd3', 'flux', 'sana', 'world', 'world_flow'], list(F.FAMILIES)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for f in (PACKAGE / "families").glob("*.py"):  # no family module imports the world, lazily or not

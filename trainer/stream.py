@@ -100,7 +100,8 @@ def build_batches(cfg, backend, kind: str, rank: int = 0, world_size: int = 1) -
     prepared = _prepared_folder(cfg, kind)
     opener = open_pairs if kind == "pairs" else open_prompts
     encoders = [getattr(backend, "vae", None), *getattr(backend, "text_encoders", [])]
-    cache = LatentCache.from_backend(cfg.cache_dir or None, fingerprint_modules(*encoders, extra=backend.family),
+    tag = getattr(getattr(backend, "spec", None), "cache_tag", lambda: "")()  # e.g. SANA's instruction prefix
+    cache = LatentCache.from_backend(cfg.cache_dir or None, fingerprint_modules(*encoders, extra=backend.family + tag),
                                      backend, image_transform(cfg), encode_batch=cfg.cache_batch_size)
     if prepared is not None:
         ds = DdspoDataset.for_config(prepared, cache, cfg)

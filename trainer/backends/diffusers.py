@@ -1,5 +1,5 @@
 """Training backend on a diffusers denoiser + its text encoder(s): a UNet2DConditionModel (SD1.x, SDXL,
-the digits worlds) or a flow-matching transformer of a `families.flow.FlowFamily` (SD3/SD3.5, Flux).
+the digits worlds) or a flow-matching transformer of a `families.flow.FlowFamily` (SD3/SD3.5, Flux, SANA).
 
 Implements `trainer/backends/base.py`'s protocol. All LoRA adapters live on ONE network as named
 PEFT adapters ("policy" trainable; "ref"/"ema" frozen copies on request); the reference of plain
@@ -21,6 +21,9 @@ Conventions:
   sequence and the pooled projection (`Cond.added["pooled_projections"]`); ∅ is the encoded empty
   prompt, as the pipelines' negative prompt; the network is called through the family's
   `pack` / `velocity` / `unpack` (Flux packs 2x2 latent patches into tokens) at timestep t·1000;
+  SANA: Gemma2's hidden states with the text mask as `Cond.added["encoder_attention_mask"]` (cached and
+  concatenated like the pooled projection), prompts with the pipeline's instruction prefix, ∅ the encoded ""
+  without it (the pipeline's negative), DC-AE latents (deterministic encoder, no posterior);
   Flux-dev's embedded guidance is `BackendOptions.flux_guidance` (1.0 while training: our default,
   not taken from a measured comparison; not a TrainConfig field yet). After the cache is filled the text encoders can be released
   (`release_text_encoders`): a T5-XXL is 4.7 B parameters the training step never uses.
@@ -281,16 +284,20 @@ class DiffusersBackend:
         return torch.tensor([row] * batch_size, dtype=torch.float32, device=self.device)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def encode_prompts(self, prompts: list[str], *, negative: bool = False) -> Cond:
+        """Conditioning of `prompts`; negative: as the family's pipeline encodes a negative / null prompt (SANA:
+        without its instruction prefix; the same encoding for every other family)."""
         prompts = list(prompts)
         if not self.text_encoders:
             raise RuntimeError("the text encoders were released after caching (release_text_encoders); this "
                                "run encodes every prompt before training")
+        if self.is_transformer:  # [B, L, D], pooled [B, P] (SD3, Flux) or the text mask [B, L] (SANA)
+            hidden, second = self.spec.encode_text(self.tokenizers, self.text_encoders, prompts, self.device,
+                                                   negative=negative)
+            return Cond(hidden.float(), {self.spec.text_added_key: second.float()})
         hidden, pooled = self.spec.encode_text(self.tokenizers, self.text_encoders, prompts, self.device)
         if pooled is None:
             return Cond(hidden.float())  # [B, L, D]
-        if self.is_transformer:  # [B, L, D], pooled [B, P]
-            return Cond(hidden.float(), {"pooled_projections": pooled.float()})
         return Cond(hidden.float(),  # [B, L, D1 + D2]
                     {"text_embeds": pooled.float(), "time_ids": self.time_ids(len(prompts))})
 
@@ -304,7 +311,7 @@ class DiffusersBackend:
 
     def null_cond(self, batch_size: int) -> Cond:
         if self._null is None:
-            c = self.encode_prompts([""])
+            c = self.encode_prompts([""], negative=True)
             if self.spec.force_zeros_for_empty_prompt and self.options.sdxl_null == "zeros":
                 c = Cond(torch.zeros_like(c.hidden), {"text_embeds": torch.zeros_like(c.added["text_embeds"]),
                                                       "time_ids": c.added["time_ids"]})
@@ -322,7 +329,9 @@ class DiffusersBackend:
                 return x.mean(1, keepdim=True)  # [B, 1, H, W]
             raise ValueError(f"pixel-space model takes {c} channels, got images with {x.shape[1]}")
         px = pixels.to(self.device, self.vae.dtype)  # [B, 3, H, W] in [-1, 1]
-        latents = self.vae.encode(px).latent_dist.mode()  # [B, C, H/8, W/8]
+        enc = self.vae.encode(px)
+        # [B, C, H/8, W/8]; SANA's DC-AE (AutoencoderDC) is deterministic: its `latent` ([B, 32, H/32, W/32])
+        latents = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latent
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
