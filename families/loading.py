@@ -181,8 +181,9 @@ def _flow_single_file(path: Path, fam: Family, facts: dict, dtype, device, token
     if fam.name not in ("sd3", "flux"):
         raise ValueError(
             f"{path}: a {fam.display_name} single file is not supported: such files hold the transformer in the "
-            f"original key names, and converting one is not tested here for this family; pass the model's diffusers "
-            f"folder (model_index.json, transformer/, text_encoder*/, tokenizer*/, vae/, scheduler/) instead")
+            f"original key names, and converting one (with its Gemma2 text encoder and DC-AE from a folder) is not "
+            f"tested here for this family; pass the model's diffusers folder (model_index.json, transformer/, "
+            f"text_encoder*/, tokenizer*/, vae/, scheduler/) instead")
     if config is None:
         raise ValueError(
             f"{path}: a {fam.display_name} single file holds the transformer (and at most the VAE); pass --config DIR "
