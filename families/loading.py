@@ -171,27 +171,21 @@ def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device
 
 def _flow_single_file(path: Path, fam: Family, facts: dict, dtype, device, tokenizer, config: str | None, vae=None,
                       prediction_type: str | None = None) -> ModelBundle:
-    """An SD3 / Flux single file (original SAI / BFL key names, with or without the `model.diffusion_model.`
-    prefix): its transformer converted by diffusers' own single-file loader, with the config of the model's
+    """An SD3 / Flux / SANA single file (original SAI / BFL / NVlabs key names, with or without the
+    `model.diffusion_model.` prefix): its transformer converted by diffusers' own single-file loader, with the config of the model's
     diffusers folder `config`, which also supplies the text encoders, tokenizers and scheduler (a transformer
     file holds none of them that a config could rebuild offline). The VAE: `vae=` if given, else the
     file's own (`first_stage_model.*`, as SD3.5 files hold it), else the folder's; the line says which."""
     import diffusers
 
-    if fam.name not in ("sd3", "flux"):
-        raise ValueError(
-            f"{path}: a {fam.display_name} single file is not supported: such files hold the transformer in the "
-            f"original key names, and converting one (with its Gemma2 text encoder and DC-AE from a folder) is not "
-            f"tested here for this family; pass the model's diffusers folder (model_index.json, transformer/, "
-            f"text_encoder*/, tokenizer*/, vae/, scheduler/) instead")
     if config is None:
         raise ValueError(
-            f"{path}: a {fam.display_name} single file holds the transformer (and at most the VAE); pass --config DIR "
+            f"{path}: a {fam.display_name} single file holds the transformer (and at most the VAE); pass --model-config DIR "
             f"(config=): the model's diffusers folder (model_index.json, transformer/config.json, text_encoder*/, "
             f"tokenizer*/, scheduler/), whose text encoders, tokenizers and scheduler are used with the file's transformer")
     cfg = Path(config)
     if not cfg.is_dir() or not fam.matches_folder(cfg):
-        raise ValueError(f"{path}: --config {str(cfg)!r} is not a {fam.display_name} diffusers folder (model_index.json "
+        raise ValueError(f"{path}: --model-config {str(cfg)!r} is not a {fam.display_name} diffusers folder (model_index.json "
                          f"naming {' or '.join(fam.pipeline_classes)}, with {', '.join(fam.folder_components)})")
     tcfg = json.loads((cfg / "transformer" / "config.json").read_text(encoding="utf-8"))
     if fam.name == "flux":

@@ -508,6 +508,38 @@ def sana_scheduler(flow_shift: float = 3.0):
                                        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
 
 
+def sana_original_state_dict(transformer, max_tokens: int = 300) -> dict:
+    """The NVlabs/Sana checkpoint names (`blocks.N.attn.qkv`, `cross_attn.kv_linear`, `mlp.*_conv.conv`, ...) of a
+    diffusers SanaTransformer2DModel: the inverse of diffusers' `convert_sana_transformer_to_diffusers`, plus the
+    two tensors that converter drops unread (`pos_embed`, `y_embedder.y_embedding`: zeros here)."""
+    sd = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    c = transformer.config
+    o = {"pos_embed": torch.zeros(1, 1, c.num_attention_heads * c.attention_head_dim),
+         "y_embedder.y_embedding": torch.zeros(max_tokens, c.caption_channels),
+         "attention_y_norm.weight": sd.pop("caption_norm.weight"),
+         "final_layer.scale_shift_table": sd.pop("scale_shift_table")}
+    ren = {"x_embedder.proj": "patch_embed.proj", "t_embedder.mlp.0": "time_embed.emb.timestep_embedder.linear_1",
+           "t_embedder.mlp.2": "time_embed.emb.timestep_embedder.linear_2", "t_block.1": "time_embed.linear",
+           "y_embedder.y_proj.fc1": "caption_projection.linear_1", "y_embedder.y_proj.fc2": "caption_projection.linear_2",
+           "final_layer.linear": "proj_out"}
+    for i in range(c.num_layers):
+        b, d = f"blocks.{i}.", f"transformer_blocks.{i}."
+        o[b + "scale_shift_table"] = sd.pop(d + "scale_shift_table")
+        o[b + "attn.qkv.weight"] = torch.cat([sd.pop(f"{d}attn1.to_{x}.weight") for x in "qkv"])
+        for p_ in ("weight", "bias"):
+            o[f"{b}cross_attn.kv_linear.{p_}"] = torch.cat([sd.pop(f"{d}attn2.to_{x}.{p_}") for x in "kv"])
+        o[b + "mlp.point_conv.conv.weight"] = sd.pop(d + "ff.conv_point.weight")
+        ren.update({b + "attn.proj": d + "attn1.to_out.0", b + "cross_attn.q_linear": d + "attn2.to_q",
+                    b + "cross_attn.proj": d + "attn2.to_out.0", b + "mlp.inverted_conv.conv": d + "ff.conv_inverted",
+                    b + "mlp.depth_conv.conv": d + "ff.conv_depth"})
+    for new, old in ren.items():
+        for p_ in ("weight", "bias"):
+            o[f"{new}.{p_}"] = sd.pop(f"{old}.{p_}")
+    if sd:
+        raise ValueError(f"sana_original_state_dict: diffusers keys without an original name: {sorted(sd)[:8]}")
+    return {k: v.contiguous() for k, v in o.items()}
+
+
 def build_sana(directory: str | os.PathLike | None = None, seed: int = 0, flow_shift: float = 3.0):
     """A tiny SanaPipeline (Gemma2 text encoder with a GemmaTokenizer built offline, SanaTransformer2DModel,
     AutoencoderDC, the hub's DPM-Solver flow scheduler at `flow_shift`), random weights (saved to `directory`

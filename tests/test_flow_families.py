@@ -100,7 +100,7 @@ def test_flow_families_registered_and_detected(flow_dirs, tmp_path):
 
     f = tmp_path / "flux1.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(f))
-    with pytest.raises(ValueError, match="single file holds the transformer.*pass --config DIR"):
+    with pytest.raises(ValueError, match="single file holds the transformer.*pass --model-config DIR"):
         load_model(f)
     with pytest.raises(ValueError, match="is not a Flux.1 diffusers folder"):
         load_model(f, config=str(flow_dirs["sd3"]))

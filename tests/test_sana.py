@@ -116,12 +116,38 @@ def test_sana_family_detection_and_refusals(sana_dir, tmp_path):
     (sprint / "model_index.json").write_text(json.dumps({"_class_name": "SanaSprintPipeline"}))
     with pytest.raises(ValueError, match="SanaSprintPipeline folder is not supported.*consistency"):
         load_model(sprint, log=False)
-    # an original SANA checkpoint: detected by its tensor names, refused with the reason
+    # an original SANA checkpoint: detected by its tensor names; it needs its diffusers folder
     f = tmp_path / "sana.safetensors"
     save_file({"blocks.0.mlp.inverted_conv.conv.weight": torch.zeros(2, 2, 1, 1)}, str(f))
     assert detect_single_file(["attention_y_norm.weight"]).name == "sana"
-    with pytest.raises(ValueError, match="SANA single file is not supported.*Gemma2.*diffusers folder"):
+    with pytest.raises(ValueError, match="SANA single file holds the transformer.*pass --model-config DIR"):
         load_model(f, log=False)
+
+
+def test_sana_single_file_takes_its_transformer_and_the_folders_encoder(sana_dir, tmp_path):
+    """An NVlabs-named SANA checkpoint (`blocks.N.attn.qkv`, `cross_attn.kv_linear`, ...; seed 1) with
+    --model-config = a SANA diffusers folder (seed 0): diffusers' own converter gives the file's transformer bit
+    for bit; the Gemma2 encoder, DC-AE and scheduler are the folder's; `generate` samples with it."""
+    from npo_suite.diffusers_host.generate import GenerateJob, run_generate
+    from safetensors.torch import save_file
+
+    from npo_suite.testing.tiny_models import build_sana, sana_original_state_dict
+
+    other = build_sana(tmp_path / "seed1", seed=1)
+    f = tmp_path / "sana_1.safetensors"
+    save_file(sana_original_state_dict(other.transformer), str(f))
+    b = load_model(f, config=str(sana_dir), log=False)
+    got, want = b.unet.state_dict(), other.transformer.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    folder = load_model(sana_dir, log=False)
+    assert all(torch.equal(x, y) for x, y in zip(b.text_encoders[0].state_dict().values(),
+                                                 folder.text_encoders[0].state_dict().values()))
+    assert not torch.equal(got["proj_out.weight"], folder.unet.state_dict()["proj_out.weight"])
+    assert "single file sana_1.safetensors" in b.detected and "VAE: vae/" in b.detected
+    man = run_generate(GenerateJob(model=str(f), model_config=str(sana_dir), out=str(tmp_path / "out"),
+                                   prompt=("a cat",), modes=("cfg", "npo"), steps=2, cfg=4.0, height=SIZE, width=SIZE,
+                                   seeds=(0,)), log=lambda *_: None, progress=False)
+    assert man["family"] == "sana" and len(man["images"]) == 2
 
 
 def test_the_cache_key_follows_the_instruction_prefix(monkeypatch):
