@@ -152,7 +152,8 @@ def _flow_from_folder(path: Path, fam: Family, family: str | None, dtype, device
                          f"to load this {fam.display_name} folder")
     pipe = cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **extra)
     if transformer is not None:
-        file_dtype = _file_facts(Path(source))["dtype"]
+        file_dtype = _file_facts(Path(source))["dtype"] if Path(source).suffix.lower() == ".safetensors" else \
+            "unknown (pickle)"
         what = (f"single file {Path(source).name} (its transformer; text encoders, tokenizers and scheduler from the "
                 f"diffusers folder {path.name})")
     else:
@@ -199,14 +200,14 @@ def _flow_single_file(path: Path, fam: Family, facts: dict, dtype, device, token
                          f"diffusers {diffusers.__version__}")
     transformer = cls.from_single_file(str(path), config=str(cfg), subfolder="transformer", torch_dtype=dtype,
                                        local_files_only=True)
-    if vae is None and facts["vae"]:
+    if vae is None and facts["keys"] is not None and facts["vae"]:  # a pickle's keys are not read here: no VAE taken
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_single_file(str(path), config=str(cfg), subfolder="vae", torch_dtype=dtype,
                                              local_files_only=True)
     bundle = _flow_from_folder(cfg, fam, None, dtype, device, tokenizer, vae, prediction_type, transformer=transformer,
                                source=str(path))
-    n_te = sum(k.startswith("text_encoders.") for k in facts["keys"])
+    n_te = sum(k.startswith("text_encoders.") for k in facts["keys"] or ())
     if n_te:
         bundle.detected += (f"; the file's own text encoders ({n_te} text_encoders.* tensors) are not used: "
                             f"the folder's are")

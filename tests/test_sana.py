@@ -148,6 +148,13 @@ def test_sana_single_file_takes_its_transformer_and_the_folders_encoder(sana_dir
                                    prompt=("a cat",), modes=("cfg", "npo"), steps=2, cfg=4.0, height=SIZE, width=SIZE,
                                    seeds=(0,)), log=lambda *_: None, progress=False)
     assert man["family"] == "sana" and len(man["images"]) == 2
+    # the same weights as a pickle (.pth, as NVlabs ships them): only with allow_pickle and the family named
+    pth = tmp_path / "sana_1.pth"
+    torch.save(sana_original_state_dict(other.transformer), str(pth))
+    with pytest.raises(ValueError, match="pickle"):
+        load_model(pth, config=str(sana_dir), log=False)
+    bp = load_model(pth, family="sana", allow_pickle=True, config=str(sana_dir), log=False)
+    assert all(torch.equal(bp.unet.state_dict()[k], want[k]) for k in want) and "unknown (pickle)" in bp.detected
 
 
 def test_the_cache_key_follows_the_instruction_prefix(monkeypatch):
