@@ -184,6 +184,6 @@ def markdown(result: dict) -> str:
                   "d": cell(r["d_prompt"], ".4f")} for r in result["transfer"]]
         text += ("\nWhere the offset acts, in x0 space (`world.probe.x0_transfer`; the base's own samples noised at "
                  "flow level t, the eps world at the same SNR; mean over training seeds, per seed in brackets):\n\n"
-                 + markdown_table(trows, [("level", "noise level t"), ("ratio", "|d_null| / |d_prompt|"),
-                                          ("cos", "cos(d_null, d_prompt)"), ("d", "|d_prompt| per image")]) + "\n")
+                 + markdown_table(trows, [("level", "noise level t"), ("ratio", "‖d_null‖ / ‖d_prompt‖"),
+                                          ("cos", "cos(d_null, d_prompt)"), ("d", "‖d_prompt‖ per image")]) + "\n")
     return text
