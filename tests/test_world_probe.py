@@ -38,6 +38,10 @@ def test_probe_negative_lora_rows_null_branch_and_overrides(world, tmp_path, cap
         assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1 and 0 <= r["accuracy"] <= 1
         assert r["realism"] < 0
     assert res["null"]["base"] < 0 and res["null"]["lora"] < 0
+    # where the negative LoRA acts (x0 space, prompt vs null): one row per noise level, one value per seed
+    assert [r["level"] for r in res["transfer"]] == list(wp.TRANSFER_LEVELS)
+    assert all(len(r["cos"]) == 1 and -1 <= r["cos"][0] <= 1 and r["ratio"][0] > 0 for r in res["transfer"])
+    assert "Where the offset acts" in printed
     # the override reached the trainer: the run's stamp (world.results' cache key) records it
     stamp = json.loads((out / "runs" / "tdft" / "seed0" / "run.json").read_text())["stamp"]
     assert stamp["train"]["tdft_start"] == "noise"
@@ -53,3 +57,26 @@ def test_probe_negative_lora_rows_null_branch_and_overrides(world, tmp_path, cap
     assert "--strengths 2 1" in printed and f"--world {world}" in printed
     with pytest.raises(ValueError, match="strengths must be > 0"):
         wp.probe("tdft", [0], str(out), strengths=(0.0,))
+
+
+def test_x0_transfer_by_hand(world):
+    """An offset that adds b to the UNet's output bias moves every eps prediction by b, under any prompt: in x0
+    space that is -sqrt(1 - abar)/sqrt(abar) * b per pixel (eps world), the same under the prompt and the null
+    prompt: ratio 1, cosine 1, |d_prompt| per image = sqrt((1 - abar)/abar) * |b| * 8 (64 pixels)."""
+    import torch
+
+    from npo_suite.core.offsets.types import DenseDelta
+    from npo_suite.world.build import load_world
+
+    w = load_world(world)
+    conv = w.unet.conv_out
+    b = 0.3
+    off = {"conv_out": DenseDelta(weight=torch.zeros_like(conv.weight), bias=torch.full((conv.out_channels,), b))}
+    images = torch.rand(6, 8, 8, generator=torch.Generator().manual_seed(0))  # [N, 8, 8] in [0, 1], as sampled
+    rows = wp.x0_transfer(w, off, images, ["a photo of the digit 3"] * 6, levels=(0.3, 0.5))
+    for r in rows:
+        t = r["level"]
+        target = ((1 - t) / t) ** 2 / (1 + ((1 - t) / t) ** 2)
+        a = float(w.scheduler.alphas_cumprod[int(torch.argmin((w.scheduler.alphas_cumprod - target).abs()))])
+        assert r["ratio"] == pytest.approx(1.0, abs=1e-5) and r["cos"] == pytest.approx(1.0, abs=1e-5)
+        assert r["d_prompt"] == pytest.approx(((1 - a) / a) ** 0.5 * b * 8, rel=1e-4)

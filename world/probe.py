@@ -34,6 +34,50 @@ from ..core.npo import role_spec
 from .results import Context, ResultsConfig, _atomic_json, base_scores, pooled_summary, run_one
 
 NEGATIVE_STRENGTHS = (0.25, 0.5)  # besides the role's own 1.0
+TRANSFER_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # noise levels t of the rectified-flow path (eps world: same SNR)
+
+
+def x0_transfer(world, offset, images, prompts, levels=TRANSFER_LEVELS, seed: int = 123) -> list[dict]:
+    """Where a LoRA acts, prompt vs null prompt, in x0 space (both parameterisations alike).
+
+    images [N, 8, 8] in [0, 1] (the base model's own samples) are noised at each level with one shared
+    noise draw; per level, d_c = x0hat_lora(x_t, c) - x0hat(x_t, c) and d_0 the same under the null prompt
+    "", with x0hat = x_t - t v (flow) or (x_t - sqrt(1 - abar) eps) / sqrt(abar) (eps; abar of the nearest
+    training timestep to the flow level's SNR, sqrt(abar / (1 - abar)) = (1 - t) / t). Returns per level
+    {"level", "ratio": |d_0| / |d_c|, "cos": cos(d_0, d_c), "d_prompt": mean |d_c| per image} (norms over
+    all images and pixels): what NPO guidance uses (d_0) against what the LoRA learnt under the prompt."""
+    import torch
+
+    from ..core.offsets import materialize
+    from .build import to_model_space
+
+    x0 = to_model_space(images)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    tuned = materialize(world.unet, [(offset, 1.0)])
+    out = []
+    with torch.no_grad():
+        cond, null = world.encode(list(prompts)), world.encode([""] * len(prompts))
+        for t in levels:
+            if world.kind == "flow":
+                xt, tt = (1 - t) * x0 + t * eps, torch.full((len(x0),), t * 1000.0)
+
+                def x0hat(m, h):
+                    return xt - t * m(xt, tt, h).sample
+            else:
+                abar = world.scheduler.alphas_cumprod
+                target = ((1 - t) / t) ** 2 / (1 + ((1 - t) / t) ** 2)
+                k = int(torch.argmin((abar - target).abs()))
+                a = float(abar[k])
+                xt, tt = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps, torch.full((len(x0),), k)
+
+                def x0hat(m, h):
+                    return (xt - (1 - a) ** 0.5 * m(xt, tt, h).sample) / a ** 0.5
+            dc = x0hat(tuned, cond) - x0hat(world.unet, cond)
+            d0 = x0hat(tuned, null) - x0hat(world.unet, null)
+            out.append({"level": float(t), "ratio": float(d0.norm() / dc.norm()),
+                        "cos": float((d0 * dc).sum() / (d0.norm() * dc.norm())),
+                        "d_prompt": float(dc.flatten(1).norm(dim=1).mean())})
+    return out
 
 
 def _value(text: str):
@@ -81,9 +125,17 @@ def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: Resul
 
     rows: dict[str, list[dict]] = {}
     null = {"base": realism(sample_run(ctx.bundle, null_prompts, ctx.seeds, "cfg", None, null_rc)), "lora": []}
+    transfer: list[list[dict]] = []
+    if role == "negative":
+        from .build import load_world
+
+        w = load_world(ctx.world_dir)
+        base_images = sample_run(ctx.bundle, ctx.prompts, ctx.seeds, "cfg", None, rc)
     for s in seeds:
         run = run_one(ctx, method, int(s))
         lora = ctx.load_lora(run["lora"])
+        if role == "negative":
+            transfer.append(x0_transfer(w, lora, base_images, ctx.prompts))
         rows.setdefault(f"{role} (as world.results), strength 1", []).append(run["scores"])
         for b in [b for b in strengths if b != 1.0] if role == "negative" else ():
             imgs = ctx.sample(ctx.prompts, ctx.seeds, *role_spec(role, lora, beta=b), desc=f"{method} s{s} beta {b}")
@@ -97,7 +149,9 @@ def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: Resul
     result = {"method": method, "role": role, "seeds": [int(s) for s in seeds], "overrides": overrides or {},
               "world": world or "eps", "strengths": [float(b) for b in strengths],
               "base_accuracy": float(np.mean(base["correct"])), "base_realism": float(np.mean(base["realism"])),
-              "rows": table, "null": {"base": null["base"], "lora": float(np.mean(null["lora"]))}}
+              "rows": table, "null": {"base": null["base"], "lora": float(np.mean(null["lora"]))},
+              "transfer": [{"level": lv[0]["level"], **{k: [float(x[k]) for x in lv] for k in ("ratio", "cos", "d_prompt")}}
+                           for lv in zip(*transfer)] if transfer else []}
     _atomic_json(Path(out) / "probe.json", result)
     write_text(Path(out) / "probe.md", markdown(result))
     return result
@@ -120,5 +174,16 @@ def markdown(result: dict) -> str:
                                   ("accuracy", "accuracy"), ("guard", "right->wrong / wrong->right"),
                                   ("realism_win_rate", "realism win rate"), ("realism", "mean realism")])
     n = result["null"]
-    return (f"{head}\n\n{table}\n\nNull prompt, CFG 1 (mean realism): base {n['base']:.3f}, "
+    text = (f"{head}\n\n{table}\n\nNull prompt, CFG 1 (mean realism): base {n['base']:.3f}, "
             f"with the LoRA {n['lora']:.3f}.\n")
+    if result.get("transfer"):
+        def cell(v, fmt):
+            return f"{np.mean(v):{fmt}} ({', '.join(f'{x:{fmt}}' for x in v)})"
+
+        trows = [{"level": r["level"], "ratio": cell(r["ratio"], ".3f"), "cos": cell(r["cos"], ".2f"),
+                  "d": cell(r["d_prompt"], ".4f")} for r in result["transfer"]]
+        text += ("\nWhere the offset acts, in x0 space (`world.probe.x0_transfer`; the base's own samples noised at "
+                 "flow level t, the eps world at the same SNR; mean over training seeds, per seed in brackets):\n\n"
+                 + markdown_table(trows, [("level", "noise level t"), ("ratio", "‖d_null‖ / ‖d_prompt‖"),
+                                          ("cos", "cos(d_null, d_prompt)"), ("d", "‖d_prompt‖ per image")]) + "\n")
+    return text
