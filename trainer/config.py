@@ -90,6 +90,8 @@ class TrainConfig(MethodConfig):
     gradient_checkpointing: bool = _h(False, "recompute UNet activations in backward (less memory, ~30% slower)")
     seed: int = _h(0, "seed of LoRA init, noise, timesteps and data order", min=0, max=2**31 - 1)
     cpu: bool = _h(False, "force CPU even when a GPU is present")
+    fsdp: bool = _h(False, "several processes: shard the transformer's frozen weights over them (FSDP2 fully_shard; "
+                           "the LoRA stays whole on every process); one process: ignored")
     # --- LoRA
     lora_rank: int = _h(8, "LoRA rank", min=1, max=256)
     lora_alpha: float = _h(8.0, "LoRA alpha (scale = alpha / rank)")
