@@ -1,8 +1,9 @@
 """The device peak of a training run, known before the run: one real step traced on fake tensors.
 
-`estimate_run(cfg, model)` builds the model's UNet, text encoder(s) and VAE from their configs
-under PyTorch's `FakeTensorMode` (no weights are read, no memory is used), wraps them in the real
-`DiffusersBackend` with the run's settings, and then runs what the run runs, in its order:
+`estimate_run(cfg, model)` builds the model's denoiser (a UNet, or a flow transformer: SD3/SD3.5, Flux),
+text encoder(s) and VAE from their configs under PyTorch's `FakeTensorMode` (no weights are read, no memory
+is used), wraps them in the real `DiffusersBackend` with the run's settings, and then runs what the run runs,
+in its order:
 
   weights     the components in the run's weight dtype, the policy LoRA and the method's extra
               adapters (ref / ema), all resident on the device from here on
@@ -18,6 +19,15 @@ under PyTorch's `FakeTensorMode` (no weights are read, no memory is used), wraps
               them changed no peak at tiny or full size, and tripled the trace's time.)
               Without a `cache_dir` nothing is filled ahead: each record is encoded when first read,
               mid-training, with the optimizer state resident (traced there).
+              A flow transformer's text encoders (T5-XXL: 4.8 B values) are then released when the trainer
+              releases them (`loop.release_text_encoders`, the same function: cache_dir set, no validation,
+              a method that encodes no text while training), so the step holds what the real step holds.
+
+Flow transformers: any diffusers folder whose `transformer/config.json` names a class of
+`TRANSFORMER_FAMILIES` (the extension point: SANA needs its class there, its family registered, its
+folder shipped), every component built from the class its config names; shipped `sd35m`, `flux1dev`.
+Attention is traced as the fused SDPA kernel PyTorch picks (`_scaled_dot_product_flash_attention_for_cpu`
+on the fake CPU tensors: no sequence x sequence matrix, as flash / memory-efficient attention on a GPU).
 
 `LiveBytes` (a TorchDispatchMode) counts every tensor storage alive at each dispatched op (each
 storage once, rounded up to the CUDA caching allocator's 512-byte blocks) and its peak per phase:
@@ -784,7 +794,8 @@ def dry_run(cfg, *, as_json: bool = False) -> str:
     from .methods import METHODS
 
     if not cfg.model:
-        raise ValueError("config: `model` is empty; give a model folder, a checkpoint or a shipped config (sd15, sdxl)")
+        raise ValueError("config: `model` is empty; give a model folder, a checkpoint or a shipped config "
+                         f"({', '.join(SHIPPED)})")
     device = "cpu" if cfg.cpu else "cuda"
     n = count_records(cfg, METHODS[cfg.method].data_kind, fill_records(cfg))
     e = estimate_run(cfg, cfg.model, device=device, n_records=n)
