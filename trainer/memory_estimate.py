@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import math
 import weakref
@@ -278,8 +279,8 @@ def _text_encoder(config: dict, index: int, in_default_dtype: bool = False):
     import transformers
 
     arch = (config.get("architectures") or [""])[0]
-    if not arch:
-        arch = "CLIPTextModelWithProjection" if index == 1 else "CLIPTextModel"
+    if not arch or not in_default_dtype and index == 1:  # UNet models: SDXL's second encoder has the projection
+        arch = "CLIPTextModelWithProjection" if index == 1 or "WithProjection" in arch else "CLIPTextModel"
     drop = {"architectures", "model_type", "transformers_version"} | ({"torch_dtype", "dtype"} if in_default_dtype else set())
     kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k not in drop}
     cfg = transformers.AutoConfig.for_model(config.get("model_type", "clip_text_model"), **kwargs)
@@ -569,12 +570,14 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 fill = cache_fill()
             released = 0
             if mc.is_transformer:  # what `loop.train` does next: the text encoders freed when nothing encodes later
-                released = release_text_encoders(cfg, backend, method, verbose=False)
+                said = io.StringIO()
+                with contextlib.redirect_stderr(said):  # its own words: why they are kept, or how many are freed
+                    released = release_text_encoders(cfg, backend, method, verbose=True)
                 del tes
                 gc.collect()  # the freed encoders' storages leave the count (their finalizers run)
-                notes.append(f"text encoders released after the cache fill ({released / 1e6:,.0f} M parameters): "
-                             "the training step holds the transformer and the VAE" if released else
-                             "text encoders kept on the device during training (" + _kept_why(cfg, method) + ")")
+                notes.append(f"{said.getvalue().strip()} (loop.release_text_encoders, after the cache fill): "
+                             + ("the training step holds the transformer and the VAE, not the text encoders"
+                                if released else "the training step holds them too"))
             params = backend.trainable_parameters()
             opt = _optimizer(cfg, params, device)
             opt_extra = _adamw8bit_bytes(params) if opt is None else 0
@@ -625,13 +628,6 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 "trainable_params": sum(p.numel() for p in params),
                 **({"text_encoders_released": bool(released)} if mc.is_transformer else {})}
     return Estimate(round(peak, 4), _round(phases), settings, fake, notes, round(base / GIB, 4))
-
-
-def _kept_why(cfg, method) -> str:
-    """Why `loop.release_text_encoders` keeps a transformer's text encoders (the same conditions)."""
-    return ("no cache_dir: each batch is encoded when drawn" if not cfg.cache_dir else
-            "the method encodes prompts at every step" if method.encodes_text_in_training else
-            "validation grids encode their prompts: validate_every" if cfg.validate_every else "?")
 
 
 @contextlib.contextmanager
