@@ -81,17 +81,17 @@ def test_fsdp_refusals_and_one_process(sd3_dir, sd15_dir, capsys):
     two = SimpleNamespace(num_processes=2, is_main_process=True, process_index=0)
     sd3 = DiffusersBackend.from_pretrained(str(sd3_dir))
     with pytest.raises(ValueError, match="validate_every 0"):
-        fsdp.shard_backend(TrainConfig(fsdp=True, validate_every=5, validation_prompts=["a"], validation_seeds=[0]),
-                           two, sd3)
+        fsdp.prepare(TrainConfig(fsdp=True, validate_every=5, validation_prompts=["a"], validation_seeds=[0]), two, sd3)
     with pytest.raises(ValueError, match="built by the host"):
-        fsdp.shard_backend(TrainConfig(fsdp=True), two, sd3, prebuilt=True)
+        fsdp.prepare(TrainConfig(fsdp=True), two, sd3, prebuilt=True)
     sd15 = DiffusersBackend.from_pretrained(str(sd15_dir))
     with pytest.raises(ValueError, match="not a flow transformer"):
-        fsdp.shard_backend(TrainConfig(fsdp=True), two, sd15)
+        fsdp.prepare(TrainConfig(fsdp=True), two, sd15)
     one = SimpleNamespace(num_processes=1, is_main_process=True, process_index=0)
+    assert fsdp.prepare(TrainConfig(fsdp=True), one, sd3) is False
     assert fsdp.shard_backend(TrainConfig(fsdp=True), one, sd3) is None
     assert "one process, nothing to shard" in capsys.readouterr().err
-    assert fsdp.shard_backend(TrainConfig(), two, sd3) is None  # fsdp off: nothing
+    assert fsdp.prepare(TrainConfig(), two, sd3) is False and fsdp.shard_backend(TrainConfig(), two, sd3) is None
 
 
 def test_dry_run_refuses_fsdp(sd3_dir):

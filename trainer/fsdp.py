@@ -11,7 +11,11 @@ N processes each holds 1/N of it. What is sharded and what is not:
   under DDP; their gradients are averaged by the loop's one all-reduce (`loop.all_reduce_grads`), the
   optimizer, clipping, checkpoints and the saved LoRA are those of the DDP path. A LoRA is a few MB to a few
   hundred MB: sharding it would save little and cost a reduce-scatter per backward plus a gather per save;
-- the text encoders and the VAE stay whole on every process (used while the cache fills, then released).
+- the text encoders and the VAE stay whole on every process. Order (`loop.train`): the backend is built on
+  the CPU; `prepare` moves the encoders and the VAE to the device; the cache fills; the encoders are released
+  (cache_dir set); then `shard_backend` shards the transformer onto the device. So no card holds the
+  transformer and T5-XXL at once (Flux.1-dev in bf16: 22.2 + 8.9 GiB) and none ever holds the whole
+  transformer: `fully_shard` moves each unit to the device as it shards it (one block whole at a time).
 
 Why torch's `fully_shard` and not accelerate's FSDP plugin: accelerate (1.16) turns its plugin on only for GPU
 (and other accelerator) distributed types, so on CPU (gloo) it is ignored and no test here could run it
@@ -19,9 +23,6 @@ Why torch's `fully_shard` and not accelerate's FSDP plugin: accelerate (1.16) tu
 `DistributedType.MULTI_CPU`, `is_fsdp2` False); its FSDP2 preparation also needs the model and the optimizer
 prepared together and re-creates the trainable parameters, which the backend indexes. `fully_shard` on the
 accelerator's own process group is the same FSDP2 the plugin calls, on gloo and NCCL alike.
-
-On a GPU the backend is loaded on the CPU first (`load_device`) so no process ever holds the whole transformer
-on its card: `fully_shard` moves each unit to the device as it shards it (one block whole at a time).
 
 Not supported with fsdp (refused with the reason): validation grids (sampled on the main process only, while a
 sharded forward needs every process), UNet models (they fit one GPU: DDP), a prebuilt backend (a host's model).
@@ -44,16 +45,16 @@ def load_device(cfg, acc) -> torch.device:
     return torch.device("cpu") if active(cfg, acc) else acc.device
 
 
-def shard_backend(cfg, acc, backend, *, prebuilt: bool = False) -> dict | None:
-    """Shard `backend.unet` (a flow transformer) over the processes; move the rest of the backend to the
-    device. Returns {"rank", "processes", "frozen_total", "frozen_local", "lora"} (also printed, by every
-    process), or None when fsdp is off or there is one process (said)."""
+def prepare(cfg, acc, backend, *, prebuilt: bool = False) -> bool:
+    """Before the cache fill: check that this run can be sharded (ValueError with every reason otherwise) and
+    put the text encoders and the VAE on the device; the transformer stays on the CPU until `shard_backend`,
+    so while the prompts are encoded a card holds the encoders, not the transformer. True when sharding."""
     if not cfg.fsdp:
-        return None
+        return False
     if acc.num_processes == 1:
         if acc.is_main_process:
             print("fsdp: one process, nothing to shard (launch several: torchrun --nproc_per_node N)", file=sys.stderr)
-        return None
+        return False
     problems = []
     if prebuilt:
         problems.append("the backend was built by the host (a host's model is not sharded)")
@@ -63,17 +64,28 @@ def shard_backend(cfg, acc, backend, *, prebuilt: bool = False) -> dict | None:
     if cfg.validate_every:
         problems.append("validation grids are sampled on the main process only, and a sharded forward needs every "
                         "process: set validate_every 0")
-    blocks = set(getattr(backend.unet, "_no_split_modules", None) or ())
-    if not blocks and not problems:
+    if not problems and not getattr(backend.unet, "_no_split_modules", None):
         problems.append(f"{type(backend.unet).__name__} names no blocks (_no_split_modules) to shard")
     if problems:
         raise ValueError("fsdp: " + "; ".join(problems))
+    for m in [*backend.text_encoders, *([backend.vae] if backend.vae is not None else [])]:
+        m.to(acc.device)
+    backend.device = acc.device
+    return True
 
+
+def shard_backend(cfg, acc, backend) -> dict | None:
+    """After the cache fill (and the text encoders' release): shard `backend.unet` over the processes, moving
+    each unit's shard and the LoRA to the device. Returns {"rank", "processes", "frozen_total", "frozen_local",
+    "lora", "units"} (also printed, by every process); None when `prepare` said no sharding."""
+    if not (cfg.fsdp and acc.num_processes > 1):
+        return None
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     net = backend.unet
+    blocks = set(net._no_split_modules)
     lora = {p for n, p in net.named_parameters() if ".lora_" in n}  # every adapter, kept whole
     lora_ids = {id(p) for p in lora}
     frozen_total = sum(p.numel() for p in net.parameters() if id(p) not in lora_ids)
@@ -82,12 +94,8 @@ def shard_backend(cfg, acc, backend, *, prebuilt: bool = False) -> dict | None:
     for m in units:  # bottom-up: the blocks, then the root (what is left: embedders, output layers)
         fully_shard(m, mesh=mesh, ignored_params=lora)
     fully_shard(net, mesh=mesh, ignored_params=lora)
-    device = acc.device
-    for p in lora:  # ignored by FSDP: moved here (identity kept: `.data`)
-        p.data = p.data.to(device)
-    for m in [*backend.text_encoders, *([backend.vae] if backend.vae is not None else [])]:
-        m.to(device)
-    backend.device = device
+    for p in lora:  # ignored by FSDP, so not moved by it (identity kept: `.data`)
+        p.data = p.data.to(acc.device)
     local = sum(p.to_local().numel() for p in net.parameters() if isinstance(p, DTensor))
     unsharded = [n for n, p in net.named_parameters() if id(p) not in lora_ids and not isinstance(p, DTensor)]
     if unsharded:

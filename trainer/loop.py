@@ -400,9 +400,10 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     backend = backend if prebuilt else build_backend(cfg, acc.device, load_on=fsdp.load_device(cfg, acc))
     method = METHODS[cfg.method]
     method.setup(backend, cfg)
-    fsdp.shard_backend(cfg, acc, backend, prebuilt=prebuilt)  # fsdp: the transformer split over the processes
+    fsdp.prepare(cfg, acc, backend, prebuilt=prebuilt)  # fsdp: checked; encoders + VAE on the device for the fill
     data = iter(data) if data is not None else build_data(cfg, backend, method, acc.process_index, acc.num_processes)
     release_text_encoders(cfg, backend, method, verbose=acc.is_main_process)
+    fsdp.shard_backend(cfg, acc, backend)  # fsdp: the transformer split over the processes (trainer/fsdp.py)
     opt = acc.prepare_optimizer(build_optimizer(cfg, backend.trainable_parameters()), device_placement=False)
     if acc.is_main_process:
         for line in setup_lines(cfg, acc, backend, opt):
