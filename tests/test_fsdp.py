@@ -6,7 +6,9 @@
   as the DDP invariant (tests/test_train_invariants.py): sharding changes where the frozen weights live, not
   what is computed — each block's forward runs on the all-gathered weights, bit for bit the unsharded ones.
   Tolerance atol 1e-6, the DDP test's: the all-reduce averages (g0 + g1) / 2 where one process accumulates
-  g0/2 + g1/2, equal in exact arithmetic, not always in float32 (measured here: bit-equal);
+  g0/2 + g1/2, equal in exact arithmetic, not always in float32 (measured here: bit-equal, with and without
+  gradient checkpointing; the test runs with it, as a 12B run would: each block recomputed in the backward on
+  weights gathered again);
 - what fsdp refuses, each with its reason (validation grids, a UNet, a prebuilt backend), and one process
   runs unsharded (said).
 """
@@ -42,7 +44,7 @@ def test_fsdp_two_processes_shard_the_transformer_and_equal_one(sd3_dir, tmp_pat
 
     data = make_pairs(tmp_path / "data", n=4)
     cfg = tiny_cfg(sd3_dir, data, tmp_path / "fsdp", batch_size=1, grad_accum=1, steps=2, fsdp=True,
-                   cache_dir=str(tmp_path / "cache_fsdp"), lr=1e-2)
+                   cache_dir=str(tmp_path / "cache_fsdp"), lr=1e-2, gradient_checkpointing=True)
     run = tmp_path / "run.yaml"
     run.write_text(yaml.safe_dump(cfg.to_dict()))
     with socket.socket() as s:  # a free port for the gloo rendezvous
@@ -67,7 +69,7 @@ def test_fsdp_two_processes_shard_the_transformer_and_equal_one(sd3_dir, tmp_pat
     assert total == sum(p.numel() for p in SD3Transformer2DModel(**sd3_transformer_config()).parameters())
 
     one = tiny_cfg(sd3_dir, data, tmp_path / "one", batch_size=1, grad_accum=2, steps=2,
-                   cache_dir=str(tmp_path / "cache_one"), lr=1e-2)
+                   cache_dir=str(tmp_path / "cache_one"), lr=1e-2, gradient_checkpointing=True)
     with one_thread():
         res = train(one)
     _assert_same_lora(tmp_path / "fsdp" / "dpo_lora.safetensors", res.lora_path, rtol=0, atol=1e-6)
