@@ -11,6 +11,7 @@ N processes each holds 1/N of it. What is sharded and what is not:
   under DDP; their gradients are averaged by the loop's one all-reduce (`loop.all_reduce_grads`), the
   optimizer, clipping, checkpoints and the saved LoRA are those of the DDP path. A LoRA is a few MB to a few
   hundred MB: sharding it would save little and cost a reduce-scatter per backward plus a gather per save;
+- buffers (SD3's position table) are not sharded: `fully_shard` moves them whole to every device;
 - the text encoders and the VAE stay whole on every process. Order (`loop.train`): the backend is built on
   the CPU; `prepare` moves the encoders and the VAE to the device; the cache fills; the encoders are released
   (cache_dir set); then `shard_backend` shards the transformer onto the device. So no card holds the
