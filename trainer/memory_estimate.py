@@ -569,6 +569,11 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
             if cfg.cache_dir:  # filled before training starts
                 fill = cache_fill()
             released = 0
+            t5 = [c for c in mc.text_encoders if c.get("model_type") == "t5"]
+            if mc.is_transformer and wdtype == torch.float16 and t5:
+                wo = sum(c["num_layers"] * c["d_ff"] * c["d_model"] for c in t5) * 2 / GIB
+                notes.append(f"fp16: transformers loads T5's `wo` projections in float32 (`_keep_in_fp32_modules`); "
+                             f"traced in fp16, {wo:.2f} GiB less than the run holds while the text encoders are loaded")
             if mc.is_transformer:  # what `loop.train` does next: the text encoders freed when nothing encodes later
                 said = io.StringIO()
                 with contextlib.redirect_stderr(said):  # its own words: why they are kept, or how many are freed
