@@ -138,6 +138,9 @@ class TrainConfig(MethodConfig):
             raise ValueError(f"lr_warmup_steps ({self.lr_warmup_steps}) exceeds steps ({self.steps})")
         if self.validate_every and not (self.validation_prompts and self.validation_seeds):
             raise ValueError("validate_every > 0 needs validation_prompts and validation_seeds")
+        if self.fsdp and self.validate_every:
+            raise ValueError("fsdp with validate_every: validation grids are sampled on the main process only, and a "
+                             "sharded forward needs every process; set validate_every 0 (trainer/fsdp.py)")
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
 

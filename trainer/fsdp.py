@@ -26,7 +26,7 @@ prepared together and re-creates the trainable parameters, which the backend ind
 accelerator's own process group is the same FSDP2 the plugin calls, on gloo and NCCL alike.
 
 Not supported with fsdp (refused with the reason): validation grids (sampled on the main process only, while a
-sharded forward needs every process), UNet models (they fit one GPU: DDP), a prebuilt backend (a host's model).
+sharded forward needs every process: refused by TrainConfig, before any model is loaded), UNet models (they fit one GPU: DDP), a prebuilt backend (a host's model).
 The memory estimate does not trace a sharded run (`train --dry-run` refuses `fsdp: true`).
 """
 from __future__ import annotations
@@ -62,9 +62,6 @@ def prepare(cfg, acc, backend, *, prebuilt: bool = False) -> bool:
     if not getattr(backend, "is_transformer", False):
         problems.append(f"family {getattr(backend, 'family', '?')!r} is not a flow transformer (a UNet fits one GPU: "
                         "leave fsdp off, the processes then run DDP)")
-    if cfg.validate_every:
-        problems.append("validation grids are sampled on the main process only, and a sharded forward needs every "
-                        "process: set validate_every 0")
     if not problems and not getattr(backend.unet, "_no_split_modules", None):
         problems.append(f"{type(backend.unet).__name__} names no blocks (_no_split_modules) to shard")
     if problems:
