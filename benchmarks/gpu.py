@@ -72,8 +72,13 @@ def _train_case(preset: str, tiny: bool, model: str, device: str, steps: int) ->
 
     def run():
         torch.manual_seed(cfg.seed)
-        with torch.device(device):
-            unet, tes, vae, sched = build_components(mc)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in the run's dtype: Flux in float32 would be 44 GiB before a cast
+        try:
+            with torch.device(device):
+                unet, tes, vae, sched = build_components(mc)
+        finally:
+            torch.set_default_dtype(default)
         unet, vae = unet.to(dtype), vae.to(dtype) if vae is not None else None
         tes = [t.to(dtype) for t in tes]
         backend = DiffusersBackend(unet, tes, [tokens(c) for c in mc.text_encoders], sched, vae, family=mc.family,
