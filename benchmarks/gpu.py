@@ -1,9 +1,11 @@
-"""`python -m npo_suite bench gpu`: the GPU check, one command (<= 8 minutes on one GPU).
+"""`python -m npo_suite bench gpu`: the GPU check, one command (its time on a GPU is not measured yet).
 
-At full size with random weights (the shipped configs `configs/sd15`, `configs/sdxl`, built on the
-device; no download): for `sd15_8gb` and `sdxl_12gb`, each in a fresh process,
+At full size with random weights (the shipped configs `configs/sd15`, `configs/sdxl`, `configs/sd35m`,
+`configs/flux1dev`, built on the device; no download): for `sd15_8gb`, `sdxl_12gb`, `sd35m_24gb` and `flux_40gb`
+(a preset whose traced card need exceeds the GPU's memory is skipped, with both figures), each in a fresh process,
   - the latent-cache fill as the run does it (`LatentCache.encode_records`: one fill batch of
-    random pixels, `cache_batch_size` images per VAE call) and `steps` optimizer steps of the real
+    random pixels, `cache_batch_size` images per VAE call), a flow transformer's text encoders then
+    released as `loop.train` releases them (`loop.release_text_encoders`), and `steps` optimizer steps of the real
     `trainer.loop.train_step` (the preset's method, precision, optimizer, gradient checkpointing;
     `grad_accum` 2 instead of the preset's 16/32, so that a step is short: the memory of a step does
     not grow with more micro-batches, its time does, linearly);
@@ -22,7 +24,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-PRESETS = ("sd15_8gb", "sdxl_12gb")
+PRESETS = ("sd15_8gb", "sdxl_12gb", "sd35m_24gb", "flux_40gb")
+MODELS = {"sd15_8gb": "sd15", "sdxl_12gb": "sdxl", "sd35m_24gb": "sd35m", "flux_40gb": "flux1dev"}
+TINY_PRESETS = ("sd15_8gb", "sdxl_12gb", "sd35m_24gb")  # --tiny: Flux runs the same transformer path as SD3
 SAMPLING_PX = (512, 1024)
 
 
@@ -51,7 +55,8 @@ def _train_case(preset: str, tiny: bool, model: str, device: str, steps: int) ->
 
     from ..trainer.config import load_config
     from ..trainer.data.cache import LatentCache
-    from ..trainer.loop import build_optimizer, make_accelerator, train_step
+    from ..core.flow import FLOW
+    from ..trainer.loop import build_optimizer, make_accelerator, release_text_encoders, train_step
     from ..trainer.memory_estimate import (allocator_peak, build_components, fill_batch, fill_records,
                                            fake_batch, resolve_model, stated_card_gib, tokens, trace_run)
     from ..trainer.backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
@@ -67,12 +72,18 @@ def _train_case(preset: str, tiny: bool, model: str, device: str, steps: int) ->
 
     def run():
         torch.manual_seed(cfg.seed)
-        with torch.device(device):
-            unet, tes, vae, sched = build_components(mc)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in the run's dtype: Flux in float32 would be 44 GiB before a cast
+        try:
+            with torch.device(device):
+                unet, tes, vae, sched = build_components(mc)
+        finally:
+            torch.set_default_dtype(default)
         unet, vae = unet.to(dtype), vae.to(dtype) if vae is not None else None
         tes = [t.to(dtype) for t in tes]
         backend = DiffusersBackend(unet, tes, [tokens(c) for c in mc.text_encoders], sched, vae, family=mc.family,
-                                   device=device, options=BackendOptions(
+                                   prediction_type=FLOW if mc.is_transformer else None, device=device,
+                                   options=BackendOptions(
                                        lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, None, cfg.seed),
                                        gradient_checkpointing=cfg.gradient_checkpointing, resolution=cfg.resolution,
                                        weight_dtype=dtype))
@@ -90,6 +101,8 @@ def _train_case(preset: str, tiny: bool, model: str, device: str, steps: int) ->
         sync()
         fill_s = time.perf_counter() - t0
         del preps
+        tes.clear()  # the backend's list is the only reference left: the release frees them
+        released = release_text_encoders(cfg, backend, method, verbose=False) if mc.is_transformer else 0
         opt = acc.prepare_optimizer(build_optimizer(cfg, backend.trainable_parameters()), device_placement=False)
         gen = torch.Generator(device=device if cuda else "cpu")
         data = iter(lambda: fake_batch(backend, mc, kind, cfg.batch_size, cfg.resolution, device, random=True), None)
@@ -101,7 +114,7 @@ def _train_case(preset: str, tiny: bool, model: str, device: str, steps: int) ->
             sync()
             times.append(time.perf_counter() - t0)
         return {"fill_s": fill_s, "times": times[1:], "loss": float(metrics["loss"]),
-                "optimizer": type(getattr(opt, "optimizer", opt)).__name__}
+                "optimizer": type(getattr(opt, "optimizer", opt)).__name__, "released": released}
 
     def sync():
         if cuda:
@@ -122,7 +135,23 @@ def _train_case(preset: str, tiny: bool, model: str, device: str, steps: int) ->
             "estimate_card_gib": round(est.card_gib(), 3), "stated_card_gb": card,
             "step_s": round(step, 4), "micro_batch_s": round(step / cfg.grad_accum, 4),
             "preset_step_s": round(step / cfg.grad_accum * load_config(preset=preset).grad_accum, 3),
-            "fill_s": round(res["fill_s"], 3), "loss": res["loss"]}
+            "fill_s": round(res["fill_s"], 3), "loss": res["loss"],
+            **({"text_encoders_released": res["released"] > 0} if mc.is_transformer else {})}
+
+
+def _too_big(preset: str, model: str, device: str) -> dict | None:
+    """{"skipped": why} when the preset's traced card need exceeds this GPU's memory (Flux on a 24 GB card)."""
+    import torch
+
+    from ..trainer.config import load_config
+    from ..trainer.memory_estimate import GIB, trace_run
+
+    have = torch.cuda.get_device_properties(device).total_memory / GIB
+    need = trace_run(load_config(preset=preset, overrides=_overrides(preset, False, model, device)), model,
+                     device="cuda").card_gib()
+    if need <= have:
+        return None
+    return {"preset": preset, "skipped": f"the trace says it needs {need:.2f} GiB on a card; this GPU has {have:.2f} GiB"}
 
 
 def run(bc: GpuBenchConfig) -> dict:
@@ -141,15 +170,17 @@ def run(bc: GpuBenchConfig) -> dict:
     out = {"bench": "gpu", "device": device, "tiny": bc.tiny,
            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None, "train": {}, "sampling": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"sd15_8gb": "sd15", "sdxl_12gb": "sdxl"}
+        models = dict(MODELS)
         if bc.tiny:
-            from ..testing.tiny_models import build_sd15, build_sdxl
+            from ..testing.tiny_models import build_sd3, build_sd15, build_sdxl
 
             build_sd15(f"{tmp}/sd15")
             build_sdxl(f"{tmp}/sdxl")
-            models = {"sd15_8gb": f"{tmp}/sd15", "sdxl_12gb": f"{tmp}/sdxl"}
-        for preset in PRESETS:
-            out["train"][preset] = _in_child(_train_case, preset, bc.tiny, models[preset], device, bc.steps)
+            build_sd3(f"{tmp}/sd3")
+            models = {"sd15_8gb": f"{tmp}/sd15", "sdxl_12gb": f"{tmp}/sdxl", "sd35m_24gb": f"{tmp}/sd3"}
+        for preset in TINY_PRESETS if bc.tiny else PRESETS:
+            skip = None if bc.tiny else _too_big(preset, models[preset], device)
+            out["train"][preset] = skip or _in_child(_train_case, preset, bc.tiny, models[preset], device, bc.steps)
     for px in SAMPLING_PX:
         latent = px // 8 if not bc.tiny else px // 64
         gc = GuidanceBenchConfig(full_size=not bc.tiny, latent=latent, device=device,

@@ -25,7 +25,8 @@ def test_tiny_on_cpu(capsys):
     assert len(lines) == 1
     d = json.loads(lines[0])
     assert d["tiny"] is True and d["device"] == "cpu"
-    assert set(d["train"]) == {"sd15_8gb", "sdxl_12gb"}
+    assert set(d["train"]) == {"sd15_8gb", "sdxl_12gb", "sd35m_24gb"}  # tiny: SD3's transformer path (Flux's too)
+    assert d["train"]["sd35m_24gb"]["text_encoders_released"] is True  # as loop.train does after the fill
     for preset, m in d["train"].items():
         assert m["peak_gib"] > 0 and m["step_s"] > 0 and m["micro_batch_s"] > 0 and m["fill_s"] > 0
         assert m["optimizer_built"] in ("AdamW", "AdamW8bit")

@@ -153,13 +153,6 @@ def test_text_encoders_are_kept_when_something_still_encodes(flow_dirs, capsys):
         b.encode_prompts(["a cat"])
 
 
-def test_dry_run_on_a_transformer_folder_says_it_is_not_estimated(flow_dirs, tmp_path):
-    from npo_suite.trainer.memory_estimate import resolve_model
-
-    with pytest.raises(ValueError, match="transformer model .* UNet models .* only so far"):
-        resolve_model(str(flow_dirs["sd3"]))
-
-
 def test_validation_grid_on_a_flow_transformer(flow_dirs, tmp_path, capsys):
     """validate_every on SD3: the grid is sampled with the flow Euler solver (predict_eps would refuse a flow
     model mid-run), and the text encoders stay for it (said)."""

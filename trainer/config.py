@@ -90,6 +90,8 @@ class TrainConfig(MethodConfig):
     gradient_checkpointing: bool = _h(False, "recompute UNet activations in backward (less memory, ~30% slower)")
     seed: int = _h(0, "seed of LoRA init, noise, timesteps and data order", min=0, max=2**31 - 1)
     cpu: bool = _h(False, "force CPU even when a GPU is present")
+    fsdp: bool = _h(False, "several processes: shard the transformer's frozen weights over them (FSDP2 fully_shard; "
+                           "the LoRA stays whole on every process); one process: ignored")
     # --- LoRA
     lora_rank: int = _h(8, "LoRA rank", min=1, max=256)
     lora_alpha: float = _h(8.0, "LoRA alpha (scale = alpha / rank)")
@@ -136,6 +138,9 @@ class TrainConfig(MethodConfig):
             raise ValueError(f"lr_warmup_steps ({self.lr_warmup_steps}) exceeds steps ({self.steps})")
         if self.validate_every and not (self.validation_prompts and self.validation_seeds):
             raise ValueError("validate_every > 0 needs validation_prompts and validation_seeds")
+        if self.fsdp and self.validate_every:
+            raise ValueError("fsdp with validate_every: validation grids are sampled on the main process only, and a "
+                             "sharded forward needs every process; set validate_every 0 (trainer/fsdp.py)")
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
 

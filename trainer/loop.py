@@ -122,7 +122,9 @@ def make_accelerator(cfg: TrainConfig):
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
 
 
-def build_backend(cfg: TrainConfig, device: torch.device):
+def build_backend(cfg: TrainConfig, device: torch.device, load_on: torch.device | None = None):
+    """The run's backend for `device` (its weight dtype); built on `load_on` (default `device`: fsdp loads on
+    the CPU and shards onto the device, trainer/fsdp.py)."""
     from .backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
 
     if not cfg.model:
@@ -131,7 +133,7 @@ def build_backend(cfg: TrainConfig, device: torch.device):
     opts = BackendOptions(lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_init or None, cfg.seed),
                           gradient_checkpointing=cfg.gradient_checkpointing, resolution=cfg.resolution,
                           weight_dtype=dtype if device.type == "cuda" else torch.float32)
-    return DiffusersBackend.from_pretrained(cfg.model, device=device, options=opts, tokenizer=cfg.tokenizer or None,
+    return DiffusersBackend.from_pretrained(cfg.model, device=load_on or device, options=opts, tokenizer=cfg.tokenizer or None,
                                             vae=cfg.vae or None, prediction_type=cfg.prediction_type or None)
 
 
@@ -382,6 +384,7 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
+    from . import fsdp
     from .methods import METHODS
     from .reference import ReferenceUpdater
     from .validation import MetricsLog, validate
@@ -393,11 +396,14 @@ def train(cfg: TrainConfig, *, backend=None, callbacks: Callbacks | None = None,
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / FINISHED_NAME).unlink(missing_ok=True)  # this run is not finished (yet)
-    backend = backend if backend is not None else build_backend(cfg, acc.device)
+    prebuilt = backend is not None
+    backend = backend if prebuilt else build_backend(cfg, acc.device, load_on=fsdp.load_device(cfg, acc))
     method = METHODS[cfg.method]
     method.setup(backend, cfg)
+    fsdp.prepare(cfg, acc, backend, prebuilt=prebuilt)  # fsdp: checked; encoders + VAE on the device for the fill
     data = iter(data) if data is not None else build_data(cfg, backend, method, acc.process_index, acc.num_processes)
     release_text_encoders(cfg, backend, method, verbose=acc.is_main_process)
+    fsdp.shard_backend(cfg, acc, backend)  # fsdp: the transformer split over the processes (trainer/fsdp.py)
     opt = acc.prepare_optimizer(build_optimizer(cfg, backend.trainable_parameters()), device_placement=False)
     if acc.is_main_process:
         for line in setup_lines(cfg, acc, backend, opt):

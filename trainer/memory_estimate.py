@@ -1,8 +1,9 @@
 """The device peak of a training run, known before the run: one real step traced on fake tensors.
 
-`estimate_run(cfg, model)` builds the model's UNet, text encoder(s) and VAE from their configs
-under PyTorch's `FakeTensorMode` (no weights are read, no memory is used), wraps them in the real
-`DiffusersBackend` with the run's settings, and then runs what the run runs, in its order:
+`estimate_run(cfg, model)` builds the model's denoiser (a UNet, or a flow transformer: SD3/SD3.5, Flux),
+text encoder(s) and VAE from their configs under PyTorch's `FakeTensorMode` (no weights are read, no memory
+is used), wraps them in the real `DiffusersBackend` with the run's settings, and then runs what the run runs,
+in its order:
 
   weights     the components in the run's weight dtype, the policy LoRA and the method's extra
               adapters (ref / ema), all resident on the device from here on
@@ -18,6 +19,15 @@ under PyTorch's `FakeTensorMode` (no weights are read, no memory is used), wraps
               them changed no peak at tiny or full size, and tripled the trace's time.)
               Without a `cache_dir` nothing is filled ahead: each record is encoded when first read,
               mid-training, with the optimizer state resident (traced there).
+              A flow transformer's text encoders (T5-XXL: 4.8 B values) are then released when the trainer
+              releases them (`loop.release_text_encoders`, the same function: cache_dir set, no validation,
+              a method that encodes no text while training), so the step holds what the real step holds.
+
+Flow transformers: any diffusers folder whose `transformer/config.json` names a class of
+`TRANSFORMER_FAMILIES` (the extension point: SANA needs its class there, its family registered, its
+folder shipped), every component built from the class its config names; shipped `sd35m`, `flux1dev`.
+Attention is traced as the fused SDPA kernel PyTorch picks (`_scaled_dot_product_flash_attention_for_cpu`
+on the fake CPU tensors: no sequence x sequence matrix, as flash / memory-efficient attention on a GPU).
 
 `LiveBytes` (a TorchDispatchMode) counts every tensor storage alive at each dispatched op (each
 storage once, rounded up to the CUDA caching allocator's 512-byte blocks) and its peak per phase:
@@ -34,6 +44,8 @@ CPU-shaped fake tensors (no GPU is needed). adamw8bit (bitsandbytes) is counted 
 from __future__ import annotations
 
 import contextlib
+import gc
+import io
 import json
 import math
 import weakref
@@ -48,7 +60,7 @@ BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 byte
 CONTEXT_GIB = 1.0  # CUDA context + cuBLAS/cuDNN handles and workspaces, outside PyTorch's allocator
 ALLOCATOR_SLACK = 1.10  # reserved / allocated of the caching allocator at a training peak (fragmentation)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SHIPPED = {"sd15": "sd15", "sd1": "sd15", "sdxl": "sdxl"}
+SHIPPED = {"sd15": "sd15", "sd1": "sd15", "sdxl": "sdxl", "sd35m": "sd35m", "flux1dev": "flux1dev"}
 SMALL = 1 << 16  # ops on real tensors this small run for real (timesteps, masks), so Python can read them
 
 
@@ -192,18 +204,30 @@ def _requested_numel(args) -> int:
 # ---------------------------------------------------------------------------- the model from configs
 @dataclass
 class ModelConfigs:
-    family: str  # "sd1" | "sdxl"
+    family: str  # "sd1" | "sdxl" | a flow transformer family ("sd3", "flux", ...: TRANSFORMER_FAMILIES)
     folder: Path
-    unet: dict
+    unet: dict  # the denoiser's config: `unet/config.json`, or `transformer/config.json` of a transformer model
     text_encoders: list[dict]
     vae: dict | None
     scheduler: dict
     source: str
 
+    @property
+    def is_transformer(self) -> bool:
+        return (self.folder / "transformer" / "config.json").is_file() and "_class_name" in self.unet \
+            and self.unet["_class_name"] in TRANSFORMER_FAMILIES
+
+
+# A transformer folder's family, from its `transformer/config.json` `_class_name`. The extension point of the
+# trace: a family whose components diffusers / transformers build from their configs (every class named by
+# `_class_name` / `architectures`), registered in `families.FAMILIES` with its `encode_text` / `velocity`, is
+# traced by adding its transformer class here and shipping its folder under configs/ (SHIPPED).
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
 
 def resolve_model(model: str) -> ModelConfigs:
-    """A shipped config name (`sd15`, `sdxl`), a diffusers folder, or a single-file checkpoint (its
-    family from the tensor names in the header; the shipped configs for that family)."""
+    """A shipped config name (`sd15`, `sdxl`, `sd35m`, `flux1dev`), a diffusers folder, or a single-file
+    checkpoint (its family from the tensor names in the header; the shipped configs for that family)."""
     if model in SHIPPED:
         folder = CONFIG_DIR / SHIPPED[model]
     elif Path(model).is_file():
@@ -218,14 +242,20 @@ def resolve_model(model: str) -> ModelConfigs:
         p = folder / sub / name
         return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
 
-    unet = read("unet")
-    if unet is None and (folder / "transformer").is_dir():
-        raise ValueError(f"{folder}: a transformer model (SD3/Flux); the memory estimate traces UNet models (SD1.x, "
-                         "SDXL) only so far")
-    if unet is None:
-        raise FileNotFoundError(f"{folder}: no unet/config.json")
-    tes = [c for c in (read("text_encoder"), read("text_encoder_2")) if c is not None]
     sched = read("scheduler", "scheduler_config.json") or {}
+    transformer = read("transformer")
+    if transformer is not None:
+        cls = transformer.get("_class_name")
+        if cls not in TRANSFORMER_FAMILIES:
+            raise ValueError(f"{folder}: transformer {cls!r}: the memory estimate traces "
+                             f"{', '.join(TRANSFORMER_FAMILIES)} (and UNet models); add its family to "
+                             "memory_estimate.TRANSFORMER_FAMILIES")
+        tes = [c for c in (read("text_encoder"), read("text_encoder_2"), read("text_encoder_3")) if c is not None]
+        return ModelConfigs(TRANSFORMER_FAMILIES[cls], folder, transformer, tes, read("vae"), sched, model)
+    unet = read("unet")
+    if unet is None:
+        raise FileNotFoundError(f"{folder}: no unet/config.json or transformer/config.json")
+    tes = [c for c in (read("text_encoder"), read("text_encoder_2")) if c is not None]
     return ModelConfigs("sdxl" if len(tes) == 2 else "sd1", folder, unet, tes, read("vae"), sched, model)
 
 
@@ -241,37 +271,72 @@ def _single_file_family(path: Path) -> str:
     raise ValueError(f"{path}: not an SD1.x/SDXL single-file checkpoint")
 
 
+def _text_encoder(config: dict, index: int, in_default_dtype: bool = False):
+    """A text encoder from its config: the class its `architectures` names (CLIP with or without projection,
+    T5EncoderModel, ...), the config class of its `model_type`; an SDXL second encoder without
+    `architectures` is CLIP with projection. in_default_dtype: built in the default dtype (the run's weight
+    dtype, as `from_pretrained(torch_dtype=...)` loads it), not the config's `torch_dtype`."""
+    import transformers
+
+    arch = (config.get("architectures") or [""])[0]
+    if not arch or not in_default_dtype and index == 1:  # UNet models: SDXL's second encoder has the projection
+        arch = "CLIPTextModelWithProjection" if index == 1 or "WithProjection" in arch else "CLIPTextModel"
+    drop = {"architectures", "model_type", "transformers_version"} | ({"torch_dtype", "dtype"} if in_default_dtype else set())
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k not in drop}
+    cfg = transformers.AutoConfig.for_model(config.get("model_type", "clip_text_model"), **kwargs)
+    return getattr(transformers, arch)(cfg).eval()
+
+
 def build_components(mc: ModelConfigs):
-    """(unet, text_encoders, vae, scheduler) from the configs, random init, float32, in the current mode."""
+    """(denoiser, text_encoders, vae, scheduler) from the configs, random init, in the current mode and
+    default dtype: a UNet2DConditionModel, or the diffusers class a transformer config names."""
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = UNet2DConditionModel.from_config(mc.unet)
-    tes = []
-    for i, c in enumerate(mc.text_encoders):
-        cls = CLIPTextModelWithProjection if "WithProjection" in str(c.get("architectures", [""])[0]) or i == 1 \
-            else CLIPTextModel
-        tes.append(cls(CLIPTextConfig(**{k: v for k, v in c.items() if not k.startswith("_")})).eval())
-    vae = AutoencoderKL.from_config(mc.vae).eval() if mc.vae is not None else None
+    if mc.is_transformer:
+        net = getattr(diffusers, mc.unet["_class_name"]).from_config(mc.unet)
+        # buffers built in float32 (SD3's 384x384 sin-cos `pos_embed`, 0.23 B values) are in the checkpoint, which
+        # `from_pretrained(torch_dtype=...)` loads in the run's dtype
+        for m in net.modules():
+            for k, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and b.dtype != torch.get_default_dtype():
+                    m._buffers[k] = b.to(torch.get_default_dtype())
+    else:
+        net = UNet2DConditionModel.from_config(mc.unet)
+    tes = [_text_encoder(c, i, in_default_dtype=mc.is_transformer) for i, c in enumerate(mc.text_encoders)]
+    vae = None
+    if mc.vae is not None:
+        vae = getattr(diffusers, mc.vae.get("_class_name", "AutoencoderKL"), AutoencoderKL).from_config(mc.vae).eval()
     sched_cls = getattr(diffusers, mc.scheduler.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
-    return unet, tes, vae, sched_cls.from_config(mc.scheduler)
+    if not mc.is_transformer:
+        return net, tes, vae, sched_cls.from_config(mc.scheduler)
+    with _disable_current_modes():  # a flow scheduler reads its sigmas (`.item()`): real, float32, a few KB
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return net, tes, vae, sched_cls.from_config(mc.scheduler)
+        finally:
+            torch.set_default_dtype(default)
 
 
 def tokens(text_encoder_config: dict) -> "_Tokens":
-    """The tokenizer stand-in for a text encoder config: its full context of token ids."""
-    return _Tokens(int(text_encoder_config.get("max_position_embeddings", 77)))
+    """The tokenizer stand-in for a text encoder config: its full context of token ids (a T5 encoder has
+    relative positions and no context of its own: the family asks for its `t5_max_length`)."""
+    return _Tokens(int(text_encoder_config.get("max_position_embeddings", 512)))
 
 
 class _Tokens:
-    """A tokenizer stand-in: every prompt is `length` token ids (the encoder's full context)."""
+    """A tokenizer stand-in: every prompt is `max_length` token ids when the caller asks for a length (the
+    pipelines' padding to max_length), else `length` (the encoder's full context)."""
 
     def __init__(self, length: int):
         self.model_max_length = length
 
-    def __call__(self, prompts, **_kwargs):
+    def __call__(self, prompts, max_length=None, **_kwargs):
+        n = self.model_max_length if max_length is None else int(max_length)
+
         class Out:
-            input_ids = torch.zeros(len(prompts), self.model_max_length, dtype=torch.long)
+            input_ids = torch.zeros(len(prompts), n, dtype=torch.long)
         return Out()
 
 
@@ -340,9 +405,16 @@ def fake_batch(backend, mc: ModelConfigs, kind: str, B: int, resolution: int, de
             return torch.randn(*shape, device=device)
     down = 2 ** (len(mc.vae["block_out_channels"]) - 1) if mc.vae is not None else 1
     C, h = mc.unet.get("in_channels", 4), resolution // down
-    L = backend.tokenizers[0].model_max_length
-    D = mc.unet["cross_attention_dim"]
-    added = {}
+    if mc.is_transformer:  # the conditioning's layout is the family's own: that of the cached ∅ (`null_cond`)
+        C = backend.spec.latent_channels(backend.unet)
+        null = backend.null_cond(1)
+        L, D = null.hidden.shape[1:]
+        added = {k: torch.zeros(B, *v.shape[1:], device=device) for k, v in null.added.items()}
+        del null
+    else:
+        L = backend.tokenizers[0].model_max_length
+        D = mc.unet["cross_attention_dim"]
+        added = {}
     if backend.family == "sdxl":
         added = {"text_embeds": torch.zeros(B, mc.text_encoders[-1].get("projection_dim", 1280), device=device),
                  "time_ids": torch.zeros(B, 6, device=device)}
@@ -450,10 +522,15 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
     n_records: records in the data, when known (a smaller set fills in one smaller batch)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from ..core.flow import FLOW
     from .backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
+    from .loop import release_text_encoders
     from .methods import METHODS
 
     mc = model if isinstance(model, ModelConfigs) else resolve_model(model)
+    if cfg.fsdp:
+        raise ValueError("the memory estimate traces one process holding the whole model; `fsdp: true` shards the "
+                         "transformer over processes (docs/training.md, FSDP): not traced")
     method = METHODS[cfg.method]
     kind = method.data_kind
     records = fill_records(cfg, n_records)
@@ -476,6 +553,7 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 tracker.track_module(unet, vae, *tes)
                 base = tracker.live
                 backend = DiffusersBackend(unet, tes, toks, sched, vae, family=mc.family, device="cpu",
+                                           prediction_type=FLOW if mc.is_transformer else None,
                                            options=BackendOptions(
                                                lora=LoraOptions(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                                                                 None, cfg.seed),
@@ -490,6 +568,21 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
 
             if cfg.cache_dir:  # filled before training starts
                 fill = cache_fill()
+            released = 0
+            t5 = [c for c in mc.text_encoders if c.get("model_type") == "t5"]
+            if mc.is_transformer and wdtype == torch.float16 and t5:
+                wo = sum(c["num_layers"] * c["d_ff"] * c["d_model"] for c in t5) * 2 / GIB
+                notes.append(f"fp16: transformers loads T5's `wo` projections in float32 (`_keep_in_fp32_modules`); "
+                             f"traced in fp16, {wo:.2f} GiB less than the run holds while the text encoders are loaded")
+            if mc.is_transformer:  # what `loop.train` does next: the text encoders freed when nothing encodes later
+                said = io.StringIO()
+                with contextlib.redirect_stderr(said):  # its own words: why they are kept, or how many are freed
+                    released = release_text_encoders(cfg, backend, method, verbose=True)
+                del tes
+                gc.collect()  # the freed encoders' storages leave the count (their finalizers run)
+                notes.append(f"{said.getvalue().strip()} (loop.release_text_encoders, after the cache fill): "
+                             + ("the training step holds the transformer and the VAE, not the text encoders"
+                                if released else "the training step holds them too"))
             params = backend.trainable_parameters()
             opt = _optimizer(cfg, params, device)
             opt_extra = _adamw8bit_bytes(params) if opt is None else 0
@@ -537,7 +630,8 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
                 "extra_adapters": list(method.extra_adapters(cfg)), "cache_dir": bool(cfg.cache_dir),
                 "cache_batch_size": cfg.cache_batch_size, **fill,
-                "trainable_params": sum(p.numel() for p in params)}
+                "trainable_params": sum(p.numel() for p in params),
+                **({"text_encoders_released": bool(released)} if mc.is_transformer else {})}
     return Estimate(round(peak, 4), _round(phases), settings, fake, notes, round(base / GIB, 4))
 
 
@@ -657,8 +751,20 @@ def stated_card_gib(preset: str) -> tuple[float, str]:
     raise ValueError(f"preset {preset}: states no card size or expected peak")
 
 
-def preset_model(cfg) -> str:
-    """The shipped config of a preset's family (from its resolution: 1024 px presets are SDXL)."""
+def preset_model(cfg, preset: str | None = None) -> str:
+    """The shipped config a preset is traced on: the `--model NAME` of the dry-run command its header states
+    (`python -m npo_suite train --preset sd35m_24gb --model sd35m --dry-run`), else its family from its
+    resolution (1024 px presets are SDXL)."""
+    import re
+
+    if preset is not None:
+        text = (PRESET_DIR / f"{preset}.yaml").read_text(encoding="utf-8")
+        m = re.search(r"--preset " + re.escape(preset) + r" --model (\S+) --dry-run", text)
+        if m:
+            if m.group(1) not in SHIPPED:
+                raise ValueError(f"preset {preset}: its header traces --model {m.group(1)}, not a shipped config "
+                                 f"({', '.join(SHIPPED)})")
+            return m.group(1)
     return "sdxl" if cfg.resolution >= 1024 else "sd15"
 
 
@@ -689,7 +795,8 @@ def dry_run(cfg, *, as_json: bool = False) -> str:
     from .methods import METHODS
 
     if not cfg.model:
-        raise ValueError("config: `model` is empty; give a model folder, a checkpoint or a shipped config (sd15, sdxl)")
+        raise ValueError("config: `model` is empty; give a model folder, a checkpoint or a shipped config "
+                         f"({', '.join(SHIPPED)})")
     device = "cpu" if cfg.cpu else "cuda"
     n = count_records(cfg, METHODS[cfg.method].data_kind, fill_records(cfg))
     e = estimate_run(cfg, cfg.model, device=device, n_records=n)
