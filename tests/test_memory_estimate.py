@@ -26,7 +26,7 @@ from npo_suite.trainer.memory_estimate import (ALLOCATOR_SLACK, CONTEXT_GIB, mea
 
 TINY = {"resolution": 64, "batch_size": 1, "lora_rank": 4, "grad_accum": 2, "mixed_precision": "no"}
 PRESETS = ["sd15_8gb", "sdxl_12gb", "datacenter_sd15", "tdft_sd15", "tdft_sdxl", "ddspo_sdxl", "sd35m_24gb",
-           "flux_40gb"]
+           "flux_40gb", "sana_16gb"]
 
 
 def tiny_cfg(model, **overrides):
@@ -214,6 +214,7 @@ def test_transformer_estimate_agrees_with_the_allocator(flow_dirs):
 def test_preset_model_is_the_headers():
     assert preset_model(load_config(preset="sd35m_24gb"), "sd35m_24gb") == "sd35m"
     assert preset_model(load_config(preset="flux_40gb"), "flux_40gb") == "flux1dev"
+    assert preset_model(load_config(preset="sana_16gb"), "sana_16gb") == "sana1600m"
     assert preset_model(load_config(preset="sdxl_12gb"), "sdxl_12gb") == "sdxl"
 
 

@@ -24,8 +24,8 @@ in its order:
               a method that encodes no text while training), so the step holds what the real step holds.
 
 Flow transformers: any diffusers folder whose `transformer/config.json` names a class of
-`TRANSFORMER_FAMILIES` (the extension point: SANA needs its class there, its family registered, its
-folder shipped), every component built from the class its config names; shipped `sd35m`, `flux1dev`.
+`TRANSFORMER_FAMILIES` (the extension point: a family's transformer class there, its family registered, its
+folder shipped), every component built from the class its config names; shipped `sd35m`, `flux1dev`, `sana1600m`.
 Attention is traced as the fused SDPA kernel PyTorch picks (`_scaled_dot_product_flash_attention_for_cpu`
 on the fake CPU tensors: no sequence x sequence matrix, as flash / memory-efficient attention on a GPU).
 
@@ -60,7 +60,7 @@ BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 byte
 CONTEXT_GIB = 1.0  # CUDA context + cuBLAS/cuDNN handles and workspaces, outside PyTorch's allocator
 ALLOCATOR_SLACK = 1.10  # reserved / allocated of the caching allocator at a training peak (fragmentation)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SHIPPED = {"sd15": "sd15", "sd1": "sd15", "sdxl": "sdxl", "sd35m": "sd35m", "flux1dev": "flux1dev"}
+SHIPPED = {"sd15": "sd15", "sd1": "sd15", "sdxl": "sdxl", "sd35m": "sd35m", "flux1dev": "flux1dev", "sana1600m": "sana1600m"}
 SMALL = 1 << 16  # ops on real tensors this small run for real (timesteps, masks), so Python can read them
 
 
@@ -222,7 +222,7 @@ class ModelConfigs:
 # trace: a family whose components diffusers / transformers build from their configs (every class named by
 # `_class_name` / `architectures`), registered in `families.FAMILIES` with its `encode_text` / `velocity`, is
 # traced by adding its transformer class here and shipping its folder under configs/ (SHIPPED).
-TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "SanaTransformer2DModel": "sana"}
 
 
 def resolve_model(model: str) -> ModelConfigs:
@@ -327,16 +327,24 @@ def tokens(text_encoder_config: dict) -> "_Tokens":
 
 class _Tokens:
     """A tokenizer stand-in: every prompt is `max_length` token ids when the caller asks for a length (the
-    pipelines' padding to max_length), else `length` (the encoder's full context)."""
+    pipelines' padding to max_length), else `length` (the encoder's full context), with an all-ones attention
+    mask. `encode(text)` (SANA counts its instruction prefix's tokens) gives one token per UTF-8 byte: the
+    most a byte-fallback tokenizer can give, so the traced text length is an upper bound."""
+
+    padding_side = "right"
 
     def __init__(self, length: int):
         self.model_max_length = length
+
+    def encode(self, text: str, **_kwargs) -> list[int]:
+        return [0] * len(text.encode("utf-8"))
 
     def __call__(self, prompts, max_length=None, **_kwargs):
         n = self.model_max_length if max_length is None else int(max_length)
 
         class Out:
             input_ids = torch.zeros(len(prompts), n, dtype=torch.long)
+            attention_mask = torch.ones(len(prompts), n, dtype=torch.long)
         return Out()
 
 
@@ -403,7 +411,9 @@ def fake_batch(backend, mc: ModelConfigs, kind: str, B: int, resolution: int, de
     if random:
         def zeros(*shape, device=None):  # noqa: E306
             return torch.randn(*shape, device=device)
-    down = 2 ** (len(mc.vae["block_out_channels"]) - 1) if mc.vae is not None else 1
+    # the VAE's down-sampling: AutoencoderKL 2^(levels - 1), AutoencoderDC (SANA) 2^(encoder levels - 1)
+    blocks = None if mc.vae is None else (mc.vae.get("block_out_channels") or mc.vae["encoder_block_out_channels"])
+    down = 2 ** (len(blocks) - 1) if blocks else 1
     C, h = mc.unet.get("in_channels", 4), resolution // down
     if mc.is_transformer:  # the conditioning's layout is the family's own: that of the cached ∅ (`null_cond`)
         C = backend.spec.latent_channels(backend.unet)
