@@ -211,6 +211,24 @@ class ComfyFlowBackend(ComfyBackend):
         backend.guidance = float(opts.flux_guidance) if comfy_class == "Flux" and guidance_embed else None
         return backend
 
+    def _enable_checkpointing(self, blocks: list[torch.nn.Module]) -> None:
+        """Activation checkpointing per block. ComfyUI's Flux blocks add to their input tensors in place
+        (`txt += ...`, `x += ...`), which would change the inputs the checkpoint keeps for the recomputation:
+        there each block runs on copies of its tensor inputs (values unchanged)."""
+        if self.comfy_class not in INPLACE_RESIDUALS:
+            return super()._enable_checkpointing(blocks)
+        for m in blocks:
+            original = m.forward
+
+            def on_copies(*args, __f=original, **kwargs):
+                def cp(v):
+                    return v.clone() if isinstance(v, torch.Tensor) else v
+
+                return __f(*[cp(a) for a in args], **{k: cp(v) for k, v in kwargs.items()})
+
+            m.forward = on_copies
+        super()._enable_checkpointing(blocks)
+
     # ----------------------------------------------------------------- protocol
     @property
     def num_train_timesteps(self) -> int:
