@@ -11,6 +11,7 @@ Checked:
   `npo_family`) that ComfyUI's LoRA loader consumes entirely (no "lora key not loaded", one patch per
   module), trained (output differs from the base), equal to the in-memory NPO_OFFSET, whose keys the
   sampling nodes' key map resolves; the user's MODEL is unchanged; the report says memory is not estimated;
+  npo also draws its validation grid (flow Euler on the backend's velocities);
 - a ComfyUI model family the trainer does not train (Wan 2.1) is refused with its name.
 
 Tolerances: the backend calls the same diffusion model with the same arguments as `_apply_model`; the
@@ -95,7 +96,6 @@ def test_velocity_and_loss_equal_comfyui_model_call(fam, tmp_path):
             x_t = fl.interpolate(x0, eps, sigma)  # ComfyUI's CONST noise_scaling: σ·ε + (1 − σ)·x0
             with torch.no_grad():
                 ours_base = b.predict_v(x_t, sigma, cond, adapter=None)
-            theirs_base = comfy_v(fam, b.patcher, x_t, sigma, cond)
             # a non-zero LoRA (up-projections start at zero): random ups, then the file the backend writes
             with torch.no_grad():
                 for p in b.trainable_parameters():
@@ -122,6 +122,7 @@ def test_velocity_and_loss_equal_comfyui_model_call(fam, tmp_path):
             numeric = (vals[0] - vals[1]) / (2 * h)
         finally:
             b.close()
+    theirs_base = comfy_v(fam, fam.model, x_t, sigma, cond)  # after close(): the user's MODEL, no hooks left
     lora = comfy.utils.load_torch_file(str(path), safe_load=True)
     patched, _ = comfy.sd.load_lora_for_models(fam.model, None, lora, 1.0, 0)
     theirs_lora = comfy_v(fam, patched, x_t, sigma, cond)
@@ -167,10 +168,17 @@ def test_training_node_writes_a_lora_comfyui_loads(fam, method, caplog):
     dm = fam.model.model.diffusion_model
     flags = {n: p.requires_grad for n, p in dm.named_parameters()}
     name = f"dit_{fam.name}_{method}"
+    inputs = _inputs(method, name)
+    if method == "npo":  # a validation grid at the last step (flow Euler, NPO guidance), 2 sampler steps
+        inputs.update(validate_every=2, validation_prompts=PROMPTS[0],
+                      extra="validation_sample_steps: 2\nvalidation_seeds: [0]\nvalidation_guidance: 3.0")
     with torch.inference_mode():  # as ComfyUI runs a node
-        out = TrainPreferenceLoRA.execute(fam.model, fam.clip, fam.vae, _data(), **_inputs(method, name)).args
-    offset, _patched, lora_name, _curve, report, _grid = out
+        out = TrainPreferenceLoRA.execute(fam.model, fam.clip, fam.vae, _data(), **inputs).args
+    offset, _patched, lora_name, _curve, report, grid = out
     assert "finished at step 2/2" in report, report
+    if method == "npo":  # rows: prompts; columns: seed x (base, LoRA): 1 x 2 tiles of 64 px
+        assert "validation grid: step_000002.png" in report and grid.shape[1:3] == (64, 128), (report, grid.shape)
+        assert_informative(grid[:, :, :64], grid[:, :, 64:], name="validation tiles")
     assert "not estimated" in report and "no memory reserved" in report, report
     path = fam.root / "loras" / lora_name
     with safe_open(str(path), "pt") as f:
