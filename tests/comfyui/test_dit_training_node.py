@@ -258,3 +258,32 @@ def test_gradient_checkpointing_gives_the_same_gradient(fam):
             finally:
                 b.close()
     assert rel(grads[1], grads[0]) < 1e-4
+
+
+def test_init_lora_starts_from_the_written_file(fam, tmp_path):
+    """`init_lora`: a file the backend wrote (alpha 4, rank 2) read back through ComfyUI's key map into a run
+    with alpha 2 (the scale folded into the ups) gives the same velocity; another rank is refused."""
+    from npo_suite.nodes.comfy.backend import training_mode
+
+    g = torch.Generator().manual_seed(2)
+    x, sigma = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.4, 0.9])
+    with training_mode():
+        a = _backend(fam, alpha=4.0)
+        try:
+            cond = a.encode_prompts(PROMPTS)
+            with torch.no_grad():
+                for p in a.trainable_parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                va = a.predict_v(x, sigma, cond)
+            path = a.write_lora(tmp_path / "init.safetensors", {})
+        finally:
+            a.close()
+        b = _backend(fam, init_path=str(path))
+        try:
+            with torch.no_grad():
+                vb = b.predict_v(x, sigma, cond)
+        finally:
+            b.close()
+        with pytest.raises(ValueError, match="rank 2, this run uses lora rank 4"):
+            _backend(fam, rank=4, alpha=4.0, init_path=str(path))
+    assert rel(vb, va) < 1e-6  # the same LoRA: identical ops, only up·(alpha/rank) rounded once
