@@ -188,12 +188,14 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     cfg = session.node_config(options, str(run_dir), init_path, data)
     session.check_data(cfg.method, data)
     shown = NodeProgress(cfg.method, cfg.steps)
+    notes: list[str] = []
 
     def on_ready(backend):
         try:
             est = memory.memory_estimate_for(backend, cfg)
-        except ValueError as e:  # a family without a shipped config: nothing to trace
-            log.warning("npo_suite train %s: %s; no memory reserved ahead of the run", cfg.method, e)
+        except ValueError as e:  # a family without a shipped config, or a DiT: nothing traced
+            notes.append(f"memory: {e}; no memory reserved ahead of the run")
+            log.warning("npo_suite train %s: %s", cfg.method, notes[-1])
         else:
             log.info("npo_suite train %s: %s", cfg.method, est.report())
             backend.reserve_memory(est.total)
@@ -207,6 +209,8 @@ def train_in_comfy(model, clip, vae, data, options: dict):
                                        resume=options.get("resume", True), cache_dir=cache,
                                        stop_requested=mm.processing_interrupted, progress=shown,
                                        on_ready=on_ready, release=mm.soft_empty_cache, warning=shown.warning)
+    if notes:
+        outcome.report += "".join(f"\n{n}" for n in notes)
     lora_name = None
     if outcome.lora_path is not None:
         session.publish_lora(outcome.lora_path, folder_paths.get_folder_paths("loras")[0], name)

@@ -326,9 +326,12 @@ def sd3_transformer_config() -> dict:
                 pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
 
 
-def build_sd3(directory: str | os.PathLike | None = None, seed: int = 0, shift: float = 3.0):
+def build_sd3(directory: str | os.PathLike | None = None, seed: int = 0, shift: float = 3.0,
+              transformer_config: dict | None = None, latent_channels: int = 4):
     """A tiny StableDiffusion3Pipeline (CLIP-L, CLIP-G with projections, T5; MMDiT; flow-match Euler with
-    `shift`), random weights, tokenizers built offline (saved to `directory` if given)."""
+    `shift`), random weights, tokenizers built offline (saved to `directory` if given).
+    transformer_config: replaces `sd3_transformer_config()` (e.g. ComfyUI-detectable widths, 16 latent
+    channels); latent_channels: the VAE's (must equal the transformer's in_channels)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -339,8 +342,8 @@ def build_sd3(directory: str | os.PathLike | None = None, seed: int = 0, shift: 
     te1 = CLIPTextModelWithProjection(text_encoder_config(len(clip_tok), projection_dim=32)).eval()
     te2 = CLIPTextModelWithProjection(text_encoder_config(len(clip_tok), projection_dim=32)).eval()
     te3 = t5_encoder(len(t5_tok))
-    transformer = SD3Transformer2DModel(**sd3_transformer_config()).eval()
-    vae = AutoencoderKL(**flow_vae_config(4, 0.0609, 1.5035)).eval()
+    transformer = SD3Transformer2DModel(**(transformer_config or sd3_transformer_config())).eval()
+    vae = AutoencoderKL(**flow_vae_config(latent_channels, 0.0609, 1.5035)).eval()
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
                                     vae=vae, text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2,
                                     tokenizer_2=clip_tok, text_encoder_3=te3, tokenizer_3=t5_tok)
@@ -424,9 +427,12 @@ def flux_transformer_config(guidance_embeds: bool = True) -> dict:
                 guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8))
 
 
-def build_flux(directory: str | os.PathLike | None = None, seed: int = 0, guidance_embeds: bool = True):
+def build_flux(directory: str | os.PathLike | None = None, seed: int = 0, guidance_embeds: bool = True,
+               transformer_config: dict | None = None, latent_channels: int = 4):
     """A tiny FluxPipeline (CLIP-L pooled + T5, double/single-stream transformer, Flux-dev's dynamic
-    shift schedule), random weights, tokenizers built offline (saved to `directory` if given)."""
+    shift schedule), random weights, tokenizers built offline (saved to `directory` if given).
+    transformer_config: replaces `flux_transformer_config(guidance_embeds)` (its in_channels = 4 x
+    latent_channels: 2x2 packing); latent_channels: the VAE's."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -436,8 +442,8 @@ def build_flux(directory: str | os.PathLike | None = None, seed: int = 0, guidan
     t5_tok = build_t5_tokenizer()
     te1 = CLIPTextModel(text_encoder_config(len(clip_tok))).eval()
     te2 = t5_encoder(len(t5_tok))
-    transformer = FluxTransformer2DModel(**flux_transformer_config(guidance_embeds)).eval()
-    vae = AutoencoderKL(**flow_vae_config(4, 0.1159, 0.3611)).eval()
+    transformer = FluxTransformer2DModel(**(transformer_config or flux_transformer_config(guidance_embeds))).eval()
+    vae = AutoencoderKL(**flow_vae_config(latent_channels, 0.1159, 0.3611)).eval()
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te1, tokenizer=clip_tok,

@@ -217,8 +217,11 @@ def save_lora(cfg, backend, method, step: int, out: Path) -> Path:
     from ..core.offsets.types import Offset
     from ..core.offsets import offset_from_peft, save_offset
 
-    offset = Offset(unet=offset_from_peft(backend.unet, "policy", "unet"))
     path = Path(out) / f"{cfg.lora_name}.safetensors"
+    write_lora = getattr(backend, "write_lora", None)
+    if write_lora is not None:  # a backend with its own file layout (ComfyUI's SD3 / Flux: ComfyUI's module names)
+        return write_lora(path, lora_metadata(cfg, backend, method, step))
+    offset = Offset(unet=offset_from_peft(backend.unet, "policy", "unet"))
     if getattr(backend, "is_transformer", False):  # SD3 / Flux: diffusers' transformer.* layout (no kohya form)
         from ..core.offsets import save_transformer_lora
 

@@ -183,15 +183,10 @@ class ComfyBackend(DiffusersBackend):
         LoRA layers are created, and seeded-initialised, in its module order, whatever the order of `modules`);
         reserve(nbytes): make room for a training working set of nbytes (ComfyUI model management)."""
         self.options = opts = options or BackendOptions()
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"{source}: prediction type {prediction_type!r} is not trainable here "
-                             "(expected an eps- or v-prediction SD1.x/SDXL model)")
-        if family not in FAMILIES or not FAMILIES[family].latent or FAMILIES[family].offsets is None:
-            known = [n for n, f in FAMILIES.items() if f.latent and f.offsets is not None]
-            raise ValueError(f"{source}: unsupported model family {family!r} (expected {' or '.join(known)})")
+        self._check_model(prediction_type, family, source)
         self.device = torch.device(device)
         self.family, self.prediction_type, self.source = family, prediction_type, source
-        self.abar = abar.to(torch.float64).cpu()
+        self.abar = None if abar is None else abar.to(torch.float64).cpu()  # None: a flow model (nodes/comfy/flow.py)
         self._forward, self._encode_text = forward, encode_text
         self._encode_pixels, self._decode = encode_pixels, decode_latents_fn
         self.vae, self.text_encoders, self.tokenizers, self.scheduler = None, [], [], None
@@ -207,7 +202,7 @@ class ComfyBackend(DiffusersBackend):
         net_params = list(network.parameters()) if network is not None else \
             [p for m in modules.values() for p in m.parameters()]
         self._requires_grad = [(p, p.requires_grad) for p in net_params]
-        self.unet = DiffusersView(modules, view_config(modules))
+        self.unet = DiffusersView(modules, self._view_config(modules))
         self._lora_config = self._make_lora_config(opts.lora)
         self.adapters: list[str] = []
         self._layers: list = []
@@ -228,21 +223,40 @@ class ComfyBackend(DiffusersBackend):
             raise
         self._null: Cond | None = None
 
+    def _check_model(self, prediction_type: str, family: str, source: str) -> None:
+        """Refuse a model this backend cannot train (a subclass widens it: nodes/comfy/flow.py)."""
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"{source}: prediction type {prediction_type!r} is not trainable here "
+                             "(expected an eps- or v-prediction SD1.x/SDXL model)")
+        if family not in FAMILIES or not FAMILIES[family].latent or FAMILIES[family].offsets is None:
+            known = [n for n, f in FAMILIES.items() if f.latent and f.offsets is not None]
+            raise ValueError(f"{source}: unsupported model family {family!r} (expected {' or '.join(known)})")
+
+    def _view_config(self, modules: dict) -> dict:
+        """The view's `config` (the UNet block layout `core.offsets.keys` reads)."""
+        return view_config(modules)
+
     # ----------------------------------------------------------------- construction from ComfyUI
     @classmethod
     def from_comfy(cls, model, clip, vae=None, *, options: BackendOptions | None = None) -> "ComfyBackend":
         """From ComfyUI's MODEL (ModelPatcher), CLIP and VAE. Loads the UNet with ComfyUI's model
-        management (a clone of the patcher: the user's MODEL keeps its own state)."""
+        management (a clone of the patcher: the user's MODEL keeps its own state). SD3 / Flux MODELs
+        get the flow backend (nodes/comfy/flow.py, `ComfyFlowBackend`); any other family is refused
+        with its name."""
         import comfy.model_management as mm
         import comfy.utils
 
+        from .flow import FLOW_CLASSES, ComfyFlowBackend, unsupported_model_error
+
+        cls_name = type(model.model).__name__
+        if cls_name in FLOW_CLASSES:
+            return ComfyFlowBackend.from_comfy(model, clip, vae, options=options)
+        mtype = getattr(model.model.model_type, "name", str(model.model.model_type))
+        if mtype not in PREDICTION_TYPES:
+            raise unsupported_model_error(model.model)
         patcher = model.clone()
         base = patcher.model
         dm = base.diffusion_model
-        mtype = getattr(base.model_type, "name", str(base.model_type))
-        if mtype not in PREDICTION_TYPES:
-            raise ValueError(f"this MODEL is a {type(base).__name__} with {mtype} prediction; the preference "
-                             "trainer supports SD1.x / SDXL eps- or v-prediction models")
         unet_config = base.model_config.unet_config
         modules, missing = {}, []
         for dk, lk in weight_module_map(comfy.utils.unet_to_diffusers(unet_config)).items():

@@ -25,9 +25,13 @@ class MemoryEstimate:
 def memory_estimate_for(backend, cfg, model: str | None = None) -> MemoryEstimate:
     """The traced estimate for a built backend and a TrainConfig. model: the config to trace (a shipped
     name or a diffusers folder); default the shipped config of the backend's family (ValueError when
-    there is none: the caller reserves nothing and says so)."""
+    there is none, and for a flow DiT backend, whose working set is not estimated: the caller reserves
+    nothing and says so)."""
     from ...trainer.memory_estimate import SHIPPED, training_estimate
 
+    if getattr(backend, "prediction_type", None) == "flow":  # ComfyUI's SD3 / Flux (nodes/comfy/flow.py)
+        raise ValueError(f"memory estimate: the training working set of a ComfyUI {backend.family} run (a flow "
+                         "DiT) is not estimated (the traced estimate covers the SD1.x / SDXL UNet only)")
     if model is None:
         if backend.family not in SHIPPED:
             raise ValueError(f"memory estimate: no shipped config for family {backend.family!r} "

@@ -177,3 +177,67 @@ def peft_lora(model_patcher, key_prefix: str, seed: int, rank: int = 2, std: flo
         sd[f"{name}.lora_A.weight"] = torch.randn(rank, i, generator=g) * std
         sd[f"{name}.lora_B.weight"] = torch.randn(o, rank, generator=g) * std
     return sd
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers-format transformers with widths ComfyUI's converter and detection accept
+# ---------------------------------------------------------------------------------------------
+# SD3: ComfyUI reads depth = pos_embed width / 64 and heads = depth, so width 64·depth with 64-wide
+# heads; 16 latent channels (ComfyUI's SD3 config), the tiny pipeline's text widths (T5 64, pooled 32+32).
+SD3_DIFFUSERS = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+                     num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128,
+                     pooled_projection_dim=64, pos_embed_max_size=16)
+# Flux: ComfyUI's detection fixes the widths at Flux's (3072, 24 heads), so the tiny one is loaded
+# through `comfy.supported_models.Flux` with this config (`FLUX_FROM_DIFFUSERS`) after ComfyUI's own
+# diffusers-to-Flux key conversion. 16 latent channels packed 2x2 (diffusers in_channels 64).
+FLUX_DIFFUSERS = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=2, num_single_layers=2,
+                      attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+                      guidance_embeds=True, axes_dims_rope=(8, 12, 12))
+FLUX_FROM_DIFFUSERS = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
+                           hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
+                           axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+
+
+def comfy_from_diffusers_transformer(state_dict: dict, family: str):
+    """A ModelPatcher of a diffusers SD3 / Flux transformer state dict, as ComfyUI loads it (fp32).
+
+    SD3: `comfy.sd.load_diffusion_model_state_dict` (ComfyUI converts the diffusers keys and detects
+    the model). Flux: ComfyUI's converter `comfy.model_detection.convert_diffusers_mmdit`, then the
+    weights into `comfy.supported_models.Flux(FLUX_FROM_DIFFUSERS)` with strict key matching (the
+    detection would assume Flux's full widths)."""
+    import comfy.model_detection
+    import comfy.sd
+    import comfy.supported_models
+
+    sd = {k: v.clone() for k, v in state_dict.items()}
+    if family == "sd3":
+        mp = comfy.sd.load_diffusion_model_state_dict(sd, {"dtype": torch.float32})
+        if mp is None or type(mp.model).__name__ != "SD3":
+            raise AssertionError(f"ComfyUI did not load the diffusers SD3 transformer as SD3 (got {mp})")
+        return mp
+    converted = comfy.model_detection.convert_diffusers_mmdit(sd, "")
+    if converted is None:
+        raise AssertionError("ComfyUI's converter did not recognise the diffusers Flux transformer")
+    cfg = comfy.supported_models.Flux(dict(FLUX_FROM_DIFFUSERS))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    missing, unexpected = model.diffusion_model.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise AssertionError(f"converted Flux weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return _patcher(model)
+
+
+def tiny_vae16(seed: int = 0):
+    """A real `comfy.sd.VAE` with 16 latent channels (SD3 / Flux latents): ComfyUI's TAESD architecture
+    (the small one its VAE loader detects from `taesd_decoder.1.weight`), random weights, 8x down-sampling."""
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, p in comfy.taesd.taesd.TAESD(latent_channels=16).state_dict().items():
+        # weights N(0, 1/fan_in): a deep random conv stack keeps unit scale (a fixed std blows up to ~1e7)
+        # (x0.8: each residual block adds its input back); biases 0, vae_scale 1, vae_shift 0
+        sd[k] = (torch.randn(p.shape, generator=g) * 0.8 / p[0].numel() ** 0.5 if p.ndim >= 2 else
+                 torch.ones(p.shape) if k == "vae_scale" else torch.zeros(p.shape))
+    return comfy.sd.VAE(sd=sd)
