@@ -419,7 +419,8 @@ class ComfyBackend(DiffusersBackend):
 
     # ----------------------------------------------------------------- protocol
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def encode_prompts(self, prompts: list[str], *, negative: bool = False) -> Cond:
+        # negative: ComfyUI's CLIP encodes a negative prompt as any other (the SD, SD3 and Flux families alike)
         hidden, pooled = self._encode_text(list(prompts))
         h = lcm_cat(hidden).to(self.device)  # [B, L, D]
         if not self.spec.pooled:

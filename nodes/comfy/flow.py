@@ -235,7 +235,8 @@ class ComfyFlowBackend(ComfyBackend):
         return 1000  # the trainer's flow t ∈ [0, 1]; the network's own timestep is `model_sampling.timestep(σ)`
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def encode_prompts(self, prompts: list[str], *, negative: bool = False) -> Cond:
+        # negative: ComfyUI's CLIP encodes a negative prompt as any other (the SD, SD3 and Flux families alike)
         prompts = list(prompts)
         hidden, pooled = self._encode_text(prompts)
         want = self._txt_len if self._txt_len is not None else hidden[0].shape[1]

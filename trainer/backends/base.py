@@ -32,8 +32,10 @@ class Backend(Protocol):
     @property
     def num_train_timesteps(self) -> int: ...
 
-    def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Text conditioning for each prompt (SDXL: with default size conditioning)."""
+    def encode_prompts(self, prompts: list[str], *, negative: bool = False) -> Cond:
+        """Text conditioning for each prompt (SDXL: with default size conditioning). negative=True: the prompts
+        are negative / unconditional ones, which a family may encode differently (SANA: without the pipeline's
+        instruction prefix); the others encode them as any prompt."""
 
     def null_cond(self, batch_size: int) -> Cond:
         """The encoded empty prompt, exactly what the model saw under CFG dropout, repeated."""
