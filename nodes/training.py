@@ -178,7 +178,8 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     the cache emptied. The UNet itself stays loaded for the next node (docs/comfyui_training.md)."""
     import comfy.model_management as mm
 
-    from .comfy.backend import ComfyBackend, training_mode
+    from .comfy.backend import training_mode
+    from .comfy.backends import backend_for
     from ..trainer.backends.diffusers import BackendOptions, LoraOptions
 
     name = session.node_output_name(options)
@@ -205,7 +206,7 @@ def train_in_comfy(model, clip, vae, data, options: dict):
                           gradient_checkpointing=cfg.gradient_checkpointing, resolution=cfg.resolution)
     cache = os.path.join(folder_paths.get_temp_directory(), "npo_suite_cache")
     with training_mode():
-        outcome = session.run_and_release(lambda: ComfyBackend.from_comfy(model, clip, vae, options=opts), data, cfg,
+        outcome = session.run_and_release(lambda: backend_for(model, clip, vae, options=opts), data, cfg,
                                        resume=options.get("resume", True), cache_dir=cache,
                                        stop_requested=mm.processing_interrupted, progress=shown,
                                        on_ready=on_ready, release=mm.soft_empty_cache, warning=shown.warning)

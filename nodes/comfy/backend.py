@@ -47,6 +47,10 @@ from ...trainer.backends.diffusers import POLICY, BackendOptions, DiffusersBacke
 
 # ComfyUI ModelType names -> the prediction types of core.schedule.to_eps
 PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+# the families the ComfyUI trainer trains, for the refusal of any other (SD: ComfyBackend; SD3/Flux: ComfyFlowBackend,
+# whose ComfyUI model classes are FLOW_CLASSES -> our family names)
+FLOW_CLASSES = {"SD3": "sd3", "Flux": "flux"}
+TRAINABLE = "SD1.x / SD2.x, SDXL (eps or v-prediction), SD3 / SD3.5, Flux"
 
 Forward = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x_t, t, cond) -> raw network output
 
@@ -241,16 +245,14 @@ class ComfyBackend(DiffusersBackend):
     def from_comfy(cls, model, clip, vae=None, *, options: BackendOptions | None = None) -> "ComfyBackend":
         """From ComfyUI's MODEL (ModelPatcher), CLIP and VAE. Loads the UNet with ComfyUI's model
         management (a clone of the patcher: the user's MODEL keeps its own state). SD3 / Flux MODELs
-        get the flow backend (nodes/comfy/flow.py, `ComfyFlowBackend`); any other family is refused
-        with its name."""
+        are `ComfyFlowBackend`'s (nodes/comfy/flow.py; `nodes.comfy.backends.backend_for` picks the one of a
+        MODEL); any other family is refused with its name."""
         import comfy.model_management as mm
         import comfy.utils
 
-        from .flow import FLOW_CLASSES, ComfyFlowBackend, unsupported_model_error
-
-        cls_name = type(model.model).__name__
-        if cls_name in FLOW_CLASSES:
-            return ComfyFlowBackend.from_comfy(model, clip, vae, options=options)
+        if type(model.model).__name__ in FLOW_CLASSES:
+            raise ValueError(f"ComfyBackend trains SD1.x/SDXL UNets; this MODEL is {type(model.model).__name__}, which "
+                             f"ComfyFlowBackend trains (nodes.comfy.backends.backend_for picks the backend of a MODEL)")
         mtype = getattr(model.model.model_type, "name", str(model.model.model_type))
         if mtype not in PREDICTION_TYPES:
             raise unsupported_model_error(model.model)
@@ -292,23 +294,7 @@ class ComfyBackend(DiffusersBackend):
                 y = torch.cat([cond.added["text_embeds"].to(device, torch.float32), emb.to(device)], dim=1).to(dtype)
             return dm(x.to(device, dtype), t.to(device).float(), context=cond.hidden.to(device, dtype), y=y).float()
 
-        def encode_text(prompts):
-            hidden, pooled = [], []
-            for p in prompts:
-                c, pl = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
-                hidden.append(c.float().cpu())
-                pooled.append(pl.float().cpu() if pl is not None else None)
-            return hidden, pooled
-
-        encode_pixels = decode = None
-        if vae is not None:
-            def encode_pixels(px):
-                img = ((px.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # [B, H, W, 3] in [0, 1]
-                return latent_format.process_in(vae.encode(img[..., :3]).float()).to(device)  # [B, 4, h, w]
-
-            def decode(latents):
-                img = vae.decode(latent_format.process_out(latents.float().cpu()))  # [B, H, W, 3] in [0, 1]
-                return (img.float().permute(0, 3, 1, 2) * 2 - 1).clamp(-1, 1).to(device)
+        encode_text, encode_pixels, decode = comfy_io(clip, vae, latent_format, device)
 
         blocks = [*dm.input_blocks, dm.middle_block, *dm.output_blocks]
         backend = cls(modules, forward, abar=abar, prediction_type=PREDICTION_TYPES[mtype], family=family,
@@ -456,6 +442,45 @@ class ComfyBackend(DiffusersBackend):
         n = sum(p.numel() for p in self._params.get(POLICY, []))
         return (f"ComfyBackend({self.source}, {self.family}, {self.prediction_type}, adapters={self.adapters}, "
                 f"policy params={n:,}, rank={self.options.lora.rank}, device={self.device})")
+
+
+
+def unsupported_model_error(base_model) -> ValueError:
+    """The error for a ComfyUI model this trainer does not train, naming its class and prediction type."""
+    from .keymap import FAMILIES as KNOWN
+
+    cls = type(base_model).__name__
+    mtype = getattr(getattr(base_model, "model_type", None), "name", "?")
+    name = f"{KNOWN[cls]} ({cls})" if cls in KNOWN else cls
+    return ValueError(f"Train Preference LoRA: this MODEL is {name} with {mtype} prediction, a model family the "
+                      f"trainer does not train; it trains {TRAINABLE}")
+
+def comfy_io(clip, vae, latent_format, device):
+    """(encode_text, encode_pixels, decode) on ComfyUI's CLIP and VAE objects: text as
+    `clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)` per prompt (the CLIP object's own settings,
+    e.g. CLIP Set Last Layer), pixels [B, 3, H, W] in [-1, 1] through `vae.encode` / `vae.decode` and the model's
+    `latent_format` (its scale and shift). encode_pixels / decode are None without a VAE."""
+
+    def encode_text(prompts):
+        hidden, pooled = [], []
+        for p in prompts:
+            c, pl = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
+            hidden.append(c.float().cpu())
+            pooled.append(pl.float().cpu() if pl is not None else None)
+        return hidden, pooled
+
+    if vae is None:
+        return encode_text, None, None
+
+    def encode_pixels(px):
+        img = ((px.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # [B, H, W, 3] in [0, 1]
+        return latent_format.process_in(vae.encode(img[..., :3]).float()).to(device)  # [B, C, h, w]
+
+    def decode(latents):
+        img = vae.decode(latent_format.process_out(latents.float().cpu()))  # [B, H, W, 3] in [0, 1]
+        return (img.float().permute(0, 3, 1, 2) * 2 - 1).clamp(-1, 1).to(device)
+
+    return encode_text, encode_pixels, decode
 
 
 @contextlib.contextmanager

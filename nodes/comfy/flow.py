@@ -43,11 +43,9 @@ from ...core.cond import Cond
 from ...core.offsets.schema import metadata_value
 from ...core.flow import FLOW
 from ...trainer.backends.diffusers import POLICY, BackendOptions
-from .backend import ComfyBackend
+from .backend import FLOW_CLASSES, ComfyBackend, comfy_io, unsupported_model_error
 
 # ComfyUI model class (comfy/model_base.py) -> our family name
-FLOW_CLASSES = {"SD3": "sd3", "Flux": "flux"}
-TRAINABLE = "SD1.x / SD2.x, SDXL (eps or v-prediction), SD3 / SD3.5, Flux"
 
 # LoRA target presets on ComfyUI's module names (PEFT suffixes), per ComfyUI model class. Flux's single
 # blocks fuse attention and MLP into linear1 (qkv + mlp in) / linear2 (proj + mlp out): "attn" takes them
@@ -77,17 +75,6 @@ def _copy_saved_activations():
     """Backward through ComfyUI's Flux: the activations autograd saves are copies (`_pack_saved`). Cost: one
     copy of each saved activation (the original is freed once the forward moves on); values unchanged."""
     return torch.autograd.graph.saved_tensors_hooks(_pack_saved, lambda t: t)
-
-
-def unsupported_model_error(base_model) -> ValueError:
-    """The error for a ComfyUI model this trainer does not train, naming its class and prediction type."""
-    from .keymap import FAMILIES as KNOWN
-
-    cls = type(base_model).__name__
-    mtype = getattr(getattr(base_model, "model_type", None), "name", "?")
-    name = f"{KNOWN[cls]} ({cls})" if cls in KNOWN else cls
-    return ValueError(f"Train Preference LoRA: this MODEL is {name} with {mtype} prediction, a model family the "
-                      f"trainer does not train; it trains {TRAINABLE}")
 
 
 def kohya_key(path: str) -> str:
@@ -183,23 +170,7 @@ class ComfyFlowBackend(ComfyBackend):
             return dm(x.to(device, dtype), t, context=cond.hidden.to(device, dtype),
                       y=cond.added["pooled_projections"].to(device, dtype), **kw).float()
 
-        def encode_text(prompts):
-            hidden, pooled = [], []
-            for p in prompts:
-                c, pl = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
-                hidden.append(c.float().cpu())
-                pooled.append(pl.float().cpu() if pl is not None else None)
-            return hidden, pooled
-
-        encode_pixels = decode = None
-        if vae is not None:
-            def encode_pixels(px):
-                img = ((px.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)  # [B, H, W, 3] in [0, 1]
-                return latent_format.process_in(vae.encode(img[..., :3]).float()).to(device)  # [B, 16, h, w]
-
-            def decode(latents):
-                img = vae.decode(latent_format.process_out(latents.float().cpu()))  # [B, H, W, 3] in [0, 1]
-                return (img.float().permute(0, 3, 1, 2) * 2 - 1).clamp(-1, 1).to(device)
+        encode_text, encode_pixels, decode = comfy_io(clip, vae, latent_format, device)
 
         blocks = [*dm.joint_blocks] if comfy_class == "SD3" else [*dm.double_blocks, *dm.single_blocks]
         backend = cls(modules, forward, comfy_class=comfy_class, shift=shift, comfy_patcher=patcher,

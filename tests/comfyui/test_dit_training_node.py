@@ -59,11 +59,11 @@ def fam(request, comfy_runtime):
 
 
 def _backend(f, gradient_checkpointing=False, **lora):
-    from npo_suite.nodes.comfy.backend import ComfyBackend
+    from npo_suite.nodes.comfy.backends import backend_for
     from npo_suite.trainer.backends.diffusers import BackendOptions, LoraOptions
 
     opts = BackendOptions(lora=LoraOptions(**{"rank": 2, "alpha": 2, **lora}), gradient_checkpointing=gradient_checkpointing)
-    return ComfyBackend.from_comfy(f.model, f.clip, f.vae, options=opts)
+    return backend_for(f.model, f.clip, f.vae, options=opts)
 
 
 def comfy_v(f, patcher, x, sigma, cond):
@@ -228,11 +228,12 @@ def _cond(f):
 
 
 def test_unsupported_family_and_targets_are_named(fam):
-    from npo_suite.nodes.comfy.backend import ComfyBackend, training_mode
+    from npo_suite.nodes.comfy.backend import training_mode
+    from npo_suite.nodes.comfy.backends import backend_for
 
     wan = dit_build.tiny_wan()
     with training_mode(), pytest.raises(ValueError, match=r"Wan 2\.1 \(WAN21\) with FLOW prediction.*does not train"):
-        ComfyBackend.from_comfy(wan, fam.clip, None)
+        backend_for(wan, fam.clip, None)
     with training_mode(), pytest.raises(ValueError, match="matched no module"):
         _backend(fam, targets="to_q,to_k")  # diffusers names: ComfyUI's modules are the fused qkv
 
