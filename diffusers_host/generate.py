@@ -425,13 +425,38 @@ def load_offsets(bundle, *, pos: str | os.PathLike | None = None, neg: str | os.
     loaded, info = {}, {}
     for key, path in (("pos", pos), ("neg", neg), ("snpo", snpo)):
         if path:
-            off = load_offset(path, base, family=fam, allow_pickle=allow_pickle)
+            off = _original_named_offset(bundle, path, base, allow_pickle)
+            if off is None:
+                off = load_offset(path, base, family=fam, allow_pickle=allow_pickle)
             if off.report is not None and off.report.family is None:
                 off.report.family = bundle.family  # matched against this model's own modules (SD3, Flux)
             loaded[key] = off
             info[key] = {"path": str(path), "report": off.report.summary() if off.report else None,
                          "metadata": dict(off.metadata)}
     return Offsets(loaded.get("pos"), loaded.get("neg"), loaded.get("snpo"), alpha, beta), info
+
+
+def _original_named_offset(bundle, path, base, allow_pickle: bool):
+    """A LoRA named by the transformer's original modules (kohya `lora_unet_joint_blocks_…`, ComfyUI's
+    `diffusion_model.…`), converted to diffusers/PEFT names by the family's map (`original_modules`: SD3) and
+    read against the model; None when the family has no such map or the file uses none of its names."""
+    table_of = getattr(bundle.family_spec, "original_modules", None)
+    if table_of is None:
+        return None
+    from ..core.offsets import offset_from_state_dict, read_tensors
+    from ..families.flow import has_original_names, original_lora_to_peft
+
+    sd, meta = read_tensors(path, allow_pickle=allow_pickle)
+    table = table_of(bundle.unet.config)
+    if not has_original_names(sd, table):
+        return None
+    peft, n = original_lora_to_peft(sd, table, name=str(path))
+    off = offset_from_state_dict(peft, base, name=str(path), metadata=meta)
+    off.report.format = "original module names, converted to peft"
+    off.report.notes.append(f"converted from the original module names: {n['modules']} modules ({n['split']} fused "
+                            f"projections split into their diffusers parts, {n['swapped']} with (shift, scale) rows "
+                            f"reordered)")
+    return off
 
 
 def _atomic_write(path: Path, write) -> None:

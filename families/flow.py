@@ -129,3 +129,75 @@ def dynamic_mu(config, image_seq_len: int, *, max_shift_default: float) -> float
     m = (max_shift - base_shift) / (max_len - base_len)
     return image_seq_len * m + (base_shift - m * base_len)
 
+
+
+ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # dotted original names (ComfyUI's form)
+LORA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down",
+                 ".lora_B.weight": "up", ".alpha": "alpha"}
+
+
+def _original_module(key: str, table: dict, flat: dict) -> tuple[str | None, str | None]:
+    """(original module, part) of a LoRA key in kohya (`lora_unet_<module with underscores>`) or dotted
+    original (`[model.]diffusion_model.<module>`) form; (None, None) when it is neither."""
+    for suffix, part in LORA_SUFFIXES.items():
+        if key.endswith(suffix):
+            stem = key[: -len(suffix)]
+            break
+    else:
+        return None, None
+    if stem.startswith("lora_unet_"):
+        return flat.get(stem[len("lora_unet_"):]), part
+    for prefix in ORIGINAL_PREFIXES:
+        if stem.startswith(prefix):
+            mod = stem[len(prefix):]
+            return (mod if mod in table else None), part
+    return None, None
+
+
+def has_original_names(sd: dict, table: dict) -> bool:
+    """Whether any key of a LoRA state dict names a module of `table` (a family's `original_modules`)."""
+    flat = {m.replace(".", "_"): m for m in table}
+    return any(_original_module(k, table, flat)[0] is not None for k in sd)
+
+
+def original_lora_to_peft(sd: dict, table: dict, name: str = "<memory>") -> tuple[dict, dict]:
+    """A LoRA on a transformer's original (SAI / BFL) module names -> diffusers/PEFT keys
+    `transformer.<module>.lora_A.weight` / `.lora_B.weight` with alpha / rank folded into lora_B, exactly:
+    a fused projection's delta up @ down [3C, in] is, per output block k, up[k] @ down (lora_A shared, lora_B
+    the block's rows), and a (shift, scale) module's rows are reordered as diffusers' `swap_scale_shift`.
+    `table`: {original module: (diffusers modules, swap)} (`SD3Family.original_modules`). Every key must be
+    placed: a key that names no module of the table, a module without both factors, or rows that do not split
+    evenly is a ValueError naming it (nothing is applied half-way). Returns (state dict, counts)."""
+    import torch
+
+    flat = {m.replace(".", "_"): m for m in table}
+    parts: dict[str, dict] = {}
+    bad = []
+    for k, v in sd.items():
+        mod, part = _original_module(k, table, flat)
+        if mod is None:
+            bad.append(k)
+            continue
+        parts.setdefault(mod, {})[part] = v
+    if bad:
+        raise ValueError(f"{name}: {len(bad)} key(s) name no module of this model in its original names: "
+                         f"{', '.join(sorted(bad)[:8])}" + (" ..." if len(bad) > 8 else ""))
+    out, split, swapped = {}, 0, 0
+    for mod, p in parts.items():
+        if "down" not in p or "up" not in p:
+            raise ValueError(f"{name}: module {mod!r} has no {'lora_down' if 'down' not in p else 'lora_up'} tensor")
+        down, up = p["down"].float(), p["up"].float()
+        rank = down.shape[0]
+        scale = float(p["alpha"]) / rank if "alpha" in p else 1.0
+        targets, swap = table[mod]
+        up = up * scale
+        if swap:
+            a, b = up.chunk(2, dim=0)
+            up, swapped = torch.cat([b, a], dim=0), swapped + 1
+        if up.shape[0] % len(targets):
+            raise ValueError(f"{name}: module {mod!r}: {up.shape[0]} output rows do not split into {len(targets)}")
+        split += len(targets) > 1
+        for target, rows in zip(targets, up.chunk(len(targets), dim=0)):
+            out[f"transformer.{target}.lora_A.weight"] = down.clone()
+            out[f"transformer.{target}.lora_B.weight"] = rows.contiguous()
+    return out, {"modules": len(parts), "split": split, "swapped": swapped}

@@ -44,6 +44,44 @@ class SD3Family(FlowFamily):
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
+    def original_modules(self, config) -> dict[str, tuple[tuple[str, ...], bool]]:
+        """The SAI single-file module names of an SD3 transformer with `config` (diffusers'), each with the
+        diffusers modules it holds (a fused qkv: three, its output rows split in equal parts, in order) and
+        whether its output rows are (shift, scale) where diffusers has (scale, shift) (`swap_scale_shift`):
+        the module-level map of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`, which kohya and
+        ComfyUI name SD3 LoRAs by (`lora_unet_joint_blocks_0_x_block_attn_qkv`, `diffusion_model.…`)."""
+        n = int(config["num_layers"])
+        dual = set(config.get("dual_attention_layers") or ())
+        out: dict[str, tuple[tuple[str, ...], bool]] = {}
+
+        def add(orig: str, *modules: str, swap: bool = False) -> None:
+            out[orig] = (modules, swap)
+
+        add("x_embedder.proj", "pos_embed.proj")
+        add("context_embedder", "context_embedder")
+        for o, d in (("t", "timestep"), ("y", "text")):
+            add(f"{o}_embedder.mlp.0", f"time_text_embed.{d}_embedder.linear_1")
+            add(f"{o}_embedder.mlp.2", f"time_text_embed.{d}_embedder.linear_2")
+        add("final_layer.linear", "proj_out")
+        add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+        for i in range(n):
+            b, d, last = f"joint_blocks.{i}.", f"transformer_blocks.{i}.", i == n - 1
+            add(b + "x_block.attn.qkv", *(d + f"attn.to_{x}" for x in "qkv"))
+            add(b + "context_block.attn.qkv", *(d + f"attn.add_{x}_proj" for x in "qkv"))
+            add(b + "x_block.attn.proj", d + "attn.to_out.0")
+            add(b + "x_block.adaLN_modulation.1", d + "norm1.linear")
+            add(b + "x_block.mlp.fc1", d + "ff.net.0.proj")
+            add(b + "x_block.mlp.fc2", d + "ff.net.2")
+            add(b + "context_block.adaLN_modulation.1", d + "norm1_context.linear", swap=last)  # the last: AdaLN-continuous
+            if not last:  # the last block's context stream is pre-only: no output projection, no MLP
+                add(b + "context_block.attn.proj", d + "attn.to_add_out")
+                add(b + "context_block.mlp.fc1", d + "ff_context.net.0.proj")
+                add(b + "context_block.mlp.fc2", d + "ff_context.net.2")
+            if i in dual:  # SD3.5's second image attention (MMDiT-X)
+                add(b + "x_block.attn2.qkv", *(d + f"attn2.to_{x}" for x in "qkv"))
+                add(b + "x_block.attn2.proj", d + "attn2.to_out.0")
+        return out
+
     def velocity(self, model, x, t, hidden, added, *, h, w, guidance=None):
         """The SD3 transformer's velocity [B, C, h, w] at scheduler timestep t (0..1000)."""
         return model(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=hidden,

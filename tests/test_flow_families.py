@@ -242,6 +242,54 @@ def test_peft_lora_in_diffusers_naming_covers_every_target(flow_dirs, name, tmp_
     assert (ours - plain).abs().max() > 1e-2  # the LoRA does act
 
 
+def test_sd3_lora_on_original_names_maps_exactly(flow_dirs, tmp_path):
+    """An SD3 LoRA named by the original (SAI) modules, as kohya (`lora_unet_joint_blocks_0_x_block_attn_qkv`) and
+    ComfyUI (`diffusion_model.joint_blocks.0.…`) write it, on every Linear of the original layout (fused qkv,
+    the AdaLN modulations whose rows diffusers reorders, embedders, final layer): the offset read against the
+    diffusers transformer gives exactly the weights diffusers' own single-file converter makes of
+    `W_original + alpha/r * up @ down` (the reference: `convert_sd3_transformer_checkpoint_to_diffusers`). fp32:
+    both sides add the same products (a fused delta's row blocks are the parts' deltas), so only rounding of
+    the sum can differ: bound 1e-6 relative to the weights' scale."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors.torch import save_file
+
+    from npo_suite.core.offsets import materialize
+    from npo_suite.testing.tiny_models import sd3_original_state_dict
+
+    bundle = _bundle(flow_dirs, "sd3")
+    tr = bundle.unet
+    table = bundle.family_spec.original_modules(tr.config)
+    orig = {k[len("model.diffusion_model."):]: v for k, v in sd3_original_state_dict(tr).items()}
+    g = torch.Generator().manual_seed(3)
+    kohya, comfy, ref = {}, {}, dict(orig)
+    for k, w in orig.items():
+        mod = k[: -len(".weight")]
+        if not (k.endswith(".weight") and w.ndim == 2 and mod in table):
+            continue
+        down, up = torch.randn(2, w.shape[1], generator=g) * 0.2, torch.randn(w.shape[0], 2, generator=g) * 0.2
+        ref[k] = w + 1.5 * up @ down  # alpha 3, rank 2
+        for sd, stem in ((kohya, "lora_unet_" + mod.replace(".", "_")), (comfy, "diffusion_model." + mod)):
+            sd.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(3.0)})
+    expected = convert_sd3_transformer_checkpoint_to_diffusers(dict(ref))
+    n_mod = len(kohya) // 3
+    assert n_mod == len(table) - 1  # every module of the map but the patch-embedding conv
+    for label, sd in (("kohya", kohya), ("comfy", comfy)):
+        f = tmp_path / f"{label}.safetensors"
+        save_file(sd, str(f))
+        spec, info = load_offsets(bundle, neg=f)
+        assert "original module names, converted to peft (sd3), 36 modules" in info["neg"]["report"]  # qkv: 3 each
+        assert any(f"converted from the original module names: {n_mod} modules" in n for n in spec.delta.report.notes)
+        got = materialize(tr, [(spec.delta, 1.0)]).state_dict()
+        assert set(got) == set(expected)
+        scale = max(v.abs().max() for v in expected.values())
+        assert max(float((got[k] - expected[k]).abs().max()) for k in expected) <= 1e-6 * float(scale)
+        assert any(not torch.equal(got[k], tr.state_dict()[k]) for k in expected)  # it does act
+    f = tmp_path / "with_te.safetensors"  # a text-encoder key has no transformer module: refused, named
+    save_file({**kohya, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 4)}, str(f))
+    with pytest.raises(ValueError, match="1 key\\(s\\) name no module of this model in its original names: lora_te1_"):
+        load_offsets(bundle, neg=f)
+
+
 def test_kohya_named_flux_lora_is_refused_naming_its_keys(flow_dirs, tmp_path):
     """Kohya/ComfyUI names of a Flux LoRA (fused qkv of `double_blocks`) are not mapped by this reader:
     the file is refused with the keys and the model, nothing applied half-way."""

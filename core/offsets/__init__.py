@@ -10,6 +10,7 @@ deltas) and `schema` (formats, roles, metadata keys). Public API (stable; other 
   load_offset(path, base=None, *, family=None, allow_pickle=False, strict=True) -> Offset
   offset_from_state_dict(sd, base=None, *, name="<memory>", family=None, strict=True, metadata=None) -> Offset
   scan_offset(path, *, allow_pickle=False) -> Offset   (what a file holds; checked against no model)
+  read_tensors(path, *, allow_pickle=False) -> (tensors, metadata)   (a file's tensors, no key interpreted)
   save_offset(offset, path, *, format="kohya", metadata=None, base=None, family=None) -> Path
   offset_to_state_dict(offset, *, format="kohya", base=None, family=None) -> dict[str, Tensor]
   offset_from_peft(model, adapter_name="policy", component="unet") -> dict[str, LowRankDelta]
@@ -34,6 +35,7 @@ from .read import (
     load_unet_state_dict,
     offset_file_keys_from_state_dict,
     offset_from_state_dict,
+    read_tensors,
     scan_offset,
 )
 from .schema import FORMATS, ROLES, Term

@@ -199,6 +199,12 @@ def _file_prefix(key: str) -> str | None:
     return m["name"] if m else None
 
 
+def read_tensors(path, *, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an offset file as `load_offset` reads it, before any key is interpreted (a
+    caller that renames keys first, e.g. a family's original module names, then `offset_from_state_dict`)."""
+    return _read_tensors(Path(path), allow_pickle)
+
+
 def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: offset file not found")
