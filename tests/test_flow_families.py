@@ -11,14 +11,18 @@ against the two-model reference: relative difference <= 1e-5 (the METHODS/issue 
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from npo_suite.core.offsets.types import LowRankDelta
-from npo_suite.diffusers_host.generate import NPOSpec, encode_prompts, load_offsets, sample
-from npo_suite.families import FAMILIES, detect_folder, detect_single_file, family_with_text_encoders, get_family
-from npo_suite.families.loading import bundle_from_flow_pipeline, load_model
+sys.path.insert(0, str(Path(__file__).parent))
+from flow_fixtures import check_npo_per_row, random_offset  # noqa: E402
+
+from npo_suite.diffusers_host.generate import NPOSpec, encode_prompts, load_offsets, sample  # noqa: E402
+from npo_suite.families import FAMILIES, detect_folder, detect_single_file, family_with_text_encoders, get_family  # noqa: E402
+from npo_suite.families.loading import bundle_from_flow_pipeline, load_model  # noqa: E402
 
 T5_LEN = 16  # T5 tokens (the pipelines default to 256 / 512; a tiny model does not need them)
 PROMPTS = ["a photo of a cat", "red house with a tree"]
@@ -65,22 +69,6 @@ def _pipe_latents(pipe, name, *, negative, cfg, steps=3, flux_guidance=None):
                        guidance_scale=3.5 if flux_guidance is None else flux_guidance, **kw).images
             out = get_family("flux").unpack(out, SIZE // 2, SIZE // 2)
     return out
-
-
-def _random_offset(model, targets, seed, scale=0.05, rank=2):
-    """Random low-rank deltas on every Linear whose name ends with one of `targets` (None: every Linear)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and (targets is None or any(name == t or name.endswith("." + t) for t in targets)):
-            out[name] = LowRankDelta(torch.randn(rank, mod.in_features, generator=g) * scale,
-                                     torch.randn(mod.out_features, rank, generator=g) * scale)
-    assert out
-    return out
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------- family
@@ -175,24 +163,16 @@ def test_flux_guidance_embedding_is_an_option(flow_dirs):
         sample(bundle, PROMPTS, SEEDS, "cfg", rescale=0.7, **kw)
 
 
-@pytest.mark.parametrize("coverage", ["attn_ff", "every_linear"])
+@pytest.mark.parametrize("coverage", ["attn_ff", "every_layer"])
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_npo_per_row_equals_the_merged_two_model_path(flow_dirs, name, coverage):
     """The one batched forward with δ on the unconditional rows only equals one merged model per group.
-    "every_linear" puts offsets on every Linear of the transformer (timestep/text/guidance embedders,
-    AdaLN modulation `norm*.linear`, joint attention add_*_proj / to_add_out, Flux's single blocks
+    "every_layer" puts offsets on every Linear (and the patch-embedding conv) of the transformer (timestep /
+    text / guidance embedders, AdaLN modulation `norm*.linear`, joint attention add_*_proj / to_add_out, Flux's single blocks
     proj_mlp / proj_out, the final norm_out.linear / proj_out): each sees the batch as its leading
     dimension, so each row gets its own group's weights."""
-    bundle = _bundle(flow_dirs, name)
-    targets = bundle.family_spec.lora_target_modules("attn_ff") if coverage == "attn_ff" else None
-    eta, delta = _random_offset(bundle.unet, targets, 1), _random_offset(bundle.unet, targets, 2, scale=0.2)
-    spec = NPOSpec(eta=eta, delta=delta, alpha=0.5, beta=1.0)
-    kw = dict(negative_prompts=NEGS, offsets=spec, cfg_scale=4.0, steps=3, height=SIZE, width=SIZE, decode=False)
-    fast = sample(bundle, PROMPTS, SEEDS, "npo", **kw).latents
-    two = sample(bundle, PROMPTS, SEEDS, "npo", npo_path="two-model", **kw).latents
-    cfg = sample(bundle, PROMPTS, SEEDS, "cfg", **kw).latents
-    assert _rel(fast, two) <= 1e-5
-    assert _rel(fast, cfg) > 1e-3  # delta on the unconditional rows changes the result
+    check_npo_per_row(_bundle(flow_dirs, name), coverage, prompts=PROMPTS, negatives=NEGS, seeds=SEEDS, size=SIZE,
+                      cfg_scale=4.0)
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
@@ -200,7 +180,7 @@ def test_snpo_equals_the_lora_model_with_the_null_conditioning(flow_dirs, name):
     from npo_suite.core.offsets import materialize
 
     bundle, pipe = _bundle(flow_dirs, name), _pipe(flow_dirs, name)
-    s = _random_offset(bundle.unet, bundle.family_spec.lora_target_modules("attn_ff"), 5, scale=0.2)
+    s = random_offset(bundle.unet, bundle.family_spec.lora_target_modules("attn_ff"), 5, scale=0.2)
     ours = sample(bundle, PROMPTS, SEEDS, "snpo", negative_prompts=NEGS, offsets=NPOSpec(snpo=s, beta=1.0),
                   cfg_scale=4.0, steps=3, height=SIZE, width=SIZE, decode=False).latents
     pipe.transformer = materialize(pipe.transformer, [(s, 1.0)])  # θ + s merged, diffusers' own loop

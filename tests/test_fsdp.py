@@ -15,18 +15,15 @@
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_invariants import _assert_same_lora, _env, one_thread  # noqa: E402
-from train_fixtures import make_pairs, tiny_cfg  # noqa: E402
+from train_fixtures import make_pairs, tiny_cfg, torchrun_train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +42,7 @@ def test_fsdp_two_processes_shard_the_transformer_and_equal_one(sd3_dir, tmp_pat
     data = make_pairs(tmp_path / "data", n=4)
     cfg = tiny_cfg(sd3_dir, data, tmp_path / "fsdp", batch_size=1, grad_accum=1, steps=2, fsdp=True,
                    cache_dir=str(tmp_path / "cache_fsdp"), lr=1e-2, gradient_checkpointing=True)
-    run = tmp_path / "run.yaml"
-    run.write_text(yaml.safe_dump(cfg.to_dict()))
-    with socket.socket() as s:  # a free port for the gloo rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "npo_suite", "train", "--config", str(run)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = torchrun_train(cfg, tmp_path, _env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = re.findall(r"fsdp: process (\d)/2 holds ([\d,]+) of the transformer's ([\d,]+) frozen values .*?"
                        r"the LoRA adapters' ([\d,]+) values whole", proc.stderr)

@@ -16,12 +16,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from npo_suite.trainer.config import load_config
-from npo_suite.trainer.memory_estimate import (ALLOCATOR_SLACK, CONTEXT_GIB, measure_run, preset_model,
+sys.path.insert(0, str(Path(__file__).parent))
+from flow_fixtures import build_flow_dirs  # noqa: E402
+
+from npo_suite.trainer.config import load_config  # noqa: E402
+from npo_suite.trainer.memory_estimate import (ALLOCATOR_SLACK, CONTEXT_GIB, measure_run, preset_model,  # noqa: E402
                                                stated_card_gib, trace_run)
 
 TINY = {"resolution": 64, "batch_size": 1, "lora_rank": 4, "grad_accum": 2, "mixed_precision": "no"}
@@ -163,12 +167,7 @@ def test_preset_fits_its_card(preset):
 
 @pytest.fixture(scope="module")
 def flow_dirs(tmp_path_factory):
-    from npo_suite.testing.tiny_models import build_flux, build_sd3
-
-    root = tmp_path_factory.mktemp("tiny_flow_estimate")
-    build_sd3(root / "sd3", seed=0)
-    build_flux(root / "flux", seed=0)
-    return {"sd3": root / "sd3", "flux": root / "flux"}
+    return build_flow_dirs(tmp_path_factory.mktemp("tiny_flow_estimate"))
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

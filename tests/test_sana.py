@@ -22,9 +22,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from flow_fixtures import (assert_lora_equals_diffusers, check_npo_per_row, random_offset,  # noqa: E402
+                           velocities_with_and_without_lora)
 from train_fixtures import data_for, make_pairs, tiny_cfg, train_two_steps  # noqa: E402
 
-from npo_suite.core.offsets.types import LowRankDelta  # noqa: E402
 from npo_suite.diffusers_host.generate import NPOSpec, encode_prompts, load_offsets, sample  # noqa: E402
 from npo_suite.families import FAMILIES, detect_folder, detect_single_file, get_family  # noqa: E402
 from npo_suite.families.loading import load_model  # noqa: E402
@@ -65,28 +66,6 @@ def _pipe_latents(pipe, scheduler, *, negative, cfg, steps=3):
         return pipe(PROMPTS, negative_prompt=negative, guidance_scale=cfg, num_inference_steps=steps, height=SIZE,
                     width=SIZE, generator=[torch.Generator().manual_seed(s) for s in SEEDS],
                     max_sequence_length=TEXT_LEN, output_type="latent", use_resolution_binning=False).images
-
-
-def _random_offset(model, targets, seed, scale=0.05, rank=2):
-    """Random low-rank deltas on every Linear and ungrouped Conv2d whose name ends with one of `targets`
-    (None: every one of them; SANA's depthwise conv_depth is grouped and not a LoRA target)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, mod in model.named_modules():
-        if targets is not None and not any(name == t or name.endswith("." + t) for t in targets):
-            continue
-        if isinstance(mod, torch.nn.Linear):
-            out[name] = LowRankDelta(torch.randn(rank, mod.in_features, generator=g) * scale,
-                                     torch.randn(mod.out_features, rank, generator=g) * scale)
-        elif isinstance(mod, torch.nn.Conv2d) and mod.groups == 1:
-            out[name] = LowRankDelta(torch.randn(rank, mod.in_channels, *mod.kernel_size, generator=g) * scale,
-                                     torch.randn(mod.out_channels, rank, 1, 1, generator=g) * scale)
-    assert out
-    return out
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------- family
@@ -214,23 +193,15 @@ def test_npo_per_row_equals_the_merged_two_model_path(sana_dir, coverage):
     """One batched forward with δ on the unconditional rows only (the text mask concatenated with the rows)
     equals one merged model per group. every_layer: every Linear and ungrouped Conv2d of the transformer
     (patch embedding, timestep / caption embedders, attention, GLUMBConv 1x1 convs, proj_out)."""
-    bundle = _bundle(sana_dir)
-    targets = bundle.family_spec.lora_target_modules("attn_ff") if coverage == "attn_ff" else None
-    eta, delta = _random_offset(bundle.unet, targets, 1), _random_offset(bundle.unet, targets, 2, scale=0.2)
-    spec = NPOSpec(eta=eta, delta=delta, alpha=0.5, beta=1.0)
-    kw = dict(negative_prompts=NEGS, offsets=spec, cfg_scale=4.5, steps=3, height=SIZE, width=SIZE, decode=False)
-    fast = sample(bundle, PROMPTS, SEEDS, "npo", **kw).latents
-    two = sample(bundle, PROMPTS, SEEDS, "npo", npo_path="two-model", **kw).latents
-    cfg = sample(bundle, PROMPTS, SEEDS, "cfg", **kw).latents
-    assert _rel(fast, two) <= 1e-5, _rel(fast, two)
-    assert _rel(fast, cfg) > 1e-3  # delta on the unconditional rows changes the result
+    check_npo_per_row(_bundle(sana_dir), coverage, prompts=PROMPTS, negatives=NEGS, seeds=SEEDS, size=SIZE,
+                      cfg_scale=4.5)
 
 
 def test_snpo_equals_the_lora_model_with_the_null_conditioning(sana_dir):
     from npo_suite.core.offsets import materialize
 
     bundle, pipe = _bundle(sana_dir), _pipe(sana_dir)
-    s = _random_offset(bundle.unet, bundle.family_spec.lora_target_modules("attn_ff"), 5, scale=0.2)
+    s = random_offset(bundle.unet, bundle.family_spec.lora_target_modules("attn_ff"), 5, scale=0.2)
     ours = sample(bundle, PROMPTS, SEEDS, "snpo", negative_prompts=NEGS, offsets=NPOSpec(snpo=s, beta=1.0),
                   cfg_scale=4.5, steps=3, height=SIZE, width=SIZE, decode=False).latents
     pipe.transformer = materialize(pipe.transformer, [(s, 1.0)])  # θ + s merged, diffusers' own loop
@@ -384,22 +355,12 @@ def test_train_writes_a_lora_that_diffusers_loads_as_trained(sana_dir, method, t
 
     b = _backend(sana_dir, lora=LoraOptions(rank=2, alpha=4, targets="attn_ff"))
     b.load_lora_file(str(lora))  # ours: the file as the policy adapter
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([0.25, 0.7])
-    cond = b.encode_prompts(["a photo of a cat", "a red house"])
-    with torch.no_grad():
-        ours = b.predict_v(x, t, cond)
-        with b.use_adapter(None):
-            base = b.predict_v(x, t, cond)
+    x, t, cond, ours, base = velocities_with_and_without_lora(b)
     pipe = _pipe(sana_dir)
     pipe.load_lora_weights(str(lora))  # theirs: diffusers' SanaLoraLoaderMixin on a fresh pipeline
     with torch.no_grad():
         theirs = b.spec.velocity(pipe.transformer, x, t * 1000, cond.hidden, cond.added, h=8, w=8)
-    for y in (ours, theirs, base):
-        assert torch.isfinite(y).all() and y.std() > 0
-    assert (ours - base).abs().max() > 1e-4  # the LoRA acts
-    assert (ours - theirs).abs().max() <= 1e-5 * ours.abs().max(), (ours - theirs).abs().max()
+    assert_lora_equals_diffusers(ours, theirs, base)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

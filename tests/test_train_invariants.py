@@ -20,7 +20,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_smoke import backend_for  # noqa: E402
-from train_fixtures import make_pairs, tiny_cfg  # noqa: E402
+from train_fixtures import make_pairs, tiny_cfg, torchrun_train  # noqa: E402
 
 REPO_PARENT = str(Path(__file__).resolve().parents[2])
 
@@ -117,16 +117,7 @@ def test_ddp_two_processes_equals_one(sd15_dir, tmp_path):
 
     data = make_pairs(tmp_path / "data")
     cfg = tiny_cfg(sd15_dir, data, tmp_path / "ddp", batch_size=1, grad_accum=1, steps=2)
-    run = tmp_path / "run.yaml"
-    run.write_text(yaml.safe_dump(cfg.to_dict()))
-    import socket
-
-    with socket.socket() as s:  # a free port for the gloo rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "npo_suite", "train", "--config", str(run)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = torchrun_train(cfg, tmp_path, _env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = tiny_cfg(sd15_dir, data, tmp_path / "one", batch_size=1, grad_accum=2, steps=2)
     with one_thread():

@@ -95,3 +95,23 @@ def train_two_steps(cfg, backend):
     assert math.isfinite(result.last_metrics["loss"]) and math.isfinite(result.last_metrics["grad_norm"])
     assert any(not torch.equal(a, p) for a, p in zip(before, backend.trainable_parameters()))
     return result
+
+
+def torchrun_train(cfg, tmp_path, env: dict, processes: int = 2):
+    """`python -m npo_suite train` on `cfg` (written to tmp_path/run.yaml) under torch.distributed.run with
+    `processes` CPU processes (gloo, a free loopback port for the rendezvous), in environment `env`;
+    returns the CompletedProcess (its stderr holds the run's lines)."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    run = Path(tmp_path) / "run.yaml"
+    run.write_text(yaml.safe_dump(cfg.to_dict()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "npo_suite", "train", "--config", str(run)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
