@@ -173,9 +173,10 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     """Build the ComfyUI backend, run `trainer.loop.train`, publish the LoRA; releases everything after.
 
     Memory: after the data is encoded, model management is asked for the run's estimated working set
-    (`memory.memory_estimate_for`: the traced estimate of `train --dry-run` less the base weights) with the
-    UNet fully loaded; afterwards every training-only object is released (`session.run_and_release`) and
-    the cache emptied. The UNet itself stays loaded for the next node (docs/comfyui_training.md)."""
+    (`memory.memory_estimate_for`: the traced estimate of `train --dry-run` less the base weights; a DiT's
+    traced on its own model's config) with the UNet / DiT fully loaded, and the report says how much;
+    afterwards every training-only object is released (`session.run_and_release`) and the cache emptied.
+    The UNet itself stays loaded for the next node (docs/comfyui_training.md)."""
     import comfy.model_management as mm
 
     from .comfy.backend import training_mode
@@ -194,11 +195,12 @@ def train_in_comfy(model, clip, vae, data, options: dict):
     def on_ready(backend):
         try:
             est = memory.memory_estimate_for(backend, cfg)
-        except ValueError as e:  # a family without a shipped config, or a DiT: nothing traced
+        except ValueError as e:  # a family without a shipped config, a DiT config field that does not map
             notes.append(f"memory: {e}; no memory reserved ahead of the run")
             log.warning("npo_suite train %s: %s", cfg.method, notes[-1])
         else:
-            log.info("npo_suite train %s: %s", cfg.method, est.report())
+            notes.append(f"memory: {est.report()}; reserved with model management ahead of the run")
+            log.info("npo_suite train %s: %s", cfg.method, notes[-1])
             backend.reserve_memory(est.total)
         shown.start()
 

@@ -26,6 +26,8 @@ in its order:
 Flow transformers: any diffusers folder whose `transformer/config.json` names a class of
 `TRANSFORMER_FAMILIES` (the extension point: a family's transformer class there, its family registered, its
 folder shipped), every component built from the class its config names; shipped `sd35m`, `flux1dev`, `sana1600m`.
+A host that encodes text and images with its own models (ComfyUI's CLIP and VAE) traces the transformer
+config alone with `HostEncoded` shapes: no text encoder, VAE or cache fill (nodes/comfy/memory.py).
 Attention is traced as the fused SDPA kernel PyTorch picks (`_scaled_dot_product_flash_attention_for_cpu`
 on the fake CPU tensors: no sequence x sequence matrix, as flash / memory-efficient attention on a GPU).
 
@@ -214,8 +216,19 @@ class ModelConfigs:
 
     @property
     def is_transformer(self) -> bool:
-        return (self.folder / "transformer" / "config.json").is_file() and "_class_name" in self.unet \
-            and self.unet["_class_name"] in TRANSFORMER_FAMILIES
+        return self.unet.get("_class_name") in TRANSFORMER_FAMILIES
+
+
+@dataclass(frozen=True)
+class HostEncoded:
+    """The shapes a host that encodes text and images itself (ComfyUI's CLIP and VAE, before the first step)
+    hands the training step, per sample. Traced with one (`trace_run(host=...)`), the model is the denoiser
+    alone: no text encoder, no VAE and no cache fill are built or counted (they are the host's models), and
+    the step's batch has these shapes."""
+
+    hidden: tuple[int, int]  # [L, D]: text tokens x width of the conditioning
+    added: dict  # Cond.added key -> its per-sample shape, e.g. {"pooled_projections": (P,)}
+    latent: tuple[int, int, int]  # [C, h, w]: the latents the host's VAE gives at the run's resolution
 
 
 # A transformer folder's family, from its `transformer/config.json` `_class_name`. The extension point of the
@@ -357,10 +370,13 @@ class Estimate:
     fake: bool = True
     notes: list[str] = field(default_factory=list)
     base_weights_gib: float = 0.0  # the frozen components (UNet, text encoder(s), VAE) in the weight dtype
+    beyond_base_bytes: int | None = None  # the same difference in bytes, unrounded (the phases are rounded to 1e-4 GiB)
 
     def training_beyond_base_gib(self) -> float:
         """The training step's peak beyond the base weights (LoRA, adapters, optimizer state, grads,
         activations): what a host that already holds the model (ComfyUI) must find free."""
+        if self.beyond_base_bytes is not None:
+            return self.beyond_base_bytes / GIB
         return max(ph["peak"] for ph in self.phases["train_step"].values()) - self.base_weights_gib
 
     def card_gib(self, context_gib: float = CONTEXT_GIB, slack: float = ALLOCATOR_SLACK) -> float:
@@ -402,9 +418,10 @@ def images_per_record(kind: str, cfg) -> int:
     return 1
 
 
-def fake_batch(backend, mc: ModelConfigs, kind: str, B: int, resolution: int, device, random: bool = False):
+def fake_batch(backend, mc: ModelConfigs, kind: str, B: int, resolution: int, device, random: bool = False,
+               host: HostEncoded | None = None):
     """A micro-batch of the run's kind and shapes (zeros; random=True: standard normal latents and text
-    states, for a real step)."""
+    states, for a real step); host: the shapes a host's own encoders give (`HostEncoded`)."""
     from .batches import Cond, PairBatch, PromptBatch
 
     zeros = torch.zeros
@@ -415,7 +432,12 @@ def fake_batch(backend, mc: ModelConfigs, kind: str, B: int, resolution: int, de
     blocks = None if mc.vae is None else (mc.vae.get("block_out_channels") or mc.vae["encoder_block_out_channels"])
     down = 2 ** (len(blocks) - 1) if blocks else 1
     C, h = mc.unet.get("in_channels", 4), resolution // down
-    if mc.is_transformer:  # the conditioning's layout is the family's own: that of the cached ∅ (`null_cond`)
+    if host is not None:
+        (C, h, w), (L, D) = host.latent, host.hidden
+        if h != w:
+            raise ValueError(f"memory estimate: square latents only (the run's resolution), got {h} x {w}")
+        added = {k: torch.zeros(B, *shape, device=device) for k, shape in host.added.items()}
+    elif mc.is_transformer:  # the conditioning's layout is the family's own: that of the cached ∅ (`null_cond`)
         C = backend.spec.latent_channels(backend.unet)
         null = backend.null_cond(1)
         L, D = null.hidden.shape[1:]
@@ -525,19 +547,25 @@ def _trace_fill(tracker: LiveBytes, backend, cfg, kind: str, n_records: int, on_
 
 
 def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: bool = True,
-              n_records: int | None = None, seed: int = 0) -> Estimate:
+              n_records: int | None = None, seed: int = 0, host: HostEncoded | None = None) -> Estimate:
     """Trace the run's memory (module docstring). device: "cuda" (the run on a GPU: weights in the
     preset's dtype, autocast) or "cpu" (as `train` runs on CPU: float32 weights, no autocast).
     fake=False runs the same on real tensors of random-init components (the measurement).
-    n_records: records in the data, when known (a smaller set fills in one smaller batch)."""
+    n_records: records in the data, when known (a smaller set fills in one smaller batch).
+    host: the host encodes text and images itself, before training (`HostEncoded`): `model` is then a
+    denoiser config alone (no text encoders, no VAE), nothing is filled, the step's batch has host's shapes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from ..core.cond import Cond
     from ..core.flow import FLOW
     from .backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
     from .loop import release_text_encoders
     from .methods import METHODS
 
     mc = model if isinstance(model, ModelConfigs) else resolve_model(model)
+    if host is not None and (mc.text_encoders or mc.vae is not None):
+        raise ValueError(f"memory estimate: {mc.source}: a host-encoded trace takes the denoiser's config alone "
+                         "(the host's text encoders and VAE are not traced)")
     if cfg.fsdp:
         raise ValueError("the memory estimate traces one process holding the whole model; `fsdp: true` shards the "
                          "transformer over processes (docs/training.md, FSDP): not traced")
@@ -571,12 +599,21 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                                                resolution=cfg.resolution, weight_dtype=wdtype))
                 for name in method.extra_adapters(cfg):  # Method.setup without DDSPO's rewriter model
                     backend.add_adapter(name, init_from="policy")
+                if host is not None:  # ∅ in the host's shapes (SNPO, TDFT and validation read it)
+                    backend.set_null_cond(Cond(torch.zeros(1, *host.hidden),
+                                               {k: torch.zeros(1, *shape) for k, shape in host.added.items()}))
             tracker.run_real_small = fake
             def cache_fill():
                 with tracker.phase("cache_fill"), torch.no_grad():
                     return _trace_fill(tracker, backend, cfg, kind, records, on_gpu=device == "cuda")
 
-            if cfg.cache_dir:  # filled before training starts
+            ahead = bool(cfg.cache_dir) or host is not None  # encoded before training starts
+            if host is not None:  # the host encoded every record before training, with its own models
+                with tracker.phase("cache_fill"):
+                    fill = {"fill_records": 0, "fill_images": 0, "images_per_vae_call": 0}
+                notes.append("host-encoded: the text encoders, the VAE and the encoding of the data are the host's "
+                             "(not traced); the step's batch has the host's shapes")
+            elif cfg.cache_dir:  # filled before training starts
                 fill = cache_fill()
             released = 0
             t5 = [c for c in mc.text_encoders if c.get("model_type") == "t5"]
@@ -584,7 +621,7 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 wo = sum(c["num_layers"] * c["d_ff"] * c["d_model"] for c in t5) * 2 / GIB
                 notes.append(f"fp16: transformers loads T5's `wo` projections in float32 (`_keep_in_fp32_modules`); "
                              f"traced in fp16, {wo:.2f} GiB less than the run holds while the text encoders are loaded")
-            if mc.is_transformer:  # what `loop.train` does next: the text encoders freed when nothing encodes later
+            if mc.is_transformer and host is None:  # what `loop.train` does next: the text encoders freed when nothing encodes later
                 said = io.StringIO()
                 with contextlib.redirect_stderr(said):  # its own words: why they are kept, or how many are freed
                     released = release_text_encoders(cfg, backend, method, verbose=True)
@@ -605,16 +642,16 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 p.grad = torch.zeros_like(p)
             if opt is not None:
                 opt.step()
-            if cfg.grad_accum < 2 or not cfg.cache_dir:
+            if cfg.grad_accum < 2 or not ahead:
                 for p in params:
                     p.grad = None
-            if not cfg.cache_dir:  # each record encoded when the batch stream first reads it, mid-training
+            if not ahead:  # each record encoded when the batch stream first reads it, mid-training
                 fill = cache_fill()
                 if cfg.grad_accum >= 2:
                     for p in params:
                         p.grad = torch.zeros_like(p)
             gen = torch.Generator("cpu").manual_seed(seed)
-            batch = fake_batch(backend, mc, kind, cfg.batch_size, cfg.resolution, "cpu")
+            batch = fake_batch(backend, mc, kind, cfg.batch_size, cfg.resolution, "cpu", host=host)
             with tracker.phase("step.forward"), _autocast(cfg, device):
                 out = method.compute(backend, batch, cfg, gen)
             with tracker.phase("step.backward"):
@@ -627,7 +664,8 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                     opt.step()
                 opt.zero_grad(set_to_none=True) if opt is not None else [setattr(p, "grad", None) for p in params]
             del opt
-    extra = {"weights": 0, "cache_fill": 0 if cfg.cache_dir else opt_extra}
+    extra = {"weights": 0, "cache_fill": 0 if ahead else opt_extra}
+    beyond = max(ph["peak"] for name, ph in tracker.phases.items() if name.startswith("step.")) + opt_extra - base
     phases = {name: {k: (v + extra.get(name, opt_extra)) / GIB for k, v in ph.items()}
               for name, ph in tracker.phases.items()}
     phases = {"weights": phases["weights"], "cache_fill": phases["cache_fill"],
@@ -639,10 +677,10 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 "gradient_checkpointing": cfg.gradient_checkpointing, "lora_rank": cfg.lora_rank,
                 "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
                 "extra_adapters": list(method.extra_adapters(cfg)), "cache_dir": bool(cfg.cache_dir),
-                "cache_batch_size": cfg.cache_batch_size, **fill,
+                "cache_batch_size": cfg.cache_batch_size, **fill, **({"host_encoded": True} if host else {}),
                 "trainable_params": sum(p.numel() for p in params),
-                **({"text_encoders_released": bool(released)} if mc.is_transformer else {})}
-    return Estimate(round(peak, 4), _round(phases), settings, fake, notes, round(base / GIB, 4))
+                **({"text_encoders_released": bool(released)} if mc.is_transformer and host is None else {})}
+    return Estimate(round(peak, 4), _round(phases), settings, fake, notes, round(base / GIB, 4), int(beyond))
 
 
 @contextlib.contextmanager
@@ -680,14 +718,17 @@ _NOT_MEMORY = {"output_dir", "output_name", "data_path", "steps", "lr", "seed", 
                "checkpoint_every", "keep_last", "validate_every", "validation_prompts", "validation_seeds"}
 
 
-def training_estimate(cfg, model: str, device: str) -> Estimate:
-    """`estimate_run` remembered per (model, device, the settings that change memory): a host that
-    trains again with the same settings (ComfyUI) does not trace again."""
+def training_estimate(cfg, model: str | ModelConfigs, device: str, host: HostEncoded | None = None) -> Estimate:
+    """`estimate_run` remembered per (model, device, host shapes, the settings that change memory): a host
+    that trains again with the same settings (ComfyUI) does not trace again."""
     import dataclasses
 
-    key = (model, device, repr(sorted((k, v) for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_MEMORY)))
+    name = model if isinstance(model, str) else json.dumps(
+        [model.family, model.unet, model.text_encoders, model.vae, model.scheduler], sort_keys=True)
+    key = (name, device, repr(host),
+           repr(sorted((k, v) for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_MEMORY)))
     if key not in _ESTIMATES:
-        _ESTIMATES[key] = estimate_run(cfg, model, device=device)
+        _ESTIMATES[key] = estimate_run(cfg, model, device=device, host=host)
     return _ESTIMATES[key]
 
 

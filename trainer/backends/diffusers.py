@@ -309,6 +309,13 @@ class DiffusersBackend:
         self.text_encoders = []
         return n
 
+    def set_null_cond(self, cond: Cond) -> None:
+        """∅ given, not encoded: a backend without text encoders whose host encodes text itself (the memory
+        estimate's host-encoded trace, `memory_estimate.HostEncoded`). cond: one row [1, L, D]."""
+        if cond.hidden.shape[0] != 1:
+            raise ValueError(f"set_null_cond: one row expected, got a batch of {cond.hidden.shape[0]}")
+        self._null = cond
+
     def null_cond(self, batch_size: int) -> Cond:
         if self._null is None:
             c = self.encode_prompts([""], negative=True)
