@@ -112,6 +112,15 @@ def test_dry_run_fsdp_is_per_process(sd3_dir, sd15_dir, capsys):
     assert any(n.startswith("fsdp: one of 2 processes traced") for n in d["notes"])
     assert main(args[:-1] + ["--processes", "2"]) == 0  # the text form names the shard
     assert "fsdp shard: 43,584 of 87,168 frozen values, 3 units" in capsys.readouterr().out
+    ddp = [a for a in args if a != "--fsdp"] + ["--lora-rank", "64"]  # without fsdp (DDP): one process's, plus
+    # the gradients' all-reduce (its flat copy: rank 64, so that it shows in the JSON's 1e-4 GiB)
+    assert main(ddp) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(ddp + ["--processes", "2"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["settings"]["processes"] == 2 and "shard" not in two["phases"] and any("DDP" in n for n in two["notes"])
+    assert two["phases"]["train_step"]["optimizer"]["peak"] > one["phases"]["train_step"]["optimizer"]["peak"]
+    assert two["phases"]["train_step"]["forward"] == one["phases"]["train_step"]["forward"]
 
 
 # wider and deeper than the test model, so the frozen weights outweigh the activations and the units FSDP2
