@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="estimate the run's device memory peak (cache fill and training step, traced on fake "
                              "tensors: no weights are loaded) and exit; --model may name a shipped config (sd15, sdxl)")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print one JSON line")
+    parser.add_argument("--processes", type=int, metavar="N",
+                        help="with --dry-run: the processes the run is launched with (torchrun --nproc_per_node N); "
+                             "the estimate is then one process's; needed with fsdp (each holds 1/N of the transformer)")
     group = parser.add_argument_group("config keys (each also settable in --config / --set)")
     types_ = field_types()
     for f in dataclasses.fields(TrainConfig):
@@ -70,6 +73,10 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"train: {e}", file=sys.stderr)
         return 2
+    if args.processes is not None and not args.dry_run:
+        print("train: --processes is for --dry-run (a run counts its processes from its launcher: torchrun)",
+              file=sys.stderr)
+        return 2
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
@@ -77,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
         from ..trainer.memory_estimate import dry_run
 
         try:
-            print(dry_run(cfg, as_json=args.json))
+            print(dry_run(cfg, as_json=args.json, processes=args.processes))
         except (ValueError, FileNotFoundError) as e:
             print(f"train --dry-run: {e}", file=sys.stderr)
             return 2

@@ -97,10 +97,11 @@ def train_two_steps(cfg, backend):
     return result
 
 
-def torchrun_train(cfg, tmp_path, env: dict, processes: int = 2):
+def torchrun_train(cfg, tmp_path, env: dict, processes: int = 2, script=None, args=()):
     """`python -m npo_suite train` on `cfg` (written to tmp_path/run.yaml) under torch.distributed.run with
     `processes` CPU processes (gloo, a free loopback port for the rendezvous), in environment `env`;
-    returns the CompletedProcess (its stderr holds the run's lines)."""
+    returns the CompletedProcess (its stderr holds the run's lines). script: a Python file each process runs
+    instead, with the config's path and `args` as its arguments."""
     import socket
     import subprocess
     import sys
@@ -113,5 +114,6 @@ def torchrun_train(cfg, tmp_path, env: dict, processes: int = 2):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), "-m", "npo_suite", "train", "--config", str(run)]
+           "127.0.0.1", "--master_port", str(port),
+           *([str(script), str(run), *map(str, args)] if script else ["-m", "npo_suite", "train", "--config", str(run)])]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -27,13 +27,17 @@ accelerator's own process group is the same FSDP2 the plugin calls, on gloo and 
 
 Not supported with fsdp (refused with the reason): validation grids (sampled on the main process only, while a
 sharded forward needs every process: refused by TrainConfig, before any model is loaded), UNet models (they fit one GPU: DDP), a prebuilt backend (a host's model).
-The memory estimate does not trace a sharded run (`train --dry-run` refuses `fsdp: true`).
+The memory estimate traces one process of a sharded run (`train --dry-run --processes N`): the same
+`shard_transformer` on a fake process group (memory_estimate.trace_run).
 """
 from __future__ import annotations
 
 import sys
 
 import torch
+
+
+SHARD_MARK = "npo_suite::fsdp.shard_backend"  # the profiler range `shard_backend` runs in
 
 
 def active(cfg, acc) -> bool:
@@ -79,28 +83,49 @@ def shard_backend(cfg, acc, backend) -> dict | None:
     if not (cfg.fsdp and acc.num_processes > 1):
         return None
     from torch.distributed.device_mesh import init_device_mesh
+
+    from torch.profiler import record_function
+
+    with record_function(SHARD_MARK):  # a profile's phase boundary (memory_estimate.measure_train)
+        mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+        report = {"rank": acc.process_index, "processes": acc.num_processes, **shard_transformer(backend.unet, mesh)}
+        for p in adapter_parameters(backend.unet):  # ignored by FSDP, so not moved by it (identity kept: `.data`)
+            p.data = p.data.to(acc.device)
+    local, total = report["frozen_local"], report["frozen_total"]
+    print(f"fsdp: process {acc.process_index}/{acc.num_processes} holds {local:,} of the transformer's "
+          f"{total:,} frozen values ({100 * local / max(total, 1):.1f}%, {report['units']} shard units); "
+          f"the LoRA adapters' {report['lora']:,} values whole on every process", file=sys.stderr)
+    return report
+
+
+def adapter_parameters(net) -> list:
+    """Every LoRA adapter's parameters (policy, ref, ema): kept whole on every process."""
+    return [p for n, p in net.named_parameters() if ".lora_" in n]
+
+
+def shard_transformer(net, mesh) -> dict:
+    """`fully_shard` every block `net` names in `_no_split_modules`, then `net` itself (what is left: embedders,
+    output layers), over `mesh`, the adapters ignored (whole). The one sharding both the run (`shard_backend`)
+    and the memory estimate (`memory_estimate.trace_run`, on a fake process group) call. Returns
+    {"frozen_total", "frozen_local", "lora", "units"} (values; units: fully_shard calls)."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    net = backend.unet
     blocks = set(net._no_split_modules)
-    lora = {p for n, p in net.named_parameters() if ".lora_" in n}  # every adapter, kept whole
+    lora = adapter_parameters(net)
     lora_ids = {id(p) for p in lora}
     frozen_total = sum(p.numel() for p in net.parameters() if id(p) not in lora_ids)
-    mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
     units = [m for m in net.modules() if type(m).__name__ in blocks]
-    for m in units:  # bottom-up: the blocks, then the root (what is left: embedders, output layers)
-        fully_shard(m, mesh=mesh, ignored_params=lora)
-    fully_shard(net, mesh=mesh, ignored_params=lora)
-    for p in lora:  # ignored by FSDP, so not moved by it (identity kept: `.data`)
-        p.data = p.data.to(acc.device)
+    for m in net.modules():  # buffers copied out of the loaded file: safetensors reads a file into one block
+        for k, b in m._buffers.items():  # that each of its tensors keeps alive, so on the CPU one buffer left in
+            if b is not None:  # it (SD3's position table) would keep the whole transformer beside its shards
+                m._buffers[k] = b.clone()
+    for m in units:  # bottom-up: the blocks, then the root
+        fully_shard(m, mesh=mesh, ignored_params=set(lora))
+    fully_shard(net, mesh=mesh, ignored_params=set(lora))
     local = sum(p.to_local().numel() for p in net.parameters() if isinstance(p, DTensor))
     unsharded = [n for n, p in net.named_parameters() if id(p) not in lora_ids and not isinstance(p, DTensor)]
     if unsharded:
         raise RuntimeError(f"fsdp: {len(unsharded)} frozen parameters were not sharded (e.g. {unsharded[:3]})")
-    report = {"rank": acc.process_index, "processes": acc.num_processes, "frozen_total": frozen_total,
-              "frozen_local": local, "lora": sum(p.numel() for p in lora), "units": len(units) + 1}
-    print(f"fsdp: process {acc.process_index}/{acc.num_processes} holds {local:,} of the transformer's "
-          f"{frozen_total:,} frozen values ({100 * local / max(frozen_total, 1):.1f}%, {len(units) + 1} shard units); "
-          f"the LoRA adapters' {report['lora']:,} values whole on every process", file=sys.stderr)
-    return report
+    return {"frozen_total": frozen_total, "frozen_local": local, "lora": sum(p.numel() for p in lora),
+            "units": len(units) + 1}

@@ -23,6 +23,18 @@ in its order:
               releases them (`loop.release_text_encoders`, the same function: cache_dir set, no validation,
               a method that encodes no text while training), so the step holds what the real step holds.
 
+FSDP (`fsdp: true`, `processes` N > 1: `train --dry-run --processes N`): one process's peak. The run's order
+(trainer/fsdp.py): the transformer is built on the host, the text encoders and the VAE fill the cache on the
+device, then the run's own `fsdp.shard_transformer` shards it, here on a fake process group (torch's "fake"
+backend: this process is rank 0 of N, collectives move nothing; FSDP2 pads every shard to the same size, so
+every rank holds the same). The step then runs through FSDP2's own hooks: each unit's all-gather buffer and
+gathered parameters are allocated and freed (`UntypedStorage.resize_`, counted by `LiveBytes.storage_resizes`)
+when FSDP2 does it (forward: the running unit's parameters and its all-gather buffer, held until the next
+unit's gather; backward: the running unit and the next one prefetched; the root unit from its forward to the
+end of the backward); the LoRA's gradients go through the loop's all-reduce (`loop.all_reduce_grads`). On a
+GPU the whole transformer sits in host memory until sharded (not counted). Checked against two real gloo
+processes' CPU allocator (tests/test_fsdp.py).
+
 Flow transformers: any diffusers folder whose `transformer/config.json` names a class of
 `TRANSFORMER_FAMILIES` (the extension point: a family's transformer class there, its family registered, its
 folder shipped), every component built from the class its config names; shipped `sd35m`, `flux1dev`, `sana1600m`.
@@ -53,9 +65,10 @@ import math
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, is_traceable_wrapper_subclass
 
 GIB = 2 ** 30
 BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 bytes
@@ -82,7 +95,8 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live = self.peak = 0
         self.run_real_small = run_real_small
-        self._ids: set[int] = set()
+        self._bytes: dict[int, int] = {}  # id(storage) -> bytes counted now (0: host memory)
+        self._on_host: set[int] = set()
         self.phases: dict[str, dict[str, float]] = {}
         self._open: list[list] = []  # [name, start, peak]
         self._host = False  # inside `host()`: storages made are host memory, not the device's
@@ -100,18 +114,60 @@ class LiveBytes(TorchDispatchMode):
     def track(self, t: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta" and not _is_fake(t):
             return
+        if is_traceable_wrapper_subclass(t):  # a DTensor (fsdp's shards): its storage is its local tensor's,
+            return  # tracked as such; the wrapper's own reports the global size
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
             return
         key = id(st)
-        if key in self._ids:
+        if key in self._bytes:
             return
         n = 0 if self._host else _rounded(st.nbytes())
-        self._ids.add(key)
+        self._bytes[key] = n
+        if self._host:
+            self._on_host.add(key)
         self.live += n
-        weakref.finalize(st, self._free, key, n)
+        weakref.finalize(st, self._free, key)
         self._bump()
+
+    def to_device(self, t: torch.Tensor) -> None:
+        """A storage registered as host memory (`host()`) now counted on the device (fsdp: the adapters and
+        buffers of a transformer built on the host, moved to the device when it is sharded)."""
+        key = id(t.untyped_storage())
+        if key in self._on_host:
+            self._on_host.discard(key)
+            self._resized(t.untyped_storage())
+
+    def _resized(self, st) -> None:
+        key = id(st)
+        if key in self._bytes and key not in self._on_host:
+            n = _rounded(st.nbytes())
+            self.live += n - self._bytes[key]
+            self._bytes[key] = n
+            self._bump()
+
+    @contextlib.contextmanager
+    def storage_resizes(self):
+        """Count `UntypedStorage.resize_`, which no op dispatch shows: FSDP2 frees a gathered unit by resizing
+        its storages to 0 and gathers the next time into the same storages (`_fsdp_param.free_storage`,
+        `alloc_storage`)."""
+        cls = torch.UntypedStorage
+        own = "resize_" in cls.__dict__
+        orig = cls.resize_
+
+        def resize_(st, size):
+            out = orig(st, size)
+            self._resized(st)
+            return out
+        cls.resize_ = resize_
+        try:
+            yield
+        finally:
+            if own:
+                cls.resize_ = orig
+            else:
+                del cls.resize_
 
     def track_module(self, *modules) -> None:
         for m in modules:
@@ -119,9 +175,9 @@ class LiveBytes(TorchDispatchMode):
                 for t in [*m.parameters(), *m.buffers()]:
                     self.track(t)
 
-    def _free(self, key: int, n: int) -> None:
-        self._ids.discard(key)
-        self.live -= n
+    def _free(self, key: int) -> None:
+        self._on_host.discard(key)
+        self.live -= self._bytes.pop(key, 0)
 
     def _bump(self) -> None:
         self.peak = max(self.peak, self.live)
@@ -547,37 +603,40 @@ def _trace_fill(tracker: LiveBytes, backend, cfg, kind: str, n_records: int, on_
 
 
 def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: bool = True,
-              n_records: int | None = None, seed: int = 0, host: HostEncoded | None = None) -> Estimate:
+              n_records: int | None = None, seed: int = 0, host: HostEncoded | None = None,
+              processes: int | None = None) -> Estimate:
     """Trace the run's memory (module docstring). device: "cuda" (the run on a GPU: weights in the
     preset's dtype, autocast) or "cpu" (as `train` runs on CPU: float32 weights, no autocast).
     fake=False runs the same on real tensors of random-init components (the measurement).
     n_records: records in the data, when known (a smaller set fills in one smaller batch).
     host: the host encodes text and images itself, before training (`HostEncoded`): `model` is then a
-    denoiser config alone (no text encoders, no VAE), nothing is filled, the step's batch has host's shapes."""
+    denoiser config alone (no text encoders, no VAE), nothing is filled, the step's batch has host's shapes.
+    processes: the processes the run is launched with (torchrun --nproc_per_node); needed with `fsdp`,
+    whose estimate is one process's (module docstring, "FSDP")."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..core.cond import Cond
     from ..core.flow import FLOW
     from .backends.diffusers import BackendOptions, DiffusersBackend, LoraOptions
-    from .loop import release_text_encoders
+    from .loop import all_reduce_grads, release_text_encoders
     from .methods import METHODS
 
     mc = model if isinstance(model, ModelConfigs) else resolve_model(model)
     if host is not None and (mc.text_encoders or mc.vae is not None):
         raise ValueError(f"memory estimate: {mc.source}: a host-encoded trace takes the denoiser's config alone "
                          "(the host's text encoders and VAE are not traced)")
-    if cfg.fsdp:
-        raise ValueError("the memory estimate traces one process holding the whole model; `fsdp: true` shards the "
-                         "transformer over processes (docs/training.md, FSDP): not traced")
+    world, sharded = _processes(cfg, mc, processes)
     method = METHODS[cfg.method]
     kind = method.data_kind
     records = fill_records(cfg, n_records)
     wdtype = _weight_dtype(cfg, device)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     tracker = LiveBytes(run_real_small=fake)
-    notes = []
+    notes = [] if world == 1 or sharded else [f"{world} processes without fsdp (DDP): each holds what one process "
+                                              "holds, plus the gradients' all-reduce buffer (traced)"]
+    on_gpu = device == "cuda"
     torch.manual_seed(seed)
-    with fake_mode, _swap_same_is_noop():
+    with _fake_process_group(world) as mesh, fake_mode, _swap_same_is_noop():
         default = torch.get_default_dtype()
         torch.set_default_dtype(wdtype)  # built in the run's weight dtype (a fake module cannot be cast)
         try:
@@ -585,10 +644,13 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
         finally:
             torch.set_default_dtype(default)
         toks = [tokens(c) for c in mc.text_encoders]
-        with tracker:
+        with tracker, tracker.storage_resizes():
             tracker.run_real_small = False
-            with tracker.phase("weights"):
-                tracker.track_module(unet, vae, *tes)
+            with tracker.phase("weights"), tracker.host(sharded and on_gpu):
+                # fsdp: the transformer and its adapters are built on the host and sharded onto the device later
+                tracker.track_module(unet)
+                with tracker.host(False):
+                    tracker.track_module(vae, *tes)
                 base = tracker.live
                 backend = DiffusersBackend(unet, tes, toks, sched, vae, family=mc.family, device="cpu",
                                            prediction_type=FLOW if mc.is_transformer else None,
@@ -605,7 +667,7 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
             tracker.run_real_small = fake
             def cache_fill():
                 with tracker.phase("cache_fill"), torch.no_grad():
-                    return _trace_fill(tracker, backend, cfg, kind, records, on_gpu=device == "cuda")
+                    return _trace_fill(tracker, backend, cfg, kind, records, on_gpu=on_gpu)
 
             ahead = bool(cfg.cache_dir) or host is not None  # encoded before training starts
             if host is not None:  # the host encoded every record before training, with its own models
@@ -630,6 +692,7 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 notes.append(f"{said.getvalue().strip()} (loop.release_text_encoders, after the cache fill): "
                              + ("the training step holds the transformer and the VAE, not the text encoders"
                                 if released else "the training step holds them too"))
+            shard = _trace_shard(tracker, backend, mesh, notes, on_gpu) if sharded else None
             params = backend.trainable_parameters()
             opt = _optimizer(cfg, params, device)
             opt_extra = _adamw8bit_bytes(params) if opt is None else 0
@@ -658,19 +721,22 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 (out.loss / cfg.grad_accum).backward()
             del out, batch
             with tracker.phase("step.optimizer"):
+                all_reduce_grads(SimpleNamespace(num_processes=world), params)  # the loop's (a no-op on one)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e9,
                                                foreach=device == "cuda")
                 if opt is not None:
                     opt.step()
                 opt.zero_grad(set_to_none=True) if opt is not None else [setattr(p, "grad", None) for p in params]
             del opt
-    extra = {"weights": 0, "cache_fill": 0 if ahead else opt_extra}
+    extra = {"weights": 0, "shard": 0, "cache_fill": 0 if ahead else opt_extra}
     beyond = max(ph["peak"] for name, ph in tracker.phases.items() if name.startswith("step.")) + opt_extra - base
     phases = {name: {k: (v + extra.get(name, opt_extra)) / GIB for k, v in ph.items()}
               for name, ph in tracker.phases.items()}
     phases = {"weights": phases["weights"], "cache_fill": phases["cache_fill"],
+              **({"shard": phases["shard"]} if sharded else {}),
               "train_step": {k.split(".", 1)[1]: v for k, v in phases.items() if k.startswith("step.")}}
-    peak = max(phases["cache_fill"]["peak"], *(ph["peak"] for ph in phases["train_step"].values()))
+    peak = max(phases["cache_fill"]["peak"], phases.get("shard", {}).get("peak", 0),
+               *(ph["peak"] for ph in phases["train_step"].values()))
     settings = {"model": mc.source, "family": mc.family, "device": device, "method": cfg.method,
                 "weight_dtype": str(wdtype).replace("torch.", ""), "mixed_precision": cfg.mixed_precision,
                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "resolution": cfg.resolution,
@@ -678,9 +744,72 @@ def trace_run(cfg, model: str | ModelConfigs, *, device: str = "cuda", fake: boo
                 "lora_targets": cfg.lora_targets, "optimizer": cfg.optimizer,
                 "extra_adapters": list(method.extra_adapters(cfg)), "cache_dir": bool(cfg.cache_dir),
                 "cache_batch_size": cfg.cache_batch_size, **fill, **({"host_encoded": True} if host else {}),
-                "trainable_params": sum(p.numel() for p in params),
+                "trainable_params": sum(p.numel() for p in params), "processes": world,
+                **({"fsdp": shard} if sharded else {}),
                 **({"text_encoders_released": bool(released)} if mc.is_transformer and host is None else {})}
     return Estimate(round(peak, 4), _round(phases), settings, fake, notes, round(base / GIB, 4), int(beyond))
+
+
+def _processes(cfg, mc: ModelConfigs, processes: int | None) -> tuple[int, bool]:
+    """(processes, sharded) of the run: fsdp needs their number (the estimate is one process's) and a flow
+    transformer (what `fsdp.prepare` refuses, refused here with its reason); with one process fsdp shards
+    nothing (as the run)."""
+    if processes is not None and processes < 1:
+        raise ValueError(f"processes {processes}: give 1 or more")
+    if cfg.fsdp and processes is None:
+        raise ValueError("fsdp: the estimate is one process's and depends on how many processes share the "
+                         "transformer: give their number (`train --dry-run --processes N`, the N of `torchrun "
+                         "--nproc_per_node N`)")
+    if cfg.fsdp and not mc.is_transformer:
+        raise ValueError(f"fsdp: family {mc.family!r} is not a flow transformer (the run refuses it, trainer/fsdp.py: "
+                         "a UNet fits one GPU; leave fsdp off, the processes then run DDP)")
+    return processes or 1, bool(cfg.fsdp) and (processes or 1) > 1
+
+
+@contextlib.contextmanager
+def _fake_process_group(world: int):
+    """For a traced run of `world` > 1 processes: a fake process group (torch's "fake" backend: this process is
+    rank 0 of `world`, collectives do nothing) and a 1-D CPU mesh over it, made outside FakeTensorMode; yields
+    the mesh (None for one process). FSDP2 pads every shard to the same size, so rank 0 holds what each holds."""
+    if world == 1:
+        yield None
+        return
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed import fake_pg  # registers the "fake" backend
+
+    if dist.is_initialized():
+        raise ValueError("the estimate of a several-process run makes its own (fake) process group: run it outside a "
+                         "distributed launch (`train --dry-run --processes N` in one process)")
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=world)
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _trace_shard(tracker: LiveBytes, backend, mesh, notes: list[str], on_gpu: bool) -> dict:
+    """`fsdp.shard_transformer`, the run's own, on the fake process group: every unit's 1/N shard is made on
+    the device; the adapters (whole) and the buffers (whole) move there (on a GPU: from the host, where the
+    transformer was built and filled the cache beside the encoders)."""
+    from . import fsdp
+
+    with tracker.phase("shard"):
+        report = fsdp.shard_transformer(backend.unet, mesh)
+        for t in [*fsdp.adapter_parameters(backend.unet), *backend.unet.buffers()]:
+            tracker.to_device(t)
+        gc.collect()  # the whole parameters the shards replace leave the count
+    n = mesh.size()
+    notes.append(f"fsdp: one of {n} processes traced (rank 0; FSDP2 pads every shard to the same size): "
+                 f"{report['frozen_local']:,} of the transformer's {report['frozen_total']:,} frozen values in "
+                 f"{report['units']} shard units, the adapters and buffers whole; the step holds the units FSDP2 "
+                 "gathers (forward: the running unit and its all-gather buffer until the next unit's gather; "
+                 "backward: the running unit and the next one prefetched; the root unit from its forward to the "
+                 "end of the backward)")
+    if on_gpu:
+        notes.append("fsdp: the whole transformer is loaded in host memory on every process until it is sharded "
+                     "(after the cache fill): not counted on the card, needed in RAM")
+    return report
 
 
 @contextlib.contextmanager
@@ -718,17 +847,18 @@ _NOT_MEMORY = {"output_dir", "output_name", "data_path", "steps", "lr", "seed", 
                "checkpoint_every", "keep_last", "validate_every", "validation_prompts", "validation_seeds"}
 
 
-def training_estimate(cfg, model: str | ModelConfigs, device: str, host: HostEncoded | None = None) -> Estimate:
-    """`estimate_run` remembered per (model, device, host shapes, the settings that change memory): a host
-    that trains again with the same settings (ComfyUI) does not trace again."""
+def training_estimate(cfg, model: str | ModelConfigs, device: str, host: HostEncoded | None = None,
+                      processes: int | None = None) -> Estimate:
+    """`estimate_run` remembered per (model, device, host shapes, processes, the settings that change memory):
+    a host that trains again with the same settings (ComfyUI) does not trace again."""
     import dataclasses
 
     name = model if isinstance(model, str) else json.dumps(
         [model.family, model.unet, model.text_encoders, model.vae, model.scheduler], sort_keys=True)
-    key = (name, device, repr(host),
+    key = (name, device, repr(host), processes,
            repr(sorted((k, v) for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_MEMORY)))
     if key not in _ESTIMATES:
-        _ESTIMATES[key] = estimate_run(cfg, model, device=device, host=host)
+        _ESTIMATES[key] = estimate_run(cfg, model, device=device, host=host, processes=processes)
     return _ESTIMATES[key]
 
 
@@ -740,17 +870,46 @@ def allocator_peak(fn, *args, **kwargs):
     """(fn's result, peak bytes held by PyTorch's CPU allocator while fn ran) from the profiler's memory
     events: every allocation and free of the c10 CPU allocator, kernels' own buffers included (an
     independent count from `LiveBytes`, which sees only the tensors ops return)."""
+    result, peak, _ = allocator_peaks(fn, *args, **kwargs)
+    return result, peak
+
+
+def allocator_peaks(fn, *args, after: str | None = None, **kwargs):
+    """`allocator_peak`, and the peak from the end of the last `record_function(after)` range fn ran on (a
+    later phase of a real run: the training steps after `fsdp.shard_backend`'s SHARD_MARK); None when no such
+    range ran. Bytes are counted from fn's start: (result, peak, peak_after)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn(*args, **kwargs)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    events = list(prof.profiler.kineto_results.events())
+    mem = sorted((e.start_ns(), e.nbytes()) for e in events
+                 if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    ends = [e.start_ns() + e.duration_ns() for e in events if after is not None and e.name() == after]
+    t0 = max(ends) if ends else None
     live = peak = 0
-    for _, n in events:
+    peak_after = None
+    for t, n in mem:
+        if t0 is not None and t >= t0 and peak_after is None:
+            peak_after = live  # held when the phase starts
         live += n
         peak = max(peak, live)
-    return result, peak
+        if peak_after is not None:
+            peak_after = max(peak_after, live)
+    return result, peak, peak_after
+
+
+def measure_train(cfg) -> dict:
+    """The real `loop.train(cfg)` in this process (one of a torchrun launch), measured by PyTorch's CPU
+    allocator: its peak over the whole run and, with fsdp, from the end of the sharding on (the training
+    steps; None unsharded). GiB, from train's start. The per-process check of the fsdp estimate
+    (tests/test_fsdp.py) runs it in each of two processes."""
+    from . import fsdp
+    from .loop import train
+
+    _, peak, after = allocator_peaks(train, cfg, after=fsdp.SHARD_MARK)
+    return {"allocator_peak_gib": round(peak / GIB, 6),
+            "after_shard_peak_gib": None if after is None else round(after / GIB, 6)}
 
 
 def _rss_kib(field_name: str) -> int | None:
@@ -840,9 +999,9 @@ def count_records(cfg, kind: str, limit: int) -> int | None:
         return None
 
 
-def dry_run(cfg, *, as_json: bool = False) -> str:
+def dry_run(cfg, *, as_json: bool = False, processes: int | None = None) -> str:
     """`train --dry-run`: the estimate for `cfg` on its device (a GPU unless `cpu: true`), as one JSON
-    line or a few lines of text."""
+    line or a few lines of text; with `processes` (needed with fsdp) one of that many processes'."""
     from .methods import METHODS
 
     if not cfg.model:
@@ -850,16 +1009,23 @@ def dry_run(cfg, *, as_json: bool = False) -> str:
                          f"({', '.join(SHIPPED)})")
     device = "cpu" if cfg.cpu else "cuda"
     n = count_records(cfg, METHODS[cfg.method].data_kind, fill_records(cfg))
-    e = estimate_run(cfg, cfg.model, device=device, n_records=n)
+    e = estimate_run(cfg, cfg.model, device=device, n_records=n, processes=processes)
     if as_json:
         return e.to_json()
     step = e.phases["train_step"]
-    lines = [f"memory estimate ({device}, {e.settings['weight_dtype']} weights, traced on fake tensors): "
+    per = f", per process of {processes}" if processes and processes > 1 else ""
+    lines = [f"memory estimate ({device}, {e.settings['weight_dtype']} weights, traced on fake tensors{per}): "
              f"peak {e.peak_gib:.2f} GiB",
-             f"  weights + LoRA/adapters: {e.phases['weights']['end']:.2f} GiB",
+             f"  weights + LoRA/adapters: {e.phases['weights']['end']:.2f} GiB"
+             + (" (fsdp: the transformer and its adapters on the host until sharded)"
+                if "shard" in e.phases and device == "cuda" else ""),
              f"  cache fill ({e.settings['fill_records']} records, {e.settings['fill_images']} images, "
-             f"{e.settings['images_per_vae_call']} per VAE call: cache_batch_size): {e.phases['cache_fill']['peak']:.2f} GiB",
-             "  train step: " + ", ".join(f"{k} {v['peak']:.2f}" for k, v in step.items()) + " GiB"]
+             f"{e.settings['images_per_vae_call']} per VAE call: cache_batch_size): {e.phases['cache_fill']['peak']:.2f} GiB"]
+    if "shard" in e.phases:
+        f = e.settings["fsdp"]
+        lines.append(f"  fsdp shard: {f['frozen_local']:,} of {f['frozen_total']:,} frozen values, {f['units']} units: "
+                     f"{e.phases['shard']['end']:.2f} GiB held after sharding")
+    lines.append("  train step: " + ", ".join(f"{k} {v['peak']:.2f}" for k, v in step.items()) + " GiB")
     if device == "cuda":
         lines.append(f"  on a card: {e.card_gib():.2f} GiB with the CUDA context ({CONTEXT_GIB} GiB) and allocator "
                      f"slack (x{ALLOCATOR_SLACK})")
