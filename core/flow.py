@@ -20,7 +20,8 @@ SimpleTuner's Flow-DPO (`norm_type="sum"`, its default) sums over the N latent e
 logit is ours with β_sum = β_mean / N. Because the errors are affine images of one another at fixed
 (x_t, t): ε − ε_θ = (1 − t)·(v − v_θ), x0 − x0_θ = −t·(v − v_θ), so
     mse_x0 = t²·mse_v,   mse_ε = (1 − t)²·mse_v:
-the x0 form is the v form with w(t) = t² inside the logit (`error_weight`).
+the x0 form is the v form with w(t) = t² inside the logit, the eps form the v form with w(t) = (1 − t)²
+(`error_weight`; the eps form weights a flow model's errors as the ε objective of SD1.x/SDXL does).
 
 Timestep sampling (SD3, Esser et al. 2024 §3.1; diffusers `compute_density_for_timestep_sampling`):
     u ~ logit-normal: u = sigmoid(m + s·z), z ~ N(0, 1) (SD3 defaults m = 0, s = 1)
@@ -105,7 +106,7 @@ def precondition_x0(pred: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor |
 
 
 # the two targets a flow method can regress against (FlowErrors.form); the only list of these names
-FLOW_ERROR_FORMS = ("v", "x0")
+FLOW_ERROR_FORMS = ("v", "x0", "eps")
 
 
 def error_weight(form: str, t: torch.Tensor) -> torch.Tensor:
@@ -114,6 +115,8 @@ def error_weight(form: str, t: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(t)
     if form == "x0":
         return t * t
+    if form == "eps":
+        return (1 - t) * (1 - t)
     raise ValueError(f"unknown flow error form {form!r} (expected one of {FLOW_ERROR_FORMS})")
 
 
@@ -138,6 +141,8 @@ def flow_mse(pred_v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, x_t: tor
         return per_sample_mse(pred_v, velocity_target(x0, eps))
     if form == "x0":
         return per_sample_mse(precondition_x0(pred_v, x_t, t), x0)
+    if form == "eps":
+        return per_sample_mse(v_to_eps(pred_v, x_t, t), eps)
     raise ValueError(f"unknown flow error form {form!r} (expected one of {FLOW_ERROR_FORMS})")
 
 

@@ -64,9 +64,11 @@ def test_error_forms_are_t_weighted_v_errors():
     assert torch.allclose(mse_v, v64(1.0, 2.0), atol=1e-15)
     assert torch.allclose(flow_mse(pred, x0, eps, x_t, t, "x0"), v64(0.0625, 0.5), atol=1e-15)
     assert torch.allclose(per_sample_mse(v_to_eps(pred, x_t, t), eps), v64(0.5625, 0.5), atol=1e-15)
+    assert torch.allclose(flow_mse(pred, x0, eps, x_t, t, "eps"), v64(0.5625, 0.5), atol=1e-15)
     assert torch.equal(error_weight("x0", t), t * t) and torch.equal(error_weight("v", t), torch.ones(2, dtype=t.dtype))
+    assert torch.equal(error_weight("eps", t), (1 - t) ** 2)
     with pytest.raises(ValueError, match="flow error form"):
-        flow_mse(pred, x0, eps, x_t, t, "eps")
+        flow_mse(pred, x0, eps, x_t, t, "x")
 
 
 def test_per_sample_mse_is_the_mean_over_latent_elements():

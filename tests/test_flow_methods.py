@@ -42,12 +42,12 @@ def _perturb_policy(backend):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("form", ["v", "x0"])
+@pytest.mark.parametrize("form", ["v", "x0", "eps"])
 def test_flow_pair_mses_by_hand(sd15_dir, form):
     """pair_mses on a flow backend = the hand-written rectified-flow errors: x_t = (1 − t)x0 + tε, the
     network at timestep t·1000, error vs ε − x0 (v) or x_t − t·v_θ vs x0 (x0); the reference is the
     network with the LoRA off. Same float32 ops in both computations: exact up to the batching of the
-    forward (1e-6 relative)."""
+    forward (1e-6 relative); eps: x_t + (1 − t)·v_θ vs ε."""
     from npo_suite.trainer.methods import MethodConfig, Noising, pair_mses
 
     b = flow_backend(sd15_dir)
@@ -68,6 +68,8 @@ def test_flow_pair_mses_by_hand(sd15_dir, form):
                 v = b.unet(x_t, t * 1000, encoder_hidden_states=cond.hidden).sample
             if form == "v":
                 return ((v - (eps - x0)) ** 2).mean((1, 2, 3))
+            if form == "eps":
+                return ((x_t + (1 - tb) * v - eps) ** 2).mean((1, 2, 3))
             return ((x_t - tb * v - x0) ** 2).mean((1, 2, 3))
 
         for got, want in ((m.pol_w, err(x_w, "policy")), (m.pol_l, err(x_l, "policy")),

@@ -78,7 +78,8 @@ class MethodConfig:
     flow_logit_std: float = _m("flow models: logit_normal std s (SD3 1)", default=1.0)
     flow_mode_scale: float = _m("flow models: the 'mode' sampler's scale (SD3 1.29)", default=1.29)
     flow_error: str = _m("flow models: the per-sample error: v = mse(v_theta, eps - x0) (flow_grpo, SANA), x0 = "
-                         "mse(x_t - t*v_theta, x0) (KU-MIIL/DDSPO's SD3 preconditioning; = t^2 * the v error)",
+                         "mse(x_t - t*v_theta, x0) (KU-MIIL/DDSPO's SD3 preconditioning; = t^2 * the v error), eps = "
+                         "mse(x_t + (1 - t)*v_theta, eps) (the eps-objective's weighting; = (1 - t)^2 * the v error)",
                          default="v", choices=fl.FLOW_ERROR_FORMS)
     # --- TDFT: Self-NPO truncated diffusion fine-tuning (seed 002); defaults = the authors' SD1.5 code
     tdft_timesteps: str = _m("TDFT timesteps: " + "; ".join(f"{k} = {v}" for k, v in TDFT_TIMESTEPS.items()),
@@ -221,7 +222,8 @@ class Noising:
     prediction compared is ε (`predict_eps`), error = mse(ε_θ, ε).
     flow models (core/flow.py): t float in (0, 1) from `cfg.flow_t_sampler` (+ `flow_shift`),
     x_t = (1 − t)·x0 + t·ε, the prediction is v (`predict_v`), error = `flow_mse` in `cfg.flow_error`'s form
-    (v: against ε − x0; x0: x_t − t·v_θ against x0). The pure losses are the same on either errors.
+    (v: against ε − x0; x0: x_t − t·v_θ against x0; eps: x_t + (1 − t)·v_θ against ε). The pure losses are the
+    same on any of these errors.
     """
 
     def __init__(self, backend: Backend, cfg: MethodConfig):
@@ -251,15 +253,19 @@ class Noising:
         return add_noise(x0, eps, gather(self.backend.abar, t, x0))
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, adapter: str | None) -> torch.Tensor:
-        """The prediction the errors compare: ε (eps/v models) or the error form's space (flow: v, or x0)."""
+        """The prediction the errors compare: ε (eps/v models) or the error form's space (flow: v, x0 or ε)."""
         if not self.flow:
             return self.backend.predict_eps(x_t, t, cond, adapter)
         v = self.backend.predict_v(x_t, t, cond, adapter)
+        if self.cfg.flow_error == "eps":
+            return fl.v_to_eps(v, x_t, t)
         return v if self.cfg.flow_error == "v" else fl.v_to_x0(v, x_t, t)
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """What `predict` is regressed on: ε; flow: v = ε − x0, or x0."""
+        """What `predict` is regressed on: ε; flow: v = ε − x0, x0, or ε (the form's space)."""
         if not self.flow:
+            return eps
+        if self.cfg.flow_error == "eps":
             return eps
         return fl.velocity_target(x0, eps) if self.cfg.flow_error == "v" else x0
 

@@ -147,10 +147,17 @@ class WorldConfig:
                                                        "(world v2); flow: rectified flow, the UNet predicts "
                                                        "v = eps - x0 at logit-normal t, sampled with the flow "
                                                        "Euler solver"})
+    prediction_type: str = field(default="epsilon", metadata={
+        "help": "kind eps only: epsilon (world v2) or v_prediction (the same DDPM schedule, the UNet predicts "
+                "v = sqrt(abar)*eps - sqrt(1 - abar)*x0, as SD2.x: an experiment world, docs/RESULTS.md)"})
 
     def __post_init__(self):
         if self.kind not in WORLD_KINDS:
             raise ValueError(f"WorldConfig: kind must be one of {list(WORLD_KINDS)}, got {self.kind!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"WorldConfig: prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.kind == "flow" and self.prediction_type != "epsilon":
+            raise ValueError("WorldConfig: prediction_type is for kind eps (a flow world predicts v = eps - x0)")
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("WorldConfig: steps and batch_size must be >= 1")
@@ -171,9 +178,9 @@ def unet_config_world(cfg: WorldConfig) -> dict:
     )
 
 
-def make_scheduler(kind: str = "eps"):
+def make_scheduler(kind: str = "eps", prediction_type: str = "epsilon"):
     """eps: SD1.x/SDXL's schedule: scaled_linear betas 0.00085..0.012, T = 1000, eps-prediction
-    (the `scheduler_config.json` of runwayml/stable-diffusion-v1-5 and SDXL base).
+    (the `scheduler_config.json` of runwayml/stable-diffusion-v1-5 and SDXL base), or v-prediction.
     flow: diffusers' `FlowMatchEulerDiscreteScheduler`, T = 1000 (the network's timestep is t·1000),
     shift 1 (SD3's 3.0 is for 1024² latents; an 8x8 image needs none)."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
@@ -181,7 +188,7 @@ def make_scheduler(kind: str = "eps"):
     if kind == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, prediction_type="epsilon")
+                         clip_sample=False, prediction_type=prediction_type)
 
 
 def to_model_space(images016: torch.Tensor) -> torch.Tensor:
@@ -227,7 +234,8 @@ def _encode(tokenizer, text_encoder, prompts):
 
 def _train_unet(unet, cond_table, prompt_ids, x0, cfg: WorldConfig, abar, log, gen):
     """eps-prediction MSE (Ho et al. 2020 eq. 14) with CFG dropout to the empty prompt (row 0 of
-    cond_table) and, with probability generic_prob, the class-free prompt (prompt_ids column 2).
+    cond_table) and, with probability generic_prob, the class-free prompt (prompt_ids column 2);
+    prediction_type v_prediction: the target v = sqrt(abar)·ε − sqrt(1 − abar)·x0 (Salimans & Ho 2022).
     kind "flow": the rectified-flow loss instead, mse(v_θ(x_t, t·1000), ε − x0) with x_t = (1 − t)·x0 + t·ε
     and t logit-normal (core/flow.py; SD3's objective); `abar` is unused."""
     from ..core import flow as fl
@@ -254,7 +262,8 @@ def _train_unet(unet, cond_table, prompt_ids, x0, cfg: WorldConfig, abar, log, g
             eps = torch.randn(x.shape, generator=gen)
             a = abar[t].float().view(-1, 1, 1, 1)
             x_t = a.sqrt() * x + (1 - a).sqrt() * eps
-            loss = torch.nn.functional.mse_loss(unet(x_t, t, cond_table[pid]).sample, eps)
+            target = a.sqrt() * eps - (1 - a).sqrt() * x if cfg.prediction_type == "v_prediction" else eps
+            loss = torch.nn.functional.mse_loss(unet(x_t, t, cond_table[pid]).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -309,7 +318,7 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, *, l
         styled = torch.tensor([1 + 3 * int(c) + (1 + STYLE_WORDS.index(s) if s else 0) for c, s in zip(g.labels, g.styles)])
         generic = torch.full_like(plain, len(prompts) - 1)
         prompt_ids = torch.stack([plain, styled, generic], 1)  # [N, 3]: column 1 with p style_prob, 2 generic_prob
-        scheduler = make_scheduler(cfg.kind)
+        scheduler = make_scheduler(cfg.kind, cfg.prediction_type)
         abar = None if cfg.kind == "flow" else torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
         unet = UNet2DConditionModel(**unet_config_world(cfg))
         final_loss, seconds = _train_unet(unet, cond_table, prompt_ids, x0, cfg, abar, log, gen)
