@@ -8,7 +8,8 @@
   Tolerance atol 1e-6, the DDP test's: the all-reduce averages (g0 + g1) / 2 where one process accumulates
   g0/2 + g1/2, equal in exact arithmetic, not always in float32 (measured here: bit-equal, with and without
   gradient checkpointing; the test runs with it, as a 12B run would: each block recomputed in the backward on
-  weights gathered again);
+  weights gathered again); Flux and SANA, whose shard units return views (torch's warning), bit for bit, with
+  and without checkpointing;
 - what fsdp refuses, each with its reason (validation grids, a UNet, a prebuilt backend), and one process
   runs unsharded (said);
 - `train --dry-run --processes N`: one process's memory estimate, against what each of two real processes'
@@ -24,17 +25,40 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_invariants import _assert_same_lora, _env, one_thread  # noqa: E402
+from test_train_invariants import _assert_same_lora, _env, _lora_tensors, one_thread  # noqa: E402
+from flow_fixtures import build_flow_dirs  # noqa: E402
 from train_fixtures import make_pairs, tiny_cfg, torchrun_train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    from npo_suite.testing.tiny_models import build_sd3
+def flow_dirs(tmp_path_factory):
+    """Tiny SD3, Flux and SANA folders (seed 0)."""
+    from npo_suite.testing.tiny_models import build_sana
 
-    d = tmp_path_factory.mktemp("tiny_sd3_fsdp")
-    build_sd3(d, seed=0)
-    return d
+    dirs = build_flow_dirs(tmp_path_factory.mktemp("tiny_flow_fsdp"))
+    build_sana(dirs["sd3"].parent / "sana", seed=0)
+    return {**dirs, "sana": dirs["sd3"].parent / "sana"}
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(flow_dirs):
+    return flow_dirs["sd3"]
+
+
+def _shards(stderr: str) -> tuple[int, int]:
+    """(frozen total, shard units) from the lines `shard_backend` prints, checked: one line per process, the two
+    shards the whole transformer (nothing held twice), about half each (dim-0 chunks: halves up to one row of
+    each odd-sized parameter), the LoRA whole on both, the same units."""
+    lines = re.findall(r"fsdp: process (\d)/2 holds ([\d,]+) of the transformer's ([\d,]+) frozen values .*?"
+                       r"(\d+) shard units\); the LoRA adapters' ([\d,]+) values whole", stderr)
+    assert sorted(int(r) for r, *_ in lines) == [0, 1], stderr[-3000:]
+    num = [tuple(int(x.replace(",", "")) for x in row[1:]) for row in lines]
+    total = num[0][1]
+    assert num[0][1:] == num[1][1:] and num[0][3] > 0
+    assert num[0][0] + num[1][0] == total
+    for local, *_ in num:
+        assert 0.45 * total <= local <= 0.55 * total
+    return total, num[0][2]
 
 
 @pytest.mark.slow
@@ -46,15 +70,8 @@ def test_fsdp_two_processes_shard_the_transformer_and_equal_one(sd3_dir, tmp_pat
                    cache_dir=str(tmp_path / "cache_fsdp"), lr=1e-2, gradient_checkpointing=True)
     proc = torchrun_train(cfg, tmp_path, _env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = re.findall(r"fsdp: process (\d)/2 holds ([\d,]+) of the transformer's ([\d,]+) frozen values .*?"
-                       r"the LoRA adapters' ([\d,]+) values whole", proc.stderr)
-    assert sorted(int(r) for r, *_ in lines) == [0, 1], proc.stderr[-3000:]
-    num = [tuple(int(x.replace(",", "")) for x in row[1:]) for row in lines]
-    total = num[0][1]
-    assert num[0][1] == num[1][1] and num[0][2] == num[1][2] > 0
-    assert num[0][0] + num[1][0] == total  # the two shards are the whole, nothing held twice
-    for local, _, _ in num:  # dim-0 chunks: halves up to one row of each odd-sized parameter
-        assert 0.45 * total <= local <= 0.55 * total
+    total, units = _shards(proc.stderr)
+    assert units == 3  # the two joint blocks, the root
     from npo_suite.testing.tiny_models import sd3_transformer_config
     from diffusers import SD3Transformer2DModel
 
@@ -65,6 +82,46 @@ def test_fsdp_two_processes_shard_the_transformer_and_equal_one(sd3_dir, tmp_pat
     with one_thread():
         res = train(one)
     _assert_same_lora(tmp_path / "fsdp" / "dpo_lora.safetensors", res.lora_path, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,checkpointing", [("flux", False), ("flux", True), ("sana", False), ("sana", True)])
+def test_fsdp_flux_and_sana_equal_one_process(flow_dirs, tmp_path, family, checkpointing):
+    """Flux and SANA sharded over two processes write, bit for bit, one process's LoRA (same global batch).
+
+    Why these two: their FSDP2 units return view tensors — Flux's single-stream blocks return two slices of
+    one tensor (text, image), the Flux and SANA roots the output of a Linear on [B, L, D] (addmm, then
+    `.view`) — and torch warns that an in-place op on such a view drops the pre-backward hook that
+    all-gathers the unit's weights again for its backward (they were freed after its forward). Nothing in
+    diffusers' forwards or in ours writes in place on them (out-of-place `torch.cat`, norms, `spec.unpack`,
+    `.float()`), so the hook fires. Measured 2026-12-05 (torch 2.13, diffusers 0.42): injecting `out.mul_(1)` on
+    the single blocks' outputs (a forward hook after sharding) fails the backward without checkpointing
+    (`setStorage: ... storage of size 0`: the weights not gathered again) and changes nothing with it
+    (each block's recompute gathers them in its forward) — so both settings run here, the first being the
+    one such a change upstream would break.
+
+    Exact equality, not a tolerance: the two runs compute the same float ops on the same shapes in one
+    thread each (batch 1 per micro-batch both ways); the gathered weights are the loaded ones bit for bit;
+    the loss scaled by 1/2 per micro-batch and gloo's (g0 + g1) / 2 differ from g0/2 + g1/2 only by exact
+    halvings. Measured bit-equal, all four cases."""
+    from npo_suite.trainer.loop import train
+
+    model = flow_dirs[family]
+    data = make_pairs(tmp_path / "data", n=4)
+    common = dict(batch_size=1, steps=2, lr=1e-2, gradient_checkpointing=checkpointing)
+    cfg = tiny_cfg(model, data, tmp_path / "fsdp", grad_accum=1, fsdp=True, cache_dir=str(tmp_path / "c_fsdp"),
+                   **common)
+    proc = torchrun_train(cfg, tmp_path, _env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Flux: 1 double + 2 single blocks, the root; SANA: 2 blocks, the patch embedding, the root (its norm_out,
+    # named in _no_split_modules, has no weights: no unit)
+    assert _shards(proc.stderr)[1] == 4
+    one = tiny_cfg(model, data, tmp_path / "one", grad_accum=2, cache_dir=str(tmp_path / "c_one"), **common)
+    with one_thread():
+        res = train(one)
+    _assert_same_lora(tmp_path / "fsdp" / "dpo_lora.safetensors", res.lora_path)
+    trained = _lora_tensors(res.lora_path)  # the LoRA moved (B starts at zero): equal, not trivially so
+    assert any(k.endswith("lora_B.weight") and t.abs().max() > 1e-3 for k, t in trained.items())
 
 
 def test_fsdp_refusals_and_one_process(sd3_dir, sd15_dir, capsys):
@@ -139,8 +196,8 @@ def test_fsdp_estimate_against_two_processes(tmp_path):
     0.0317, rank 1 0.0303; the unsharded estimate 0.0388. Tolerance 8%: the real run also holds what the trace
     does not (the batch stream's cached latents and collate, the metric reductions; rank 0 logs and writes the
     LoRA: its peak is 4.5% above rank 1's), and gloo's own buffers are not the allocator's. The
-    whole-run peak is not compared: on the CPU it is the loading (diffusers and loading._file_facts each read
-    the transformer's file whole), which the estimate does not trace."""
+    whole-run peak is not compared: on the CPU it is the loading (diffusers reads the transformer's file
+    whole), which the estimate does not trace."""
     import json
 
     from npo_suite.testing.tiny_models import build_sd3, sd3_transformer_config

@@ -4,9 +4,15 @@ A 12B transformer (Flux.1-dev: 22.2 GiB in bf16) does not fit beside its activat
 N processes each holds 1/N of it. What is sharded and what is not:
 
 - every block the model names in `_no_split_modules` (SD3: JointTransformerBlock; Flux: the double and the
-  single blocks) is one `fully_shard` unit, the transformer itself the root unit (its embedders and output
-  layers). Each unit's frozen weights are split along dim 0 (torch.chunk) over the processes and gathered
-  (all-gather) for its forward, freed after it and gathered again for its backward (`reshard_after_forward`);
+  single blocks; SANA: SanaTransformerBlock and PatchEmbed; a named module without frozen weights, SANA's
+  SanaModulatedNorm, is no unit) is one `fully_shard` unit, the transformer itself the root unit (its embedders
+  and output layers). Each unit's frozen weights are split along dim 0 (torch.chunk) over the processes and
+  gathered (all-gather) for its forward, freed after it and gathered again for its backward
+  (`reshard_after_forward`; that second gather is a hook on the unit's output tensors, registered after its
+  forward). torch warns when a unit returns a view (Flux's single blocks: two slices; the Flux and SANA roots:
+  a Linear on [B, L, D]): an in-place op on it would drop that hook. None is done (diffusers' forwards and
+  `DiffusersBackend._forward` use the outputs out of place), so the warning is harmless here; tests/test_fsdp.py
+  runs Flux and SANA without checkpointing, where such an op would fail the backward (freed weights);
 - the LoRA adapters (policy and the frozen ref / ema copies) are `ignored_params`: whole on every process, as
   under DDP; their gradients are averaged by the loop's one all-reduce (`loop.all_reduce_grads`), the
   optimizer, clipping, checkpoints and the saved LoRA are those of the DDP path. A LoRA is a few MB to a few
@@ -115,7 +121,8 @@ def shard_transformer(net, mesh) -> dict:
     lora = adapter_parameters(net)
     lora_ids = {id(p) for p in lora}
     frozen_total = sum(p.numel() for p in net.parameters() if id(p) not in lora_ids)
-    units = [m for m in net.modules() if type(m).__name__ in blocks]
+    units = [m for m in net.modules() if type(m).__name__ in blocks  # with frozen weights (SANA names its
+             and any(id(p) not in lora_ids for p in m.parameters())]  # norm_out, which has none: no unit)
     for m in net.modules():  # buffers copied out of the loaded file: safetensors reads a file into one block
         for k, b in m._buffers.items():  # that each of its tensors keeps alive, so on the CPU one buffer left in
             if b is not None:  # it (SD3's position table) would keep the whole transformer beside its shards
