@@ -73,6 +73,9 @@ def _probe_arguments(sub) -> None:
     p.add_argument("--world", default=None, help="eps (default), flow, or a world folder (as world results)")
     p.add_argument("--strengths", nargs="+", type=float, default=None, metavar="B",
                    help="a negative LoRA's extra strengths beta on the null branch (default 0.25 0.5; 1 is always run)")
+    p.add_argument("--sigma-max", nargs="+", type=float, default=None, metavar="S",
+                   help="a negative LoRA also sampled with its offset on the null branch only while the noise level "
+                        "sigma_t <= S (generate's sigma gate; flow: sigma = t/(1 - t)); one row per S")
     p.add_argument("--quick", action="store_true", help="tiny step counts (a smoke test; numbers mean nothing)")
 
 
@@ -115,6 +118,8 @@ def _probe(args) -> int:
     _, kw = _world_kw(args.world)
     rc = ResultsConfig.quick(**kw) if args.quick else ResultsConfig(**kw)
     kw_p = {"strengths": tuple(args.strengths)} if args.strengths else {}
+    if args.sigma_max:
+        kw_p["sigma_maxes"] = tuple(args.sigma_max)
     res = probe(args.method, args.seeds, args.out, parse_sets(args.set), rc, world=args.world, **kw_p)
     print(markdown(res))
     return 0

@@ -57,6 +57,21 @@ def test_probe_negative_lora_rows_null_branch_and_overrides(world, tmp_path, cap
     assert "--strengths 2 1" in printed and f"--world {world}" in printed
     with pytest.raises(ValueError, match="strengths must be > 0"):
         wp.probe("tdft", [0], str(out), strengths=(0.0,))
+    # the sigma gate: a gate below every step's sigma leaves plain CFG, the base's own images (win rate exactly
+    # one half: every image ties); a gate above every sigma is the ungated row; both said in the command
+    assert main(["world", "probe", *argv, "--sigma-max", "0", "1e9"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "probe.json").read_text())
+    rows = {r["row"]: r for r in res["rows"]}
+    off, on = rows["negative, strength 1, only at sigma <= 0"], rows["negative, strength 1, only at sigma <= 1e+09"]
+    assert off["win_rate"] == 0.5 and off["right_to_wrong"] == off["wrong_to_right"] == 0
+    assert off["realism"] == pytest.approx(res["base_realism"], abs=1e-12)
+    ungated = rows["negative (as world.results), strength 1"]
+    assert on["win_rate"] == ungated["win_rate"] and on["realism"] == pytest.approx(ungated["realism"], abs=1e-12)
+    assert on["win_rate"] != 0.5  # the LoRA changes images here, so the zero gate's 0.5 is the gate's doing
+    assert "--sigma-max 0 1e+09" in printed
+    with pytest.raises(ValueError, match="sigma_max must be >= 0"):
+        wp.probe("tdft", [0], str(out), sigma_maxes=(-1.0,))
 
 
 def test_x0_transfer_by_hand(world):

@@ -119,15 +119,18 @@ def sampling_bar(n_images: int, dc: DemoConfig, desc: str, calls: int = 1):
     return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def sample_run(bundle, prompts, seeds, mode, offsets, dc: DemoConfig, progress=None) -> torch.Tensor:
-    """Images [N, 8, 8] in [0, 1] (8-bit quantised, as saved) from generate.sample; `progress()` once per step."""
+def sample_run(bundle, prompts, seeds, mode, offsets, dc: DemoConfig, progress=None,
+               sigma_max: float | None = None) -> torch.Tensor:
+    """Images [N, 8, 8] in [0, 1] (8-bit quantised, as saved) from generate.sample; `progress()` once per step;
+    sigma_max: the offset of the unconditional rows only while σ_t <= sigma_max (generate.sample's gate)."""
     from ..diffusers_host.generate import sample
     from .pairs import quantize01
 
     out = []
     for i in range(0, len(prompts), SAMPLE_BATCH):
         res = sample(bundle, prompts[i:i + SAMPLE_BATCH], seeds[i:i + SAMPLE_BATCH], mode, offsets=offsets,
-                     cfg_scale=dc.cfg_scale, steps=dc.sample_steps, scheduler=dc.scheduler, progress=progress)
+                     cfg_scale=dc.cfg_scale, steps=dc.sample_steps, scheduler=dc.scheduler, progress=progress,
+                     sigma_max=sigma_max)
         out.append(quantize01(res.images.float().mean(1)))  # [n, 8, 8]
     return torch.cat(out)
 

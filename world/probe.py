@@ -7,7 +7,9 @@ data, settings and cache, so a probe of a finished results folder retrains nothi
 three ways, each against the base model on the same prompts and evaluation seeds:
 
     role, strength b   as `core.npo.role_spec` samples the method's role (core.guidance.ROLE_SAMPLING); a negative LoRA also at
-                       b = 0.25 and 0.5 or `strengths` (NPO's beta: theta_neg = theta + b*delta on the null branch)
+                       b = 0.25 and 0.5 or `strengths` (NPO's beta: theta_neg = theta + b*delta on the null branch),
+                       and at strength 1 with the offset only while sigma_t <= S for each of `sigma_maxes`
+                       (generate.sample's sigma gate: plain CFG at the higher noise levels)
     alone              the LoRA on both CFG branches: the fine-tuned model itself. For a negative
                        LoRA this is the negative model, which Self-NPO and NPO expect to be WORSE
                        than the base (lower reward or realism): guidance pushes away from it.
@@ -100,7 +102,7 @@ def parse_sets(items) -> dict:
 
 
 def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: ResultsConfig | None = None,
-          log=None, *, strengths=NEGATIVE_STRENGTHS, world: str | None = None) -> dict:
+          log=None, *, strengths=NEGATIVE_STRENGTHS, world: str | None = None, sigma_maxes=()) -> dict:
     """{"rows": [{"row", ...pooled figures, "realism"}], "null": {"base": r, "lora": r}, ...}; see the module doc."""
     from ..trainer.methods import METHODS
     from .demo import score_images
@@ -110,6 +112,9 @@ def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: Resul
     bad = [b for b in strengths if not b > 0]
     if bad:
         raise ValueError(f"strengths must be > 0, got {bad}")
+    bad = [x for x in sigma_maxes if not x >= 0]
+    if bad:
+        raise ValueError(f"sigma_max must be >= 0, got {bad}")
     log = log or (lambda *a: print(*a, file=sys.stderr))
     rc = rc or ResultsConfig()
     rc = dataclasses.replace(rc, out=out, methods=(method,), seeds=tuple(seeds),
@@ -140,6 +145,11 @@ def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: Resul
         for b in [b for b in strengths if b != 1.0] if role == "negative" else ():
             imgs = ctx.sample(ctx.prompts, ctx.seeds, *role_spec(role, lora, beta=b), desc=f"{method} s{s} beta {b}")
             rows.setdefault(f"{role}, strength {b}", []).append(score_images(ctx.reward, imgs, ctx.prompts))
+        for x in sigma_maxes if role == "negative" else ():  # the offset on the null branch only at sigma <= x
+            imgs = ctx.sample(ctx.prompts, ctx.seeds, *role_spec(role, lora), desc=f"{method} s{s} sigma<={x:g}",
+                              sigma_max=x)
+            rows.setdefault(f"{role}, strength 1, only at sigma <= {x:g}", []).append(
+                score_images(ctx.reward, imgs, ctx.prompts))
         alone = role_spec("positive", lora)  # the LoRA on both CFG branches
         imgs = ctx.sample(ctx.prompts, ctx.seeds, *alone, desc=f"{method} s{s} alone")
         rows.setdefault("alone (LoRA on both branches)", []).append(score_images(ctx.reward, imgs, ctx.prompts))
@@ -148,6 +158,7 @@ def probe(method: str, seeds, out: str, overrides: dict | None = None, rc: Resul
               "realism": float(np.mean([np.mean(x["realism"]) for x in runs]))} for name, runs in rows.items()]
     result = {"method": method, "role": role, "seeds": [int(s) for s in seeds], "overrides": overrides or {},
               "world": world or "eps", "strengths": [float(b) for b in strengths],
+              "sigma_maxes": [float(x) for x in sigma_maxes],
               "base_accuracy": float(np.mean(base["correct"])), "base_realism": float(np.mean(base["realism"])),
               "rows": table, "null": {"base": null["base"], "lora": float(np.mean(null["lora"]))},
               "transfer": [{"level": lv[0]["level"], **{k: [float(x[k]) for x in lv] for k in ("ratio", "cos", "d_prompt")}}
@@ -167,7 +178,8 @@ def markdown(result: dict) -> str:
     world = result.get("world", "eps")
     strengths = result.get("strengths", list(NEGATIVE_STRENGTHS))
     extra = (f" --world {world}" if world != "eps" else "") + \
-        (f" --strengths {' '.join(f'{b:g}' for b in strengths)}" if list(strengths) != list(NEGATIVE_STRENGTHS) else "")
+        (f" --strengths {' '.join(f'{b:g}' for b in strengths)}" if list(strengths) != list(NEGATIVE_STRENGTHS) else "") + \
+        (f" --sigma-max {' '.join(f'{x:g}' for x in result['sigma_maxes'])}" if result.get("sigma_maxes") else "")
     head = (f"`python -m npo_suite world probe --method {result['method']} --seeds "
             f"{' '.join(map(str, result['seeds']))}{extra}{' ' + sets if sets else ''}`")
     table = markdown_table(rows, [("row", "sampled as"), ("win_rate", "win rate"), ("ci", "95% CI"),

@@ -142,9 +142,10 @@ class Context:
         return load_offset(str(path), {"unet": self.bundle.unet,
                                        **{f"te{i + 1}": te for i, te in enumerate(self.bundle.text_encoders)}})
 
-    def sample(self, prompts, seeds, mode="cfg", offsets=None, desc="sample"):
+    def sample(self, prompts, seeds, mode="cfg", offsets=None, desc="sample", sigma_max=None):
         with sampling_bar(len(prompts), self.rc, desc) as bar:
-            return sample_run(self.bundle, prompts, seeds, mode, offsets, self.rc, progress=bar.update)
+            return sample_run(self.bundle, prompts, seeds, mode, offsets, self.rc, progress=bar.update,
+                              sigma_max=sigma_max)
 
     def base_sampler(self, bar):
         """sample_fn(prompts, seeds) of plain CFG for world/pairs.py, advancing `bar` per step."""
