@@ -82,3 +82,23 @@ def velocities_with_and_without_lora(backend):
         with backend.use_adapter(None):
             base = backend.predict_v(x, t, cond)
     return x, t, cond, ours, base
+
+
+def check_pairs_and_sweep(model, lora, tmp_path, capsys, *, cfg: str, size: list[str]) -> None:
+    """`pairs` (npo with `lora`, the tiny local CLIP scorer at tmp_path/clip) gives rows for the two prompts, and
+    `evaluate sweep` (two beta settings) one row per setting, through the CLI on `model`."""
+    import json
+
+    from npo_suite.cli import main
+
+    assert main(["pairs", "--model", str(model), "--prompt", "a cat", "--prompt", "a red house",
+                 "--samples-per-prompt", "3", "--mode", "npo", "--neg-offset", str(lora), "--steps", "2",
+                 "--cfg", cfg, "--scorer", "clip_score", "--model-path", str(tmp_path / "clip"), "--rule", "all",
+                 "--margin", "0", "--out", str(tmp_path / "pairs"), "--json", *size]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert rows and {r["prompt"] for r in rows} <= {"a cat", "a red house"}
+    capsys.readouterr()
+    assert main(["evaluate", "sweep", "--model", str(model), "--neg-offset", str(lora), "--betas", "0.5", "1.0",
+                 "--prompt", "a cat", "--seeds", "0", "1", "--steps", "2", "--cfg", cfg, "--scorer", "clip_score",
+                 "--guard", "clip_score", "--model-path", str(tmp_path / "clip"), "--n-boot", "50", "--json", *size]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]) == 2

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from flow_fixtures import check_npo_per_row, random_offset  # noqa: E402
+from flow_fixtures import check_npo_per_row, check_pairs_and_sweep, random_offset  # noqa: E402
 
 from npo_suite.diffusers_host.generate import NPOSpec, encode_prompts, load_offsets, sample  # noqa: E402
 from npo_suite.families import FAMILIES, detect_folder, detect_single_file, family_with_text_encoders, get_family  # noqa: E402
@@ -336,19 +336,7 @@ def test_generate_pairs_and_sweep_commands_on_flow_models(flow_dirs, tmp_path, c
     man = json.loads((gen / "manifest.json").read_text())
     assert man["family"] == "flux" and man["scheduler"] == "flow-euler" and man["flux_guidance"] == 1.5
     assert len(man["images"]) == 4 and (gen / "grid.png").exists()
-    assert main(["pairs", "--model", str(flow_dirs["sd3"]), "--prompt", "a cat", "--prompt", "a red house",
-                 "--samples-per-prompt", "3", "--mode", "npo", "--neg-offset", str(sd3_lora), "--steps", "2",
-                 "--cfg", "4", "--scorer", "clip_score", "--model-path", str(tmp_path / "clip"), "--rule", "all",
-                 "--margin", "0", "--out", str(tmp_path / "pairs"), "--json", *size]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
-    assert rows and {r["prompt"] for r in rows} <= {"a cat", "a red house"}
-    capsys.readouterr()
-    assert main(["evaluate", "sweep", "--model", str(flow_dirs["sd3"]), "--neg-offset", str(sd3_lora),
-                 "--betas", "0.5", "1.0", "--prompt", "a cat", "--seeds", "0", "1", "--steps", "2", "--cfg", "4",
-                 "--scorer", "clip_score", "--guard", "clip_score", "--model-path", str(tmp_path / "clip"),
-                 "--n-boot", "50", "--json", *size]) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(res["rows"]) == 2
+    check_pairs_and_sweep(flow_dirs["sd3"], sd3_lora, tmp_path, capsys, cfg="4", size=size)
 
 
 def test_sd3_single_file_takes_its_transformer_and_vae_and_the_folders_encoders(flow_dirs, tmp_path):

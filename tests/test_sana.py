@@ -22,7 +22,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from flow_fixtures import (assert_lora_equals_diffusers, check_npo_per_row, random_offset,  # noqa: E402
+from flow_fixtures import (assert_lora_equals_diffusers, check_npo_per_row, check_pairs_and_sweep, random_offset,  # noqa: E402
                            velocities_with_and_without_lora)
 from train_fixtures import data_for, make_pairs, tiny_cfg, train_two_steps  # noqa: E402
 
@@ -246,17 +246,7 @@ def test_generate_pairs_and_sweep_commands_on_sana(sana_dir, tmp_path, capsys):
 
     imgs = [torch.tensor(list(Image.open(gen / r["file"]).getdata())).float() for r in man["images"]]
     assert all(im.numel() == SIZE * SIZE * 3 for im in imgs) and (imgs[0] - imgs[1]).abs().max() > 0
-    assert main(["pairs", "--model", str(sana_dir), "--prompt", "a cat", "--prompt", "a red house",
-                 "--samples-per-prompt", "3", "--mode", "npo", "--neg-offset", str(lora), "--steps", "2",
-                 "--cfg", "4.5", "--scorer", "clip_score", "--model-path", str(tmp_path / "clip"), "--rule", "all",
-                 "--margin", "0", "--out", str(tmp_path / "pairs"), "--json", *size]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
-    assert rows and {r["prompt"] for r in rows} <= {"a cat", "a red house"}
-    capsys.readouterr()
-    assert main(["evaluate", "sweep", "--model", str(sana_dir), "--neg-offset", str(lora), "--betas", "0.5", "1.0",
-                 "--prompt", "a cat", "--seeds", "0", "1", "--steps", "2", "--cfg", "4.5", "--scorer", "clip_score",
-                 "--guard", "clip_score", "--model-path", str(tmp_path / "clip"), "--n-boot", "50", "--json", *size]) == 0
-    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]) == 2
+    check_pairs_and_sweep(sana_dir, lora, tmp_path, capsys, cfg="4.5", size=size)
 
 
 # ---------------------------------------------------------------------------------------------- trainer

@@ -278,12 +278,7 @@ class ComfyBackend(DiffusersBackend):
         embedder = getattr(base, "embedder", None)
         latent_format = base.latent_format
 
-        def ensure_loaded():
-            mm.load_models_gpu([patcher], force_full_load=True)
-
-        def reserve(nbytes: int) -> None:
-            """Room for the training working set, the way comfy_extras/nodes_train.py asks (with an estimate, not 1e20)."""
-            mm.load_models_gpu([patcher], memory_required=int(nbytes), force_full_load=True)
+        ensure_loaded, reserve = patcher_loading(mm, patcher)
 
         def forward(x, t, cond: Cond):
             ensure_loaded()
@@ -454,6 +449,20 @@ def unsupported_model_error(base_model) -> ValueError:
     name = f"{KNOWN[cls]} ({cls})" if cls in KNOWN else cls
     return ValueError(f"Train Preference LoRA: this MODEL is {name} with {mtype} prediction, a model family the "
                       f"trainer does not train; it trains {TRAINABLE}")
+
+def patcher_loading(mm, patcher):
+    """(ensure_loaded(), reserve(nbytes)) for a ComfyUI ModelPatcher through model management `mm`: the model
+    fully loaded (before every forward: another node may have offloaded it), and room for a training working set
+    of nbytes beside it, the way comfy_extras/nodes_train.py asks (with an estimate, not 1e20)."""
+
+    def ensure_loaded():
+        mm.load_models_gpu([patcher], force_full_load=True)
+
+    def reserve(nbytes: int) -> None:
+        mm.load_models_gpu([patcher], memory_required=int(nbytes), force_full_load=True)
+
+    return ensure_loaded, reserve
+
 
 def comfy_io(clip, vae, latent_format, device):
     """(encode_text, encode_pixels, decode) on ComfyUI's CLIP and VAE objects: text as

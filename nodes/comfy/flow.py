@@ -43,7 +43,7 @@ from ...core.cond import Cond
 from ...core.offsets.schema import metadata_value
 from ...core.flow import FLOW
 from ...trainer.backends.diffusers import POLICY, BackendOptions
-from .backend import FLOW_CLASSES, ComfyBackend, comfy_io, unsupported_model_error
+from .backend import FLOW_CLASSES, ComfyBackend, comfy_io, patcher_loading, unsupported_model_error
 
 # ComfyUI model class (comfy/model_base.py) -> our family name
 
@@ -154,11 +154,7 @@ class ComfyFlowBackend(ComfyBackend):
         dtype = base.manual_cast_dtype or base.get_dtype()
         latent_format = base.latent_format
 
-        def ensure_loaded():
-            mm.load_models_gpu([patcher], force_full_load=True)
-
-        def reserve(nbytes: int) -> None:
-            mm.load_models_gpu([patcher], memory_required=int(nbytes), force_full_load=True)
+        ensure_loaded, reserve = patcher_loading(mm, patcher)
 
         def forward(x, sigma, cond: Cond):
             """The diffusion model's output (the velocity) as `BaseModel._apply_model` calls it."""
