@@ -417,7 +417,8 @@ def load_offsets(bundle, *, pos: str | os.PathLike | None = None, neg: str | os.
                  snpo: str | os.PathLike | None = None, alpha: float = ALPHA_DEFAULT, beta: float = BETA_DEFAULT,
                  allow_pickle: bool = False) -> tuple[NPOSpec, dict]:
     """The offset files eta (`pos`), delta (`neg`) and the SNPO LoRA (`snpo`) read against `bundle`'s modules,
-    as one NPOSpec with weights alpha, beta; plus {key: {path, report, metadata}} of each file read."""
+    as one NPOSpec with weights alpha, beta; plus {key: {path, report, notes, metadata}} of each file read (notes:
+    the load report's, e.g. the conversion of original module names)."""
     from ..core.offsets import load_offset
 
     base = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
@@ -432,14 +433,15 @@ def load_offsets(bundle, *, pos: str | os.PathLike | None = None, neg: str | os.
                 off.report.family = bundle.family  # matched against this model's own modules (SD3, Flux)
             loaded[key] = off
             info[key] = {"path": str(path), "report": off.report.summary() if off.report else None,
-                         "metadata": dict(off.metadata)}
+                         "notes": list(off.report.notes) if off.report else [], "metadata": dict(off.metadata)}
     return Offsets(loaded.get("pos"), loaded.get("neg"), loaded.get("snpo"), alpha, beta), info
 
 
 def _original_named_offset(bundle, path, base, allow_pickle: bool):
-    """A LoRA named by the transformer's original modules (kohya `lora_unet_joint_blocks_…`, ComfyUI's
-    `diffusion_model.…`), converted to diffusers/PEFT names by the family's map (`original_modules`: SD3) and
-    read against the model; None when the family has no such map or the file uses none of its names."""
+    """A LoRA named by the transformer's original modules (kohya `lora_unet_joint_blocks_…` /
+    `lora_unet_double_blocks_…`, ComfyUI's `diffusion_model.…`), converted to diffusers/PEFT names by the family's
+    map (`original_modules`: SD3, Flux) and read against the model; None when the family has no such map or the
+    file uses none of its names."""
     table_of = getattr(bundle.family_spec, "original_modules", None)
     if table_of is None:
         return None

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -131,6 +132,16 @@ def dynamic_mu(config, image_seq_len: int, *, max_shift_default: float) -> float
 
 
 
+class OriginalModule(NamedTuple):
+    """One module of a transformer's original (SAI / BFL) layout, as a family's `original_modules` maps it:
+    the diffusers modules it holds, in the order of its output rows (one, or the parts of a fused projection);
+    whether its rows are (shift, scale) where diffusers has (scale, shift) (`swap_scale_shift`, applied before
+    the split); and the parts' row counts (None: equal parts, as a fused qkv; Flux's `linear1`: q, k, v, mlp)."""
+    targets: tuple[str, ...]
+    swap: bool = False
+    rows: tuple[int, ...] | None = None
+
+
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # dotted original names (ComfyUI's form)
 LORA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down",
                  ".lora_B.weight": "up", ".alpha": "alpha"}
@@ -163,11 +174,12 @@ def has_original_names(sd: dict, table: dict) -> bool:
 def original_lora_to_peft(sd: dict, table: dict, name: str = "<memory>") -> tuple[dict, dict]:
     """A LoRA on a transformer's original (SAI / BFL) module names -> diffusers/PEFT keys
     `transformer.<module>.lora_A.weight` / `.lora_B.weight` with alpha / rank folded into lora_B, exactly:
-    a fused projection's delta up @ down [3C, in] is, per output block k, up[k] @ down (lora_A shared, lora_B
-    the block's rows), and a (shift, scale) module's rows are reordered as diffusers' `swap_scale_shift`.
-    `table`: {original module: (diffusers modules, swap)} (`SD3Family.original_modules`). Every key must be
-    placed: a key that names no module of the table, a module without both factors, or rows that do not split
-    evenly is a ValueError naming it (nothing is applied half-way). Returns (state dict, counts)."""
+    a fused projection's delta up @ down [sum(rows), in] is, per output block k, up[k] @ down (lora_A shared,
+    lora_B the block's rows: equal blocks, or the entry's `rows`), and a (shift, scale) module's rows are
+    reordered as diffusers' `swap_scale_shift`. `table`: {original module: OriginalModule} (a family's
+    `original_modules`: SD3Family, FluxFamily). Every key must be placed: a key that names no module of the
+    table, a module without both factors, or output rows that do not split into the entry's blocks is a
+    ValueError naming it (nothing is applied half-way). Returns (state dict, counts)."""
     import torch
 
     flat = {m.replace(".", "_"): m for m in table}
@@ -189,15 +201,18 @@ def original_lora_to_peft(sd: dict, table: dict, name: str = "<memory>") -> tupl
         down, up = p["down"].float(), p["up"].float()
         rank = down.shape[0]
         scale = float(p["alpha"]) / rank if "alpha" in p else 1.0
-        targets, swap = table[mod]
+        entry = table[mod]
         up = up * scale
-        if swap:
+        if entry.swap:
             a, b = up.chunk(2, dim=0)
             up, swapped = torch.cat([b, a], dim=0), swapped + 1
-        if up.shape[0] % len(targets):
-            raise ValueError(f"{name}: module {mod!r}: {up.shape[0]} output rows do not split into {len(targets)}")
-        split += len(targets) > 1
-        for target, rows in zip(targets, up.chunk(len(targets), dim=0)):
+        n = len(entry.targets)
+        rows = entry.rows or ((up.shape[0] // n,) * n if up.shape[0] % n == 0 else None)
+        if rows is None or sum(rows) != up.shape[0]:
+            raise ValueError(f"{name}: module {mod!r}: {up.shape[0]} output rows do not split into "
+                             + (f"{n}" if entry.rows is None else f"the blocks {list(entry.rows)} of this model"))
+        split += n > 1
+        for target, block in zip(entry.targets, up.split(list(rows), dim=0)):
             out[f"transformer.{target}.lora_A.weight"] = down.clone()
-            out[f"transformer.{target}.lora_B.weight"] = rows.contiguous()
+            out[f"transformer.{target}.lora_B.weight"] = block.contiguous()
     return out, {"modules": len(parts), "split": split, "swapped": swapped}

@@ -22,7 +22,7 @@ import torch
 
 from ..core.conditioning import tokenize
 from .base import RunEncoder, _run
-from .flow import MMDIT_ATTN, MMDIT_FF, FlowFamily, dynamic_mu, t5_ids
+from .flow import MMDIT_ATTN, MMDIT_FF, FlowFamily, OriginalModule, dynamic_mu, t5_ids
 
 FLUX_SINGLE = ("proj_mlp", "proj_out")  # single-stream blocks: attn to_q/k/v + these two
 FLUX_LORA_TARGETS = {
@@ -43,6 +43,51 @@ class FluxFamily(FlowFamily):
         n = max_sequence_length or self.t5_max_length
         t5 = run(1, text_encoders[1], t5_ids(tokenizers[1], prompts, n, device))[0]
         return t5.to(text_encoders[1].dtype), pooled.to(text_encoders[0].dtype)
+
+    def original_modules(self, config) -> dict[str, OriginalModule]:
+        """The BFL single-file module names of a Flux transformer with `config` (diffusers'), each with the
+        diffusers modules it holds, in the order of its output rows: the module-level map of diffusers'
+        `convert_flux_transformer_checkpoint_to_diffusers`, which kohya, ComfyUI and ai-toolkit's kohya export
+        name Flux LoRAs by (`lora_unet_double_blocks_0_img_attn_qkv`, `diffusion_model.single_blocks.0.linear1`).
+        A double block's fused qkv splits in three equal parts; a single block's `linear1` in q, k, v (the inner
+        width num_attention_heads * attention_head_dim each) and the MLP input (4x that: the mlp_ratio of
+        diffusers' FluxSingleTransformerBlock), from `config` where the converter fixes the released 3072. Only
+        the final AdaLN modulation has its rows reordered (shift, scale) -> (scale, shift); the blocks'
+        modulations (`img_mod`, `txt_mod`, `modulation`) keep their order, as in the converter. The guidance
+        embedder is in the map only when `config` has `guidance_embeds` (Flux-dev, not schnell)."""
+        inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        out: dict[str, OriginalModule] = {}
+
+        def add(orig: str, *modules: str, swap: bool = False, rows: tuple[int, ...] | None = None) -> None:
+            out[orig] = OriginalModule(modules, swap, rows)
+
+        add("img_in", "x_embedder")
+        add("txt_in", "context_embedder")
+        embedders = [("time_in", "timestep"), ("vector_in", "text")] + \
+            ([("guidance_in", "guidance")] if config.get("guidance_embeds") else [])
+        for o, d in embedders:
+            add(f"{o}.in_layer", f"time_text_embed.{d}_embedder.linear_1")
+            add(f"{o}.out_layer", f"time_text_embed.{d}_embedder.linear_2")
+        add("final_layer.linear", "proj_out")
+        add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+        for i in range(int(config["num_layers"])):
+            b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+            add(b + "img_attn.qkv", *(d + f"attn.to_{x}" for x in "qkv"))
+            add(b + "txt_attn.qkv", *(d + f"attn.add_{x}_proj" for x in "qkv"))
+            add(b + "img_attn.proj", d + "attn.to_out.0")
+            add(b + "txt_attn.proj", d + "attn.to_add_out")
+            add(b + "img_mlp.0", d + "ff.net.0.proj")
+            add(b + "img_mlp.2", d + "ff.net.2")
+            add(b + "txt_mlp.0", d + "ff_context.net.0.proj")
+            add(b + "txt_mlp.2", d + "ff_context.net.2")
+            add(b + "img_mod.lin", d + "norm1.linear")
+            add(b + "txt_mod.lin", d + "norm1_context.linear")
+        for i in range(int(config["num_single_layers"])):
+            b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+            add(b + "linear1", *(d + f"attn.to_{x}" for x in "qkv"), d + "proj_mlp", rows=(inner,) * 3 + (4 * inner,))
+            add(b + "linear2", d + "proj_out")
+            add(b + "modulation.lin", d + "norm.linear")
+        return out
 
     def pack(self, latents):
         b, c, h, w = latents.shape

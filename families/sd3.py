@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..core.conditioning import tokenize
 from .base import RunEncoder, _run
-from .flow import MMDIT_ATTN, MMDIT_FF, FlowFamily, t5_ids
+from .flow import MMDIT_ATTN, MMDIT_FF, FlowFamily, OriginalModule, t5_ids
 
 SD3_LORA_TARGETS = {
     "attn": MMDIT_ATTN,
@@ -44,7 +44,7 @@ class SD3Family(FlowFamily):
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
-    def original_modules(self, config) -> dict[str, tuple[tuple[str, ...], bool]]:
+    def original_modules(self, config) -> dict[str, OriginalModule]:
         """The SAI single-file module names of an SD3 transformer with `config` (diffusers'), each with the
         diffusers modules it holds (a fused qkv: three, its output rows split in equal parts, in order) and
         whether its output rows are (shift, scale) where diffusers has (scale, shift) (`swap_scale_shift`):
@@ -52,10 +52,10 @@ class SD3Family(FlowFamily):
         ComfyUI name SD3 LoRAs by (`lora_unet_joint_blocks_0_x_block_attn_qkv`, `diffusion_model.…`)."""
         n = int(config["num_layers"])
         dual = set(config.get("dual_attention_layers") or ())
-        out: dict[str, tuple[tuple[str, ...], bool]] = {}
+        out: dict[str, OriginalModule] = {}
 
         def add(orig: str, *modules: str, swap: bool = False) -> None:
-            out[orig] = (modules, swap)
+            out[orig] = OriginalModule(modules, swap)
 
         add("x_embedder.proj", "pos_embed.proj")
         add("context_embedder", "context_embedder")
