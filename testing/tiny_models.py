@@ -453,6 +453,47 @@ def build_flux(directory: str | os.PathLike | None = None, seed: int = 0, guidan
     return pipe
 
 
+def flux_original_state_dict(transformer) -> dict:
+    """The BFL single-file names (`double_blocks.*` with fused qkv, `single_blocks.*` with the fused `linear1` =
+    q, k, v, mlp input, `final_layer.*`; no prefix, as BFL ships Flux.1) of a diffusers FluxTransformer2DModel: the
+    inverse of diffusers' `convert_flux_transformer_checkpoint_to_diffusers` (which splits `linear1` at the
+    released width 3072: tests of a tiny model lay it out at that width before converting it back)."""
+    sd = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    ren = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out"}
+    for o, d in (("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance")):
+        if f"time_text_embed.{d}_embedder.linear_1.weight" in sd:
+            ren.update({f"{o}.in_layer": f"time_text_embed.{d}_embedder.linear_1",
+                        f"{o}.out_layer": f"time_text_embed.{d}_embedder.linear_2"})
+    o = {}
+    for i in range(transformer.config.num_layers):
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        ren.update({b + "img_attn.proj": d + "attn.to_out.0", b + "txt_attn.proj": d + "attn.to_add_out",
+                    b + "img_mlp.0": d + "ff.net.0.proj", b + "img_mlp.2": d + "ff.net.2",
+                    b + "txt_mlp.0": d + "ff_context.net.0.proj", b + "txt_mlp.2": d + "ff_context.net.2",
+                    b + "img_mod.lin": d + "norm1.linear", b + "txt_mod.lin": d + "norm1_context.linear"})
+        for p in ("weight", "bias"):
+            o[f"{b}img_attn.qkv.{p}"] = torch.cat([sd.pop(f"{d}attn.to_{x}.{p}") for x in "qkv"])
+            o[f"{b}txt_attn.qkv.{p}"] = torch.cat([sd.pop(f"{d}attn.add_{x}_proj.{p}") for x in "qkv"])
+        for stream, pre in (("img", ""), ("txt", "added_")):
+            for x, n in (("q", "query"), ("k", "key")):
+                o[f"{b}{stream}_attn.norm.{n}_norm.scale"] = sd.pop(f"{d}attn.norm_{pre}{x}.weight")
+    for i in range(transformer.config.num_single_layers):
+        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        ren.update({b + "linear2": d + "proj_out", b + "modulation.lin": d + "norm.linear"})
+        for p in ("weight", "bias"):
+            qkv = [sd.pop(f"{d}attn.to_{x}.{p}") for x in "qkv"]
+            o[f"{b}linear1.{p}"] = torch.cat(qkv + [sd.pop(f"{d}proj_mlp.{p}")])
+        for x, n in (("q", "query"), ("k", "key")):
+            o[f"{b}norm.{n}_norm.scale"] = sd.pop(f"{d}attn.norm_{x}.weight")
+    for p in ("weight", "bias"):
+        o[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(sd.pop(f"norm_out.linear.{p}"))
+        for new, old in ren.items():
+            o[f"{new}.{p}"] = sd.pop(f"{old}.{p}")
+    if sd:
+        raise ValueError(f"flux_original_state_dict: diffusers keys without an original name: {sorted(sd)[:8]}")
+    return {k: v.contiguous() for k, v in o.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # SANA: linear-attention DiT, Gemma2 text encoder, DC-AE (the classes of SanaPipeline, tiny sizes)
 # ----------------------------------------------------------------------------------------------

@@ -270,17 +270,145 @@ def test_sd3_lora_on_original_names_maps_exactly(flow_dirs, tmp_path):
         load_offsets(bundle, neg=f)
 
 
-def test_kohya_named_flux_lora_is_refused_naming_its_keys(flow_dirs, tmp_path):
-    """Kohya/ComfyUI names of a Flux LoRA (fused qkv of `double_blocks`) are not mapped by this reader:
-    the file is refused with the keys and the model, nothing applied half-way."""
+def _flux_convert(orig: dict, inner: int) -> dict:
+    """diffusers' `convert_flux_transformer_checkpoint_to_diffusers` of a tiny Flux's original state dict. The
+    converter splits each single block's `linear1` at the released width (q, k, v 3072 rows each, then the MLP's
+    12288), so the tiny q, k, v and MLP rows are laid out at those offsets with NaN between, converted, and the
+    parts cut back to the tiny widths (the rows cut off checked to be all the padding): which rows go to which
+    diffusers module is still the converter's."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    released, tiny = (3072, 3072, 3072, 4 * 3072), (inner, inner, inner, 4 * inner)
+    sd = dict(orig)
+    for k, v in orig.items():
+        if ".linear1." in k:
+            wide = torch.full((sum(released), *v.shape[1:]), float("nan"))
+            for part, start, n in zip(v.split(tiny), (0, 3072, 6144, 9216), tiny):
+                wide[start:start + n] = part
+            sd[k] = wide
+    out = convert_flux_transformer_checkpoint_to_diffusers(sd)
+    for k, v in out.items():
+        part = k.split(".", 2)[-1].rsplit(".", 1)[0] if k.startswith("single_transformer_blocks.") else None
+        if part in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"):
+            n = 4 * inner if part == "proj_mlp" else inner
+            assert not v[:n].isnan().any() and v[n:].isnan().all(), k
+            out[k] = v[:n].contiguous()
+    return out
+
+
+def _flux_original_lora(tr, table, modules=None, alpha=3.0, seed=3) -> tuple[dict, dict, dict]:
+    """(kohya, dotted `diffusion_model.` form, the original state dict with W + alpha/r * up @ down) of a rank-2
+    LoRA on the original Linear `modules` (default: every module of `table`); `alpha` None: no `.alpha` key."""
+    from npo_suite.testing.tiny_models import flux_original_state_dict
+
+    orig = flux_original_state_dict(tr)
+    g = torch.Generator().manual_seed(seed)
+    kohya, comfy, ref = {}, {}, dict(orig)
+    for mod in (table if modules is None else modules):
+        w = orig[mod + ".weight"]
+        down, up = torch.randn(2, w.shape[1], generator=g) * 0.2, torch.randn(w.shape[0], 2, generator=g) * 0.2
+        ref[mod + ".weight"] = w + (1.0 if alpha is None else alpha / 2) * up @ down
+        a = {} if alpha is None else {".alpha": torch.tensor(alpha)}
+        for sd, stem in ((kohya, "lora_unet_" + mod.replace(".", "_")), (comfy, "diffusion_model." + mod)):
+            sd.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                       **{stem + k: v for k, v in a.items()}})
+    return kohya, comfy, ref
+
+
+def test_flux_lora_on_original_names_maps_exactly(flow_dirs, tmp_path):
+    """A Flux LoRA named by the original (BFL) modules, as kohya (`lora_unet_double_blocks_0_img_attn_qkv`) and
+    ComfyUI (`diffusion_model.single_blocks.0.linear1`) write it, on every Linear of the original layout (the
+    double blocks' fused qkv, the single blocks' `linear1` = q, k, v and the MLP input in UNEQUAL row blocks,
+    the modulations, the embedders incl. guidance, the final layer whose rows diffusers reorders): the offset
+    read against the diffusers transformer gives exactly the weights diffusers' own single-file converter makes
+    of `W_original + alpha/r * up @ down` (`convert_flux_transformer_checkpoint_to_diffusers`, through
+    `_flux_convert` for the tiny width; `flux_original_state_dict` is first checked to be its exact inverse).
+    fp32: both sides add the same products (a fused delta's row blocks are the parts' deltas), so only rounding
+    of the sum can differ: bound 1e-6 relative to the weights' scale."""
     from safetensors.torch import save_file
 
+    from npo_suite.core.offsets import materialize
+    from npo_suite.testing.tiny_models import flux_original_state_dict
+
+    bundle = _bundle(flow_dirs, "flux")
+    tr = bundle.unet
+    inner = tr.config.num_attention_heads * tr.config.attention_head_dim
+    own = tr.state_dict()
+    back = _flux_convert(flux_original_state_dict(tr), inner)
+    assert set(back) == set(own) and all(torch.equal(back[k], own[k]) for k in own)  # the exact inverse
+    table = bundle.family_spec.original_modules(tr.config)
+    assert {t for e in table.values() for t in e.targets} == \
+        {n for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)}  # every Linear, each once
+    kohya, comfy, ref = _flux_original_lora(tr, table)
+    expected = _flux_convert(ref, inner)
+    n_mod = len(kohya) // 3
+    assert n_mod == len(table) == 26  # 10 embedder/final, 10 per double block, 3 per single block (1 + 2)
+    for label, sd in (("kohya", kohya), ("comfy", comfy)):
+        f = tmp_path / f"{label}.safetensors"
+        save_file(sd, str(f))
+        spec, info = load_offsets(bundle, neg=f)
+        assert "original module names, converted to peft (flux), 36 modules" in info["neg"]["report"]
+        assert f"converted from the original module names: {n_mod} modules (4 fused projections split into their " \
+               f"diffusers parts, 1 with (shift, scale) rows reordered)" in info["neg"]["notes"]
+        got = materialize(tr, [(spec.delta, 1.0)]).state_dict()
+        assert set(got) == set(expected)
+        scale = max(v.abs().max() for v in expected.values())
+        assert max(float((got[k] - expected[k]).abs().max()) for k in expected) <= 1e-6 * float(scale)
+        assert all(not torch.equal(got[k + ".weight"], own[k + ".weight"]) for e in table.values() for k in e.targets)
+
+
+def test_kohya_flux_lora_samples_as_diffusers_loads_it(flow_dirs, tmp_path):
+    """The second reference: a kohya-named Flux LoRA (alpha 3, rank 2) sampled through our offset equals
+    diffusers' `FluxPipeline.load_lora_weights` of the same file (its own kohya converter). Restricted to what
+    that converter reads on a tiny model: the double blocks and the single blocks' `linear2` / `modulation.lin`.
+    It splits `linear1` at the released width (3072 x 3 + 12288: an assertion fails at the tiny width), and it
+    names the embedders and the final layer without the `transformer.` prefix, so `load_lora_weights` drops
+    them silently (checked below: the modules diffusers adapted are exactly ours); those are covered by the
+    single-file reference above."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import save_file
+
+    bundle = _bundle(flow_dirs, "flux")
+    table = bundle.family_spec.original_modules(bundle.unet.config)
+    mods = [m for m in table if m.startswith("double_blocks.") or m.endswith((".linear2", ".modulation.lin"))]
+    kohya = _flux_original_lora(bundle.unet, table, mods)[0]
     f = tmp_path / "kohya_flux.safetensors"
-    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(2, 32),
-               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(96, 2)}, str(f))
-    with pytest.raises(ValueError, match=r"2 key\(s\) match no module of the given model \(FluxTransformer2DModel\)"
-                                         r": lora_unet_double_blocks_0_img_attn_qkv"):
-        load_offsets(_bundle(flow_dirs, "flux"), neg=f)
+    save_file(kohya, str(f))
+    spec, _ = load_offsets(bundle, pos=f)
+    kw = dict(negative_prompts=NEGS, cfg_scale=4.0, steps=2, height=SIZE, width=SIZE, decode=False)
+    ours = sample(bundle, PROMPTS, SEEDS, "cfg", offsets=spec, **kw).latents
+    plain = sample(bundle, PROMPTS, SEEDS, "cfg", **kw).latents
+    ref_pipe = _pipe(flow_dirs, "flux")
+    ref_pipe.load_lora_weights(str(f))
+    adapted = {n for n, m in ref_pipe.transformer.named_modules() if isinstance(m, LoraLayer)}
+    assert adapted == set(spec.eta.unet) and len(adapted) == 18
+    ref = _pipe_latents(ref_pipe, "flux", negative=NEGS, cfg=4.0, steps=2)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert (ours - plain).abs().max() > 1e-2  # the LoRA does act
+
+
+def test_original_named_flux_lora_refuses_what_it_cannot_place(flow_dirs, tmp_path):
+    """A key that names no module of this model (a text-encoder key, a double block beyond its depth) or a
+    `linear1` whose rows do not fit the q, k, v, MLP blocks refuses the whole file with the key or module named;
+    nothing is applied (the model's weights are untouched)."""
+    from safetensors.torch import save_file
+
+    bundle = _bundle(flow_dirs, "flux")
+    before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    kohya = _flux_original_lora(bundle.unet, bundle.family_spec.original_modules(bundle.unet.config))[0]
+    for extra, match in (
+            ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 4)},
+             "1 key\\(s\\) name no module of this model in its original names: lora_te1_text_model_"),
+            ({"lora_unet_double_blocks_99_img_attn_qkv.lora_down.weight": torch.ones(2, 32),
+              "lora_unet_double_blocks_99_img_attn_qkv.lora_up.weight": torch.ones(96, 2)},
+             "2 key\\(s\\) name no module of this model in its original names: lora_unet_double_blocks_99_"),
+            ({"lora_unet_single_blocks_0_linear1.lora_up.weight": torch.ones(96, 2)},
+             "module 'single_blocks.0.linear1': 96 output rows do not split into the blocks \\[32, 32, 32, 128\\]")):
+        f = tmp_path / "bad.safetensors"
+        save_file({**kohya, **extra}, str(f))
+        with pytest.raises(ValueError, match=match):
+            load_offsets(bundle, neg=f)
+    assert all(torch.equal(v, before[k]) for k, v in bundle.unet.state_dict().items())
 
 
 def test_bundle_from_flow_pipeline_refuses_a_missing_encoder(flow_dirs):
@@ -302,6 +430,30 @@ def test_generate_runs_a_flow_model(flow_dirs, tmp_path):
     assert man["family"] == "sd3" and man["prediction_type"] == "flow" and man["scheduler"] == "flow-euler"
     assert len(man["images"]) == 3 and (tmp_path / "out" / "grid.png").exists()
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["modes"] == ["cfg", "npo", "snpo"]
+
+
+def test_generate_takes_a_kohya_named_flux_lora(flow_dirs, tmp_path):
+    """`generate` on Flux with a kohya-named --neg-offset on every module of the original layout: it runs cfg /
+    npo with the LoRA converted, and the manifest records the conversion (the report's format, the note)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from npo_suite.diffusers_host.generate import GenerateJob, run_generate
+
+    tr = _bundle(flow_dirs, "flux").unet
+    f = tmp_path / "kohya_flux.safetensors"
+    save_file(_flux_original_lora(tr, get_family("flux").original_modules(tr.config))[0], str(f))
+    job = GenerateJob(model=str(flow_dirs["flux"]), out=str(tmp_path / "out"), prompt=("a cat",), negative_prompt="blurry",
+                      modes=("cfg", "npo"), neg_offset=str(f), steps=2, cfg=3.0, flux_guidance=1.5, height=SIZE,
+                      width=SIZE, seeds=(0,))
+    run_generate(job, log=lambda *_: None, progress=False)
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["family"] == "flux" and len(man["images"]) == 2
+    neg = man["offsets"]["neg"]
+    assert neg["report"] == f"{f}: original module names, converted to peft (flux), 36 modules"
+    assert neg["notes"] == ["converted from the original module names: 26 modules (4 fused projections split into "
+                            "their diffusers parts, 1 with (shift, scale) rows reordered)"]
 
 
 def _peft_lora_file(flow_dirs, name, path, seed=0):
