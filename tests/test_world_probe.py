@@ -74,16 +74,20 @@ def test_probe_negative_lora_rows_null_branch_and_overrides(world, tmp_path, cap
         wp.probe("tdft", [0], str(out), sigma_maxes=(-1.0,))
 
 
-def test_x0_transfer_by_hand(world):
-    """An offset that adds b to the UNet's output bias moves every eps prediction by b, under any prompt: in x0
-    space that is -sqrt(1 - abar)/sqrt(abar) * b per pixel (eps world), the same under the prompt and the null
-    prompt: ratio 1, cosine 1, |d_prompt| per image = sqrt((1 - abar)/abar) * |b| * 8 (64 pixels)."""
+@pytest.mark.parametrize("kind", ["eps", "v_prediction", "flow"])
+def test_x0_transfer_by_hand(world, kind, tmp_path):
+    """An offset that adds b to the UNet's output bias moves every model output by b, under any prompt: in x0
+    space that is, per pixel, -sqrt(1 - abar)/sqrt(abar) * b (eps world), -sqrt(1 - abar) * b (a v-predicting
+    eps-kind world: x0 = sqrt(abar) x_t - sqrt(1 - abar) v) or -t * b (flow: x0 = x_t - t v), the same under
+    the prompt and the null prompt: ratio 1, cosine 1, |d_prompt| per image = that factor * |b| * 8 (64 pixels)."""
     import torch
 
     from npo_suite.core.offsets.types import DenseDelta
     from npo_suite.world.build import load_world
 
-    w = load_world(world)
+    cfg = {"eps": None, "v_prediction": WorldConfig(steps=3, batch_size=8, prediction_type="v_prediction"),
+           "flow": WorldConfig(kind="flow", steps=3, batch_size=8)}[kind]
+    w = load_world(world if cfg is None else build_world(tmp_path / "w", cfg, diagnose_samples=0, log=None))
     conv = w.unet.conv_out
     b = 0.3
     off = {"conv_out": DenseDelta(weight=torch.zeros_like(conv.weight), bias=torch.full((conv.out_channels,), b))}
@@ -91,7 +95,11 @@ def test_x0_transfer_by_hand(world):
     rows = wp.x0_transfer(w, off, images, ["a photo of the digit 3"] * 6, levels=(0.3, 0.5))
     for r in rows:
         t = r["level"]
-        target = ((1 - t) / t) ** 2 / (1 + ((1 - t) / t) ** 2)
-        a = float(w.scheduler.alphas_cumprod[int(torch.argmin((w.scheduler.alphas_cumprod - target).abs()))])
+        if kind == "flow":
+            factor = t
+        else:
+            target = ((1 - t) / t) ** 2 / (1 + ((1 - t) / t) ** 2)
+            a = float(w.scheduler.alphas_cumprod[int(torch.argmin((w.scheduler.alphas_cumprod - target).abs()))])
+            factor = ((1 - a) / a) ** 0.5 if kind == "eps" else (1 - a) ** 0.5
         assert r["ratio"] == pytest.approx(1.0, abs=1e-5) and r["cos"] == pytest.approx(1.0, abs=1e-5)
-        assert r["d_prompt"] == pytest.approx(((1 - a) / a) ** 0.5 * b * 8, rel=1e-4)
+        assert r["d_prompt"] == pytest.approx(factor * b * 8, rel=1e-4)

@@ -47,7 +47,9 @@ def x0_transfer(world, offset, images, prompts, levels=TRANSFER_LEVELS, seed: in
     "", with x0hat = x_t - t v (flow) or (x_t - sqrt(1 - abar) eps) / sqrt(abar) (eps; abar of the nearest
     training timestep to the flow level's SNR, sqrt(abar / (1 - abar)) = (1 - t) / t). Returns per level
     {"level", "ratio": |d_0| / |d_c|, "cos": cos(d_0, d_c), "d_prompt": mean |d_c| per image} (norms over
-    all images and pixels): what NPO guidance uses (d_0) against what the LoRA learnt under the prompt."""
+    all images and pixels): what NPO guidance uses (d_0) against what the LoRA learnt under the prompt.
+    An eps-kind world whose UNet predicts v (`world build --prediction-type v_prediction`, the scheduler's
+    `prediction_type`) takes x0hat = sqrt(abar) x_t - sqrt(1 - abar) v."""
     import torch
 
     from ..core.offsets import materialize
@@ -56,6 +58,7 @@ def x0_transfer(world, offset, images, prompts, levels=TRANSFER_LEVELS, seed: in
     x0 = to_model_space(images)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     tuned = materialize(world.unet, [(offset, 1.0)])
+    v_pred = world.kind != "flow" and world.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
     out = []
     with torch.no_grad():
         cond, null = world.encode(list(prompts)), world.encode([""] * len(prompts))
@@ -72,8 +75,12 @@ def x0_transfer(world, offset, images, prompts, levels=TRANSFER_LEVELS, seed: in
                 a = float(abar[k])
                 xt, tt = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps, torch.full((len(x0),), k)
 
-                def x0hat(m, h):
-                    return (xt - (1 - a) ** 0.5 * m(xt, tt, h).sample) / a ** 0.5
+                if v_pred:
+                    def x0hat(m, h):
+                        return a ** 0.5 * xt - (1 - a) ** 0.5 * m(xt, tt, h).sample
+                else:
+                    def x0hat(m, h):
+                        return (xt - (1 - a) ** 0.5 * m(xt, tt, h).sample) / a ** 0.5
             dc = x0hat(tuned, cond) - x0hat(world.unet, cond)
             d0 = x0hat(tuned, null) - x0hat(world.unet, null)
             out.append({"level": float(t), "ratio": float(d0.norm() / dc.norm()),
