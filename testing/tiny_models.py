@@ -358,6 +358,17 @@ def _swap_halves(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
+def _final_and_renamed(o: dict, sd: dict, ren: dict, name: str) -> None:
+    """Into the original-layout dict `o`: the final AdaLN modulation ((scale, shift) -> (shift, scale)) and every
+    `ren` {original: diffusers} module's weight and bias, popped from `sd`; any diffusers key left is an error."""
+    for p in ("weight", "bias"):
+        o[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(sd.pop(f"norm_out.linear.{p}"))
+        for new, old in ren.items():
+            o[f"{new}.{p}"] = sd.pop(f"{old}.{p}")
+    if sd:
+        raise ValueError(f"{name}: diffusers keys without an original name: {sorted(sd)[:8]}")
+
+
 def sd3_original_state_dict(transformer) -> dict:
     """The SAI single-file names (`model.diffusion_model.joint_blocks.*`, fused qkv, LDM-style final layer) of a
     diffusers SD3Transformer2DModel: the inverse of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`
@@ -391,12 +402,7 @@ def sd3_original_state_dict(transformer) -> dict:
                 key = f"{d}{attn}.norm_{pre}{x}.weight"
                 if key in sd:
                     o[f"{b}{blk}.{attn}.ln_{x}.weight"] = sd.pop(key)
-    for p in ("weight", "bias"):
-        o[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(sd.pop(f"norm_out.linear.{p}"))
-        for new, old in ren.items():
-            o[f"{new}.{p}"] = sd.pop(f"{old}.{p}")
-    if sd:
-        raise ValueError(f"sd3_original_state_dict: diffusers keys without an original name: {sorted(sd)[:8]}")
+    _final_and_renamed(o, sd, ren, "sd3_original_state_dict")
     return {"model.diffusion_model." + k: v.contiguous() for k, v in o.items()}
 
 
@@ -485,12 +491,7 @@ def flux_original_state_dict(transformer) -> dict:
             o[f"{b}linear1.{p}"] = torch.cat(qkv + [sd.pop(f"{d}proj_mlp.{p}")])
         for x, n in (("q", "query"), ("k", "key")):
             o[f"{b}norm.{n}_norm.scale"] = sd.pop(f"{d}attn.norm_{x}.weight")
-    for p in ("weight", "bias"):
-        o[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(sd.pop(f"norm_out.linear.{p}"))
-        for new, old in ren.items():
-            o[f"{new}.{p}"] = sd.pop(f"{old}.{p}")
-    if sd:
-        raise ValueError(f"flux_original_state_dict: diffusers keys without an original name: {sorted(sd)[:8]}")
+    _final_and_renamed(o, sd, ren, "flux_original_state_dict")
     return {k: v.contiguous() for k, v in o.items()}
 
 
