@@ -142,6 +142,25 @@ class OriginalModule(NamedTuple):
     rows: tuple[int, ...] | None = None
 
 
+# The diffusers modules of one MMDiT joint (double-stream) block by role, SD3's and Flux's alike; each family
+# names the roles by its original (SAI / BFL) module names (`joint_block_modules`).
+MMDIT_JOINT_BLOCK = {
+    "img_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "txt_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_proj": ("attn.to_out.0",), "txt_proj": ("attn.to_add_out",),
+    "img_fc1": ("ff.net.0.proj",), "img_fc2": ("ff.net.2",),
+    "txt_fc1": ("ff_context.net.0.proj",), "txt_fc2": ("ff_context.net.2",),
+    "img_mod": ("norm1.linear",), "txt_mod": ("norm1_context.linear",),
+}
+
+
+def joint_block_modules(orig: str, diffusers: str, names: dict[str, str], *, omit: Sequence[str] = (),
+                        swap: Sequence[str] = ()) -> dict[str, OriginalModule]:
+    """{original module: OriginalModule} of one joint block: `orig` + names[role] holds `diffusers` + the role's
+    modules (`MMDIT_JOINT_BLOCK`), for every role but `omit`; the roles in `swap` have (shift, scale) rows."""
+    return {orig + names[r]: OriginalModule(tuple(diffusers + m for m in parts), r in swap)
+            for r, parts in MMDIT_JOINT_BLOCK.items() if r not in omit}
+
+
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # dotted original names (ComfyUI's form)
 LORA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down",
                  ".lora_B.weight": "up", ".alpha": "alpha"}

@@ -22,12 +22,19 @@ import torch
 
 from ..core.conditioning import tokenize
 from .base import RunEncoder, _run
-from .flow import MMDIT_ATTN, MMDIT_FF, FlowFamily, OriginalModule, dynamic_mu, t5_ids
+from .flow import MMDIT_ATTN, MMDIT_FF, FlowFamily, OriginalModule, dynamic_mu, joint_block_modules, t5_ids
 
 FLUX_SINGLE = ("proj_mlp", "proj_out")  # single-stream blocks: attn to_q/k/v + these two
 FLUX_LORA_TARGETS = {
     "attn": MMDIT_ATTN,
     "attn_ff": MMDIT_ATTN + MMDIT_FF + FLUX_SINGLE,
+}
+
+
+FLUX_JOINT_NAMES = {  # the BFL names of a double block's roles (flow.MMDIT_JOINT_BLOCK)
+    "img_qkv": "img_attn.qkv", "txt_qkv": "txt_attn.qkv", "img_proj": "img_attn.proj", "txt_proj": "txt_attn.proj",
+    "img_fc1": "img_mlp.0", "img_fc2": "img_mlp.2", "txt_fc1": "txt_mlp.0", "txt_fc2": "txt_mlp.2",
+    "img_mod": "img_mod.lin", "txt_mod": "txt_mod.lin",
 }
 
 
@@ -71,17 +78,7 @@ class FluxFamily(FlowFamily):
         add("final_layer.linear", "proj_out")
         add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
         for i in range(int(config["num_layers"])):
-            b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-            add(b + "img_attn.qkv", *(d + f"attn.to_{x}" for x in "qkv"))
-            add(b + "txt_attn.qkv", *(d + f"attn.add_{x}_proj" for x in "qkv"))
-            add(b + "img_attn.proj", d + "attn.to_out.0")
-            add(b + "txt_attn.proj", d + "attn.to_add_out")
-            add(b + "img_mlp.0", d + "ff.net.0.proj")
-            add(b + "img_mlp.2", d + "ff.net.2")
-            add(b + "txt_mlp.0", d + "ff_context.net.0.proj")
-            add(b + "txt_mlp.2", d + "ff_context.net.2")
-            add(b + "img_mod.lin", d + "norm1.linear")
-            add(b + "txt_mod.lin", d + "norm1_context.linear")
+            out.update(joint_block_modules(f"double_blocks.{i}.", f"transformer_blocks.{i}.", FLUX_JOINT_NAMES))
         for i in range(int(config["num_single_layers"])):
             b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
             add(b + "linear1", *(d + f"attn.to_{x}" for x in "qkv"), d + "proj_mlp", rows=(inner,) * 3 + (4 * inner,))

@@ -19,11 +19,20 @@ import torch.nn.functional as F
 
 from ..core.conditioning import tokenize
 from .base import RunEncoder, _run
-from .flow import MMDIT_ATTN, MMDIT_FF, FlowFamily, OriginalModule, t5_ids
+from .flow import MMDIT_ATTN, MMDIT_FF, FlowFamily, OriginalModule, joint_block_modules, t5_ids
 
 SD3_LORA_TARGETS = {
     "attn": MMDIT_ATTN,
     "attn_ff": MMDIT_ATTN + MMDIT_FF,
+}
+
+
+SD3_JOINT_NAMES = {  # the SAI names of a joint block's roles (flow.MMDIT_JOINT_BLOCK)
+    "img_qkv": "x_block.attn.qkv", "txt_qkv": "context_block.attn.qkv",
+    "img_proj": "x_block.attn.proj", "txt_proj": "context_block.attn.proj",
+    "img_fc1": "x_block.mlp.fc1", "img_fc2": "x_block.mlp.fc2",
+    "txt_fc1": "context_block.mlp.fc1", "txt_fc2": "context_block.mlp.fc2",
+    "img_mod": "x_block.adaLN_modulation.1", "txt_mod": "context_block.adaLN_modulation.1",
 }
 
 
@@ -66,17 +75,10 @@ class SD3Family(FlowFamily):
         add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
         for i in range(n):
             b, d, last = f"joint_blocks.{i}.", f"transformer_blocks.{i}.", i == n - 1
-            add(b + "x_block.attn.qkv", *(d + f"attn.to_{x}" for x in "qkv"))
-            add(b + "context_block.attn.qkv", *(d + f"attn.add_{x}_proj" for x in "qkv"))
-            add(b + "x_block.attn.proj", d + "attn.to_out.0")
-            add(b + "x_block.adaLN_modulation.1", d + "norm1.linear")
-            add(b + "x_block.mlp.fc1", d + "ff.net.0.proj")
-            add(b + "x_block.mlp.fc2", d + "ff.net.2")
-            add(b + "context_block.adaLN_modulation.1", d + "norm1_context.linear", swap=last)  # the last: AdaLN-continuous
-            if not last:  # the last block's context stream is pre-only: no output projection, no MLP
-                add(b + "context_block.attn.proj", d + "attn.to_add_out")
-                add(b + "context_block.mlp.fc1", d + "ff_context.net.0.proj")
-                add(b + "context_block.mlp.fc2", d + "ff_context.net.2")
+            # the last block's context stream is pre-only (no output projection, no MLP) and its modulation is
+            # AdaLN-continuous, rows (shift, scale)
+            out.update(joint_block_modules(b, d, SD3_JOINT_NAMES, omit=("txt_proj", "txt_fc1", "txt_fc2") if last else (),
+                                           swap=("txt_mod",) if last else ()))
             if i in dual:  # SD3.5's second image attention (MMDiT-X)
                 add(b + "x_block.attn2.qkv", *(d + f"attn2.to_{x}" for x in "qkv"))
                 add(b + "x_block.attn2.proj", d + "attn2.to_out.0")
